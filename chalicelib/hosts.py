@@ -1,0 +1,186 @@
+"""The host registry: which Postgres hosts carry tenants, and how to reach them.
+
+Placement reserves a slot on a host with one conditional write on the host's
+`allocated` counter, so capacity holds under concurrent creates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pynamodb.exceptions import UpdateError
+
+from chalicelib import postgres
+from chalicelib.models import HOST_ACTIVE, HostRecord
+from chalicelib.settings import Settings
+
+
+class NoCapacity(Exception):
+    """No active host has a free slot."""
+
+
+class CredentialsError(Exception):
+    """A host's admin credentials could not be read (message names the source, never the secret)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+_credentials: dict[str, Credentials] = {}
+_lock = threading.Lock()
+
+
+def _read_credentials(source: str) -> Credentials:
+    kind, _, ref = source.partition(":")
+    if kind == "env":
+        raw = os.environ.get(ref)
+        if raw is None:
+            raise CredentialsError(f"environment variable {ref} is not set")
+    elif kind == "secretsmanager":
+        import boto3
+
+        raw = boto3.client("secretsmanager").get_secret_value(SecretId=ref)["SecretString"]
+    else:
+        raise CredentialsError(f"unknown credentials source kind {kind!r} (use env: or secretsmanager:)")
+    try:
+        data = json.loads(raw)
+        return Credentials(username=data["username"], password=data["password"])
+    except (ValueError, KeyError, TypeError):
+        raise CredentialsError(f"credentials at {source} are not JSON with username and password") from None
+
+
+def admin_credentials(source: str, refresh: bool = False) -> Credentials:
+    """Cached per source; `refresh` reads it again (RDS rotates its master secret)."""
+    with _lock:
+        if refresh or source not in _credentials:
+            _credentials[source] = _read_credentials(source)
+        return _credentials[source]
+
+
+def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postgres.Target:
+    creds = admin_credentials(host.credentials, refresh=refresh)
+    return postgres.Target(
+        host=host.hostname,
+        port=int(host.port),
+        user=creds.username,
+        password=creds.password,
+        dbname=host.admin_dbname,
+        sslmode=host.sslmode,
+        connect_timeout=settings.pg_connect_timeout_s,
+    )
+
+
+def endpoints(host: HostRecord) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(pooled, direct) endpoints; pooled is direct when the host has no pooler."""
+    direct = (host.hostname, int(host.port))
+    if host.pooler_hostname:
+        return (host.pooler_hostname, int(host.pooler_port or host.port)), direct
+    return direct, direct
+
+
+class HostCache:
+    """Hosts change rarely; reading them on every GET would double its cost."""
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
+        self._ttl = ttl_s
+        self._hosts: dict[str, HostRecord] = {}
+        self._loaded = 0.0
+
+    def all(self, fresh: bool = False) -> list[HostRecord]:
+        if fresh or time.monotonic() - self._loaded > self._ttl:
+            self._hosts = {h.id: h for h in HostRecord.scan()}
+            self._loaded = time.monotonic()
+        return list(self._hosts.values())
+
+    def get(self, host_id: str) -> HostRecord:
+        if host_id not in self._hosts:
+            self.all(fresh=True)
+        return self._hosts[host_id]
+
+    def invalidate(self) -> None:
+        self._loaded = 0.0
+
+
+def offers_logical_replication(hosts: list[HostRecord]) -> bool:
+    return any(h.logical_replication and h.status == HOST_ACTIVE for h in hosts)
+
+
+def reserve(hosts: list[HostRecord], logical_replication: bool = False) -> HostRecord:
+    """Take one slot on the active host with the most room."""
+    candidates = [h for h in hosts if h.status == HOST_ACTIVE and (h.logical_replication or not logical_replication)]
+    candidates.sort(key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+    for host in candidates:
+        try:
+            host.update(
+                actions=[HostRecord.allocated.add(1)],
+                condition=(HostRecord.status == HOST_ACTIVE) & (HostRecord.allocated < HostRecord.capacity),
+            )
+            return host
+        except UpdateError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise
+    raise NoCapacity()
+
+
+def release(host_id: str) -> None:
+    """Give back a slot taken by `reserve` (the database is gone or never was)."""
+    try:
+        HostRecord(id=host_id).update(
+            actions=[HostRecord.allocated.add(-1)],
+            condition=HostRecord.id.exists() & (HostRecord.allocated > 0),
+        )
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+
+
+def register(
+    settings: Settings,
+    host_id: str,
+    hostname: str,
+    port: int,
+    credentials: str,
+    capacity: int,
+    sslmode: str = "require",
+    pooler_hostname: str | None = None,
+    pooler_port: int | None = None,
+    admin_dbname: str = "postgres",
+    logical_replication: bool = False,
+) -> tuple[HostRecord, list[str]]:
+    """Add or update a host after checking that its admin can do the job.
+
+    Returns the record and warnings about hardening the admin could not do.
+    """
+    existing = None
+    try:
+        existing = HostRecord.get(host_id)
+    except HostRecord.DoesNotExist:
+        pass
+    host = HostRecord(
+        id=host_id,
+        status=existing.status if existing else HOST_ACTIVE,
+        hostname=hostname,
+        port=port,
+        pooler_hostname=pooler_hostname,
+        pooler_port=pooler_port,
+        sslmode=sslmode,
+        credentials=credentials,
+        admin_dbname=admin_dbname,
+        capacity=capacity,
+        allocated=int(existing.allocated or 0) if existing else 0,
+        logical_replication=logical_replication,
+        created_at=existing.created_at if existing else datetime.now(UTC),
+    )
+    tgt = target(host, settings, refresh=True)
+    postgres.check_admin(tgt)
+    warnings = postgres.harden_host(tgt)
+    host.save()
+    return host, warnings

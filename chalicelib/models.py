@@ -1,0 +1,128 @@
+"""pynamodb models: the service's metadata in DynamoDB.
+
+Table names and the endpoint come from settings at run time through
+`configure()`, not at class definition, so tests and the local stack can point
+the same classes at moto.
+"""
+
+from __future__ import annotations
+
+from pynamodb.attributes import (
+    BinaryAttribute,
+    BooleanAttribute,
+    NumberAttribute,
+    TTLAttribute,
+    UnicodeAttribute,
+    UTCDateTimeAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.models import Model
+
+from chalicelib.settings import Settings
+
+# Database statuses. Only chalicelib.databases and chalicelib.expiry change them.
+PROVISIONING = "PROVISIONING"
+UNCLAIMED = "UNCLAIMED"
+CLAIMED = "CLAIMED"
+EXPIRED = "EXPIRED"
+DELETED = "DELETED"
+FAILED = "FAILED"
+TOMBSTONES = frozenset({EXPIRED, DELETED, FAILED})
+
+# Host statuses.
+HOST_ACTIVE = "ACTIVE"
+HOST_DRAINING = "DRAINING"
+
+
+class DueIndex(GlobalSecondaryIndex):
+    """Sparse index of records that need the scheduled job at some time.
+
+    `due_bucket` is the status that makes a record due (UNCLAIMED: expiry;
+    PROVISIONING: the provisioning timeout) and `due_at` the epoch second it
+    falls due, so the purge queries `due_bucket = X AND due_at <= now` with no
+    scan. Records in no bucket (claimed, tombstones) are not in the index.
+    """
+
+    class Meta:
+        index_name = "by_due"
+        projection = AllProjection()
+        billing_mode = "PAY_PER_REQUEST"
+
+    due_bucket = UnicodeAttribute(hash_key=True)
+    due_at = NumberAttribute(range_key=True)
+
+
+class DatabaseRecord(Model):
+    class Meta:
+        table_name = "instapg-databases"
+        billing_mode = "PAY_PER_REQUEST"
+        stream_view_type = "NEW_AND_OLD_IMAGES"
+
+    id = UnicodeAttribute(hash_key=True)
+    status = UnicodeAttribute()
+    plan = UnicodeAttribute()
+    host_id = UnicodeAttribute()
+    role_name = UnicodeAttribute()
+    db_name = UnicodeAttribute()
+    # AES-GCM sealed tenant password (chalicelib.crypto); never plaintext.
+    secret_key_id = UnicodeAttribute(null=True)
+    secret = BinaryAttribute(legacy_encoding=False, null=True)
+    logical_replication = BooleanAttribute(default=False)
+    ref = UnicodeAttribute(null=True)
+    created_ip = UnicodeAttribute(null=True)
+    user_agent = UnicodeAttribute(null=True)
+    created_at = UTCDateTimeAttribute()
+    updated_at = UTCDateTimeAttribute()
+    # DynamoDB TTL: when an unclaimed database (or later its tombstone) goes.
+    expires_at = TTLAttribute(null=True)
+    ended_at = UTCDateTimeAttribute(null=True)
+    failure = UnicodeAttribute(null=True)
+    due_bucket = UnicodeAttribute(null=True)
+    due_at = NumberAttribute(null=True)
+    by_due = DueIndex()
+
+
+class HostRecord(Model):
+    """A Postgres host that carries tenant databases."""
+
+    class Meta:
+        table_name = "instapg-hosts"
+        billing_mode = "PAY_PER_REQUEST"
+
+    id = UnicodeAttribute(hash_key=True)
+    status = UnicodeAttribute(default=HOST_ACTIVE)
+    hostname = UnicodeAttribute()
+    port = NumberAttribute(default=5432)
+    pooler_hostname = UnicodeAttribute(null=True)
+    pooler_port = NumberAttribute(null=True)
+    sslmode = UnicodeAttribute(default="require")
+    # Where the admin credentials live: "env:VAR" or "secretsmanager:ARN"; the
+    # value is JSON {"username": ..., "password": ...} (RDS's secret format).
+    credentials = UnicodeAttribute()
+    admin_dbname = UnicodeAttribute(default="postgres")
+    capacity = NumberAttribute()
+    # Databases placed on the host and not yet dropped; raised with a
+    # conditional write so that two creates cannot both take the last slot.
+    allocated = NumberAttribute(default=0)
+    logical_replication = BooleanAttribute(default=False)
+    created_at = UTCDateTimeAttribute()
+
+
+MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord)
+_SUFFIXES = {DatabaseRecord: "databases", HostRecord: "hosts"}
+
+
+def configure(settings: Settings) -> None:
+    """Point every model at the tables and endpoint that `settings` name."""
+    for model in MODELS:
+        model.Meta.table_name = settings.table_name(_SUFFIXES[model])
+        model.Meta.host = settings.dynamodb_endpoint
+        model.Meta.region = settings.region
+        model._connection = None
+
+
+def create_tables(wait: bool = True) -> None:
+    """Create missing tables with TTL enabled (local stack and tests; see tools/ for AWS)."""
+    for model in MODELS:
+        if not model.exists():
+            model.create_table(wait=wait, billing_mode="PAY_PER_REQUEST")

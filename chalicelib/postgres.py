@@ -1,0 +1,256 @@
+"""Everything the service says to a Postgres host.
+
+All DDL here works for an admin role that is not a superuser (CREATEROLE,
+CREATEDB; RDS's master user), and every identifier goes through
+`sql.Identifier`. Passwords are sent as SCRAM verifiers computed here, so the
+plaintext never reaches the server's logs or pg_stat_statements.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
+    import psycopg
+
+    from chalicelib.settings import Plan
+
+log = logging.getLogger("instapg.postgres")
+
+# Settings forced on the service's own sessions. A tenant can attach settings
+# to its database (ALTER DATABASE ... SET) that would slow down or break the
+# admin's work there; connection options take precedence over those.
+_ADMIN_OPTIONS = (
+    "-c statement_timeout=60000 -c lock_timeout=10000 -c default_transaction_read_only=off -c search_path=pg_catalog"
+)
+
+
+class HostUnavailable(Exception):
+    """The host could not be reached or refused the admin (message is safe to log)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """How the service reaches one host as its admin."""
+
+    host: str
+    port: int
+    user: str
+    password: str = field(repr=False)
+    dbname: str
+    sslmode: str
+    connect_timeout: int = 5
+
+    @contextmanager
+    def connect(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(
+                host=self.host,
+                port=self.port,
+                user=self.user,
+                password=self.password,
+                dbname=dbname or self.dbname,
+                sslmode=self.sslmode,
+                connect_timeout=self.connect_timeout,
+                options=_ADMIN_OPTIONS,
+                application_name="instapg",
+                autocommit=True,
+            )
+        except psycopg.OperationalError as exc:
+            raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier Postgres stores for `password` (RFC 7677)."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def connection_url(host: str, port: int, user: str, password: str, dbname: str, sslmode: str) -> str:
+    return (
+        f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/"
+        f"{quote(dbname, safe='')}?sslmode={quote(sslmode, safe='')}"
+    )
+
+
+def ping(target: Target) -> None:
+    with target.connect() as conn:
+        conn.execute("SELECT 1")
+
+
+def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Composed:
+    from psycopg import sql
+
+    # PostgreSQL 16+ gives a CREATEROLE creator only ADMIN on the new role;
+    # creating a database owned by it and dropping what it owns need SET and
+    # INHERIT as well. Older servers have no WITH options on GRANT.
+    stmt = sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role))
+    if conn.info.server_version >= 160000:
+        stmt = stmt + sql.SQL(" WITH INHERIT TRUE, SET TRUE")
+    return stmt
+
+
+def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan) -> None:
+    """Create the role and database of one tenant, hardened."""
+    from psycopg import sql
+
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "NOBYPASSRLS NOINHERIT CONNECTION LIMIT {} PASSWORD {}"
+            ).format(role_id, sql.Literal(plan.connections), sql.Literal(scram_verifier(password)))
+        )
+        conn.execute(_membership_grant(conn, role))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
+        _apply_role_defaults(conn, role, plan)
+
+
+def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> None:
+    from psycopg import sql
+
+    # A default only: the tenant can override it. The scheduled job enforces.
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
+            sql.Identifier(role), sql.Literal(f"{plan.statement_timeout_s}s")
+        )
+    )
+
+
+def set_password(target: Target, role: str, password: str) -> None:
+    """Give the role a new password and end its sessions (they used the old one)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(scram_verifier(password)))
+        )
+        _terminate_role(conn, role)
+
+
+def _terminate_role(conn: psycopg.Connection, role: str) -> int:
+    cur = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+        (role,),
+    )
+    return cur.fetchone()[0]
+
+
+def drop_tenant(target: Target, role: str, dbname: str) -> bool:
+    """Drop a tenant's database and role, whatever the tenant did to them.
+
+    Idempotent: dropping what is already gone succeeds. Returns whether
+    anything existed. The order matters: lock the role out first so no new
+    session appears, then clear what would block DROP DATABASE (template
+    flag, sessions, prepared transactions), then the role's privileges in
+    every database that records them, then the role.
+    """
+    from psycopg import sql
+
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    with target.connect() as conn:
+        role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+        db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
+        if role_exists:
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
+            _terminate_role(conn, role)
+        if db_exists:
+            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
+        prepared = conn.execute(
+            "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
+            (role, dbname),
+        ).fetchall()
+        for gid, database, owner in prepared:
+            with target.connect(database) as other:
+                # Only the preparing role (or a superuser) may roll it back.
+                other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
+                other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+        if db_exists:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
+        if not role_exists:
+            return db_exists
+        # Privileges other tenants granted to this role live in their
+        # databases' catalogs; DROP OWNED must run in each of them. dbid 0
+        # means shared objects, handled from the admin database.
+        where = conn.execute(
+            "SELECT DISTINCT coalesce(d.datname, current_database()) FROM pg_shdepend s "
+            "LEFT JOIN pg_database d ON d.oid = s.dbid "
+            "WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            (role,),
+        ).fetchall()
+        for (database,) in where:
+            if database == conn.info.dbname:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+            else:
+                with target.connect(database) as other:
+                    other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
+    return True
+
+
+def harden_host(target: Target) -> list[str]:
+    """Once per host: strangers may not connect to the maintenance databases.
+
+    Returns warnings for what the admin was not allowed to do (on RDS the
+    master user owns neither database, so an operator runs it as owner).
+    """
+    import psycopg
+    from psycopg import sql
+
+    warnings: list[str] = []
+    # A non-owner's REVOKE only warns (or fails), so look at what PUBLIC holds.
+    open_query = (
+        "SELECT datname FROM pg_database WHERE datname IN ('postgres', 'template1') AND "
+        "(datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(datacl) a "
+        "WHERE a.grantee = 0 AND a.privilege_type IN ('CONNECT', 'TEMPORARY')))"
+    )
+    with target.connect() as conn:
+        for (dbname,) in conn.execute(open_query).fetchall():
+            try:
+                conn.execute(
+                    sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname))
+                )
+            except psycopg.Error as exc:
+                warnings.append(f"REVOKE on {dbname}: {_first_line(exc)}")
+        still_open = conn.execute(open_query).fetchall()
+        warnings += [f"PUBLIC can still connect to {name}: run the REVOKE as its owner" for (name,) in still_open]
+    return warnings
+
+
+def check_admin(target: Target) -> None:
+    """Refuse a host whose admin cannot create tenants (ValueError says why)."""
+    with target.connect() as conn:
+        row = conn.execute(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        version = conn.info.server_version
+    if version < 130000:
+        raise ValueError("PostgreSQL 13 or newer is required (DROP DATABASE ... WITH (FORCE))")
+    if not row or not (row[0] or (row[1] and row[2])):
+        raise ValueError(f"admin role {target.user!r} needs CREATEROLE and CREATEDB")

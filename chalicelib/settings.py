@@ -1,0 +1,146 @@
+"""All configuration, read once from the environment.
+
+Every limit and knob lives here; other modules take a `Settings` and never
+read `os.environ` themselves. The README's configuration table mirrors
+`ENVIRONMENT` below.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+UNCLAIMED = "unclaimed"
+CLAIMED = "claimed"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Limits of one tier. The single source of truth for every limit."""
+
+    name: str
+    storage_mb: int
+    connections: int
+    statement_timeout_s: int
+    lifetime_s: int | None  # None: never expires
+
+    def public(self) -> dict:
+        return {"storage_mb": self.storage_mb, "connections": self.connections}
+
+
+@dataclass(frozen=True)
+class Settings:
+    stage: str
+    region: str
+    table_prefix: str
+    dynamodb_endpoint: str | None
+    public_url: str | None
+    keyring: str = field(repr=False)
+    name_prefix: str
+    plans: Mapping[str, Plan]
+    tombstone_ttl_s: int
+    provisioning_timeout_s: int
+    max_body_bytes: int
+    pg_connect_timeout_s: int
+
+    def plan(self, name: str) -> Plan:
+        return self.plans[name]
+
+    def table_name(self, suffix: str) -> str:
+        return f"{self.table_prefix}-{suffix}"
+
+
+# name, default, description: the README table is generated from this list
+# (`python -m tools.configdoc`), so the two cannot drift apart.
+ENVIRONMENT: list[tuple[str, str, str]] = [
+    ("INSTAPG_STAGE", "prod", "Stage name; `dev` for the local stack."),
+    ("AWS_REGION", "us-east-2", "Region of the DynamoDB tables (falls back to AWS_DEFAULT_REGION)."),
+    ("INSTAPG_TABLE_PREFIX", "instapg", "Prefix of the DynamoDB table names (`<prefix>-databases`, `<prefix>-hosts`)."),
+    ("INSTAPG_DYNAMODB_ENDPOINT", "", "DynamoDB endpoint URL; empty for AWS, moto's server locally."),
+    ("INSTAPG_PUBLIC_URL", "", "Public base URL for `claim_url`; empty: taken from the request's Host header."),
+    (
+        "INSTAPG_KEYRING",
+        "",
+        "Credential encryption keys, `kid:base64key,...` (32-byte keys); the first is primary, the rest only decrypt.",
+    ),
+    (
+        "INSTAPG_NAME_PREFIX",
+        "ipg",
+        "Prefix of tenant role and database names; reconciliation only ever touches names with it.",
+    ),
+    ("INSTAPG_UNCLAIMED_LIFETIME_SECONDS", "259200", "How long an unclaimed database lives (72 hours)."),
+    ("INSTAPG_UNCLAIMED_STORAGE_MB", "100", "Storage limit of an unclaimed database."),
+    ("INSTAPG_UNCLAIMED_CONNECTIONS", "5", "Connection limit of an unclaimed database's role."),
+    ("INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS", "300", "Longest statement an unclaimed tenant may run."),
+    ("INSTAPG_CLAIMED_STORAGE_MB", "512", "Storage limit of a claimed database."),
+    ("INSTAPG_CLAIMED_CONNECTIONS", "20", "Connection limit of a claimed database's role."),
+    ("INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS", "3600", "Longest statement a claimed tenant may run."),
+    (
+        "INSTAPG_TOMBSTONE_TTL_SECONDS",
+        "604800",
+        "How long an EXPIRED/DELETED/FAILED record is kept so GET can say 410 (7 days).",
+    ),
+    (
+        "INSTAPG_PROVISIONING_TIMEOUT_SECONDS",
+        "600",
+        "A record still PROVISIONING after this long is considered crashed.",
+    ),
+    ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
+    ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+]
+_DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name) or _DEFAULTS[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from an environment mapping (os.environ by default)."""
+    env = os.environ if env is None else env
+
+    def get(name: str) -> str:
+        return env.get(name) or _DEFAULTS[name]
+
+    plans = {
+        UNCLAIMED: Plan(
+            UNCLAIMED,
+            storage_mb=_int(env, "INSTAPG_UNCLAIMED_STORAGE_MB"),
+            connections=_int(env, "INSTAPG_UNCLAIMED_CONNECTIONS"),
+            statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
+            lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
+        ),
+        CLAIMED: Plan(
+            CLAIMED,
+            storage_mb=_int(env, "INSTAPG_CLAIMED_STORAGE_MB"),
+            connections=_int(env, "INSTAPG_CLAIMED_CONNECTIONS"),
+            statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
+            lifetime_s=None,
+        ),
+    }
+    return Settings(
+        stage=get("INSTAPG_STAGE"),
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _DEFAULTS["AWS_REGION"],
+        table_prefix=get("INSTAPG_TABLE_PREFIX"),
+        dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
+        public_url=(env.get("INSTAPG_PUBLIC_URL") or "").rstrip("/") or None,
+        keyring=env.get("INSTAPG_KEYRING", ""),
+        name_prefix=get("INSTAPG_NAME_PREFIX"),
+        plans=plans,
+        tombstone_ttl_s=_int(env, "INSTAPG_TOMBSTONE_TTL_SECONDS"),
+        provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),
+        max_body_bytes=_int(env, "INSTAPG_MAX_BODY_BYTES"),
+        pg_connect_timeout_s=_int(env, "INSTAPG_PG_CONNECT_TIMEOUT_SECONDS"),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()`."""
+    return load()

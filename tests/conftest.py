@@ -1,0 +1,147 @@
+"""Real services for the tests: one embedded Postgres per session, moto per test.
+
+Set INSTAPG_TEST_PG_DSN to a superuser DSN to run against another server; the
+suite then creates its non-superuser admin role there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Before anything imports boto3/pynamodb: fake credentials, and moto's
+# DynamoDB Streams endpoint (boto3 1.44 would use an account endpoint).
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_SESSION_TOKEN="testing",
+    AWS_DEFAULT_REGION="us-east-2",
+    AWS_REGION="us-east-2",
+    AWS_ACCOUNT_ID_ENDPOINT_MODE="disabled",
+)
+os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
+
+ADMIN_ENV = "INSTAPG_TEST_HOST_ADMIN"
+
+
+@dataclass
+class PgServer:
+    host: str
+    port: int
+    superuser_dsn: str
+    admin_user: str
+    admin_password: str
+
+    def admin_json(self) -> str:
+        return json.dumps({"username": self.admin_user, "password": self.admin_password})
+
+
+def _tmp_root() -> Path:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="instapg-tests-", dir=base))
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A running Postgres with a non-superuser admin role (CREATEROLE, CREATEDB)."""
+    external = os.environ.get("INSTAPG_TEST_PG_DSN")
+    if external:
+        import psycopg
+        from psycopg import sql
+
+        from tools.pgserver import ADMIN_ROLE
+
+        password = secrets.token_urlsafe(18)
+        with psycopg.connect(external, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ADMIN_ROLE,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN CREATEROLE CREATEDB NOSUPERUSER PASSWORD {}").format(
+                    sql.Identifier(ADMIN_ROLE), sql.Literal(password)
+                )
+            )
+            info = conn.info
+        yield PgServer(info.host, info.port, external, ADMIN_ROLE, password)
+        return
+
+    from tools import pgserver
+
+    root = _tmp_root()
+    server = pgserver.start(root / "pg", settings={"max_prepared_transactions": "10", "fsync": "off"})
+    try:
+        yield PgServer("127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def instapg_env(pg, monkeypatch):
+    """Environment of one test: fresh key ring, its own name prefix, host admin credentials."""
+    from chalicelib import services
+    from chalicelib.crypto import new_key_spec
+
+    monkeypatch.setenv("INSTAPG_KEYRING", new_key_spec("test1"))
+    monkeypatch.setenv("INSTAPG_TABLE_PREFIX", "instapg-test")
+    # Each test gets its own tenant name prefix, so one test's leftovers are
+    # never another's orphans.
+    monkeypatch.setenv("INSTAPG_NAME_PREFIX", "ipgt" + secrets.token_hex(3))
+    monkeypatch.setenv(ADMIN_ENV, pg.admin_json())
+    monkeypatch.delenv("INSTAPG_PUBLIC_URL", raising=False)
+    services.reset()
+    yield monkeypatch
+    services.reset()
+
+
+@pytest.fixture
+def aws(instapg_env):
+    """moto's DynamoDB, in process, with the tables created: clean for every test."""
+    from moto import mock_aws
+
+    with mock_aws():
+        from chalicelib import models, services
+
+        models.configure(services.databases().settings)
+        models.create_tables()
+        yield
+
+
+@pytest.fixture
+def service(aws):
+    from chalicelib import services
+
+    return services.databases()
+
+
+@pytest.fixture
+def host(service, pg):
+    """The session's Postgres registered as the one host."""
+    from chalicelib import hosts
+
+    record, _ = hosts.register(
+        service.settings, "local-1", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=1000, sslmode="disable"
+    )
+    service.hosts.invalidate()
+    return record
+
+
+@pytest.fixture
+def client(host):
+    from chalice.test import Client
+
+    from app import app
+
+    with Client(app) as test_client:
+        yield test_client
+
+
+def post_json(client, path: str, body, headers: dict | None = None):
+    raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return client.http.post(path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
