@@ -143,6 +143,36 @@ def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> Non
     )
 
 
+def apply_plan(target: Target, role: str, plan: Plan) -> None:
+    """Give an existing tenant role the limits of `plan` (claim raises them).
+
+    Idempotent, so a retried claim can run it again. CONNECTION LIMIT is the
+    enforced part (a tenant cannot change its own role); statement_timeout is
+    a default. LOGIN is left alone: a role locked by the quota job stays locked.
+    """
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(role), sql.Literal(plan.connections))
+        )
+        _apply_role_defaults(conn, role, plan)
+
+
+@dataclass(frozen=True)
+class Usage:
+    size_bytes: int | None  # None: the database does not exist on the host
+    connections: int
+
+
+def usage(target: Target, role: str, dbname: str) -> Usage:
+    """Current size of a tenant's database and its role's open sessions."""
+    with target.connect() as conn:
+        size = conn.execute("SELECT pg_database_size(oid) FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+    return Usage(size_bytes=size[0] if size else None, connections=sessions[0])
+
+
 def set_password(target: Target, role: str, password: str) -> None:
     """Give the role a new password and end its sessions (they used the old one)."""
     from psycopg import sql

@@ -44,6 +44,7 @@ class Settings:
     provisioning_timeout_s: int
     max_body_bytes: int
     pg_connect_timeout_s: int
+    open_signup: bool = True
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -89,6 +90,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    (
+        "INSTAPG_OPEN_SIGNUP",
+        "true",
+        "`true`: anyone may create an account (POST /api/v1/accounts, the claim page); "
+        "`false`: only `python -m tools.accounts create` does.",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
@@ -99,6 +106,15 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or _DEFAULTS[name]).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +153,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),
         max_body_bytes=_int(env, "INSTAPG_MAX_BODY_BYTES"),
         pg_connect_timeout_s=_int(env, "INSTAPG_PG_CONNECT_TIMEOUT_SECONDS"),
+        open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
     )
 
 
