@@ -20,6 +20,11 @@ from chalice.app import ChaliceUnhandledError
 log = logging.getLogger("instapg.errors")
 
 
+# What an unknown path answers: API Gateway's gateway response in the deployed
+# stack, and tools/localserver.py locally.
+NOT_FOUND_BODY = {"error": "Not found", "hint": "No such path; see GET /api/v1/openapi.yaml for the API."}
+
+
 class ApiError(ChaliceUnhandledError):
     status = 500
 
