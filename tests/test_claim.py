@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.conftest import post_json
+from tests.pgerrors import refused_login
 
 
 def signup(client, email="dev@example.com") -> str:
@@ -204,7 +205,28 @@ def test_claim_by_another_account_is_409(client):
     assert response.json_body["error"] == "Database already claimed"
 
 
-def test_concurrent_claims_have_exactly_one_winner(client, service):
+@pytest.fixture
+def atomic_dynamodb(monkeypatch):
+    """One DynamoDB call at a time, as DynamoDB guarantees per item.
+
+    moto's in-process backend has no lock: two threads' conditional updates
+    can both pass the check before either writes, which real DynamoDB never
+    allows. Serializing each API call restores that guarantee and nothing
+    more; the calls of racing claims still interleave freely.
+    """
+    from moto.dynamodb.responses import DynamoHandler
+
+    lock = threading.Lock()
+    original = DynamoHandler.call_action
+
+    def call_action(self):
+        with lock:
+            return original(self)
+
+    monkeypatch.setattr(DynamoHandler, "call_action", call_action)
+
+
+def test_concurrent_claims_have_exactly_one_winner(client, service, atomic_dynamodb):
     from chalicelib import accounts
     from chalicelib.databases import Requester
     from chalicelib.errors import Conflict
@@ -221,6 +243,8 @@ def test_concurrent_claims_have_exactly_one_winner(client, service):
             outcomes[account_id] = "won"
         except Conflict:
             outcomes[account_id] = "409"
+        except Exception as exc:  # recorded, so the assertion below shows it
+            outcomes[account_id] = repr(exc)
 
     threads = [threading.Thread(target=run, args=(a,)) for a in contenders]
     for t in threads:
@@ -333,14 +357,13 @@ def test_rotate_password(client):
     new_url = response.json_body["connection_string"]
     assert new_url != database["connection_string"]
 
-    # The old session was ended.
-    with pytest.raises(psycopg.OperationalError):
+    # The old session was ended: admin_shutdown.
+    with pytest.raises(psycopg.OperationalError) as ended:
         old_session.execute("SELECT 1")
+    assert ended.value.sqlstate == "57P01"
     old_session.close()
     # The old password is refused, the new one works.
-    with pytest.raises(psycopg.OperationalError) as refused:
-        psycopg.connect(database["connection_string"])
-    assert refused.value.sqlstate == "28P01"
+    assert refused_login(**psycopg.conninfo.conninfo_to_dict(database["connection_string"])) == "28P01"
     with psycopg.connect(new_url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     # The stored copy is the new one.
