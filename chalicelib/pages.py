@@ -172,7 +172,7 @@ class ClaimPages:
                 )
             )
         rows.append(("Created", escape(iso(record.created_at) or "")))
-        if record.status in (UNCLAIMED, CLAIMED):
+        if record.status == UNCLAIMED:  # a claimed database's usage is its owner's business
             rows.append(("Size", f"{escape(self._size(record))} of {plan.storage_mb} MB"))
         rows.append(("Connections", f"up to {plan.connections}"))
         table = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
