@@ -438,3 +438,37 @@ def test_audit_pagination(client):
     for bad in ["?cursor=zzz", "?limit=0", "?limit=101", "?limit=x"]:
         response = client.http.get(f"/api/v1/databases/{database['id']}/audit{bad}", headers=bearer(key))
         assert response.status_code == 400, bad
+
+
+# -- the operator CLI ----------------------------------------------------------
+
+
+def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, monkeypatch):
+    import io
+    import json
+
+    from chalicelib import services
+    from tools import accounts as cli
+
+    instapg_env.setenv("INSTAPG_OPEN_SIGNUP", "false")
+    services.reset()
+    assert post_json(client, "/api/v1/accounts", {"email": "a@example.com"}).status_code == 403
+
+    assert cli.main(["create", "--email", "ops@example.com"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    key = created["api_key"]
+    assert client.http.get("/api/v1/databases", headers=bearer(key)).status_code == 200
+
+    assert cli.main(["new-key", created["account_id"]]) == 0
+    second = json.loads(capsys.readouterr().out)["api_key"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(second + "\n"))
+    assert cli.main(["revoke-key"]) == 0
+    assert client.http.get("/api/v1/databases", headers=bearer(second)).status_code == 401
+    assert client.http.get("/api/v1/databases", headers=bearer(key)).status_code == 200
+
+    assert cli.main(["revoke", created["account_id"]]) == 0
+    assert client.http.get("/api/v1/databases", headers=bearer(key)).status_code == 401
+    assert cli.main(["show", created["account_id"]]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "REVOKED"
+    assert cli.main(["revoke", "no-such-account"]) == 1
+    assert cli.main(["create", "--email", "nope"]) == 2
