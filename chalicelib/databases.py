@@ -306,8 +306,8 @@ class DatabaseService:
         host = self.hosts.get(record.host_id)
         try:
             postgres.apply_plan(self._target(host), record.role_name, plan)
-        except postgres.HostUnavailable:
-            log.warning("claim of %s: host %s unavailable, left CLAIMING", record.id, host.id)
+        except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
+            log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
             raise ServiceUnavailable(
                 "Database host unavailable",
                 hint="The claim is recorded and nothing will expire; retry the claim to finish it.",
@@ -432,9 +432,10 @@ class DatabaseService:
                     actions=[
                         DatabaseRecord.status.set(DELETING),
                         DatabaseRecord.updated_at.set(now),
-                        # Due at once: a sweep can finish a delete whose drop failed.
+                        # A sweep finishes a delete whose drop failed (after the
+                        # in-flight request has had its chance).
                         DatabaseRecord.due_bucket.set(DELETING),
-                        DatabaseRecord.due_at.set(int(now.timestamp())),
+                        DatabaseRecord.due_at.set(int(now.timestamp()) + self.settings.provisioning_timeout_s),
                     ],
                     condition=DatabaseRecord.status.is_in(CLAIMING, CLAIMED) & (DatabaseRecord.owner_id == account_id),
                 )
@@ -449,7 +450,8 @@ class DatabaseService:
         host = self.hosts.get(record.host_id)
         try:
             postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
-        except postgres.HostUnavailable:
+        except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
+            log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
             raise ServiceUnavailable(
                 "Database host unavailable", hint="The database is being deleted; retry the DELETE to finish it."
             ) from None
@@ -475,3 +477,26 @@ class DatabaseService:
         hostlib.release(host.id)
         log.info("database %s deleted by %s", record.id, actor)
         audit.record_quietly(record.id, audit.DELETED, actor, ip)
+
+    def finish_stalled(self, deadline: float, limit: int = 25) -> int:
+        """Finish claims and deletes that stopped halfway (host down, Lambda killed).
+
+        For the scheduled job: bounded by `limit` records and by `deadline`
+        (a time.monotonic() value), and resumable since each record is finished
+        with the same idempotent steps a retry uses. Returns how many it finished.
+        """
+        finished = 0
+        now = int(time.time())
+        for bucket in (CLAIMING, DELETING):
+            for record in DatabaseRecord.by_due.query(bucket, DatabaseRecord.due_at <= now, limit=limit):
+                if finished >= limit or time.monotonic() >= deadline:
+                    return finished
+                try:
+                    if record.status == CLAIMING:
+                        self.finish_claim(record)
+                    elif record.status == DELETING:
+                        self.finish_delete(record, actor=audit.SYSTEM)
+                    finished += 1
+                except ServiceUnavailable:
+                    log.warning("stalled %s %s: host still unavailable", record.status, record.id)
+        return finished

@@ -472,3 +472,40 @@ def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, 
     assert json.loads(capsys.readouterr().out)["status"] == "REVOKED"
     assert cli.main(["revoke", "no-such-account"]) == 1
     assert cli.main(["create", "--email", "nope"]) == 2
+
+
+def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service, host, instapg_env):
+    import time
+
+    from chalicelib import services
+    from chalicelib.models import HostRecord
+
+    # Stalled work is due at once here (default: after the provisioning timeout).
+    instapg_env.setenv("INSTAPG_PROVISIONING_TIMEOUT_SECONDS", "0")
+    services.reset()
+    service = services.databases()
+    to_claim, to_delete = create(client), create(client)
+    key = signup(client)
+    assert claim(client, to_delete["id"], key).status_code == 200
+
+    host.update(actions=[HostRecord.port.set(1)])
+    service.hosts.all(fresh=True)
+    assert claim(client, to_claim["id"], key).status_code == 503
+    assert client.http.delete(f"/api/v1/databases/{to_delete['id']}", headers=bearer(key)).status_code == 503
+    assert service.find(to_claim["id"]).status == "CLAIMING"
+    assert service.find(to_delete["id"]).status == "DELETING"
+    # Host still down: nothing finished, nothing lost.
+    assert service.finish_stalled(deadline=time.monotonic() + 30) == 0
+
+    host.update(actions=[HostRecord.port.set(pg.port)])
+    service.hosts.all(fresh=True)
+    assert service.finish_stalled(deadline=time.monotonic() + 30) == 2
+    assert service.find(to_claim["id"]).status == "CLAIMED"
+    assert service.find(to_delete["id"]).status == "DELETED"
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        rows = conn.execute(
+            "SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname IN (%s, %s)",
+            (role_of(to_claim), role_of(to_delete)),
+        ).fetchall()
+    assert rows == [(role_of(to_claim), 20)]
+    assert service.finish_stalled(deadline=time.monotonic() + 30) == 0
