@@ -242,6 +242,15 @@ def _create_over_http(base: str) -> dict:
         return json.loads(resp.read())
 
 
+def _wait(browser, element_id: str):
+    """The element once the page that has it has loaded (a click does not wait for the next page)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.ID, element_id)))
+
+
 @pytest.mark.parametrize("browser", [True, False], ids=["javascript", "no-javascript"], indirect=True)
 def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, service, request):
     import time
@@ -270,7 +279,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
 
     browser.find_element(By.ID, "email").send_keys("browser@example.com")
     browser.find_element(By.ID, "signup").click()
-    assert "this database is yours" in browser.find_element(By.ID, "claimed").text
+    assert "this database is yours" in _wait(browser, "claimed").text
     key = browser.find_element(By.ID, "api-key").text
     assert browser.find_element(By.ID, "status").text == "CLAIMED"
     browser.save_screenshot(str(SCREENSHOT_DIR / f"claimed-{request.node.callspec.id}.png"))
@@ -282,7 +291,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     browser.get(second["claim_url"])
     browser.find_element(By.ID, "api_key").send_keys(key)
     browser.find_element(By.ID, "claim").click()
-    assert "this database is yours" in browser.find_element(By.ID, "claimed").text
+    assert "this database is yours" in _wait(browser, "claimed").text
     assert service.find(second["id"]).owner_id == owner.id
 
     # Claiming it again with a wrong key shows an error on the page, not a JSON body.
@@ -290,5 +299,5 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     browser.get(third["claim_url"])
     browser.find_element(By.ID, "api_key").send_keys("ipg_wrong")
     browser.find_element(By.ID, "claim").click()
-    assert "Invalid API key" in browser.find_element(By.ID, "notice").text
+    assert "Invalid API key" in _wait(browser, "notice").text
     assert service.find(third["id"]).status == "UNCLAIMED"
