@@ -387,7 +387,11 @@ class DatabaseService:
 
     def connection(self, record: DatabaseRecord, requester: Requester) -> Provisioned:
         """The connection strings of an owned database; audited before they are returned."""
-        audit.record(record.id, audit.CONNECTION_STRING_VIEWED, record.owner_id, requester.ip)
+        try:
+            audit.record(record.id, audit.CONNECTION_STRING_VIEWED, record.owner_id, requester.ip)
+        except Exception as exc:  # no unaudited disclosure
+            log.error("audit write for %s failed, connection string withheld: %s", record.id, type(exc).__name__)
+            raise ServiceUnavailable("Audit log unavailable", hint="Retry in a few seconds.") from None
         plan = self.settings.plan(record.plan)
         return Provisioned(record, plan, self.hosts.get(record.host_id), self.password(record), created=False)
 
