@@ -509,3 +509,16 @@ def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service,
         ).fetchall()
     assert rows == [(role_of(to_claim), 20)]
     assert service.finish_stalled(deadline=time.monotonic() + 30) == 0
+
+
+def test_connection_string_is_withheld_when_the_audit_log_is_down(client):
+    from chalicelib.models import AuditEvent
+
+    database = create(client)
+    key = signup(client)
+    claim(client, database["id"], key)
+    AuditEvent.delete_table()
+    response = client.http.get(f"/api/v1/databases/{database['id']}/connection-string", headers=bearer(key))
+    assert response.status_code == 503
+    assert response.json_body["error"] == "Audit log unavailable"
+    assert "postgresql://" not in response.body.decode()

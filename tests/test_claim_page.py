@@ -301,3 +301,16 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     browser.find_element(By.ID, "claim").click()
     assert "Invalid API key" in _wait(browser, "notice").text
     assert service.find(third["id"]).status == "UNCLAIMED"
+
+
+def test_claim_form_for_a_database_someone_else_claimed_is_409(client):
+    database = create(client)
+    owner, other = signup(client, "o@example.com"), signup(client, "x@example.com")
+    assert (
+        client.http.post(f"/claim/{database['id']}", body=urlencode({"api_key": owner}), headers=FORM).status_code
+        == 200
+    )
+    response = client.http.post(f"/claim/{database['id']}", body=urlencode({"api_key": other}), headers=FORM)
+    assert response.status_code == 409
+    page = html(response)
+    assert "Database already claimed" in page and "This database has been claimed" in page
