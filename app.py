@@ -107,7 +107,7 @@ def _owned(database_id: str):
     return services.databases().owned(_database_id(database_id), account.id)
 
 
-@app.route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
+@route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
 def create_account():
     from chalicelib import accounts, schemas, views
 
@@ -117,21 +117,21 @@ def create_account():
     return json_response(views.account(new.account, new.api_key), 201)
 
 
-@app.route("/api/v1/account", methods=["GET"])
+@route("/api/v1/account", methods=["GET"])
 def get_account():
     from chalicelib import views
 
     return json_response(views.account(_account()), 200)
 
 
-@app.route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
+@route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
 def claim_database(database_id):
     account = _account()
     result = services.databases().claim(_database_id(database_id), account.id, _requester())
     return _database_response(result)
 
 
-@app.route("/api/v1/databases", methods=["GET"])
+@route("/api/v1/databases", methods=["GET"])
 def list_databases():
     from chalicelib import views
 
@@ -140,7 +140,7 @@ def list_databases():
     return json_response({"databases": [views.owned_database(r, service.settings.plan(r.plan)) for r in records]}, 200)
 
 
-@app.route("/api/v1/databases/{database_id}", methods=["GET"])
+@route("/api/v1/databases/{database_id}", methods=["GET"])
 def get_owned_database(database_id):
     from chalicelib import views
 
@@ -149,7 +149,7 @@ def get_owned_database(database_id):
     return json_response(views.owned_database(record, service.settings.plan(record.plan), service.usage(record)), 200)
 
 
-@app.route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])
+@route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])
 def get_connection_string(database_id):
     from chalicelib import views
 
@@ -157,7 +157,7 @@ def get_connection_string(database_id):
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 
-@app.route("/api/v1/databases/{database_id}/rotate-password", methods=["POST"], content_types=BODY_TYPES)
+@route("/api/v1/databases/{database_id}/rotate-password", methods=["POST"], content_types=BODY_TYPES)
 def rotate_password(database_id):
     from chalicelib import views
 
@@ -165,14 +165,14 @@ def rotate_password(database_id):
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 
-@app.route("/api/v1/databases/{database_id}", methods=["DELETE"])
+@route("/api/v1/databases/{database_id}", methods=["DELETE"])
 def delete_database(database_id):
     account = _account()
     services.databases().delete(_database_id(database_id), account.id, _requester())
     return Response(body="", status_code=204)
 
 
-@app.route("/api/v1/databases/{database_id}/audit", methods=["GET"])
+@route("/api/v1/databases/{database_id}/audit", methods=["GET"])
 def get_audit(database_id):
     from chalicelib import audit, views
 
@@ -192,21 +192,21 @@ def _html(page) -> Response:
     return Response(body=page.html(), status_code=page.status, headers=page.headers())
 
 
-@app.route("/claim/{database_id}", methods=["GET"])
+@route("/claim/{database_id}", methods=["GET"])
 def claim_page(database_id):
     return _html(_pages().show(database_id))
 
 
-@app.route("/database/{database_id}", methods=["GET"])
+@route("/database/{database_id}", methods=["GET"])
 def database_page(database_id):
     return _html(_pages().show(database_id))
 
 
-@app.route("/claim/{database_id}", methods=["POST"], content_types=FORM)
+@route("/claim/{database_id}", methods=["POST"], content_types=FORM)
 def claim_page_submit(database_id):
     return _html(_pages().claim_with_key(database_id, app.current_request.raw_body, _requester()))
 
 
-@app.route("/claim/{database_id}/account", methods=["POST"], content_types=FORM)
+@route("/claim/{database_id}/account", methods=["POST"], content_types=FORM)
 def claim_page_signup(database_id):
     return _html(_pages().signup_and_claim(database_id, app.current_request.raw_body, _requester()))
