@@ -102,9 +102,9 @@ def _account():
     return auth.require_account(app.current_request.headers)
 
 
-def _owned(database_id: str):
+def _owned(database_id: str, ended_ok: bool = False):
     account = _account()  # 401 before anything about the id
-    return services.databases().owned(_database_id(database_id), account.id)
+    return services.databases().owned(_database_id(database_id), account.id, ended_ok=ended_ok)
 
 
 @route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
@@ -176,7 +176,7 @@ def delete_database(database_id):
 def get_audit(database_id):
     from chalicelib import audit, views
 
-    record = _owned(database_id)
+    record = _owned(database_id, ended_ok=True)
     params = app.current_request.query_params or {}
     page = audit.page(record.id, audit.parse_limit(params.get("limit")), params.get("cursor"))
     return json_response({"events": [views.audit_event(e) for e in page.events], "next_cursor": page.cursor}, 200)

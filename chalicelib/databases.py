@@ -300,6 +300,9 @@ class DatabaseService:
         # UNCLAIMED past its expiry, or a tombstone.
         raise self._gone(record) if record.status != UNCLAIMED else self._expired(record)
 
+    def claimable(self, record: DatabaseRecord) -> bool:
+        return record.status == UNCLAIMED and not self._past_expiry(record)
+
     def finish_claim(self, record: DatabaseRecord, requester: Requester | None = None) -> Provisioned:
         """Steps 2 and 3 of a claim whose record is CLAIMING (a retry or a sweep calls this)."""
         plan = self.settings.plan(CLAIMED_PLAN)
@@ -361,11 +364,16 @@ class DatabaseService:
 
     # -- the owner's endpoints -----------------------------------------------
 
-    def owned(self, database_id: str, account_id: str) -> DatabaseRecord:
-        """A database of `account_id`. Someone else's, or none, is 404 (existence is not revealed)."""
+    def owned(self, database_id: str, account_id: str, ended_ok: bool = False) -> DatabaseRecord:
+        """A database of `account_id`. Someone else's, or none, is 404 (existence is not revealed).
+
+        `ended_ok`: a deleted one too, while its tombstone lasts (its audit log stays readable).
+        """
         record = self.find(database_id)
         if record is None or record.owner_id != account_id:
             raise NotFound("Database not found", hint="List your databases with GET /api/v1/databases.")
+        if ended_ok:
+            return record
         if record.status in (DELETED, EXPIRED, FAILED):
             raise self._gone(record)
         if record.status == DELETING:

@@ -256,8 +256,13 @@ class ClaimPages:
         return self._claim(raw_id, account.id, requester)
 
     def signup_and_claim(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
-        if parse_database_id(raw_id) is None or self.service.find(parse_database_id(raw_id)) is None:
+        database_id = parse_database_id(raw_id)
+        record = self.service.find(database_id) if database_id else None
+        if record is None:
             return self._not_found()
+        if not self.service.claimable(record):
+            # Claimed or gone meanwhile: say so, and make no account for nothing.
+            return self.show(database_id)
         try:
             new = accounts.signup(self.service.settings, _form(raw_body).get("email"))
         except ApiError as exc:

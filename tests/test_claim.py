@@ -410,8 +410,10 @@ def test_audit_log_records_each_action_newest_first(client):
         "created",
     ]
     client.http.delete(f"/api/v1/databases/{database['id']}", headers=bearer(key))
-    events = [e.action for e in AuditEvent.query(database["id"], scan_index_forward=False)]
-    assert events[0] == audit.DELETED
+    # The owner can still read the log of a deleted database; nobody else can.
+    assert actions(client, database["id"], key)[0] == audit.DELETED
+    stranger = bearer(signup(client, "s@example.com"))
+    assert client.http.get(f"/api/v1/databases/{database['id']}/audit", headers=stranger).status_code == 404
     # Nothing secret in the log.
     assert "postgresql://" not in repr([e.attribute_values for e in AuditEvent.scan()])
 

@@ -314,3 +314,19 @@ def test_claim_form_for_a_database_someone_else_claimed_is_409(client):
     assert response.status_code == 409
     page = html(response)
     assert "Database already claimed" in page and "This database has been claimed" in page
+
+
+def test_signup_form_on_a_claimed_database_makes_no_account(client):
+    from chalicelib.models import AccountRecord
+
+    database = create(client)
+    key = signup(client)
+    client.http.post(f"/api/v1/database/{database['id']}/claim", headers={"Authorization": f"Bearer {key}"})
+    before = AccountRecord.count()
+    response = client.http.post(
+        f"/claim/{database['id']}/account", body=urlencode({"email": "late@example.com"}), headers=FORM
+    )
+    assert response.status_code == 200
+    page = html(response)
+    assert "This database has been claimed" in page and 'id="api-key"' not in page
+    assert AccountRecord.count() == before
