@@ -419,14 +419,20 @@ class DatabaseService:
                 "Database host unavailable", hint="The password was not changed; retry in a few seconds."
             ) from None
         sealed = self.keyring.encrypt(password, context=record.id)
-        record.update(
-            actions=[
-                DatabaseRecord.secret_key_id.set(sealed.key_id),
-                DatabaseRecord.secret.set(sealed.blob),
-                DatabaseRecord.updated_at.set(_now()),
-            ],
-            condition=(DatabaseRecord.status == CLAIMED) & (DatabaseRecord.owner_id == record.owner_id),
-        )
+        try:
+            record.update(
+                actions=[
+                    DatabaseRecord.secret_key_id.set(sealed.key_id),
+                    DatabaseRecord.secret.set(sealed.blob),
+                    DatabaseRecord.updated_at.set(_now()),
+                ],
+                condition=(DatabaseRecord.status == CLAIMED) & (DatabaseRecord.owner_id == record.owner_id),
+            )
+        except UpdateError as exc:
+            if not _is_conditional_failure(exc):
+                raise
+            # A DELETE won the race; the new password dies with the database.
+            raise Gone("Database deleted", hint="It was deleted while the password was being rotated.") from None
         audit.record_quietly(record.id, audit.PASSWORD_ROTATED, record.owner_id, requester.ip)
         return Provisioned(record, self.settings.plan(record.plan), host, password, created=False)
 

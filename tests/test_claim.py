@@ -296,6 +296,14 @@ def test_claim_that_failed_halfway_is_finished_by_a_retry(client, pg, service, h
     assert response.status_code == 503
     record = service.find(database["id"])
     assert record.status == "CLAIMING" and record.expires_at is None and record.due_bucket == "CLAIMING"
+    # The purge's conditional expiry (status == UNCLAIMED) can no longer act on it.
+    from pynamodb.exceptions import UpdateError
+
+    from chalicelib.models import DatabaseRecord
+
+    with pytest.raises(UpdateError) as purge:
+        record.update(actions=[DatabaseRecord.status.set("EXPIRED")], condition=DatabaseRecord.status == "UNCLAIMED")
+    assert purge.value.cause_response_code == "ConditionalCheckFailedException"
     # Another account cannot take it meanwhile.
     assert claim(client, database["id"], signup(client, "other@example.com")).status_code == 409
     host.update(actions=[HostRecord.port.set(pg.port)])
