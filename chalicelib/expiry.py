@@ -97,9 +97,10 @@ def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) ->
     """
     summary = StreamSummary()
     errors: list[Exception] = []
+    down: set[str] = set()  # hosts that refused a connection in this batch
     for event in events:
         try:
-            outcome = _handle_remove(service, event)
+            outcome = _handle_remove(service, event, down)
         except Exception as exc:  # one bad record must not hide the others
             log.error("stream record %s failed: %s", event.get("eventID"), _describe(exc))
             summary.failed += 1
@@ -112,7 +113,7 @@ def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) ->
     return summary
 
 
-def _handle_remove(service: DatabaseService, event: dict[str, Any]) -> str:
+def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[str]) -> str:
     event_id = event.get("eventID")
     if event.get("eventName") != "REMOVE":
         return "ignored"
@@ -143,11 +144,17 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any]) -> str:
     except Exception as exc:
         log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
     try:
+        if old.host_id in down:
+            # One connect timeout per host per batch is enough; the
+            # tombstone leaves the rest to the purge.
+            raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
         service.drop_database(old)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, postgres.HostUnavailable):
+            down.add(old.host_id)
         if tombstone is None:
             raise  # nothing left to retry from: let Lambda retry the batch
-        log.warning("REMOVE (%s) of %s: drop failed, left for the purge", how, old.id)
+        log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
         return "failed"
     if tombstone is not None:
         service.finish_cleanup(tombstone)
@@ -283,23 +290,32 @@ def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PA
     """
     started = time.monotonic()
     run = _Run(service, budget_s, page_size)
-    # A warm Lambda keeps its host cache; a run works from the registry as it is now.
-    hosts = service.hosts.all(fresh=True)
-    run.process(UNCLAIMED, service.expire, "expired_dropped")
-    if run.time_left():
-        run.process(PROVISIONING, service.fail_stuck, "stuck_failed")
-    for bucket in LEFTOVER_BUCKETS:
+    error = None
+    try:
+        # A warm Lambda keeps its host cache; a run works from the registry as it is now.
+        hosts = service.hosts.all(fresh=True)
+        run.process(UNCLAIMED, service.expire, "expired_dropped")
         if run.time_left():
-            run.process(bucket, service.lease, "leftovers_dropped")
-    if run.time_left():
-        for host in hosts:
-            if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:
-                continue
-            if not run.time_left():
-                break
-            run.reconcile(host)
-    run.summary.duration_ms = int((time.monotonic() - started) * 1000)
-    log.info(json.dumps({"event": "purge", **asdict(run.summary)}))
+            run.process(PROVISIONING, service.fail_stuck, "stuck_failed")
+        for bucket in LEFTOVER_BUCKETS:
+            if run.time_left():
+                run.process(bucket, service.lease, "leftovers_dropped")
+        if run.time_left():
+            for host in hosts:
+                if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:
+                    continue
+                if not run.time_left():
+                    break
+                run.reconcile(host)
+    except Exception as exc:  # DynamoDB unavailable, say: still one summary line, then fail the run
+        error = _describe(exc)
+        raise
+    finally:
+        run.summary.duration_ms = int((time.monotonic() - started) * 1000)
+        line = {"event": "purge", **asdict(run.summary)}
+        if error:
+            line["error"] = error
+        (log.error if error else log.info)(json.dumps(line))
     return run.summary
 
 

@@ -250,6 +250,33 @@ def test_redelivered_remove_drops_once_and_releases_one_slot(client, service, pg
     assert allocated() == before - 1
 
 
+def test_stream_drop_on_an_unreachable_host_is_left_to_the_purge(client, service, host, pg, caplog):
+    from chalicelib.models import DatabaseRecord, HostRecord
+
+    batch = create(service, 2)
+    records = [fresh(db.record) for db in batch]
+    for record in records:
+        record.delete()
+    host.update(actions=[HostRecord.port.set(1)])
+    service.hosts.all(fresh=True)
+    before = allocated()
+
+    invoke_stream(client, *(remove_event(service.settings, r) for r in records))  # does not raise
+
+    assert sum("unavailable earlier in this batch" in m for m in caplog.messages) == 1  # one connect attempt
+    for db in batch:
+        tombstone = fresh(db.record)
+        assert (tombstone.status, tombstone.due_bucket) == ("EXPIRED", "EXPIRED")
+        assert catalog(pg, db.record.db_name) == (True, True)
+        tombstone.update(actions=[DatabaseRecord.due_at.set(int(time.time()) - 1)])  # the lease ran out
+    host.update(actions=[HostRecord.port.set(pg.port)])
+    service.hosts.all(fresh=True)
+    assert purge(service).leftovers_dropped == 2
+    for db in batch:
+        assert_gone(pg, service, db)
+    assert allocated() == before - 2
+
+
 # -- the scheduled purge ----------------------------------------------------------
 
 
