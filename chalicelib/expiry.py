@@ -132,11 +132,14 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
         why = "claimed" if old.status not in TOMBSTONES else "a tombstone whose database is already dropped"
         log.info("REMOVE (%s) of %s skipped: status %s, %s", how, old.id, old.status, why)
         return "skipped"
-    # A replayed or odd event must not drop a database a live record still holds.
+    # A replayed or odd event must not drop a database its record still holds
+    # (CLAIMED, or UNCLAIMED and left to the purge). Only our own tombstone
+    # with the drop pending (an earlier delivery of this event) lets it through.
     current = service.find(old.id)
-    if current is not None and current.db_name == old.db_name and not has_live_database(current):
-        log.info("REMOVE (%s) of %s skipped: the record exists again with status %s", how, old.id, current.status)
-        return "skipped"
+    if current is not None and current.db_name == old.db_name:
+        if not (current.status in TOMBSTONES and current.due_bucket is not None):
+            log.info("REMOVE (%s) of %s skipped: the record still exists, status %s", how, old.id, current.status)
+            return "skipped"
 
     tombstone = None
     try:

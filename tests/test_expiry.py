@@ -223,6 +223,13 @@ def test_odd_remove_event_for_a_record_that_is_claimed_does_not_drop(client, ser
     assert fresh(db.record).status == "CLAIMED"
 
 
+def test_odd_remove_event_for_a_record_that_still_exists_does_not_drop(client, service, host, pg):
+    (db,) = create(service)
+    invoke_stream(client, remove_event(service.settings, fresh(db.record)))  # the item was never removed
+    assert works(url(service, db))
+    assert fresh(db.record).status == "UNCLAIMED"
+
+
 def test_insert_and_modify_events_and_keys_only_removes_are_ignored(client, service, pg):
     (db,) = create(service)
     record = fresh(db.record)
