@@ -379,6 +379,33 @@ def atomic_moto(monkeypatch):
         monkeypatch.setattr(DynamoDBBackend, name, locked)
 
 
+def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service, monkeypatch):
+    from chalicelib import expiry
+
+    budgets = []
+    monkeypatch.setattr(expiry, "run_scheduled", lambda svc, budget_s: budgets.append(budget_s))
+
+    class Context:
+        def get_remaining_time_in_millis(self):
+            return 300_000
+
+    expiry.run_lambda(service, Context())
+    assert budgets == [pytest.approx(240.0)]
+
+
+def test_a_run_that_fails_still_logs_its_summary(service, monkeypatch, caplog):
+    from chalicelib import expiry
+
+    def unavailable(fresh=False):
+        raise RuntimeError("metadata store unavailable")
+
+    monkeypatch.setattr(service.hosts, "all", unavailable)
+    with pytest.raises(RuntimeError):
+        expiry.run_scheduled(service, budget_s=10)
+    (line,) = [json.loads(m) for m in caplog.messages if m.startswith('{"event": "purge"')]
+    assert line["error"].startswith("RuntimeError") and "duration_ms" in line
+
+
 def test_two_runs_at_once_drop_each_database_once(service, host, pg, atomic_moto):
     batch = create(service, 30)
     for db in batch:
