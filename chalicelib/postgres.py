@@ -176,11 +176,12 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
         role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
-        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
-        db_exists = row is not None
         if role_exists:
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
             _terminate_role(conn, role)
+        # Read after the lockout, so the tenant cannot set the flag behind us.
+        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        db_exists = row is not None
         if db_exists and row[0]:
             # Only when set: ALTER fails on a database an interrupted (or
             # concurrent) DROP DATABASE left invalid, which DROP still removes.

@@ -696,3 +696,15 @@ def test_purge_settings_are_validated():
     for bad in ("0", "1.5", "most"):
         with pytest.raises(ValueError, match="INSTAPG_PURGE_TIME_FRACTION"):
             load({"INSTAPG_PURGE_TIME_FRACTION": bad})
+
+
+def test_drop_removes_a_database_an_interrupted_drop_left_invalid(service, host, pg):
+    from chalicelib import hosts as hostlib
+    from chalicelib import postgres
+
+    (db,) = create(service)
+    with _superuser(pg) as su:
+        # What PostgreSQL 16+ leaves when DROP DATABASE is interrupted: datconnlimit = -2.
+        su.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (db.record.db_name,))
+    postgres.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
+    assert catalog(pg, db.record.db_name) == (False, False)
