@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
 
     from chalicelib.settings import Plan
 
-log = logging.getLogger("instapg.postgres")
+log = logging.getLogger(__name__)
 
 # Settings forced on the service's own sessions. A tenant can attach settings
 # to its database (ALTER DATABASE ... SET) that would slow down or break the
