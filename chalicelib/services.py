@@ -26,15 +26,14 @@ def _init_logging() -> None:
 
 @functools.lru_cache(maxsize=1)
 def databases() -> DatabaseService:
-    from chalicelib import models
-    from chalicelib.crypto import KeyRing
+    from chalicelib import keyrings, models
     from chalicelib.databases import DatabaseService
     from chalicelib.settings import get_settings
 
     _init_logging()
     settings = get_settings()
     models.configure(settings)
-    return DatabaseService(settings, KeyRing.parse(settings.keyring))
+    return DatabaseService(settings, keyrings.load(settings))
 
 
 @functools.lru_cache(maxsize=1)
