@@ -26,7 +26,7 @@ def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
     config = tmp_path / "config.json"
     shutil.copy(ROOT / ".chalice" / "config.json", config)
     lines: list[str] = []
-    first = bootstrap.bootstrap("dev", "ipg-boot", "us-east-2", config, log=lines.append)
+    first = bootstrap.bootstrap("staging", "ipg-boot", "us-east-2", config, log=lines.append)
     assert "created table" in first["databases"]["changes"]
 
     desc = dynamodb.describe_table(TableName="ipg-boot-databases")["Table"]
@@ -43,14 +43,33 @@ def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
         backups = dynamodb.describe_continuous_backups(TableName=table)["ContinuousBackupsDescription"]
         assert backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "ENABLED"
 
-    env = json.loads(config.read_text())["stages"]["dev"]["environment_variables"]
+    stage = json.loads(config.read_text())["stages"]["staging"]
+    env = stage["environment_variables"]
     assert env["INSTAPG_TABLE_PREFIX"] == "ipg-boot"
     assert env["INSTAPG_STREAM_ARN"] == desc["LatestStreamArn"]
-    assert env["INSTAPG_STAGE"] == "dev"  # the rest of the stage is kept
+    assert stage["iam_policy_file"] == "policy-staging.json" and stage["autogen_policy"] is False
+    assert json.loads((tmp_path / "policy-staging.json").read_text()) == first["policy"]
+    # The key ring secret exists and holds a usable ring.
+    import boto3
+
+    from chalicelib.crypto import KeyRing
+
+    secret = boto3.client("secretsmanager", region_name="us-east-2").get_secret_value(
+        SecretId=env["INSTAPG_KEYRING_SECRET_ARN"]
+    )
+    assert KeyRing.parse(secret["SecretString"]).primary_id.startswith("k")
+    assert secret["SecretString"] not in "\n".join(lines)  # key material is never printed
+    for st in first["policy"]["Statement"]:
+        assert st["Action"] != "*" and not any(a.endswith(":*") for a in st["Action"])
+        assert st["Resource"] != "*" or st["Sid"] in ("ListStreams", "VpcNetworking")
+    by_sid = {st["Sid"]: st for st in first["policy"]["Statement"]}
+    assert by_sid["Stream"]["Resource"] == [desc["LatestStreamArn"]]
+    assert by_sid["Secrets"]["Resource"][0] == env["INSTAPG_KEYRING_SECRET_ARN"]
 
     before = config.read_text()
-    second = bootstrap.bootstrap("dev", "ipg-boot", "us-east-2", config, log=lines.append)
-    assert all(r["changes"] == [] for r in second.values())
+    second = bootstrap.bootstrap("staging", "ipg-boot", "us-east-2", config, log=lines.append)
+    assert all(second[suffix]["changes"] == [] for suffix in ("databases", "hosts"))
+    assert second["keyring_secret_arn"] == env["INSTAPG_KEYRING_SECRET_ARN"]
     assert second["databases"]["stream_arn"] == desc["LatestStreamArn"]
     assert config.read_text() == before
     assert lines[-1].endswith("already up to date")
@@ -82,3 +101,10 @@ def test_bootstrap_completes_a_table_made_without_index_stream_and_ttl(dynamodb,
         json.loads(config.read_text())["stages"]["prod"]["environment_variables"]["INSTAPG_STREAM_ARN"]
         == (desc["LatestStreamArn"])
     )
+
+
+def test_bootstrap_refuses_the_local_stage(tmp_path):
+    from tools import bootstrap
+
+    with pytest.raises(SystemExit, match="local stack"):
+        bootstrap.bootstrap("dev", "x", "us-east-2", tmp_path / "config.json")

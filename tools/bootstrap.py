@@ -1,11 +1,15 @@
-"""The `chalice deploy` path: create (or complete) the DynamoDB tables, then record them in the stage.
+"""The `chalice deploy` path: create (or complete) the AWS resources, then record them in the stage.
 
-    AWS_DEFAULT_REGION=us-east-2 python -m tools.bootstrap --stage dev [--prefix instapg-dev]
+    AWS_DEFAULT_REGION=us-east-2 python -m tools.bootstrap --stage prod [--prefix instapg-prod] \\
+        [--host-secret-arn ARN ...] [--subnet-ids a,b --security-group-ids sg]
 
 Idempotent: run it as often as you like. For each model in chalicelib/models.py
 it creates the table if missing, then makes sure of what may be missing on an
-existing one (each index, the stream, TTL, point-in-time recovery). It writes
-INSTAPG_TABLE_PREFIX and INSTAPG_STREAM_ARN into the stage's
+existing one (each index, the stream, TTL, point-in-time recovery). It creates
+the key ring secret `<prefix>/keyring` with one fresh key if missing, and
+writes the functions' IAM policy to .chalice/policy-<stage>.json (these
+tables, this stream, these secrets). It writes INSTAPG_TABLE_PREFIX,
+INSTAPG_STREAM_ARN and INSTAPG_KEYRING_SECRET_ARN into the stage's
 `environment_variables` in .chalice/config.json, where `chalice deploy` reads
 them both for the functions and when it imports app.py to wire the stream
 handler.
@@ -133,46 +137,143 @@ def ensure_table(client, model, table: str, log=print) -> dict[str, Any]:
     return {"table": table, "stream_arn": desc.get("LatestStreamArn"), "changes": changes}
 
 
-def write_stage_env(config_path: Path, stage: str, values: dict[str, str]) -> bool:
-    """Set `values` in the stage's environment_variables; returns whether the file changed."""
+def write_stage(config_path: Path, stage: str, env: dict[str, str], settings: dict[str, Any]) -> bool:
+    """Set `env` in the stage's environment_variables and `settings` on the stage; returns whether it changed."""
     config = json.loads(config_path.read_text())
-    env = config.setdefault("stages", {}).setdefault(stage, {}).setdefault("environment_variables", {})
-    if all(env.get(k) == v for k, v in values.items()):
+    stage_cfg = config.setdefault("stages", {}).setdefault(stage, {})
+    current = stage_cfg.setdefault("environment_variables", {})
+    if all(current.get(k) == v for k, v in env.items()) and all(stage_cfg.get(k) == v for k, v in settings.items()):
         return False
-    env.update(values)
+    current.update(env)
+    stage_cfg.update(settings)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return True
 
 
-def bootstrap(stage: str, prefix: str, region: str, config_path: Path, endpoint: str | None = None, log=print) -> dict:
+def ensure_keyring_secret(client, name: str, log=print) -> str:
+    """The key ring secret's ARN; a new secret gets one fresh key, made here and sent only to Secrets Manager."""
+    from chalicelib.crypto import new_key_spec
+
+    try:
+        return client.describe_secret(SecretId=name)["ARN"]
+    except client.exceptions.ResourceNotFoundException:
+        kid = "k" + time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        arn = client.create_secret(
+            Name=name, Description="instapg credential encryption key ring", SecretString=new_key_spec(kid)
+        )["ARN"]
+        log(f"{name}: created key ring secret with key {kid}")
+        return arn
+
+
+def policy(
+    region: str, account: str, stage: str, tables: list[dict[str, Any]], secret_arns: list[str]
+) -> dict[str, Any]:
+    """The functions' IAM policy for `chalice deploy`: these tables, this stream, these secrets."""
+    table_arns = [f"arn:aws:dynamodb:{region}:{account}:table/{t['table']}" for t in tables]
+    stream_arns = [t["stream_arn"] for t in tables if t["stream_arn"]]
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Logs",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": f"arn:aws:logs:{region}:{account}:log-group:/aws/lambda/instapg-{stage}-*",
+            },
+            {
+                "Sid": "Metadata",
+                "Effect": "Allow",
+                "Action": _package_actions("TABLE_ACTIONS"),
+                "Resource": table_arns + [f"{arn}/index/*" for arn in table_arns],
+            },
+            {"Sid": "Stream", "Effect": "Allow", "Action": _package_actions("STREAM_ACTIONS"), "Resource": stream_arns},
+            {"Sid": "ListStreams", "Effect": "Allow", "Action": ["dynamodb:ListStreams"], "Resource": "*"},
+            {"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret_arns},
+            {
+                # Lambda in a VPC; AWS has no resource-level permissions for these.
+                "Sid": "VpcNetworking",
+                "Effect": "Allow",
+                "Action": _package_actions("VPC_ACTIONS"),
+                "Resource": "*",
+            },
+        ],
+    }
+
+
+def _package_actions(name: str) -> list[str]:
+    from tools import package  # one list of actions for both deployment paths
+
+    return list(getattr(package, name))
+
+
+def bootstrap(
+    stage: str,
+    prefix: str,
+    region: str,
+    config_path: Path,
+    endpoint: str | None = None,
+    host_secret_arns: list[str] | None = None,
+    subnet_ids: list[str] | None = None,
+    security_group_ids: list[str] | None = None,
+    log=print,
+) -> dict:
     import boto3
 
     from chalicelib import models
 
+    if stage == "dev":
+        raise SystemExit("stage dev is the local stack's (`make dev`); bootstrap another stage, e.g. --stage prod")
     client = boto3.client("dynamodb", region_name=region, endpoint_url=endpoint)
     results = {}
     for model in models.MODELS:
         suffix = models._SUFFIXES[model]
         results[suffix] = ensure_table(client, model, f"{prefix}-{suffix}", log=log)
-    values = {"INSTAPG_TABLE_PREFIX": prefix, "INSTAPG_STREAM_ARN": results["databases"]["stream_arn"]}
-    if write_stage_env(config_path, stage, values):
-        log(f"{config_path}: stage {stage} now has {', '.join(f'{k}={v}' for k, v in values.items())}")
+    secret_arn = ensure_keyring_secret(boto3.client("secretsmanager", region_name=region), f"{prefix}/keyring", log)
+    account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
+    # Without host secret ARNs, any RDS-managed master secret of the account.
+    hosts = host_secret_arns or [f"arn:aws:secretsmanager:{region}:{account}:secret:rds!*"]
+    policy_file = f"policy-{stage}.json"
+    document = policy(region, account, stage, list(results.values()), [secret_arn, *hosts])
+    (config_path.parent / policy_file).write_text(json.dumps(document, indent=2) + "\n")
+    env = {
+        "INSTAPG_TABLE_PREFIX": prefix,
+        "INSTAPG_STREAM_ARN": results["databases"]["stream_arn"],
+        "INSTAPG_KEYRING_SECRET_ARN": secret_arn,
+    }
+    settings: dict[str, Any] = {"autogen_policy": False, "iam_policy_file": policy_file}
+    if subnet_ids and security_group_ids:
+        settings.update(subnet_ids=subnet_ids, security_group_ids=security_group_ids)
+    if write_stage(config_path, stage, env, settings):
+        log(f"{config_path}: stage {stage} now has {', '.join(f'{k}={v}' for k, v in env.items())}")
     else:
         log(f"{config_path}: stage {stage} already up to date")
-    return results
+    return {**results, "keyring_secret_arn": secret_arn, "policy": document}
 
 
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    parser = argparse.ArgumentParser(description="Create the DynamoDB tables for `chalice deploy` (idempotent).")
-    parser.add_argument("--stage", default="dev")
+    parser = argparse.ArgumentParser(description="Create the AWS resources for `chalice deploy` (idempotent).")
+    parser.add_argument("--stage", default="prod", help="chalice stage to write (not dev: that is the local stack)")
     parser.add_argument("--prefix", help="table name prefix (default: instapg-<stage>)")
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION") or "us-east-2")
     parser.add_argument("--endpoint-url", help="DynamoDB endpoint (e.g. a local moto server)")
     parser.add_argument("--config", type=Path, default=ROOT / ".chalice" / "config.json")
+    parser.add_argument("--host-secret-arn", action="append", help="a host admin secret the functions may read")
+    parser.add_argument("--subnet-ids", help="comma-separated private subnets for the functions")
+    parser.add_argument("--security-group-ids", help="comma-separated security groups for the functions")
     args = parser.parse_args(argv)
-    bootstrap(args.stage, args.prefix or f"instapg-{args.stage}", args.region, args.config, args.endpoint_url)
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    bootstrap(
+        args.stage,
+        args.prefix or f"instapg-{args.stage}",
+        args.region,
+        args.config,
+        args.endpoint_url,
+        host_secret_arns=args.host_secret_arn,
+        subnet_ids=split(args.subnet_ids),
+        security_group_ids=split(args.security_group_ids),
+    )
     return 0
 
 

@@ -188,7 +188,7 @@ def status(args) -> int:
     size = body.get("size_bytes")
     limit = (body.get("limits") or {}).get("storage_mb")
     size_text = _size(size) if isinstance(size, int) else "not reported by this server"
-    print(f"size      {size_text}{f' of {limit} MB' if limit else ''}")
+    print(f"size      {size_text}{f' (limit {limit} MB)' if limit else ''}")
     print(f"claim     {body['claim_url']}")
     return 0
 
