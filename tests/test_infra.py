@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,17 +42,21 @@ def packaged(tmp_path_factory):
         shutil.copy(ROOT / name, project / name)
     for name in ("chalicelib", "infra", ".chalice"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("deployed", "__pycache__"))
-    app = package.load_app(ROOT, "prod")
-    kinds = {type(s) for s in app.event_sources}
-    with open(project / "app.py", "a") as fh:
-        if DynamoDBEventConfig not in kinds:
-            fh.write(STUB_STREAM)
-        if ScheduledEventConfig not in kinds:
-            fh.write(STUB_SCHEDULE)
-    saved_path, saved_app = list(sys.path), sys.modules.get("app")
+    # Loading an app applies its stage's environment to os.environ (as chalice
+    # does), and the copy's app.py must not stand in for the real one later.
+    saved_env, saved_path, saved_app = dict(os.environ), list(sys.path), sys.modules.get("app")
     try:
+        app = package.load_app(ROOT, "prod")
+        kinds = {type(s) for s in app.event_sources}
+        with open(project / "app.py", "a") as fh:
+            if DynamoDBEventConfig not in kinds:
+                fh.write(STUB_STREAM)
+            if ScheduledEventConfig not in kinds:
+                fh.write(STUB_SCHEDULE)
         template_path = package.package(project / "build", "prod", project_dir=project)
-    finally:  # the copy's app.py must not stand in for the real one in later tests
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
         sys.path[:] = saved_path
         sys.modules.pop("app", None)
         if saved_app is not None:
