@@ -77,10 +77,13 @@ _refreshed_at: dict[str, float] = {}
 def _refresher(source: str):
     def refresh() -> tuple[str, str] | None:
         with _lock:
-            recent = time.monotonic() - _refreshed_at.get(source, -REFRESH_MIN_INTERVAL_S) < REFRESH_MIN_INTERVAL_S
-            _refreshed_at[source] = time.monotonic() if not recent else _refreshed_at[source]
+            now = time.monotonic()
+            due = now - _refreshed_at.get(source, float("-inf")) >= REFRESH_MIN_INTERVAL_S
+            if due:
+                _refreshed_at[source] = now
         try:
-            creds = admin_credentials(source, refresh=not recent)
+            # Not due: what the last re-read found (another request's, maybe).
+            creds = admin_credentials(source, refresh=due)
         except Exception as exc:  # unreadable now: the caller reports its own connect failure
             log.warning("re-reading admin credentials from %s failed: %s", source, type(exc).__name__)
             return None
@@ -92,7 +95,6 @@ def _refresher(source: str):
 def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postgres.Target:
     creds = admin_credentials(host.credentials, refresh=refresh)
     return postgres.Target(
-        refresh=_refresher(host.credentials),
         host=host.hostname,
         port=int(host.port),
         user=creds.username,
@@ -100,6 +102,7 @@ def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postg
         dbname=host.admin_dbname,
         sslmode=host.sslmode,
         connect_timeout=settings.pg_connect_timeout_s,
+        refresh=_refresher(host.credentials),
     )
 
 

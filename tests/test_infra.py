@@ -141,16 +141,17 @@ def test_functions_get_the_key_ring_secret_and_table_prefix(packaged):
 
 def test_unknown_routes_answer_404_json(packaged):
     template, _ = packaged
-    responses = {
-        r["Properties"]["ResponseType"]: r["Properties"]
-        for r in template["Resources"].values()
-        if r["Type"] == "AWS::ApiGateway::GatewayResponse"
-    }
+    # In the API's definition, so that the deployment SAM makes includes them.
+    responses = template["Resources"]["RestAPI"]["Properties"]["DefinitionBody"][
+        "x-amazon-apigateway-gateway-responses"
+    ]
     missing = responses["MISSING_AUTHENTICATION_TOKEN"]
-    assert missing["StatusCode"] == "404"
-    assert missing["RestApiId"] == {"Ref": "RestAPI"}
-    body = json.loads(missing["ResponseTemplates"]["application/json"])
+    assert missing["statusCode"] == "404"
+    assert missing["responseParameters"]["gatewayresponse.header.Content-Type"] == "'application/json'"
+    body = json.loads(missing["responseTemplates"]["application/json"])
     assert body["error"] == "Not found" and body["hint"]
+    # chalice's routes are still all there.
+    assert "/api/v1/database" in template["Resources"]["RestAPI"]["Properties"]["DefinitionBody"]["paths"]
 
 
 def test_tables_match_the_models(packaged):

@@ -135,7 +135,7 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
     """The per-function part of the merge template."""
     from chalice.utils import to_cfn_resource_name
 
-    tables = [name for name, res in infra["Resources"].items() if res["Type"] == "AWS::DynamoDB::Table"]
+    tables = [name for name, res in infra["Resources"].items() if res.get("Type") == "AWS::DynamoDB::Table"]
     resources: dict[str, Any] = {}
     for name, kind in functions(app):
         function = "APIHandler" if kind == "api" else to_cfn_resource_name(name)
