@@ -148,8 +148,9 @@ def test_unknown_routes_answer_404_json(packaged):
     missing = responses["MISSING_AUTHENTICATION_TOKEN"]
     assert missing["statusCode"] == "404"
     assert missing["responseParameters"]["gatewayresponse.header.Content-Type"] == "'application/json'"
-    body = json.loads(missing["responseTemplates"]["application/json"])
-    assert body["error"] == "Not found" and body["hint"]
+    from chalicelib.errors import NOT_FOUND_BODY
+
+    assert json.loads(missing["responseTemplates"]["application/json"]) == NOT_FOUND_BODY
     # chalice's routes are still all there.
     assert "/api/v1/database" in template["Resources"]["RestAPI"]["Properties"]["DefinitionBody"]["paths"]
 
