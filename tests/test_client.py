@@ -225,3 +225,11 @@ def test_statement_boundaries():
     sql = "SELECT 'a;b'; -- c;\nSELECT $x$ ; $x$;\n/* ; /* ; */ ; */ SELECT E'\\';';\nSELECT \"q;\" FROM t"
     texts = [s.text for s in statements(sql)]
     assert texts == ["SELECT 'a;b';", "SELECT $x$ ; $x$;", "SELECT E'\\';';", 'SELECT "q;" FROM t']
+
+
+def test_logical_replication_is_asked_for(run, tmp_path):
+    # The test host offers none, so the server's 422 comes back as one line.
+    code, _, err = run("--yes", "--logical-replication")
+    assert code == 1
+    assert err.startswith("instapg: Logical replication is not available on this deployment (HTTP 422). ")
+    assert not (tmp_path / ".env").exists()
