@@ -228,8 +228,9 @@ def bootstrap(
     for model in models.MODELS:
         suffix = models._SUFFIXES[model]
         results[suffix] = ensure_table(client, model, f"{prefix}-{suffix}", log=log)
-    secret_arn = ensure_keyring_secret(boto3.client("secretsmanager", region_name=region), f"{prefix}/keyring", log)
-    account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
+    secrets = boto3.client("secretsmanager", region_name=region, endpoint_url=endpoint)
+    secret_arn = ensure_keyring_secret(secrets, f"{prefix}/keyring", log)
+    account = boto3.client("sts", region_name=region, endpoint_url=endpoint).get_caller_identity()["Account"]
     # Without host secret ARNs, any RDS-managed master secret of the account.
     hosts = host_secret_arns or [f"arn:aws:secretsmanager:{region}:{account}:secret:rds!*"]
     policy_file = f"policy-{stage}.json"
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="prod", help="chalice stage to write (not dev: that is the local stack)")
     parser.add_argument("--prefix", help="table name prefix (default: instapg-<stage>)")
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION") or "us-east-2")
-    parser.add_argument("--endpoint-url", help="DynamoDB endpoint (e.g. a local moto server)")
+    parser.add_argument("--endpoint-url", help="AWS endpoint for every call (e.g. a local moto server)")
     parser.add_argument("--config", type=Path, default=ROOT / ".chalice" / "config.json")
     parser.add_argument("--host-secret-arn", action="append", help="a host admin secret the functions may read")
     parser.add_argument("--subnet-ids", help="comma-separated private subnets for the functions")
