@@ -16,14 +16,13 @@ if TYPE_CHECKING:
 
 @functools.lru_cache(maxsize=1)
 def databases() -> DatabaseService:
-    from chalicelib import models
-    from chalicelib.crypto import KeyRing
+    from chalicelib import keyrings, models
     from chalicelib.databases import DatabaseService
     from chalicelib.settings import get_settings
 
     settings = get_settings()
     models.configure(settings)
-    return DatabaseService(settings, KeyRing.parse(settings.keyring))
+    return DatabaseService(settings, keyrings.load(settings))
 
 
 @functools.lru_cache(maxsize=1)
