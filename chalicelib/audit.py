@@ -16,7 +16,7 @@ from chalicelib.errors import BadRequest
 from chalicelib.identifiers import parse_database_id, uuid7
 from chalicelib.models import AuditEvent
 
-log = logging.getLogger("instapg.audit")
+log = logging.getLogger(__name__)
 
 CREATED = "created"
 CLAIMED = "claimed"

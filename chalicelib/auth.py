@@ -18,7 +18,7 @@ from chalicelib import accounts
 from chalicelib.errors import Unauthorized
 from chalicelib.models import AccountRecord
 
-log = logging.getLogger("instapg.auth")
+log = logging.getLogger(__name__)
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="instapg"'}
 

@@ -15,7 +15,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UTCDateTimeAttribute,
 )
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, IncludeProjection
 from pynamodb.models import Model
 
 from chalicelib.settings import Settings
@@ -54,6 +54,23 @@ class DueIndex(GlobalSecondaryIndex):
 
     due_bucket = UnicodeAttribute(hash_key=True)
     due_at = NumberAttribute(range_key=True)
+
+
+class HostIndex(GlobalSecondaryIndex):
+    """Every record by host and database name, for reconciliation.
+
+    Reconciliation compares a host's catalog with the names records on that
+    host still reference; this index answers with one paginated query per
+    host instead of a table scan. It carries only what that decision needs.
+    """
+
+    class Meta:
+        index_name = "by_host"
+        projection = IncludeProjection(["status", "role_name", "due_bucket"])
+        billing_mode = "PAY_PER_REQUEST"
+
+    host_id = UnicodeAttribute(hash_key=True)
+    db_name = UnicodeAttribute(range_key=True)
 
 
 class OwnerIndex(GlobalSecondaryIndex):
@@ -96,6 +113,7 @@ class DatabaseRecord(Model):
     due_bucket = UnicodeAttribute(null=True)
     due_at = NumberAttribute(null=True)
     by_due = DueIndex()
+    by_host = HostIndex()
     # Issue 4 (claiming): the owning account once a claim started, and when it ended.
     owner_id = UnicodeAttribute(null=True)
     claimed_at = UTCDateTimeAttribute(null=True)
@@ -126,6 +144,25 @@ class HostRecord(Model):
     allocated = NumberAttribute(default=0)
     logical_replication = BooleanAttribute(default=False)
     created_at = UTCDateTimeAttribute()
+
+
+class OrphanSighting(Model):
+    """When reconciliation first saw a prefixed name on a host that no record references.
+
+    A non-superuser admin cannot read when a database or role was created
+    (pg_stat_file needs superuser), so the age of an orphan is measured from
+    its first sighting; it is dropped only after the grace period.
+    """
+
+    class Meta:
+        table_name = "instapg-orphans"
+        billing_mode = "PAY_PER_REQUEST"
+
+    host_id = UnicodeAttribute(hash_key=True)
+    name = UnicodeAttribute(range_key=True)
+    first_seen = UTCDateTimeAttribute()
+    # Sightings of names that went away on their own are cleaned up by TTL too.
+    expires_at = TTLAttribute(null=True)
 
 
 # Account statuses.
@@ -180,10 +217,11 @@ class AuditEvent(Model):
     detail = UnicodeAttribute(null=True)
 
 
-MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, AccountRecord, ApiKeyRecord, AuditEvent)
+MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, OrphanSighting, AccountRecord, ApiKeyRecord, AuditEvent)
 _SUFFIXES = {
     DatabaseRecord: "databases",
     HostRecord: "hosts",
+    OrphanSighting: "orphans",
     AccountRecord: "accounts",
     ApiKeyRecord: "api-keys",
     AuditEvent: "audit",

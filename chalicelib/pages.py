@@ -27,7 +27,7 @@ from chalicelib.identifiers import parse_database_id
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord
 from chalicelib.views import iso
 
-log = logging.getLogger("instapg.pages")
+log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES = 4096
 
