@@ -21,6 +21,7 @@ def dynamodb():
 
 
 def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
+    from chalicelib import models
     from tools import bootstrap
 
     config = tmp_path / "config.json"
@@ -31,8 +32,11 @@ def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
 
     desc = dynamodb.describe_table(TableName="ipg-boot-databases")["Table"]
     assert desc["StreamSpecification"] == {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
-    (gsi,) = desc["GlobalSecondaryIndexes"]
-    assert gsi["IndexName"] == "by_due"
+    indexes = {g["IndexName"]: g for g in desc["GlobalSecondaryIndexes"]}
+    assert set(indexes) == {
+        g["IndexName"] for g in bootstrap.table_spec(models.DatabaseRecord)["GlobalSecondaryIndexes"]
+    }
+    gsi = indexes["by_due"]
     assert gsi["KeySchema"] == [
         {"AttributeName": "due_bucket", "KeyType": "HASH"},
         {"AttributeName": "due_at", "KeyType": "RANGE"},
@@ -89,14 +93,15 @@ def test_bootstrap_completes_a_table_made_without_index_stream_and_ttl(dynamodb,
     config = tmp_path / "config.json"
     config.write_text('{"version": "2.0", "app_name": "instapg", "stages": {}}')
     result = bootstrap.bootstrap("prod", "ipg-part", "us-east-2", config, log=lambda _: None)
+    index_names = [g["IndexName"] for g in spec["GlobalSecondaryIndexes"]]
     assert result["databases"]["changes"] == [
-        "created index by_due",
+        *(f"created index {name}" for name in index_names),
         "enabled stream",
         "enabled TTL on expires_at",
         "enabled point-in-time recovery",
     ]
     desc = dynamodb.describe_table(TableName="ipg-part-databases")["Table"]
-    assert [g["IndexName"] for g in desc["GlobalSecondaryIndexes"]] == ["by_due"]
+    assert [g["IndexName"] for g in desc["GlobalSecondaryIndexes"]] == index_names
     assert (
         json.loads(config.read_text())["stages"]["prod"]["environment_variables"]["INSTAPG_STREAM_ARN"]
         == (desc["LatestStreamArn"])
