@@ -532,3 +532,32 @@ def test_connection_string_is_withheld_when_the_audit_log_is_down(client):
     assert response.status_code == 503
     assert response.json_body["error"] == "Audit log unavailable"
     assert "postgresql://" not in response.body.decode()
+
+
+def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, pg, service, host, instapg_env):
+    import time
+
+    from chalicelib import expiry, services
+    from chalicelib.models import AuditEvent, DatabaseRecord, HostRecord
+
+    instapg_env.setenv("INSTAPG_PROVISIONING_TIMEOUT_SECONDS", "0")
+    services.reset()
+    service = services.databases()
+    doomed, stalled = create(client), create(client)
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    DatabaseRecord(id=doomed["id"]).update(
+        actions=[DatabaseRecord.expires_at.set(past), DatabaseRecord.due_at.set(int(past.timestamp()))]
+    )
+    key = signup(client)
+    host.update(actions=[HostRecord.port.set(1)])
+    service.hosts.all(fresh=True)
+    assert claim(client, stalled["id"], key).status_code == 503
+    host.update(actions=[HostRecord.port.set(pg.port)])
+    time.sleep(1)  # due_at is in whole seconds
+
+    summary = expiry.run_scheduled(service, budget_s=30)
+    assert summary.expired_dropped == 1 and summary.stalled_finished == 1
+    assert service.find(stalled["id"]).status == "CLAIMED"
+    purged = [e for e in AuditEvent.query(doomed["id"]) if e.action == "purged"]
+    assert len(purged) == 1 and purged[0].actor == "system"
+    assert "claimed" in actions(client, stalled["id"], key)
