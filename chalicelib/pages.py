@@ -13,7 +13,6 @@ no protection either.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +25,6 @@ from chalicelib.errors import ApiError, BadRequest, Gone, NotFound
 from chalicelib.identifiers import parse_database_id
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord
 from chalicelib.views import iso
-
-log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES = 4096
 
