@@ -24,11 +24,16 @@ def _database_id(raw: str) -> str:
 
 
 def _requester():
+    from chalicelib.abuse import parse_idempotency_key
     from chalicelib.databases import Requester
 
     request = app.current_request
     identity = (request.context or {}).get("identity") or {}
-    return Requester(ip=identity.get("sourceIp"), user_agent=request.headers.get("user-agent"))
+    return Requester(
+        ip=identity.get("sourceIp"),
+        user_agent=request.headers.get("user-agent"),
+        idempotency_key=parse_idempotency_key(request.headers.get("idempotency-key")),
+    )
 
 
 def _claim_base() -> str:

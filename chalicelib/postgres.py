@@ -133,14 +133,119 @@ def create_tenant(target: Target, role: str, dbname: str, password: str, plan: P
 
 
 def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> None:
+    import psycopg
     from psycopg import sql
 
-    # A default only: the tenant can override it. The scheduled job enforces.
+    role_id = sql.Identifier(role)
+    # Defaults only: the tenant can override them. The scheduled job enforces
+    # (chalicelib.quotas ends backends past the plan's limits).
     conn.execute(
-        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
-            sql.Identifier(role), sql.Literal(f"{plan.statement_timeout_s}s")
+        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(role_id, sql.Literal(f"{plan.statement_timeout_s}s"))
+    )
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = {}").format(
+            role_id, sql.Literal(f"{plan.idle_in_transaction_s}s")
         )
     )
+    # temp_file_limit is superuser-only (PGC_SUSET): a tenant cannot lift it,
+    # and a non-superuser admin may set it only with SET privilege on the
+    # parameter (PostgreSQL 15+ GRANT SET ON PARAMETER). Without it, skip.
+    try:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET temp_file_limit = {}").format(
+                role_id, sql.Literal(f"{plan.temp_file_limit_mb}MB")
+            )
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        log.info("temp_file_limit not set for %s: the admin may not set it (needs GRANT SET ON PARAMETER)", role)
+
+
+def apply_plan(target: Target, role: str, plan: Plan) -> None:
+    """Give an existing tenant role the limits of `plan` (e.g. after a claim)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(role), sql.Literal(plan.connections))
+        )
+        _apply_role_defaults(conn, role, plan)
+
+
+def database_sizes(target: Target, prefix: str) -> dict[str, int]:
+    """Size in bytes of every tenant database on the host, in one query.
+
+    Only names with `prefix` + "_" are measured: the service never looks at
+    databases it did not make. A database dropped while the query runs
+    measures NULL and is left out.
+    """
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT datname, pg_database_size(oid) FROM pg_database WHERE starts_with(datname, %s)",
+            (prefix + "_",),
+        ).fetchall()
+    return {name: int(size) for name, size in rows if size is not None}
+
+
+def database_size(target: Target, dbname: str) -> int | None:
+    """Size in bytes of one database; None when it does not exist."""
+    with target.connect() as conn:
+        row = conn.execute(
+            "SELECT pg_database_size(oid) FROM pg_database WHERE datname = %s",
+            (dbname,),
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def lock_role(target: Target, role: str) -> int:
+    """Lock a tenant out: NOLOGIN (only a CREATEROLE role may undo it), then end its sessions."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        return _terminate_role(conn, role)
+
+
+def unlock_role(target: Target, role: str) -> None:
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+
+
+@dataclass(frozen=True)
+class Backend:
+    pid: int
+    role: str
+    state: str
+    seconds: float  # how long the query ran (active) or the transaction sat idle
+
+
+def tenant_backends(target: Target, prefix: str) -> list[Backend]:
+    """Busy tenant sessions: running a query, or idle inside a transaction."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT pid, usename, state, extract(epoch FROM now() - "
+            "CASE WHEN state = 'active' THEN query_start ELSE state_change END) "
+            "FROM pg_stat_activity WHERE starts_with(usename, %s) AND backend_type = 'client backend' "
+            "AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')",
+            (prefix + "_",),
+        ).fetchall()
+    return [Backend(pid, role, state, float(secs or 0)) for pid, role, state, secs in rows]
+
+
+def terminate(target: Target, pids: list[int], prefix: str) -> int:
+    """End the given tenant backends; returns how many were signalled.
+
+    The role is checked again, so a pid reused since it was listed is spared.
+    """
+    if not pids:
+        return 0
+    with target.connect() as conn:
+        return conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE pid = ANY(%s) AND starts_with(usename, %s)",
+            (pids, prefix + "_"),
+        ).fetchone()[0]
 
 
 def set_password(target: Target, role: str, password: str) -> None:
