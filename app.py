@@ -86,3 +86,28 @@ def get_database(database_id):
 def healthz():
     ok, checks = services.health().run()
     return json_response({"ok": ok, **checks}, 200 if ok else 503)
+
+
+# --- issue 5: quota enforcement, the OpenAPI document -------------------------
+# The lead merges this schedule with the expiry job's into one.
+
+
+@app.schedule("rate(5 minutes)")
+def enforce_quotas(event):
+    import time
+
+    from chalicelib import quotas
+
+    # Stop 10 s before Lambda would kill us; the next run finishes the rest.
+    context = getattr(event, "context", None)
+    remaining = context.get_remaining_time_in_millis() / 1000 if context else 60
+    summary = quotas.enforce(services.databases(), deadline=time.time() + max(1.0, remaining - 10))
+    app.log.info("quotas: %s", summary)
+    return summary
+
+
+@app.route("/api/v1/openapi.yaml", methods=["GET"])
+def openapi_document():
+    from chalicelib import apidoc
+
+    return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
