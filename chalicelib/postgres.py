@@ -292,6 +292,7 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
             (role, dbname),
         ).fetchall()
         for gid, database, owner in prepared:
+            _reopen(conn, database)
             with target.connect(database) as other:
                 # Only the preparing role (or a superuser) may roll it back.
                 other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
@@ -313,10 +314,26 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
             if database == conn.info.dbname:
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
             else:
+                _reopen(conn, database)
                 with target.connect(database) as other:
                     other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
     return True
+
+
+def _reopen(conn: psycopg.Connection, dbname: str) -> None:
+    """Let the admin into another tenant's database before working in it.
+
+    That tenant owns its database and can shut the admin out (CONNECTION
+    LIMIT 0, or REVOKE CONNECT from itself, whose rights the admin holds
+    through membership). A hostile tenant would so keep a role it once granted
+    something to from ever being dropped. The admin acts as the owner here.
+    """
+    from psycopg import sql
+
+    db_id = sql.Identifier(dbname)
+    conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT -1").format(db_id))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db_id))
 
 
 def harden_host(target: Target) -> list[str]:

@@ -302,3 +302,31 @@ def test_gap_tenant_can_override_its_role_defaults(tenants, conn):
     conn.execute("SET statement_timeout = 0")
     assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
     conn.execute(sql.SQL("ALTER ROLE {} RESET statement_timeout").format(sql.Identifier(tenants.a.role)))
+
+
+@pytest.mark.parametrize(
+    "shut_out",
+    ["ALTER DATABASE {db} CONNECTION LIMIT 0", "REVOKE ALL ON DATABASE {db} FROM {role}"],
+    ids=["connection-limit-0", "revoke-connect-from-itself"],
+)
+def test_tenant_cannot_keep_another_tenants_role_from_being_dropped(tenants, pg, shut_out):
+    """A grants B something in A's database, then shuts the admin out of it.
+
+    DROP OWNED BY B must run inside A's database; before the fix in
+    postgres._reopen, dropping B failed for good and B's role leaked.
+    """
+    from chalicelib import postgres
+
+    prefix = "ipgadv" + secrets.token_hex(3)
+    a, b = _new_tenant(tenants.target, prefix, pg), _new_tenant(tenants.target, prefix, pg)
+    try:
+        with psycopg.connect(a.url, autocommit=True) as session:
+            session.execute("CREATE TABLE shared (x int)")
+            session.execute(sql.SQL("GRANT SELECT ON shared TO {}").format(sql.Identifier(b.role)))
+            session.execute(shut_out.format(db=_ident(a.dbname), role=_ident(a.role)))
+        assert postgres.drop_tenant(tenants.target, b.role, b.dbname) is True
+        with psycopg.connect(pg.superuser_dsn) as su:
+            assert su.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (b.role,)).fetchone() == (0,)
+    finally:
+        postgres.drop_tenant(tenants.target, b.role, b.dbname)
+        postgres.drop_tenant(tenants.target, a.role, a.dbname)
