@@ -220,10 +220,28 @@ def test_enforce_stops_at_its_deadline(client):
     assert summary["complete"] is False and summary["hosts"] == 0
 
 
+class _LambdaContext:
+    """What Lambda hands a handler; the job reads only its remaining time."""
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
 def test_scheduled_handler_runs_enforce(client):
     from app import enforce_quotas
 
     body = _create(client)
-    summary = enforce_quotas.func({}) if hasattr(enforce_quotas, "func") else enforce_quotas({}, None)
-    assert summary["measured"] == 1
+    event = {
+        "version": "0",
+        "id": "event-1",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-01-01T00:00:00Z",
+        "region": "us-east-2",
+        "resources": ["arn:aws:events:us-east-2:123456789012:rule/instapg-enforce_quotas"],
+        "detail": {},
+    }
+    summary = enforce_quotas(event, _LambdaContext())
+    assert summary["measured"] == 1 and summary["complete"]
     assert _record(body["id"]).size_bytes > 0
