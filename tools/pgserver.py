@@ -19,8 +19,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The wheel's package import asks platformdirs for XDG_RUNTIME_DIR, which a
+# root shell or CI lacks; we never use that folder.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", module="platformdirs")
 
 ADMIN_ROLE = "instapg_admin"
 SUPERUSER = "postgres"

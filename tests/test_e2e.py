@@ -1,0 +1,121 @@
+"""End to end: `make dev`'s stack over real HTTP, and a real login to the database it hands out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.pgerrors import refused_login
+from tools.pgserver import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _request(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def devstack(tmp_path_factory):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
+    env.update(PORT=str(port), INSTAPG_DEV_DIR=str(tmp_path_factory.mktemp("devstack")), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.devstack"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    else:
+        proc.kill()
+        pytest.fail("devstack did not become ready:\n" + "".join(lines))
+    if proc.poll() is not None:
+        pytest.fail("devstack exited:\n" + "".join(lines))
+    # Keep reading, or a full pipe would block the server's request logging.
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    yield proc, f"http://127.0.0.1:{port}", "".join(lines)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_banner_prints_a_curl_line(devstack):
+    _, base, output = devstack
+    assert f"curl -X POST {base}/api/v1/database" in output
+
+
+def test_create_over_http_and_use_the_database(devstack):
+    _, base, _ = devstack
+    # Exactly what the README's curl sends (no Content-Type header).
+    status, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
+    assert status == 201, body
+    assert body["claim_url"] == f"{base}/claim/{body['id']}"
+    with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO items VALUES (1, 'first')")
+        assert conn.execute("SELECT name FROM items").fetchall() == [("first",)]
+    status, again = _request("GET", f"{base}/api/v1/database/{body['id']}")
+    assert status == 200 and again["id"] == body["id"]
+
+
+def test_wrong_password_is_refused_over_tcp(devstack):
+    _, base, _ = devstack
+    _, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
+    params = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
+    params["password"] = "not-the-password"
+    # invalid_password: scram-sha-256 is enforced, not trust.
+    assert refused_login(**params) == "28P01"
+
+
+def test_errors_over_http_are_json(devstack):
+    _, base, _ = devstack
+    assert _request("GET", f"{base}/no/such/route") == (
+        404,
+        {"error": "Not found", "hint": "No such path; see GET /api/v1/openapi.yaml for the API."},
+    )
+    status, body = _request("POST", f"{base}/api/v1/database", b"{not json", {"Content-Type": "application/json"})
+    assert status == 400 and body["error"] == "Request body is not valid JSON"
+    status, body = _request("POST", f"{base}/api/v1/database", b"{}")
+    assert status == 400 and body["error"] == "Missing referrer"
+    status, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"' + b"x" * 20000 + b'"}')
+    assert status == 413
+    status, body = _request("GET", f"{base}/healthz")
+    assert status == 200 and body["ok"] is True
+
+
+def test_ctrl_c_stops_everything(devstack):
+    proc, base, output = devstack
+    pg_port = int(output.split("postgres  127.0.0.1:")[1].split()[0])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    for port in (pg_port, int(base.rsplit(":", 1)[1])):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"

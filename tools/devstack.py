@@ -1,0 +1,148 @@
+"""`make dev`: the whole service on this machine, on embedded defaults.
+
+Starts an embedded Postgres (127.0.0.1, scram-sha-256, a non-superuser admin
+as on RDS), DynamoDB from moto's server, creates the tables, registers the
+host, and serves the API with chalice's local server. Ctrl-C (or SIGTERM)
+stops everything it started.
+
+moto keeps no state between runs, so each run starts empty: the data folder
+(INSTAPG_DEV_DIR, default .local/) is wiped at start.
+
+Environment: PORT (API port, default 8000), INSTAPG_DEV_DIR. Any INSTAPG_*
+variable set before `make dev` is passed on to the app.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST_ID = "local"
+ADMIN_ENV = "INSTAPG_LOCAL_HOST_ADMIN"
+
+
+def _say(message: str) -> None:
+    print(f"[instapg] {message}", flush=True)
+
+
+class DevStack:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.pg = None
+        self.moto = None
+        self.server = None
+        self.background: list[threading.Thread] = []
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
+
+        from chalicelib.crypto import new_key_spec
+        from tools import pgserver
+
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.data_dir.mkdir(parents=True)
+
+        self.pg = pgserver.start(self.data_dir / "pg")
+        _say(f"postgres  127.0.0.1:{self.pg.port} (embedded, scram-sha-256, admin role {pgserver.ADMIN_ROLE})")
+
+        moto_port = pgserver.free_port()
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+        self.moto.start()
+        _say(f"dynamodb  http://127.0.0.1:{moto_port} (moto server)")
+
+        env = {
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "us-east-2",
+            "AWS_REGION": "us-east-2",
+            "AWS_ACCOUNT_ID_ENDPOINT_MODE": "disabled",
+            "INSTAPG_STAGE": "dev",
+            "INSTAPG_TABLE_PREFIX": "instapg-dev",
+            "INSTAPG_DYNAMODB_ENDPOINT": f"http://127.0.0.1:{moto_port}",
+            "INSTAPG_KEYRING": new_key_spec("local1"),
+            ADMIN_ENV: self.pg.admin_credentials_json,
+        }
+        for key, value in env.items():
+            if key.startswith("INSTAPG_") and key not in (ADMIN_ENV, "INSTAPG_DYNAMODB_ENDPOINT"):
+                os.environ.setdefault(key, value)
+            else:
+                os.environ[key] = value
+
+        from chalicelib import hosts, models, services
+
+        services.reset()
+        settings = services.databases().settings
+        models.configure(settings)
+        models.create_tables()
+        _, warnings = hosts.register(
+            settings, HOST_ID, "127.0.0.1", self.pg.port, f"env:{ADMIN_ENV}", capacity=1000, sslmode="disable"
+        )
+        for warning in warnings:
+            _say(f"host warning: {warning}")
+        _say(f"host      '{HOST_ID}' registered (capacity 1000)")
+
+        from tools.localserver import create_server
+
+        self.server = create_server(ROOT, "127.0.0.1", self.port)
+        thread = threading.Thread(target=self.server.server.serve_forever, name="api", daemon=True)
+        thread.start()
+        self.background.append(thread)
+
+    def banner(self) -> None:
+        url = f"http://127.0.0.1:{self.port}"
+        _say(f"api       {url} (chalice local)")
+        _say("ready. Try:")
+        print(
+            f"\n  curl -X POST {url}/api/v1/database -H 'Content-Type: application/json' -d '{{\"ref\":\"readme\"}}'\n",
+            flush=True,
+        )
+        _say("Ctrl-C stops everything.")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.server is not None:
+            self.server.shutdown()
+        if self.moto is not None:
+            self.moto.stop()
+        if self.pg is not None:
+            self.pg.stop()
+        _say("stopped.")
+
+
+def main() -> int:
+    port = int(os.environ.get("PORT", "8000"))
+    data_dir = Path(os.environ.get("INSTAPG_DEV_DIR", ROOT / ".local")).resolve()
+    stack = DevStack(data_dir, port)
+
+    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    # Set both explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+        stack.banner()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

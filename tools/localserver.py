@@ -1,0 +1,53 @@
+"""`chalice local`'s server, with two differences that match production.
+
+- An unknown path answers 404 JSON, as the API Gateway gateway response in
+  the deployed stack does (plain chalice local answers 403 "Missing
+  Authentication Token").
+- `requestContext.identity.sourceIp` is the real peer address, as API Gateway
+  sets it (chalice local always says 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chalice.local import ChaliceRequestHandler, ForbiddenError, LocalDevServer, LocalGatewayException
+
+from chalicelib.errors import NOT_FOUND_BODY
+
+
+class InstapgRequestHandler(ChaliceRequestHandler):
+    def _generic_handle(self) -> None:
+        self.local_gateway.event_converter.LOCAL_SOURCE_IP = self.client_address[0]
+        super()._generic_handle()
+
+    def _send_error_response(self, error: LocalGatewayException) -> None:
+        if isinstance(error, ForbiddenError) and b"Missing Authentication Token" in (error.body or b""):
+            body = json.dumps(NOT_FOUND_BODY).encode()
+            self._send_http_response(404, {"Content-Type": "application/json"}, body)
+            return
+        super()._send_error_response(error)
+
+
+def create_server(project_dir: Path, host: str, port: int, stage: str = "dev") -> LocalDevServer:
+    """The app in `project_dir` served as `chalice local --stage <stage>` serves it.
+
+    Like `chalice local`, it applies the stage's environment variables from
+    .chalice/config.json before importing the app; variables already set win,
+    so the local stack can point the app at its own services.
+    """
+    import os
+
+    from chalice.cli import factory
+    from chalice.local import CustomLocalChalice, LocalChalice
+
+    cli = factory.CLIFactory(str(project_dir))
+    config = cli.create_config_obj(chalice_stage_name=stage)
+    for key, value in config.environment_variables.items():
+        os.environ.setdefault(key, value)
+    app = cli.load_chalice_app()
+    # What chalice.local.create_local_server does, with our handler class.
+    CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
+    app.__class__ = CustomLocalChalice
+    return LocalDevServer(app, config, host, port, handler_cls=InstapgRequestHandler)
