@@ -112,7 +112,7 @@ def enforce_quotas(event):
     return summary
 
 
-@app.route("/api/v1/openapi.yaml", methods=["GET"])
+@route("/api/v1/openapi.yaml", methods=["GET"])
 def openapi_document():
     from chalicelib import apidoc
 
