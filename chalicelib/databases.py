@@ -129,13 +129,15 @@ class DatabaseService:
             existing = self.find(database_id)
             if existing is not None:
                 return self._existing(existing)
-        self.guard.check_rate(requester.ip)
-        hosts = self.guard.open_hosts(self.hosts.all())
+        hosts = self.hosts.all()
         if request.enable_logical_replication and not hostlib.offers_logical_replication(hosts):
             raise Unprocessable(
                 "Logical replication is not available on this deployment",
                 hint="Create the database without enable_logical_replication, or ask the operator for a host that offers it.",
             )
+        # Abuse limits (chalicelib.abuse): a request that gets this far counts.
+        self.guard.check_rate(requester.ip)
+        hosts = self.guard.open_hosts(hosts)
         try:
             host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication)
         except hostlib.NoCapacity:

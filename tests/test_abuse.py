@@ -151,3 +151,17 @@ def test_malformed_idempotency_key_is_400(client, key):
     )
     assert response.status_code == 400
     assert "Idempotency-Key" in response.json_body["error"]
+
+
+def test_unclaimed_cap_is_per_host_and_spills_to_the_next(client, instapg_env, service, pg):
+    from chalicelib import hosts
+    from chalicelib.models import DatabaseRecord
+    from tests.conftest import ADMIN_ENV
+
+    hosts.register(service.settings, "local-2", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=1000, sslmode="disable")
+    _settings(instapg_env, INSTAPG_MAX_UNCLAIMED_PER_HOST=1)
+    assert post_json(client, "/api/v1/database", {"ref": "r"}).status_code == 201
+    assert post_json(client, "/api/v1/database", {"ref": "r"}).status_code == 201
+    assert sorted(r.host_id for r in DatabaseRecord.scan()) == ["local-1", "local-2"]
+    response = post_json(client, "/api/v1/database", {"ref": "r"})
+    assert response.status_code == 503 and response.json_body["error"] == "No capacity"

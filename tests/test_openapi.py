@@ -68,6 +68,8 @@ def test_every_operation_documents_its_errors():
             if method == "parameters" or path in ("/healthz", "/api/v1/openapi.yaml"):
                 continue
             assert "400" in operation["responses"], (method, path)
+            if method == "post":  # every body is described
+                assert operation["requestBody"]["content"]["application/json"]["schema"], (method, path)
 
 
 # -- schemathesis against the local HTTP stack ---------------------------------------

@@ -245,3 +245,20 @@ def test_scheduled_handler_runs_enforce(client):
     summary = enforce_quotas(event, _LambdaContext())
     assert summary["measured"] == 1 and summary["complete"]
     assert _record(body["id"]).size_bytes > 0
+
+
+def test_apply_plan_gives_an_existing_role_the_claimed_limits(client, service, host, pg):
+    from chalicelib import hosts, postgres
+    from chalicelib.settings import CLAIMED
+
+    body = _create(client)
+    role = psycopg.conninfo.conninfo_to_dict(body["connection_string"])["user"]
+    postgres.apply_plan(hosts.target(host, service.settings), role, service.settings.plan(CLAIMED))
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        config, connlimit = conn.execute(
+            "SELECT s.setconfig, r.rolconnlimit FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+            "WHERE r.rolname = %s",
+            (role,),
+        ).fetchone()
+    assert connlimit == 20
+    assert "statement_timeout=3600s" in config and "idle_in_transaction_session_timeout=600s" in config
