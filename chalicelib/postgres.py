@@ -28,9 +28,12 @@ log = logging.getLogger("instapg.postgres")
 
 # Settings forced on the service's own sessions. A tenant can attach settings
 # to its database (ALTER DATABASE ... SET) that would slow down or break the
-# admin's work there; connection options take precedence over those.
+# admin's work there; connection options take precedence over those. `role`
+# too: `ALTER DATABASE own SET role = own` would make the admin act as the
+# tenant in that database (tests/test_adversarial.py).
 _ADMIN_OPTIONS = (
     "-c statement_timeout=60000 -c lock_timeout=10000 -c default_transaction_read_only=off -c search_path=pg_catalog"
+    " -c role=none -c idle_session_timeout=0 -c idle_in_transaction_session_timeout=0"
 )
 
 

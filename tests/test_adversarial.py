@@ -306,14 +306,30 @@ def test_gap_tenant_can_override_its_role_defaults(tenants, conn):
 
 @pytest.mark.parametrize(
     "shut_out",
-    ["ALTER DATABASE {db} CONNECTION LIMIT 0", "REVOKE ALL ON DATABASE {db} FROM {role}"],
-    ids=["connection-limit-0", "revoke-connect-from-itself"],
+    [
+        "ALTER DATABASE {db} CONNECTION LIMIT 0",
+        "REVOKE ALL ON DATABASE {db} FROM {role}",
+        "ALTER DATABASE {db} SET role = {role}",
+        "ALTER DATABASE {db} SET default_transaction_read_only = on",
+        "ALTER DATABASE {db} SET idle_session_timeout = '1ms'",
+        "ALTER DATABASE {db} SET session_authorization = {role}",
+    ],
+    ids=[
+        "connection-limit-0",
+        "revoke-connect-from-itself",
+        "set-role",
+        "read-only",
+        "idle-session-timeout",
+        "session-authorization",
+    ],
 )
 def test_tenant_cannot_keep_another_tenants_role_from_being_dropped(tenants, pg, shut_out):
-    """A grants B something in A's database, then shuts the admin out of it.
+    """A grants B something in A's database, then shuts the admin out of it or changes its sessions there.
 
-    DROP OWNED BY B must run inside A's database; before the fix in
-    postgres._reopen, dropping B failed for good and B's role leaked.
+    DROP OWNED BY B must run inside A's database. Before postgres._reopen,
+    a connection limit of 0 or a revoked CONNECT kept the admin out; before
+    `role=none` in the admin's connection options, `SET role` made the admin
+    act as A there. Either way dropping B failed for good and B's role leaked.
     """
     from chalicelib import postgres
 
