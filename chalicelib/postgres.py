@@ -251,6 +251,42 @@ def terminate(target: Target, pids: list[int], prefix: str) -> int:
         ).fetchone()[0]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    gid: str
+    database: str
+    owner: str
+    seconds: float  # since PREPARE TRANSACTION
+
+
+def tenant_prepared(target: Target, prefix: str) -> list[Prepared]:
+    """Prepared transactions of tenant roles: they outlive every session, hold
+    locks and keep VACUUM from cleaning up host-wide, so the job rolls back old ones."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT gid, database, owner, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts "
+            "WHERE starts_with(owner, %s)",
+            (prefix + "_",),
+        ).fetchall()
+    return [Prepared(gid, database, owner, float(secs)) for gid, database, owner, secs in rows]
+
+
+def rollback_prepared(target: Target, prepared: Prepared) -> None:
+    """Roll back one prepared transaction; gone already is fine."""
+    import psycopg
+    from psycopg import sql
+
+    with target.connect() as conn:
+        _reopen(conn, prepared.database)
+    with target.connect(prepared.database) as other:
+        # Only the preparing role (or a superuser) may roll it back.
+        other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(prepared.owner)))
+        try:
+            other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(prepared.gid)))
+        except psycopg.errors.UndefinedObject:
+            pass  # committed or rolled back since it was listed
+
+
 def set_password(target: Target, role: str, password: str) -> None:
     """Give the role a new password and end its sessions (they used the old one)."""
     from psycopg import sql

@@ -8,8 +8,9 @@ Run from the scheduled job (`enforce`), per host:
   next run after a limit was raised).
 - time: backends whose query has run longer than the plan's statement time,
   or that sat idle inside a transaction longer than the plan allows, are
-  ended. The `statement_timeout` role default is only a courtesy: a tenant
-  can `SET` it away, it cannot stop `pg_terminate_backend`.
+  ended; prepared transactions older than that are rolled back. The
+  `statement_timeout` role default is only a courtesy: a tenant can `SET` it
+  away, it cannot stop `pg_terminate_backend`.
 
 `temp_file_limit` is set per role at creation where the admin may
 (chalicelib.postgres).
@@ -143,6 +144,12 @@ def _enforce_time(
                 limit,
             )
     summary["terminated"] += postgres.terminate(target, doomed, service.settings.name_prefix)
+    for prepared in postgres.tenant_prepared(target, service.settings.name_prefix):
+        plan = plans.get(prepared.owner, default)
+        if prepared.seconds > plan.idle_in_transaction_s:
+            log.info("rolling back prepared transaction of %s after %.0fs", prepared.owner, prepared.seconds)
+            postgres.rollback_prepared(target, prepared)
+            summary["rolled_back"] += 1
 
 
 def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
@@ -157,6 +164,7 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
         "locked": [],
         "unlocked": [],
         "terminated": 0,
+        "rolled_back": 0,
         "errors": [],
         "complete": True,
     }

@@ -346,3 +346,11 @@ def test_tenant_cannot_keep_another_tenants_role_from_being_dropped(tenants, pg,
     finally:
         postgres.drop_tenant(tenants.target, b.role, b.dbname)
         postgres.drop_tenant(tenants.target, a.role, a.dbname)
+
+
+def test_gap_tenant_can_raise_its_memory_settings(conn):
+    # work_mem and friends are user settings: only the host's configuration
+    # (and its RAM) bounds what one tenant's query may take.
+    conn.execute("SET work_mem = '1GB'")
+    conn.execute("SET maintenance_work_mem = '1GB'")
+    assert conn.execute("SHOW work_mem").fetchone() == ("1GB",)

@@ -262,3 +262,20 @@ def test_apply_plan_gives_an_existing_role_the_claimed_limits(client, service, h
         ).fetchone()
     assert connlimit == 20
     assert "statement_timeout=3600s" in config and "idle_in_transaction_session_timeout=600s" in config
+
+
+def test_old_prepared_transactions_are_rolled_back(client, instapg_env, pg):
+    """A prepared transaction outlives its session, holds locks and VACUUM's horizon: the job rolls it back."""
+    _settings(instapg_env, INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS=1)
+    body = _create(client)
+    with psycopg.connect(body["connection_string"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("PREPARE TRANSACTION 'held-forever'")
+    time.sleep(1.5)
+    summary = _enforce()
+    assert summary["rolled_back"] == 1
+    with psycopg.connect(pg.superuser_dsn) as su:
+        assert su.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'held-forever'").fetchone() == (0,)
+    assert _enforce()["rolled_back"] == 0
