@@ -1,6 +1,6 @@
 """instapg: routes and event handlers only. The logic lives in chalicelib/."""
 
-from chalice import Chalice, Response
+from chalice import Chalice, Rate, Response
 
 from chalicelib import services
 from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
@@ -94,11 +94,38 @@ def healthz():
     return json_response({"ok": ok, **checks}, 200 if ok else 503)
 
 
+# --- Expiry and cleanup (issue 3) ------------------------------------------------------
+# The stream ARN and the rate are needed at `chalice package` time; both come
+# from the environment (chalicelib.settings), with a placeholder ARN so that
+# `import app` works without configuration.
+def _deploy_settings():
+    from chalicelib.settings import load
+
+    return load()
+
+
+_DEPLOY = _deploy_settings()
+
+
+@app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="purge")
+def purge(event):
+    from chalicelib import expiry
+
+    expiry.run_lambda(services.databases(), event.context)
+
+
+@app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
+def drop_removed(event):
+    from chalicelib import expiry
+
+    expiry.handle_stream(services.databases(), (record.to_dict() for record in event))
+
+
 # --- issue 5: quota enforcement, the OpenAPI document -------------------------
-# The lead merges this schedule with the expiry job's into one.
+# Runs at the purge's rate; the lead may fold it into the purge job.
 
 
-@app.schedule("rate(5 minutes)")
+@app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="enforce_quotas")
 def enforce_quotas(event):
     import time
 

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
 
     from chalicelib.settings import Plan
 
-log = logging.getLogger("instapg.postgres")
+log = logging.getLogger(__name__)
 
 # Settings forced on the service's own sessions. A tenant can attach settings
 # to its database (ALTER DATABASE ... SET) that would slow down or break the
@@ -52,26 +52,43 @@ class Target:
     dbname: str
     sslmode: str
     connect_timeout: int = 5
+    # Reads the admin credentials again, (user, password), or None when they
+    # cannot be read. RDS rotates its master password; libpq reports a failed
+    # login without a SQLSTATE, so any failed connect asks once for fresh
+    # credentials and retries only if they changed.
+    refresh: Callable[[], tuple[str, str] | None] | None = field(default=None, repr=False, compare=False)
+
+    def _open(self, user: str, password: str, dbname: str | None) -> psycopg.Connection:
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=user,
+            password=password,
+            dbname=dbname or self.dbname,
+            sslmode=self.sslmode,
+            connect_timeout=self.connect_timeout,
+            options=_ADMIN_OPTIONS,
+            application_name="instapg",
+            autocommit=True,
+        )
 
     @contextmanager
     def connect(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
         import psycopg
 
         try:
-            conn = psycopg.connect(
-                host=self.host,
-                port=self.port,
-                user=self.user,
-                password=self.password,
-                dbname=dbname or self.dbname,
-                sslmode=self.sslmode,
-                connect_timeout=self.connect_timeout,
-                options=_ADMIN_OPTIONS,
-                application_name="instapg",
-                autocommit=True,
-            )
+            conn = self._open(self.user, self.password, dbname)
         except psycopg.OperationalError as exc:
-            raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
+            fresh = self.refresh() if self.refresh else None
+            if fresh is None or fresh == (self.user, self.password):
+                raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
+            log.info("admin credentials for %s:%s changed; retrying with the new ones", self.host, self.port)
+            try:
+                conn = self._open(*fresh, dbname)
+            except psycopg.OperationalError as exc2:
+                raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc2)}") from None
         try:
             yield conn
         finally:
@@ -320,11 +337,15 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
         role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
-        db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
         if role_exists:
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
             _terminate_role(conn, role)
-        if db_exists:
+        # Read after the lockout, so the tenant cannot set the flag behind us.
+        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        db_exists = row is not None
+        if db_exists and row[0]:
+            # Only when set: ALTER fails on a database an interrupted (or
+            # concurrent) DROP DATABASE left invalid, which DROP still removes.
             conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
         prepared = conn.execute(
             "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
@@ -373,6 +394,29 @@ def _reopen(conn: psycopg.Connection, dbname: str) -> None:
     db_id = sql.Identifier(dbname)
     conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT -1").format(db_id))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db_id))
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching names that start with `prefix` literally.
+
+    `_` and `%` are wildcards in LIKE: the tenant name separator `_` must be
+    escaped, or prefix `ipg` would also match `ipgx...`.
+    """
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def tenant_names(target: Target, prefix: str) -> set[str]:
+    """Roles and databases on the host whose names start with `prefix`."""
+    pattern = like_prefix(prefix)
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s AND rolname <> current_user "
+            "UNION SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (pattern, pattern),
+        ).fetchall()
+    # Belt and braces: nothing outside the prefix, whatever LIKE thought.
+    return {name for (name,) in rows if name.startswith(prefix)}
 
 
 def harden_host(target: Target) -> list[str]:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 UNCLAIMED = "unclaimed"
+# `import app` must work without configuration; a deployment sets the real ARN.
+STREAM_ARN_PLACEHOLDER = "arn:aws:dynamodb:us-east-2:000000000000:table/instapg-databases/stream/unset"
 CLAIMED = "claimed"
 
 
@@ -47,6 +49,7 @@ class Settings:
     dynamodb_endpoint: str | None
     public_url: str | None
     keyring: str = field(repr=False)
+    keyring_secret_arn: str | None
     name_prefix: str
     plans: Mapping[str, Plan]
     tombstone_ttl_s: int
@@ -57,6 +60,12 @@ class Settings:
     creates_per_day: int
     max_unclaimed_per_host: int
     idempotency_ttl_s: int
+    # Expiry and cleanup (chalicelib.expiry).
+    stream_arn: str = ""
+    purge_rate_minutes: int = 5
+    purge_time_fraction: float = 0.8
+    orphan_grace_s: int = 3600
+    local_purge_interval_s: int = 15
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -81,6 +90,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "INSTAPG_KEYRING",
         "",
         "Credential encryption keys, `kid:base64key,...` (32-byte keys); the first is primary, the rest only decrypt.",
+    ),
+    (
+        "INSTAPG_KEYRING_SECRET_ARN",
+        "",
+        "Secrets Manager secret holding the key ring (production); when set, INSTAPG_KEYRING is ignored.",
     ),
     (
         "INSTAPG_NAME_PREFIX",
@@ -126,6 +140,27 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "Live unclaimed databases one host may carry; creates beyond it on every host get 503 No capacity.",
     ),
     ("INSTAPG_IDEMPOTENCY_TTL_SECONDS", "86400", "How long an Idempotency-Key returns the first result (24 hours)."),
+    (
+        "INSTAPG_STREAM_ARN",
+        STREAM_ARN_PLACEHOLDER,
+        "Stream ARN of the databases table; read at `chalice package` time for the REMOVE handler.",
+    ),
+    ("INSTAPG_PURGE_RATE_MINUTES", "5", "How often the scheduled purge runs (EventBridge rate, minutes)."),
+    (
+        "INSTAPG_PURGE_TIME_FRACTION",
+        "0.8",
+        "A purge run stops taking new work after this fraction of the Lambda's remaining time.",
+    ),
+    (
+        "INSTAPG_ORPHAN_GRACE_SECONDS",
+        "3600",
+        "A prefixed database or role no record references is dropped once reconciliation has seen it this long.",
+    ),
+    (
+        "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS",
+        "15",
+        "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
@@ -136,6 +171,17 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _fraction(env: Mapping[str, str], name: str) -> float:
+    raw = env.get(name) or _DEFAULTS[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {raw!r}")
+    return value
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -172,6 +218,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
         public_url=(env.get("INSTAPG_PUBLIC_URL") or "").rstrip("/") or None,
         keyring=env.get("INSTAPG_KEYRING", ""),
+        keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
         name_prefix=get("INSTAPG_NAME_PREFIX"),
         plans=plans,
         tombstone_ttl_s=_int(env, "INSTAPG_TOMBSTONE_TTL_SECONDS"),
@@ -182,6 +229,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         creates_per_day=_int(env, "INSTAPG_CREATES_PER_DAY"),
         max_unclaimed_per_host=_int(env, "INSTAPG_MAX_UNCLAIMED_PER_HOST"),
         idempotency_ttl_s=_int(env, "INSTAPG_IDEMPOTENCY_TTL_SECONDS"),
+        stream_arn=get("INSTAPG_STREAM_ARN"),
+        purge_rate_minutes=_int(env, "INSTAPG_PURGE_RATE_MINUTES"),
+        purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
+        orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
+        local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
     )
 
 

@@ -1,0 +1,128 @@
+"""Operator command: the Postgres hosts that carry tenant databases.
+
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts add --id rds-1 --hostname db.xxxx.us-east-2.rds.amazonaws.com \\
+        --credentials secretsmanager:arn:aws:secretsmanager:us-east-2:123456789012:secret:rds!db-... --capacity 500
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts list
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts drain --id rds-1   # no new databases there
+
+`add` connects to the host as its admin first (checks CREATEROLE/CREATEDB,
+revokes PUBLIC's CONNECT on postgres/template1), so run it from somewhere that
+reaches the host (inside the VPC); `--no-check` only writes the record.
+Running `add` again for the same id updates the host and keeps its count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+
+
+def _settings():
+    from chalicelib import models
+    from chalicelib.settings import load
+
+    settings = load()
+    models.configure(settings)
+    return settings
+
+
+def add(args) -> int:
+    from chalicelib import hosts, postgres
+    from chalicelib.models import HOST_ACTIVE, HostRecord
+
+    settings = _settings()
+    fields = dict(
+        hostname=args.hostname,
+        port=args.port,
+        credentials=args.credentials,
+        capacity=args.capacity,
+        sslmode=args.sslmode,
+        pooler_hostname=args.pooler_hostname,
+        pooler_port=args.pooler_port,
+        admin_dbname=args.admin_dbname,
+        logical_replication=args.logical_replication,
+    )
+    if args.no_check:
+        try:
+            existing = HostRecord.get(args.id)
+        except HostRecord.DoesNotExist:
+            existing = None
+        HostRecord(
+            id=args.id,
+            status=existing.status if existing else HOST_ACTIVE,
+            allocated=int(existing.allocated or 0) if existing else 0,
+            created_at=existing.created_at if existing else datetime.now(UTC),
+            **fields,
+        ).save()
+        print(f"host {args.id} saved without checking it (run `add` without --no-check from inside the VPC)")
+        return 0
+    try:
+        _, warnings = hosts.register(settings, args.id, **fields)
+    except (hosts.CredentialsError, postgres.HostUnavailable, ValueError) as exc:
+        # The message names the host and the problem, never the password.
+        print(f"host {args.id} not added: {exc}", file=sys.stderr)
+        return 1
+    for warning in warnings:
+        print(f"warning: {warning}")
+    print(f"host {args.id} added: {args.hostname}:{args.port}, capacity {args.capacity}")
+    return 0
+
+
+def list_hosts(args) -> int:
+    from chalicelib.models import HostRecord
+
+    _settings()
+    rows = sorted(HostRecord.scan(), key=lambda h: h.id)
+    print(f"{'ID':<16} {'STATUS':<9} {'ALLOCATED':>9} {'CAPACITY':>8}  ENDPOINT")
+    for h in rows:
+        pooler = f" (pooler {h.pooler_hostname}:{h.pooler_port or h.port})" if h.pooler_hostname else ""
+        print(
+            f"{h.id:<16} {h.status:<9} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
+        )
+    if not rows:
+        print("(no hosts: add one with `python -m tools.hosts add ...`)")
+    return 0
+
+
+def drain(args) -> int:
+    from pynamodb.exceptions import UpdateError
+
+    from chalicelib.models import HOST_DRAINING, HostRecord
+
+    _settings()
+    try:
+        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_DRAINING)], condition=HostRecord.id.exists())
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        raise
+    print(f"host {args.id} is draining: it keeps its databases and gets no new ones")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Manage instapg's Postgres hosts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_add = sub.add_parser("add", help="register a host, or update one")
+    p_add.add_argument("--id", required=True)
+    p_add.add_argument("--hostname", required=True)
+    p_add.add_argument("--port", type=int, default=5432)
+    p_add.add_argument("--credentials", required=True, help="secretsmanager:ARN (RDS master secret) or env:VAR")
+    p_add.add_argument("--capacity", type=int, required=True, help="most databases on this host")
+    p_add.add_argument("--sslmode", default="require")
+    p_add.add_argument("--pooler-hostname", help="e.g. an RDS Proxy endpoint, for the pooled connection string")
+    p_add.add_argument("--pooler-port", type=int)
+    p_add.add_argument("--admin-dbname", default="postgres")
+    p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")
+    p_add.add_argument("--no-check", action="store_true", help="write the record without connecting to the host")
+    sub.add_parser("list", help="list the hosts")
+    p_drain = sub.add_parser("drain", help="stop placing new databases on a host")
+    p_drain.add_argument("--id", required=True)
+    args = parser.parse_args(argv)
+    return {"add": add, "list": list_hosts, "drain": drain}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
