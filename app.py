@@ -134,9 +134,7 @@ def enforce_quotas(event):
     # Stop 10 s before Lambda would kill us; the next run finishes the rest.
     context = getattr(event, "context", None)
     remaining = context.get_remaining_time_in_millis() / 1000 if context else 60
-    summary = quotas.enforce(services.databases(), deadline=time.time() + max(1.0, remaining - 10))
-    app.log.info("quotas: %s", summary)
-    return summary
+    return quotas.enforce(services.databases(), deadline=time.time() + max(1.0, remaining - 10))
 
 
 @route("/api/v1/openapi.yaml", methods=["GET"])

@@ -30,7 +30,7 @@ from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecor
 from chalicelib.settings import Settings
 from chalicelib.views import iso
 
-log = logging.getLogger("instapg.abuse")
+log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 # A counter item outlives its window a little, so a late request in the window still finds it.

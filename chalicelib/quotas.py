@@ -34,7 +34,7 @@ from chalicelib.settings import Plan
 if TYPE_CHECKING:
     from chalicelib.databases import DatabaseService
 
-log = logging.getLogger("instapg.quotas")
+log = logging.getLogger(__name__)
 
 STORAGE = "storage"
 _LIVE = (UNCLAIMED, CLAIMED)
@@ -186,6 +186,7 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
         except Exception as exc:  # one bad host must not stop the others
             summary["errors"].append(f"{host.id}: {type(exc).__name__}")
             log.warning("quotas: host %s failed: %s", host.id, type(exc).__name__)
+    log.info("quota pass: %s", {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()})
     return summary
 
 

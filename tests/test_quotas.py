@@ -182,7 +182,7 @@ def test_temp_file_limit_is_skipped_without_privilege_and_set_with_it(client, pg
                 (role,),
             ).fetchone()[0]
 
-    with caplog.at_level(logging.INFO, logger="instapg"):
+    with caplog.at_level(logging.INFO, logger="chalicelib"):
         plain = _create(client)
     assert not any(s.startswith("temp_file_limit") for s in settings_of(plain))
     assert "temp_file_limit not set" in caplog.text

@@ -50,7 +50,7 @@ def main(count: int) -> None:
         with mock_aws():
             services.reset()
             service = services.databases()
-            logging.getLogger("instapg").setLevel(logging.WARNING)  # one line per database otherwise
+            logging.getLogger("chalicelib").setLevel(logging.WARNING)  # one line per database otherwise
             models.configure(service.settings)
             models.create_tables()
             hosts.register(
@@ -64,7 +64,7 @@ def main(count: int) -> None:
             def timed(label: str) -> None:
                 services.reset()
                 service = services.databases()
-                logging.getLogger("instapg").setLevel(logging.WARNING)
+                logging.getLogger("chalicelib").setLevel(logging.WARNING)
                 started = time.perf_counter()
                 summary = quotas.enforce(service, deadline=time.time() + 600)
                 elapsed = time.perf_counter() - started
