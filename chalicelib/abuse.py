@@ -56,9 +56,15 @@ class Guard:
     # -- rates -----------------------------------------------------------------
 
     def check_rate(self, ip: str | None, now: float | None = None) -> None:
-        """Count one create for `ip`; raise 429 when a window's limit is passed."""
+        """Count one create for `ip`; raise 429 when a window's limit is passed.
+
+        No IP means no HTTP client: API Gateway (and the local server) always
+        set `sourceIp`, so only in-process callers (tools, tests) come without
+        one. They are not rate limited; the per-host cap still applies.
+        """
+        if not ip:
+            return
         now = time.time() if now is None else now
-        ip = ip or "unknown"
         windows = (("minute", 60, self.settings.creates_per_minute), ("day", 86400, self.settings.creates_per_day))
         for name, size, limit in windows:
             start = int(now // size * size)

@@ -165,3 +165,14 @@ def test_unclaimed_cap_is_per_host_and_spills_to_the_next(client, instapg_env, s
     assert sorted(r.host_id for r in DatabaseRecord.scan()) == ["local-1", "local-2"]
     response = post_json(client, "/api/v1/database", {"ref": "r"})
     assert response.status_code == 503 and response.json_body["error"] == "No capacity"
+
+
+def test_in_process_callers_without_an_ip_are_not_rate_limited(host, instapg_env):
+    from chalicelib import services
+    from chalicelib.databases import Requester
+    from chalicelib.schemas import CreateDatabase
+
+    _settings(instapg_env, INSTAPG_CREATES_PER_MINUTE=1)
+    service = services.databases()
+    for _ in range(2):
+        assert service.create(CreateDatabase(ref="tool"), Requester()).created
