@@ -30,11 +30,16 @@ def _database_id(raw: str) -> str:
 
 
 def _requester():
+    from chalicelib.abuse import parse_idempotency_key
     from chalicelib.databases import Requester
 
     request = app.current_request
     identity = (request.context or {}).get("identity") or {}
-    return Requester(ip=identity.get("sourceIp"), user_agent=request.headers.get("user-agent"))
+    return Requester(
+        ip=identity.get("sourceIp"),
+        user_agent=request.headers.get("user-agent"),
+        idempotency_key=parse_idempotency_key(request.headers.get("idempotency-key")),
+    )
 
 
 def _claim_base() -> str:
@@ -114,3 +119,26 @@ def drop_removed(event):
     from chalicelib import expiry
 
     expiry.handle_stream(services.databases(), (record.to_dict() for record in event))
+
+
+# --- issue 5: quota enforcement, the OpenAPI document -------------------------
+# Runs at the purge's rate; the lead may fold it into the purge job.
+
+
+@app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="enforce_quotas")
+def enforce_quotas(event):
+    import time
+
+    from chalicelib import quotas
+
+    # Stop 10 s before Lambda would kill us; the next run finishes the rest.
+    context = getattr(event, "context", None)
+    remaining = context.get_remaining_time_in_millis() / 1000 if context else 60
+    return quotas.enforce(services.databases(), deadline=time.time() + max(1.0, remaining - 10))
+
+
+@route("/api/v1/openapi.yaml", methods=["GET"])
+def openapi_document():
+    from chalicelib import apidoc
+
+    return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
