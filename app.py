@@ -109,9 +109,10 @@ _DEPLOY = _deploy_settings()
 
 @app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="purge")
 def purge(event):
-    from chalicelib import expiry
+    """The scheduled job: expiry, reconciliation and quota enforcement (chalicelib.jobs)."""
+    from chalicelib import jobs
 
-    expiry.run_lambda(services.databases(), event.context)
+    return jobs.run_lambda(services.databases(), event.context)
 
 
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
@@ -121,20 +122,7 @@ def drop_removed(event):
     expiry.handle_stream(services.databases(), (record.to_dict() for record in event))
 
 
-# --- issue 5: quota enforcement, the OpenAPI document -------------------------
-# Runs at the purge's rate; the lead may fold it into the purge job.
-
-
-@app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="enforce_quotas")
-def enforce_quotas(event):
-    import time
-
-    from chalicelib import quotas
-
-    # Stop 10 s before Lambda would kill us; the next run finishes the rest.
-    context = getattr(event, "context", None)
-    remaining = context.get_remaining_time_in_millis() / 1000 if context else 60
-    return quotas.enforce(services.databases(), deadline=time.time() + max(1.0, remaining - 10))
+# --- The OpenAPI document ----------------------------------------------------------
 
 
 @route("/api/v1/openapi.yaml", methods=["GET"])

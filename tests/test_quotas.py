@@ -227,8 +227,8 @@ class _LambdaContext:
         return 60_000
 
 
-def test_scheduled_handler_runs_enforce(client):
-    from app import enforce_quotas
+def test_the_scheduled_job_enforces_quotas(client):
+    from app import purge
 
     body = _create(client)
     event = {
@@ -239,10 +239,10 @@ def test_scheduled_handler_runs_enforce(client):
         "account": "123456789012",
         "time": "2026-01-01T00:00:00Z",
         "region": "us-east-2",
-        "resources": ["arn:aws:events:us-east-2:123456789012:rule/instapg-enforce_quotas"],
+        "resources": ["arn:aws:events:us-east-2:123456789012:rule/instapg-purge"],
         "detail": {},
     }
-    summary = enforce_quotas(event, _LambdaContext())
+    summary = purge(event, _LambdaContext())["quotas"]
     assert summary["measured"] == 1 and summary["complete"]
     assert _record(body["id"]).size_bytes > 0
 
