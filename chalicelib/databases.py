@@ -20,6 +20,7 @@ from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
+from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
 from chalicelib.errors import Conflict, Gone, NotFound, ServiceUnavailable, Unprocessable
 from chalicelib.identifiers import tenant_name, tenant_password, uuid7
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 class Requester:
     ip: str | None = None
     user_agent: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class DatabaseService:
         self.settings = settings
         self.keyring = keyring
         self.hosts = hosts or hostlib.HostCache()
+        self.guard = Guard(settings)
 
     # -- reading -------------------------------------------------------------
 
@@ -126,6 +129,8 @@ class DatabaseService:
 
     def create(self, request: CreateDatabase, requester: Requester, database_id: str | None = None) -> Provisioned:
         """Provision a database; with a client-chosen id, repeat calls return the first one."""
+        if database_id is None and requester.idempotency_key:
+            return self._create_idempotent(request, requester)
         if database_id is not None:
             existing = self.find(database_id)
             if existing is not None:
@@ -136,6 +141,9 @@ class DatabaseService:
                 "Logical replication is not available on this deployment",
                 hint="Create the database without enable_logical_replication, or ask the operator for a host that offers it.",
             )
+        # Abuse limits (chalicelib.abuse): a request that gets this far counts.
+        self.guard.check_rate(requester.ip)
+        hosts = self.guard.open_hosts(hosts)
         try:
             host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication)
         except hostlib.NoCapacity:
@@ -183,6 +191,32 @@ class DatabaseService:
         log.info("created database %s on host %s for ref %r", record.id, host.id, record.ref)
         audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
         return Provisioned(record, plan, host, password, created=True)
+
+    def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
+        """Same Idempotency-Key from the same IP: the first database, not a second one."""
+        key = requester.idempotency_key
+        database_id, fresh, first_seen = self.guard.reserve_key(requester.ip, key)
+        if not fresh:
+            record = self.find(database_id)
+            if record is not None and record.status != FAILED:
+                return self._existing(record)
+            stale = _now() - first_seen > timedelta(seconds=self.settings.provisioning_timeout_s)
+            if record is None and not stale:
+                raise Conflict(
+                    "A request with this Idempotency-Key is still being processed",
+                    hint="Retry in a second.",
+                    headers={"Retry-After": "1"},
+                )
+            # Its first create failed or died before writing a record: start over.
+            self.guard.forget_key(requester.ip, key, database_id)
+            database_id, _, _ = self.guard.reserve_key(requester.ip, key)
+        try:
+            return self.create(request, requester, database_id=database_id)
+        except Exception:
+            record = self.find(database_id)
+            if record is None or record.status == FAILED:
+                self.guard.forget_key(requester.ip, key, database_id)
+            raise
 
     def _new_record(
         self,
@@ -460,9 +494,6 @@ class DatabaseService:
                 hint="The claim is recorded and nothing will expire; retry the claim to finish it.",
                 headers={"Retry-After": "5"},
             ) from None
-        # Hook for quotas (issue 5): a database locked for exceeding the
-        # unclaimed storage limit should be re-checked against plan.storage_mb
-        # here and unlocked if it now fits. Not done in this issue.
         now = _now()
         try:
             record.update(
@@ -486,7 +517,23 @@ class DatabaseService:
             return self._owned_view(record)
         log.info("database %s claimed by account %s", record.id, record.owner_id)
         audit.record_quietly(record.id, audit.CLAIMED, record.owner_id, requester.ip if requester else None)
+        self._unlock_after_claim(record, plan)
         return self._owned_view(record)
+
+    def _unlock_after_claim(self, record: DatabaseRecord, plan: Plan) -> None:
+        """A database locked for outgrowing the unclaimed plan may fit the claimed one (issue 5's storage lock).
+
+        Only once CLAIMED: the quota code writes only on live (UNCLAIMED/CLAIMED)
+        records. If this fails, the next quota pass lifts the lock instead.
+        """
+        if not record.locked_reason:
+            return
+        from chalicelib import quotas
+
+        try:
+            quotas.unlock_if_fits(self, record, plan)
+        except Exception as exc:
+            log.warning("claim of %s: storage lock left for the quota pass: %s", record.id, type(exc).__name__)
 
     def _require(self, database_id: str) -> DatabaseRecord:
         record = self.find(database_id)

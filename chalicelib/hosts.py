@@ -147,7 +147,10 @@ def reserve(hosts: list[HostRecord], logical_replication: bool = False) -> HostR
     candidates.sort(key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
     for host in candidates:
         try:
-            host.update(
+            # Update a key-only copy: the cached record is shared by concurrent
+            # requests (threads in chalice local), and pynamodb rewrites an
+            # updated object's attributes from the response while others sort on them.
+            HostRecord(id=host.id).update(
                 actions=[HostRecord.allocated.add(1)],
                 condition=(HostRecord.status == HOST_ACTIVE) & (HostRecord.allocated < HostRecord.capacity),
             )

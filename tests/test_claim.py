@@ -561,3 +561,24 @@ def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, p
     purged = [e for e in AuditEvent.query(doomed["id"]) if e.action == "purged"]
     assert len(purged) == 1 and purged[0].actor == "system"
     assert "claimed" in actions(client, stalled["id"], key)
+
+
+def test_claim_lifts_a_storage_lock_the_claimed_plan_fits(client, instapg_env):
+    import time
+
+    from chalicelib import quotas, services
+
+    database = create(client)
+    key = signup(client)
+    # Every database is bigger than 1 MB: the quota pass locks this one.
+    instapg_env.setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
+    services.reset()
+    assert quotas.enforce(services.databases(), deadline=time.time() + 30)["locked"] == [database["id"]]
+    assert refused_login(**psycopg.conninfo.conninfo_to_dict(database["connection_string"])) == "28000"
+
+    assert claim(client, database["id"], key).status_code == 200
+    assert services.databases().find(database["id"]).locked_reason is None
+    with psycopg.connect(database["connection_string"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    log = actions(client, database["id"], key)
+    assert log[:3] == ["quota_unlocked", "claimed", "quota_locked"]
