@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint clean package
+.PHONY: dev test lint clean package browser-tools
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 dev: $(STAMP)
 	$(PY) -m tools.devstack
 
-test: $(STAMP)
+# Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
+browser-tools:
+	sh tools/install-chromium.sh
+
+test: $(STAMP) browser-tools
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

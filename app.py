@@ -130,3 +130,126 @@ def openapi_document():
     from chalicelib import apidoc
 
     return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
+
+
+# -- Issue 4: accounts, claiming, the owner's endpoints, the claim page --------
+# Authenticated routes call _account() first: the one authentication check
+# lives in chalicelib/auth.py (see there why it is not a custom authorizer).
+
+FORM = ["application/x-www-form-urlencoded"]
+
+
+def _account():
+    from chalicelib import auth
+
+    return auth.require_account(app.current_request.headers)
+
+
+def _owned(database_id: str, ended_ok: bool = False):
+    account = _account()  # 401 before anything about the id
+    return services.databases().owned(_database_id(database_id), account.id, ended_ok=ended_ok)
+
+
+@route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
+def create_account():
+    from chalicelib import accounts, schemas, views
+
+    settings = services.databases().settings
+    body = schemas.json_object(app.current_request.raw_body, settings.max_body_bytes)
+    new = accounts.signup(settings, body.get("email"))
+    return json_response(views.account(new.account, new.api_key), 201)
+
+
+@route("/api/v1/account", methods=["GET"])
+def get_account():
+    from chalicelib import views
+
+    return json_response(views.account(_account()), 200)
+
+
+@route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
+def claim_database(database_id):
+    account = _account()
+    result = services.databases().claim(_database_id(database_id), account.id, _requester())
+    return _database_response(result)
+
+
+@route("/api/v1/databases", methods=["GET"])
+def list_databases():
+    from chalicelib import views
+
+    service = services.databases()
+    records = service.list_owned(_account().id)
+    return json_response({"databases": [views.owned_database(r, service.settings.plan(r.plan)) for r in records]}, 200)
+
+
+@route("/api/v1/databases/{database_id}", methods=["GET"])
+def get_owned_database(database_id):
+    from chalicelib import views
+
+    service = services.databases()
+    record = _owned(database_id)
+    return json_response(views.owned_database(record, service.settings.plan(record.plan), service.usage(record)), 200)
+
+
+@route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])
+def get_connection_string(database_id):
+    from chalicelib import views
+
+    result = services.databases().connection(_owned(database_id), _requester())
+    return json_response(views.connection(result.record, result.host, result.password), 200)
+
+
+@route("/api/v1/databases/{database_id}/rotate-password", methods=["POST"], content_types=BODY_TYPES)
+def rotate_password(database_id):
+    from chalicelib import views
+
+    result = services.databases().rotate_password(_owned(database_id), _requester())
+    return json_response(views.connection(result.record, result.host, result.password), 200)
+
+
+@route("/api/v1/databases/{database_id}", methods=["DELETE"])
+def delete_database(database_id):
+    account = _account()
+    services.databases().delete(_database_id(database_id), account.id, _requester())
+    return Response(body="", status_code=204)
+
+
+@route("/api/v1/databases/{database_id}/audit", methods=["GET"])
+def get_audit(database_id):
+    from chalicelib import audit, views
+
+    record = _owned(database_id, ended_ok=True)
+    params = app.current_request.query_params or {}
+    page = audit.page(record.id, audit.parse_limit(params.get("limit")), params.get("cursor"))
+    return json_response({"events": [views.audit_event(e) for e in page.events], "next_cursor": page.cursor}, 200)
+
+
+def _pages():
+    from chalicelib.pages import ClaimPages
+
+    return ClaimPages(services.databases(), _claim_base())
+
+
+def _html(page) -> Response:
+    return Response(body=page.html(), status_code=page.status, headers=page.headers())
+
+
+@route("/claim/{database_id}", methods=["GET"])
+def claim_page(database_id):
+    return _html(_pages().show(database_id))
+
+
+@route("/database/{database_id}", methods=["GET"])
+def database_page(database_id):
+    return _html(_pages().show(database_id))
+
+
+@route("/claim/{database_id}", methods=["POST"], content_types=FORM)
+def claim_page_submit(database_id):
+    return _html(_pages().claim_with_key(database_id, app.current_request.raw_body, _requester()))
+
+
+@route("/claim/{database_id}/account", methods=["POST"], content_types=FORM)
+def claim_page_signup(database_id):
+    return _html(_pages().signup_and_claim(database_id, app.current_request.raw_body, _requester()))

@@ -2,6 +2,8 @@
 
     create: PROVISIONING --DDL ok--> UNCLAIMED
                          --DDL fails--> FAILED (leftovers dropped, or left due for the purge)
+    claim:  UNCLAIMED --(expiry removed)--> CLAIMING --(role limits raised)--> CLAIMED
+    delete: CLAIMED --> DELETING --(dropped)--> DELETED (tombstone)
 
 The record is written before any DDL, so a crash between the two leaves a
 trace the scheduled purge finds through the `by_due` index.
@@ -16,14 +18,17 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
+from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
 from chalicelib.errors import Conflict, Gone, NotFound, ServiceUnavailable, Unprocessable
 from chalicelib.identifiers import tenant_name, tenant_password, uuid7
 from chalicelib.models import (
+    CLAIMED,
+    CLAIMING,
     DELETED,
+    DELETING,
     EXPIRED,
     FAILED,
     PROVISIONING,
@@ -32,6 +37,7 @@ from chalicelib.models import (
     HostRecord,
 )
 from chalicelib.schemas import CreateDatabase
+from chalicelib.settings import CLAIMED as CLAIMED_PLAN
 from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
 from chalicelib.settings import Plan, Settings
 from chalicelib.views import iso as _iso
@@ -183,6 +189,7 @@ class DatabaseService:
             condition=DatabaseRecord.status == PROVISIONING,
         )
         log.info("created database %s on host %s for ref %r", record.id, host.id, record.ref)
+        audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
         return Provisioned(record, plan, host, password, created=True)
 
     def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
@@ -424,3 +431,281 @@ class DatabaseService:
                 return False
             raise
         return True
+
+    # -- claiming (issue 4) --------------------------------------------------
+
+    def claim(self, database_id: str, account_id: str, requester: Requester) -> Provisioned:
+        """Make `account_id` the owner. Safe to retry; racing claimers get one winner.
+
+        Order matters. 1. UNCLAIMED -> CLAIMING removes `expires_at` and takes
+        the record out of the purge's UNCLAIMED bucket in the same conditional
+        write, so neither TTL nor the purge (which writes on status ==
+        UNCLAIMED) can act once the claim has started; a claim that loses to
+        the purge sees EXPIRED and answers 410. 2. The role gets the claimed
+        plan's limits in Postgres (idempotent). 3. CLAIMING -> CLAIMED. A
+        failure after 1 leaves CLAIMING, in due bucket "CLAIMING": the same
+        account's retry finishes it (`finish_claim`), and a sweep can too.
+        Never CLAIMED with unclaimed limits, since 3 happens only after 2.
+        """
+        record = self._require(database_id)
+        if record.status == UNCLAIMED and not self._past_expiry(record):
+            now = _now()
+            try:
+                record.update(
+                    actions=[
+                        DatabaseRecord.status.set(CLAIMING),
+                        DatabaseRecord.owner_id.set(account_id),
+                        DatabaseRecord.expires_at.remove(),
+                        DatabaseRecord.due_bucket.set(CLAIMING),
+                        DatabaseRecord.due_at.set(int(now.timestamp()) + self.settings.provisioning_timeout_s),
+                        DatabaseRecord.updated_at.set(now),
+                    ],
+                    # The expiry check is in the condition too: the purge may not have run.
+                    condition=(DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
+                )
+            except UpdateError as exc:
+                if not _is_conditional_failure(exc):
+                    raise
+                record = self._require(database_id)  # someone else moved it: answer from what it is now
+        if record.status == CLAIMING and record.owner_id == account_id:
+            return self.finish_claim(record, requester)
+        if record.status == CLAIMED and record.owner_id == account_id:
+            return self._owned_view(record)
+        if record.status in (CLAIMING, CLAIMED, DELETING):
+            raise Conflict("Database already claimed", hint="Another account owns this database.")
+        if record.status == PROVISIONING:
+            raise Conflict("Database is still being created", hint="Retry in a second.", headers={"Retry-After": "1"})
+        # UNCLAIMED past its expiry, or a tombstone.
+        raise self._gone(record) if record.status != UNCLAIMED else self._expired(record)
+
+    def claimable(self, record: DatabaseRecord) -> bool:
+        return record.status == UNCLAIMED and not self._past_expiry(record)
+
+    def finish_claim(self, record: DatabaseRecord, requester: Requester | None = None) -> Provisioned:
+        """Steps 2 and 3 of a claim whose record is CLAIMING (a retry or a sweep calls this)."""
+        plan = self.settings.plan(CLAIMED_PLAN)
+        host = self.hosts.get(record.host_id)
+        try:
+            postgres.apply_plan(self._target(host), record.role_name, plan)
+        except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
+            log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
+            raise ServiceUnavailable(
+                "Database host unavailable",
+                hint="The claim is recorded and nothing will expire; retry the claim to finish it.",
+                headers={"Retry-After": "5"},
+            ) from None
+        now = _now()
+        try:
+            record.update(
+                actions=[
+                    DatabaseRecord.status.set(CLAIMED),
+                    DatabaseRecord.plan.set(plan.name),
+                    DatabaseRecord.claimed_at.set(now),
+                    DatabaseRecord.updated_at.set(now),
+                    DatabaseRecord.due_bucket.remove(),
+                    DatabaseRecord.due_at.remove(),
+                ],
+                condition=(DatabaseRecord.status == CLAIMING) & (DatabaseRecord.owner_id == record.owner_id),
+            )
+        except UpdateError as exc:
+            if not _is_conditional_failure(exc):
+                raise
+            # A concurrent retry of the same claim finished first.
+            record = self._require(record.id)
+            if record.status != CLAIMED:
+                raise
+            return self._owned_view(record)
+        log.info("database %s claimed by account %s", record.id, record.owner_id)
+        audit.record_quietly(record.id, audit.CLAIMED, record.owner_id, requester.ip if requester else None)
+        self._unlock_after_claim(record, plan)
+        return self._owned_view(record)
+
+    def _unlock_after_claim(self, record: DatabaseRecord, plan: Plan) -> None:
+        """A database locked for outgrowing the unclaimed plan may fit the claimed one (issue 5's storage lock).
+
+        Only once CLAIMED: the quota code writes only on live (UNCLAIMED/CLAIMED)
+        records. If this fails, the next quota pass lifts the lock instead.
+        """
+        if not record.locked_reason:
+            return
+        from chalicelib import quotas
+
+        try:
+            quotas.unlock_if_fits(self, record, plan)
+        except Exception as exc:
+            log.warning("claim of %s: storage lock left for the quota pass: %s", record.id, type(exc).__name__)
+
+    def _require(self, database_id: str) -> DatabaseRecord:
+        record = self.find(database_id)
+        if record is None:
+            raise NotFound("Database not found", hint="Check the id, or create a new database.")
+        return record
+
+    @staticmethod
+    def _expired(record: DatabaseRecord) -> Gone:
+        return Gone(
+            "Database expired",
+            hint="Unclaimed databases expire; create a new one, and claim it to keep it.",
+            expired_at=_iso(record.expires_at),
+        )
+
+    def _owned_view(self, record: DatabaseRecord) -> Provisioned:
+        # The owner sees the claim's result; connection strings have their own audited endpoint.
+        return Provisioned(record, self.settings.plan(record.plan), None, None, created=False)
+
+    # -- the owner's endpoints -----------------------------------------------
+
+    def owned(self, database_id: str, account_id: str, ended_ok: bool = False) -> DatabaseRecord:
+        """A database of `account_id`. Someone else's, or none, is 404 (existence is not revealed).
+
+        `ended_ok`: a deleted one too, while its tombstone lasts (its audit log stays readable).
+        """
+        record = self.find(database_id)
+        if record is None or record.owner_id != account_id:
+            raise NotFound("Database not found", hint="List your databases with GET /api/v1/databases.")
+        if ended_ok:
+            return record
+        if record.status in (DELETED, EXPIRED, FAILED):
+            raise self._gone(record)
+        if record.status == DELETING:
+            raise Gone("Database deleted", hint="Its deletion is under way; DELETE it again to finish.")
+        if record.status == CLAIMING:
+            raise Conflict("Claim not finished", hint=f"Retry POST /api/v1/database/{record.id}/claim to finish it.")
+        return record
+
+    def list_owned(self, account_id: str) -> list[DatabaseRecord]:
+        """The account's live databases, oldest first."""
+        records = DatabaseRecord.by_owner.query(account_id)
+        return [r for r in records if r.status in (CLAIMING, CLAIMED)]
+
+    def usage(self, record: DatabaseRecord) -> postgres.Usage:
+        try:
+            return postgres.usage(self._target(self.hosts.get(record.host_id)), record.role_name, record.db_name)
+        except postgres.HostUnavailable:
+            raise ServiceUnavailable("Database host unavailable", hint="Retry in a few seconds.") from None
+
+    def connection(self, record: DatabaseRecord, requester: Requester) -> Provisioned:
+        """The connection strings of an owned database; audited before they are returned."""
+        try:
+            audit.record(record.id, audit.CONNECTION_STRING_VIEWED, record.owner_id, requester.ip)
+        except Exception as exc:  # no unaudited disclosure
+            log.error("audit write for %s failed, connection string withheld: %s", record.id, type(exc).__name__)
+            raise ServiceUnavailable("Audit log unavailable", hint="Retry in a few seconds.") from None
+        plan = self.settings.plan(record.plan)
+        return Provisioned(record, plan, self.hosts.get(record.host_id), self.password(record), created=False)
+
+    def rotate_password(self, record: DatabaseRecord, requester: Requester) -> Provisioned:
+        """A new password: Postgres first (old sessions end), then the sealed copy.
+
+        If the second write fails, the stored password is stale until the
+        owner rotates again; a retry heals it. Two rotations racing can leave
+        the same state, healed the same way.
+        """
+        host = self.hosts.get(record.host_id)
+        password = tenant_password()
+        try:
+            postgres.set_password(self._target(host), record.role_name, password)
+        except postgres.HostUnavailable:
+            raise ServiceUnavailable(
+                "Database host unavailable", hint="The password was not changed; retry in a few seconds."
+            ) from None
+        sealed = self.keyring.encrypt(password, context=record.id)
+        try:
+            record.update(
+                actions=[
+                    DatabaseRecord.secret_key_id.set(sealed.key_id),
+                    DatabaseRecord.secret.set(sealed.blob),
+                    DatabaseRecord.updated_at.set(_now()),
+                ],
+                condition=(DatabaseRecord.status == CLAIMED) & (DatabaseRecord.owner_id == record.owner_id),
+            )
+        except UpdateError as exc:
+            if not _is_conditional_failure(exc):
+                raise
+            # A DELETE won the race; the new password dies with the database.
+            raise Gone("Database deleted", hint="It was deleted while the password was being rotated.") from None
+        audit.record_quietly(record.id, audit.PASSWORD_ROTATED, record.owner_id, requester.ip)
+        return Provisioned(record, self.settings.plan(record.plan), host, password, created=False)
+
+    def delete(self, database_id: str, account_id: str, requester: Requester) -> None:
+        """Drop an owned database and leave a DELETED tombstone. A retry finishes a half-done delete."""
+        record = self.find(database_id)
+        if record is None or record.owner_id != account_id:
+            raise NotFound("Database not found", hint="List your databases with GET /api/v1/databases.")
+        if record.status in (DELETED, EXPIRED, FAILED):
+            raise self._gone(record)
+        if record.status in (CLAIMING, CLAIMED):
+            now = _now()
+            try:
+                record.update(
+                    actions=[
+                        DatabaseRecord.status.set(DELETING),
+                        DatabaseRecord.updated_at.set(now),
+                        # A sweep finishes a delete whose drop failed (after the
+                        # in-flight request has had its chance).
+                        DatabaseRecord.due_bucket.set(DELETING),
+                        DatabaseRecord.due_at.set(int(now.timestamp()) + self.settings.provisioning_timeout_s),
+                    ],
+                    condition=DatabaseRecord.status.is_in(CLAIMING, CLAIMED) & (DatabaseRecord.owner_id == account_id),
+                )
+            except UpdateError as exc:
+                if not _is_conditional_failure(exc):
+                    raise
+                return self.delete(database_id, account_id, requester)  # a racing DELETE moved it
+        self.finish_delete(record, actor=account_id, ip=requester.ip)
+
+    def finish_delete(self, record: DatabaseRecord, actor: str, ip: str | None = None) -> None:
+        """Drop the tenant of a DELETING record and make it a tombstone (idempotent)."""
+        host = self.hosts.get(record.host_id)
+        try:
+            postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
+            log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
+            raise ServiceUnavailable(
+                "Database host unavailable", hint="The database is being deleted; retry the DELETE to finish it."
+            ) from None
+        now = _now()
+        try:
+            record.update(
+                actions=[
+                    DatabaseRecord.status.set(DELETED),
+                    DatabaseRecord.ended_at.set(now),
+                    DatabaseRecord.updated_at.set(now),
+                    DatabaseRecord.expires_at.set(now + timedelta(seconds=self.settings.tombstone_ttl_s)),
+                    DatabaseRecord.secret.remove(),
+                    DatabaseRecord.secret_key_id.remove(),
+                    DatabaseRecord.due_bucket.remove(),
+                    DatabaseRecord.due_at.remove(),
+                ],
+                condition=DatabaseRecord.status == DELETING,
+            )
+        except UpdateError as exc:
+            if not _is_conditional_failure(exc):
+                raise
+            return  # a racing DELETE wrote the tombstone (and released the slot)
+        hostlib.release(host.id)
+        log.info("database %s deleted by %s", record.id, actor)
+        audit.record_quietly(record.id, audit.DELETED, actor, ip)
+
+    def finish_stalled(self, deadline: float, limit: int = 25) -> int:
+        """Finish claims and deletes that stopped halfway (host down, Lambda killed).
+
+        For the scheduled job: bounded by `limit` records and by `deadline`
+        (a time.monotonic() value), and resumable since each record is finished
+        with the same idempotent steps a retry uses. Returns how many it finished.
+        """
+        finished = 0
+        now = int(time.time())
+        for bucket in (CLAIMING, DELETING):
+            for record in DatabaseRecord.by_due.query(bucket, DatabaseRecord.due_at <= now, limit=limit):
+                if finished >= limit or time.monotonic() >= deadline:
+                    return finished
+                try:
+                    if record.status == CLAIMING:
+                        self.finish_claim(record)
+                    elif record.status == DELETING:
+                        self.finish_delete(record, actor=audit.SYSTEM)
+                    finished += 1
+                except ServiceUnavailable:
+                    log.warning("stalled %s %s: host still unavailable", record.status, record.id)
+        return finished

@@ -10,6 +10,7 @@ One scheduled run, bounded by a deadline, in this order:
   1. UNCLAIMED records past expiry (index `by_due`, bucket UNCLAIMED): drop, tombstone EXPIRED.
   2. PROVISIONING records past the provisioning timeout (a crashed create): FAILED, leftovers dropped.
   3. Tombstones whose drop is still pending (buckets FAILED, EXPIRED, DELETED): the drop retried.
+     Then claims and deletes that stopped halfway (buckets CLAIMING, DELETING): finished.
   4. Reconciliation per host: prefixed roles/databases no live record references, seen
      for longer than the grace period, dropped.
 Work left when the deadline comes stays due; the next run resumes it.
@@ -25,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
 from chalicelib.models import (
     DELETED,
     EXPIRED,
@@ -179,6 +180,7 @@ class PurgeSummary:
     failed: int = 0
     hosts_unavailable: list[str] = field(default_factory=list)
     hosts_reconciled: int = 0
+    stalled_finished: int = 0  # claims and deletes that stopped halfway, finished (issue 4)
     stopped_early: bool = False
     duration_ms: int = 0
 
@@ -216,6 +218,8 @@ class _Run:
             if self.drop(record):
                 self.service.finish_cleanup(record)
                 setattr(self.summary, counter, getattr(self.summary, counter) + 1)
+                if counter == "expired_dropped":
+                    audit.record_quietly(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
 
     def drop(self, record: DatabaseRecord) -> bool:
         try:
@@ -303,6 +307,8 @@ def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PA
         for bucket in LEFTOVER_BUCKETS:
             if run.time_left():
                 run.process(bucket, service.lease, "leftovers_dropped")
+        if run.time_left():
+            run.summary.stalled_finished = service.finish_stalled(run.deadline, limit=page_size)
         if run.time_left():
             for host in hosts:
                 if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:

@@ -27,6 +27,10 @@ CLAIMED = "CLAIMED"
 EXPIRED = "EXPIRED"
 DELETED = "DELETED"
 FAILED = "FAILED"
+# Claim and delete are two-step (DynamoDB, then Postgres, then DynamoDB): these
+# mark a record between the steps, so a retry (or a sweep) can finish it.
+CLAIMING = "CLAIMING"
+DELETING = "DELETING"
 TOMBSTONES = frozenset({EXPIRED, DELETED, FAILED})
 
 # Host statuses.
@@ -69,6 +73,18 @@ class HostIndex(GlobalSecondaryIndex):
     db_name = UnicodeAttribute(range_key=True)
 
 
+class OwnerIndex(GlobalSecondaryIndex):
+    """Sparse index of claimed databases by owner, oldest first (ids are uuid7)."""
+
+    class Meta:
+        index_name = "by_owner"
+        projection = AllProjection()
+        billing_mode = "PAY_PER_REQUEST"
+
+    owner_id = UnicodeAttribute(hash_key=True)
+    id = UnicodeAttribute(range_key=True)
+
+
 class DatabaseRecord(Model):
     class Meta:
         table_name = "instapg-databases"
@@ -104,6 +120,10 @@ class DatabaseRecord(Model):
     locked_reason = UnicodeAttribute(null=True)
     locked_at = UTCDateTimeAttribute(null=True)
     by_host = HostIndex()
+    # Issue 4 (claiming): the owning account once a claim started, and when it ended.
+    owner_id = UnicodeAttribute(null=True)
+    claimed_at = UTCDateTimeAttribute(null=True)
+    by_owner = OwnerIndex()
 
 
 class HostRecord(Model):
@@ -184,13 +204,77 @@ class OrphanSighting(Model):
     expires_at = TTLAttribute(null=True)
 
 
-MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, OrphanSighting, RateCounter, IdempotencyRecord)
+# Account statuses.
+ACCOUNT_ACTIVE = "ACTIVE"
+ACCOUNT_REVOKED = "REVOKED"
+
+
+class AccountRecord(Model):
+    """Someone who can own databases. Authenticates with API keys (ApiKeyRecord)."""
+
+    class Meta:
+        table_name = "instapg-accounts"
+        billing_mode = "PAY_PER_REQUEST"
+
+    id = UnicodeAttribute(hash_key=True)
+    email = UnicodeAttribute()
+    status = UnicodeAttribute(default=ACCOUNT_ACTIVE)
+    created_at = UTCDateTimeAttribute()
+    revoked_at = UTCDateTimeAttribute(null=True)
+
+
+class ApiKeyRecord(Model):
+    """An API key, keyed by its SHA-256 so a request finds it with one consistent read.
+
+    The key itself (256 random bits) is shown once and never stored; a hash
+    without salt or stretching is enough because the key is not guessable.
+    """
+
+    class Meta:
+        table_name = "instapg-api-keys"
+        billing_mode = "PAY_PER_REQUEST"
+
+    key_hash = UnicodeAttribute(hash_key=True)
+    account_id = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    revoked_at = UTCDateTimeAttribute(null=True)
+
+
+class AuditEvent(Model):
+    """What happened to a database, newest first by `event_id` (a uuid7, so time-ordered)."""
+
+    class Meta:
+        table_name = "instapg-audit"
+        billing_mode = "PAY_PER_REQUEST"
+
+    database_id = UnicodeAttribute(hash_key=True)
+    event_id = UnicodeAttribute(range_key=True)
+    action = UnicodeAttribute()
+    at = UTCDateTimeAttribute()
+    actor = UnicodeAttribute()  # an account id, "anonymous" or "system"
+    ip = UnicodeAttribute(null=True)
+    detail = UnicodeAttribute(null=True)
+
+
+MODELS: tuple[type[Model], ...] = (
+    DatabaseRecord,
+    HostRecord,
+    OrphanSighting,
+    RateCounter,
+    IdempotencyRecord,
+    AccountRecord,
+    ApiKeyRecord,
+    AuditEvent,
+)
 _SUFFIXES = {
     DatabaseRecord: "databases",
     HostRecord: "hosts",
     OrphanSighting: "orphans",
     RateCounter: "counters",
     IdempotencyRecord: "idempotency",
+    AccountRecord: "accounts",
+    ApiKeyRecord: "api-keys",
+    AuditEvent: "audit",
 }
 
 

@@ -304,6 +304,20 @@ def rollback_prepared(target: Target, prepared: Prepared) -> None:
             pass  # committed or rolled back since it was listed
 
 
+@dataclass(frozen=True)
+class Usage:
+    size_bytes: int | None  # None: the database does not exist on the host
+    connections: int
+
+
+def usage(target: Target, role: str, dbname: str) -> Usage:
+    """Current size of a tenant's database and its role's open sessions."""
+    with target.connect() as conn:
+        size = conn.execute("SELECT pg_database_size(oid) FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+    return Usage(size_bytes=size[0] if size else None, connections=sessions[0])
+
+
 def set_password(target: Target, role: str, password: str) -> None:
     """Give the role a new password and end its sessions (they used the old one)."""
     from psycopg import sql

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
+from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
 from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
 from chalicelib.settings import Plan
@@ -76,6 +76,9 @@ def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan
             DatabaseRecord.size_checked_at.set(now),
         ],
     )
+    audit.record_quietly(
+        record.id, audit.QUOTA_LOCKED, audit.SYSTEM, detail=f"storage: {size} bytes over {plan.storage_mb} MB"
+    )
     log.info(
         "locked database %s: %d bytes over the %s plan's %d MB (%d sessions ended)",
         record.id,
@@ -98,6 +101,7 @@ def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
             DatabaseRecord.size_checked_at.set(now),
         ],
     )
+    audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"storage: {size} bytes fit")
     log.info("unlocked database %s: %d bytes fit its plan", record.id, size)
 
 

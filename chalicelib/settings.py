@@ -66,6 +66,7 @@ class Settings:
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
+    open_signup: bool = True
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -161,6 +162,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
+    (
+        "INSTAPG_OPEN_SIGNUP",
+        "true",
+        "`true`: anyone may create an account (POST /api/v1/accounts, the claim page); "
+        "`false`: only `python -m tools.accounts create` does.",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
@@ -171,6 +178,15 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or _DEFAULTS[name]).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
 
 
 def _fraction(env: Mapping[str, str], name: str) -> float:
@@ -234,6 +250,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
+        open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
     )
 
 

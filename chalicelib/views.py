@@ -18,6 +18,15 @@ def iso(dt: datetime | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def connection_urls(record: DatabaseRecord, host: HostRecord, password: str) -> tuple[str, str]:
+    """(pooled, direct) connection strings of a database."""
+    (pooled_host, pooled_port), (direct_host, direct_port) = hostlib.endpoints(host)
+    return (
+        postgres.connection_url(pooled_host, pooled_port, record.role_name, password, record.db_name, host.sslmode),
+        postgres.connection_url(direct_host, direct_port, record.role_name, password, record.db_name, host.sslmode),
+    )
+
+
 def database(
     record: DatabaseRecord,
     plan: Plan,
@@ -28,13 +37,7 @@ def database(
     """The public view of a database; connection strings only when a password is given."""
     pooled_url = direct_url = None
     if host is not None and password is not None:
-        (pooled_host, pooled_port), (direct_host, direct_port) = hostlib.endpoints(host)
-        pooled_url = postgres.connection_url(
-            pooled_host, pooled_port, record.role_name, password, record.db_name, host.sslmode
-        )
-        direct_url = postgres.connection_url(
-            direct_host, direct_port, record.role_name, password, record.db_name, host.sslmode
-        )
+        pooled_url, direct_url = connection_urls(record, host, password)
     return {
         "id": record.id,
         "status": record.status,
@@ -66,4 +69,48 @@ def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
         "statement_timeout_s": plan.statement_timeout_s,
         "idle_in_transaction_timeout_s": plan.idle_in_transaction_s,
         "locked": locked,
+    }
+
+
+# -- issue 4: accounts, owners, audit ------------------------------------------
+
+
+def account(record, api_key: str | None = None) -> dict[str, Any]:
+    """An account; `api_key` only in the answer that created it."""
+    body: dict[str, Any] = {"id": record.id, "email": record.email, "created_at": iso(record.created_at)}
+    if api_key is not None:
+        body["api_key"] = api_key
+    return body
+
+
+def owned_database(record: DatabaseRecord, plan: Plan, usage=None) -> dict[str, Any]:
+    """What the owner sees of a database (connection strings have their own audited endpoint)."""
+    body: dict[str, Any] = {
+        "id": record.id,
+        "status": record.status,
+        "plan": plan.name,
+        "limits": plan.public(),
+        "created_at": iso(record.created_at),
+        "claimed_at": iso(record.claimed_at),
+        "updated_at": iso(record.updated_at),
+    }
+    if usage is not None:
+        body["size_bytes"] = usage.size_bytes
+        body["connections"] = usage.connections
+    return body
+
+
+def connection(record: DatabaseRecord, host: HostRecord, password: str) -> dict[str, Any]:
+    pooled, direct = connection_urls(record, host, password)
+    return {"id": record.id, "connection_string": pooled, "direct_connection_string": direct}
+
+
+def audit_event(event) -> dict[str, Any]:
+    return {
+        "id": event.event_id,
+        "action": event.action,
+        "at": iso(event.at),
+        "actor": event.actor,
+        "ip": event.ip,
+        "detail": event.detail,
     }

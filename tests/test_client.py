@@ -28,9 +28,11 @@ def http_app():
         def log_message(self, *args) -> None:  # the access log would mix into the client's stderr
             pass
 
-    # What chalice.local.create_local_server does, with a quiet handler.
-    CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
-    app.__class__ = CustomLocalChalice
+    # What chalice.local.create_local_server does, with a quiet handler; once
+    # per process (the claim page's browser test may have done it already).
+    if not isinstance(app, CustomLocalChalice):
+        CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
+        app.__class__ = CustomLocalChalice
     port = free_port()
     config = Config.create(chalice_stage="dev", chalice_app=app)
     httpd = LocalDevServer(app, config, "127.0.0.1", port, handler_cls=QuietHandler)

@@ -47,7 +47,10 @@ def create_server(project_dir: Path, host: str, port: int, stage: str = "dev") -
     for key, value in config.environment_variables.items():
         os.environ.setdefault(key, value)
     app = cli.load_chalice_app()
-    # What chalice.local.create_local_server does, with our handler class.
-    CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
-    app.__class__ = CustomLocalChalice
+    # What chalice.local.create_local_server does, with our handler class;
+    # only once per process (a second server in the same process, as the
+    # browser tests start, would make the class its own base).
+    if not isinstance(app, CustomLocalChalice):
+        CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
+        app.__class__ = CustomLocalChalice
     return LocalDevServer(app, config, host, port, handler_cls=InstapgRequestHandler)

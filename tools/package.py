@@ -166,7 +166,8 @@ def table_resources() -> dict[str, Any]:
 
 
 def table_logical_id(suffix: str) -> str:
-    return suffix.capitalize() + "Table"
+    # CloudFormation logical ids are alphanumeric: "api-keys" -> "ApiKeysTable".
+    return "".join(part.capitalize() for part in suffix.replace("_", "-").split("-")) + "Table"
 
 
 def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Accounts and their API keys.
+
+A key is `ipg_` plus 256 random bits (base64url). It is shown once, when it is
+made; DynamoDB holds only its SHA-256, which is also the key of the
+`api-keys` table, so authenticating a request is one consistent read of the
+key and one of its account. Plain SHA-256 is right here: the key has 256 bits
+of entropy, so there is no dictionary to stretch against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from chalicelib.errors import BadRequest, Forbidden
+from chalicelib.identifiers import uuid7
+from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
+from chalicelib.settings import Settings
+
+KEY_PREFIX = "ipg_"
+_KEY_SHAPE = re.compile(r"^ipg_[A-Za-z0-9_-]{43}$")
+# Deliberately loose: one @, something on each side, a dot in the domain.
+_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_EMAIL_LENGTH = 254
+
+
+class InvalidKey(Exception):
+    """The key is malformed, unknown, revoked, or its account is (the reason is for logs only)."""
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    account: AccountRecord
+    api_key: str  # the only time the plaintext exists outside the client
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_hash(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def well_formed(api_key: str) -> bool:
+    return bool(_KEY_SHAPE.match(api_key))
+
+
+def parse_email(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise BadRequest("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
+    email = raw.strip()
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.match(email) or not email.isprintable():
+        raise BadRequest("Field 'email' is not an email address", hint="Send an address like you@example.com.")
+    return email
+
+
+def create(email: str) -> NewAccount:
+    """A new account with one key. Emails are contact data, not unique: checking
+    uniqueness would tell strangers which addresses have accounts."""
+    now = datetime.now(UTC)
+    account = AccountRecord(id=str(uuid7()), email=email, status=ACCOUNT_ACTIVE, created_at=now)
+    account.save(condition=AccountRecord.id.does_not_exist())
+    return NewAccount(account, add_key(account.id, now))
+
+
+def add_key(account_id: str, now: datetime | None = None) -> str:
+    api_key = new_api_key()
+    ApiKeyRecord(key_hash=key_hash(api_key), account_id=account_id, created_at=now or datetime.now(UTC)).save(
+        condition=ApiKeyRecord.key_hash.does_not_exist()
+    )
+    return api_key
+
+
+def authenticate(api_key: str) -> AccountRecord:
+    """The active account that `api_key` belongs to, or InvalidKey."""
+    if not well_formed(api_key):
+        raise InvalidKey("malformed")
+    digest = key_hash(api_key)
+    try:
+        record = ApiKeyRecord.get(digest, consistent_read=True)
+    except ApiKeyRecord.DoesNotExist:
+        raise InvalidKey("unknown") from None
+    # Constant-time compare of what we looked up, for good measure.
+    if not hmac.compare_digest(record.key_hash, digest) or record.revoked_at is not None:
+        raise InvalidKey("revoked key")
+    account = find(record.account_id)
+    if account is None or account.status != ACCOUNT_ACTIVE:
+        raise InvalidKey("revoked account")
+    return account
+
+
+def find(account_id: str) -> AccountRecord | None:
+    try:
+        return AccountRecord.get(account_id, consistent_read=True)
+    except AccountRecord.DoesNotExist:
+        return None
+
+
+def revoke(account_id: str) -> bool:
+    """Revoke an account: every key of it stops working at once. False if unknown."""
+    account = find(account_id)
+    if account is None:
+        return False
+    account.update(actions=[AccountRecord.status.set(ACCOUNT_REVOKED), AccountRecord.revoked_at.set(datetime.now(UTC))])
+    return True
+
+
+def revoke_key(api_key: str) -> bool:
+    """Revoke one key (the account stays). False if the key is unknown."""
+    try:
+        record = ApiKeyRecord.get(key_hash(api_key), consistent_read=True)
+    except ApiKeyRecord.DoesNotExist:
+        return False
+    record.update(actions=[ApiKeyRecord.revoked_at.set(datetime.now(UTC))])
+    return True
+
+
+def signup(settings: Settings, email: object) -> NewAccount:
+    """Open signup (the API and the claim page); refused when the operator turned it off."""
+    if not settings.open_signup:
+        raise Forbidden(
+            "Signup is closed",
+            hint="This deployment creates accounts only through its operator; ask them for an API key.",
+        )
+    return create(parse_email(email))

@@ -1,0 +1,99 @@
+"""The audit log: what happened to each database, newest first.
+
+Events are keyed by database id and a uuid7, so a query in reverse key order
+is newest first. Pages are cut with an opaque cursor (the last event id,
+base64url), which a client hands back unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from chalicelib.errors import BadRequest
+from chalicelib.identifiers import parse_database_id, uuid7
+from chalicelib.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+CREATED = "created"
+CLAIMED = "claimed"
+CONNECTION_STRING_VIEWED = "connection_string_viewed"
+PASSWORD_ROTATED = "password_rotated"
+DELETED = "deleted"
+# Written by the scheduled purge (issue 3) and the quota job (issue 5).
+PURGED = "purged"
+QUOTA_LOCKED = "quota_locked"
+QUOTA_UNLOCKED = "quota_unlocked"
+
+SYSTEM = "system"
+ANONYMOUS = "anonymous"
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 25
+
+
+def record(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> None:
+    """Append one event. Raises if DynamoDB does: callers that must not act unaudited rely on it."""
+    AuditEvent(
+        database_id=database_id,
+        event_id=str(uuid7()),
+        action=action,
+        at=datetime.now(UTC),
+        actor=actor,
+        ip=ip,
+        detail=detail,
+    ).save()
+
+
+def record_quietly(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> None:
+    """Append one event after the fact; a failure is logged, not raised (the action already happened)."""
+    try:
+        record(database_id, action, actor, ip, detail)
+    except Exception as exc:
+        log.error("audit event %s for %s not written: %s", action, database_id, type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[AuditEvent]
+    cursor: str | None  # None: this was the last page
+
+
+def _encode(event_id: str) -> str:
+    return base64.urlsafe_b64encode(event_id.encode()).decode().rstrip("=")
+
+
+def _decode(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raw = ""
+    event_id = parse_database_id(raw)  # event ids are UUIDs too
+    if event_id is None:
+        raise BadRequest("Invalid cursor", hint="Pass the 'next_cursor' of the previous page unchanged.")
+    return event_id
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise BadRequest(f"Parameter 'limit' must be an integer from 1 to {MAX_PAGE}", hint="E.g. ?limit=25.")
+    return int(raw)
+
+
+def page(database_id: str, limit: int = DEFAULT_PAGE, cursor: str | None = None) -> Page:
+    start = {"database_id": {"S": database_id}, "event_id": {"S": _decode(cursor)}} if cursor else None
+    result = AuditEvent.query(
+        database_id,
+        scan_index_forward=False,
+        limit=limit,
+        last_evaluated_key=start,
+        consistent_read=True,
+    )
+    events = list(result)
+    last = result.last_evaluated_key
+    return Page(events, _encode(last["event_id"]["S"]) if last and len(events) == limit else None)

@@ -1,0 +1,63 @@
+"""The one place that decides who is calling.
+
+Routes that need an account call `require_account(headers)`. It is a plain
+function rather than a Chalice custom authorizer because authorizers do not
+run in `chalice.test.Client`, and `chalice local` runs them differently from
+API Gateway; a function behaves the same everywhere. To put Cognito or another
+OIDC issuer in front later, replace the body of `require_account` (for
+example, read the verified claims API Gateway puts in the request context and
+map them to an account); no route changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from chalicelib import accounts
+from chalicelib.errors import Unauthorized
+from chalicelib.models import AccountRecord
+
+log = logging.getLogger(__name__)
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="instapg"'}
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    value = None
+    for name, raw in headers.items():
+        if name.lower() == "authorization":
+            value = raw
+            break
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def check_key(api_key: str | None) -> AccountRecord:
+    """The account of a raw API key (the claim page's form sends one), or 401."""
+    if not api_key:
+        raise Unauthorized(
+            "Missing API key",
+            hint="Send 'Authorization: Bearer <api key>'. Create an account with POST /api/v1/accounts.",
+            headers=_CHALLENGE,
+        )
+    try:
+        return accounts.authenticate(api_key.strip())
+    except accounts.InvalidKey as exc:
+        # Never log the key; the reason is enough to debug.
+        log.info("rejected API key: %s", exc)
+        raise Unauthorized(
+            "Invalid API key",
+            hint="The key is malformed, unknown or revoked. Keys look like ipg_ followed by 43 characters.",
+            headers=_CHALLENGE,
+        ) from None
+
+
+def require_account(headers: Mapping[str, str]) -> AccountRecord:
+    """The calling account, from its bearer token; 401 JSON otherwise."""
+    return check_key(bearer_token(headers))
