@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -33,10 +36,13 @@ def _request(method: str, url: str, body: bytes | None = None, headers: dict | N
 
 
 @pytest.fixture(scope="module")
-def devstack(tmp_path_factory):
+def devstack():
     port = free_port()
+    # Not under pytest's tmp folder: another pytest run on the machine resets
+    # its mode to 0700, and the server's own user would lose its data.
+    data_dir = tempfile.mkdtemp(prefix="instapg-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
-    env.update(PORT=str(port), INSTAPG_DEV_DIR=str(tmp_path_factory.mktemp("devstack")), PYTHONUNBUFFERED="1")
+    env.update(PORT=str(port), INSTAPG_DEV_DIR=data_dir, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.devstack"],
         cwd=ROOT,
@@ -65,6 +71,7 @@ def devstack(tmp_path_factory):
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_banner_prints_a_curl_line(devstack):
@@ -114,8 +121,23 @@ def test_errors_over_http_are_json(devstack):
 def test_ctrl_c_stops_everything(devstack):
     proc, base, output = devstack
     pg_port = int(output.split("postgres  127.0.0.1:")[1].split()[0])
+    postgres_pids = [p.pid for p in psutil.process_iter(["name", "cmdline"]) if _is_postgres_on(p, pg_port)]
+    assert postgres_pids
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
-    for port in (pg_port, int(base.rsplit(":", 1)[1])):
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+    assert not [pid for pid in postgres_pids if _alive(pid)]
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", int(base.rsplit(":", 1)[1]))) != 0, "API still serving"
+
+
+def _alive(pid: int) -> bool:
+    # The server daemonizes; where PID 1 does not reap, it lingers as a zombie.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_postgres_on(proc, port: int) -> bool:
+    cmdline = proc.info.get("cmdline") or []
+    return proc.info.get("name") == "postgres" and f"port={port}" in " ".join(cmdline)
