@@ -93,6 +93,9 @@ class HostCache:
         self._ttl = ttl_s
         self._hosts: dict[str, HostRecord] = {}
         self._loaded = 0.0
+        # A host that just failed to answer is skipped for a while by this
+        # process, so later creates do not each wait for its connect timeout.
+        self._down: dict[str, float] = {}
 
     def all(self, fresh: bool = False) -> list[HostRecord]:
         if fresh or time.monotonic() - self._loaded > self._ttl:
@@ -108,15 +111,30 @@ class HostCache:
     def invalidate(self) -> None:
         self._loaded = 0.0
 
+    def mark_down(self, host_id: str, for_s: float) -> None:
+        self._down[host_id] = time.monotonic() + for_s
+
+    def is_down(self, host_id: str) -> bool:
+        return self._down.get(host_id, 0.0) > time.monotonic()
+
 
 def offers_logical_replication(hosts: list[HostRecord]) -> bool:
     return any(h.logical_replication and h.status == HOST_ACTIVE for h in hosts)
 
 
-def reserve(hosts: list[HostRecord], logical_replication: bool = False) -> HostRecord:
-    """Take one slot on the active host with the most room."""
-    candidates = [h for h in hosts if h.status == HOST_ACTIVE and (h.logical_replication or not logical_replication)]
-    candidates.sort(key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+def by_free_capacity(hosts: list[HostRecord]) -> list[HostRecord]:
+    """Active hosts, the one with the most room first (DRAINING hosts take no new databases)."""
+    active = [h for h in hosts if h.status == HOST_ACTIVE]
+    return sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+
+
+def reserve(
+    hosts: list[HostRecord], logical_replication: bool = False, exclude: frozenset[str] | set[str] = frozenset()
+) -> HostRecord:
+    """Take one slot on the active host with the most room, skipping the hosts in `exclude`."""
+    candidates = [
+        h for h in by_free_capacity(hosts) if h.id not in exclude and (h.logical_replication or not logical_replication)
+    ]
     for host in candidates:
         try:
             host.update(

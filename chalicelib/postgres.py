@@ -114,17 +114,26 @@ def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Compos
     return stmt
 
 
-def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan) -> None:
-    """Create the role and database of one tenant, hardened."""
+def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan, login: bool = True) -> None:
+    """Create the role and database of one tenant, hardened.
+
+    `login=False` makes a warm-pool tenant: ready, but nobody can log in until
+    `open_tenant` gives it LOGIN and a fresh password.
+    """
     from psycopg import sql
 
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
         conn.execute(
             sql.SQL(
-                "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "CREATE ROLE {} {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
                 "NOBYPASSRLS NOINHERIT CONNECTION LIMIT {} PASSWORD {}"
-            ).format(role_id, sql.Literal(plan.connections), sql.Literal(scram_verifier(password)))
+            ).format(
+                role_id,
+                sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(plan.connections),
+                sql.Literal(scram_verifier(password)),
+            )
         )
         conn.execute(_membership_grant(conn, role))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
@@ -152,6 +161,22 @@ def set_password(target: Target, role: str, password: str) -> None:
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(scram_verifier(password)))
         )
         _terminate_role(conn, role)
+
+
+def open_tenant(target: Target, role: str, password: str) -> None:
+    """Hand out a pooled tenant: LOGIN with a new password in one statement.
+
+    The pooled role was NOLOGIN, so no session of it can exist, and its
+    earlier password is replaced before it can ever log in.
+    """
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(scram_verifier(password))
+            )
+        )
 
 
 def _terminate_role(conn: psycopg.Connection, role: str) -> int:

@@ -44,6 +44,8 @@ class Settings:
     provisioning_timeout_s: int
     max_body_bytes: int
     pg_connect_timeout_s: int
+    pool_size: int
+    host_retry_s: int
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -89,6 +91,16 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    (
+        "INSTAPG_POOL_SIZE",
+        "10",
+        "Ready (POOLED) databases the scheduled job keeps on each active host; 0 turns the warm pool off.",
+    ),
+    (
+        "INSTAPG_HOST_RETRY_SECONDS",
+        "30",
+        "After a host fails to answer, how long one process skips it when placing new databases.",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
@@ -137,6 +149,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),
         max_body_bytes=_int(env, "INSTAPG_MAX_BODY_BYTES"),
         pg_connect_timeout_s=_int(env, "INSTAPG_PG_CONNECT_TIMEOUT_SECONDS"),
+        pool_size=_int(env, "INSTAPG_POOL_SIZE"),
+        host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
     )
 
 
