@@ -76,6 +76,7 @@ class DatabaseService:
         self.settings = settings
         self.keyring = keyring
         self.hosts = hosts or hostlib.HostCache()
+        self.pool = pool.Candidates()
 
     # -- reading -------------------------------------------------------------
 
@@ -390,51 +391,61 @@ class DatabaseService:
         for host in hostlib.by_free_capacity(hosts):
             if self.hosts.is_down(host.id):
                 continue
-            record = self._claim_any(host, request, requester, password)
-            if record is not None:
-                try:
-                    postgres.open_tenant(self._target(host), record.role_name, password)
-                except Exception as exc:
-                    # Left FAILED and due: the purge drops it when the host is back.
-                    log.error("taking pooled %s on host %s failed: %s", record.id, host.id, _reason(exc))
-                    if isinstance(exc, postgres.HostUnavailable):
-                        self.hosts.mark_down(host.id, self.settings.host_retry_s)
-                    self._abandon_taken(record, exc)
-                    continue
-                self._mark_unclaimed(record, plan)
-                log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
-                return Provisioned(record, plan, host, password, created=True)
+            record = self._claim_any(host, plan, request, requester, password)
+            if record is None:
+                continue
+            try:
+                postgres.open_tenant(self._target(host), record.role_name, password)
+            except Exception as exc:
+                log.error("taking pooled %s on host %s failed: %s", record.id, host.id, _reason(exc))
+                if isinstance(exc, postgres.HostUnavailable):
+                    self.hosts.mark_down(host.id, self.settings.host_retry_s)
+                self._abandon_taken(record, exc)
+                continue
+            log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
+            return Provisioned(record, plan, host, password, created=True)
         return None
 
     def _claim_any(
-        self, host: HostRecord, request: CreateDatabase, requester: Requester, password: str
+        self, host: HostRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
     ) -> DatabaseRecord | None:
-        # Under many concurrent creates every candidate seen may be taken by
-        # others first; look again a few times before falling back to on demand.
-        for _ in range(3):
-            found = pool.candidates(host.id)
-            if not found:
-                return None
-            for candidate in found:
-                record = self._claim_pooled(candidate, request, requester, password)
-                if record is not None:
-                    return record
-        return None
+        queries = 0
+        while True:
+            candidate = self.pool.pop(host.id)
+            if candidate is None:
+                # Under many concurrent creates every candidate seen may go to
+                # others first; read the index a few times before giving up.
+                if queries == 3 or not self.pool.load(host.id):
+                    return None
+                queries += 1
+                continue
+            record = self._claim_pooled(candidate, plan, request, requester, password)
+            if record is not None:
+                return record
 
     def _claim_pooled(
-        self, record: DatabaseRecord, request: CreateDatabase, requester: Requester, password: str
+        self, record: DatabaseRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
     ) -> DatabaseRecord | None:
-        """The one conditional write that makes a pooled database ours: POOLED -> PROVISIONING."""
+        """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED.
+
+        It goes straight to UNCLAIMED, before the password is set, to keep the
+        take at one write: if the process dies before `open_tenant`, the record
+        is an UNCLAIMED database whose role cannot log in (NOLOGIN), whose
+        credentials nobody received, and which expires like any other.
+        """
         now = _now()
+        expires = now + timedelta(seconds=plan.lifetime_s)
         sealed = self.keyring.encrypt(password, context=record.id)
         actions = [
-            DatabaseRecord.status.set(PROVISIONING),
+            DatabaseRecord.status.set(UNCLAIMED),
+            DatabaseRecord.plan.set(plan.name),
             DatabaseRecord.secret_key_id.set(sealed.key_id),
             DatabaseRecord.secret.set(sealed.blob),
             DatabaseRecord.created_at.set(now),
             DatabaseRecord.updated_at.set(now),
-            DatabaseRecord.due_bucket.set(PROVISIONING),
-            DatabaseRecord.due_at.set(int(now.timestamp()) + self.settings.provisioning_timeout_s),
+            DatabaseRecord.expires_at.set(expires),
+            DatabaseRecord.due_bucket.set(UNCLAIMED),
+            DatabaseRecord.due_at.set(int(expires.timestamp())),
         ]
         for attr, value in (
             (DatabaseRecord.ref, request.ref),
@@ -447,11 +458,12 @@ class DatabaseService:
             record.update(actions=actions, condition=DatabaseRecord.status == POOLED)
         except UpdateError as exc:
             if _is_conditional_failure(exc):
-                return None
+                return None  # another create took it first (or it is gone)
             raise
         return record
 
     def _abandon_taken(self, record: DatabaseRecord, cause: Exception) -> None:
+        """The host failed while handing out a pooled database: FAILED and due, the purge drops it."""
         now = _now()
         record.update(
             actions=[
@@ -459,11 +471,12 @@ class DatabaseService:
                 DatabaseRecord.failure.set(_reason(cause)),
                 DatabaseRecord.ended_at.set(now),
                 DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.expires_at.remove(),
                 DatabaseRecord.secret.remove(),
                 DatabaseRecord.due_bucket.set(FAILED),
                 DatabaseRecord.due_at.set(int(now.timestamp())),
             ],
-            condition=DatabaseRecord.status == PROVISIONING,
+            condition=DatabaseRecord.status == UNCLAIMED,
         )
 
     def discard_pooled(self, record: DatabaseRecord, host: HostRecord) -> bool:

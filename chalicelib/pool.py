@@ -47,6 +47,34 @@ def candidates(host_id: str, limit: int = CANDIDATES) -> list[DatabaseRecord]:
     return found
 
 
+class Candidates:
+    """Pooled records this process has seen but not tried yet, per host.
+
+    A take pops one instead of querying the index each time, so a warm
+    process's pooled create is a single conditional write. Entries go stale
+    when another process takes them; the take's condition catches that and
+    the next one is tried.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._by_host: dict[str, list[DatabaseRecord]] = {}
+        self._lock = threading.Lock()
+
+    def pop(self, host_id: str) -> DatabaseRecord | None:
+        with self._lock:
+            found = self._by_host.get(host_id)
+            return found.pop() if found else None
+
+    def load(self, host_id: str) -> bool:
+        """Read the host's pooled records again; False when it has none."""
+        found = candidates(host_id)
+        with self._lock:
+            self._by_host[host_id] = found
+        return bool(found)
+
+
 def pooled(host_id: str) -> list[DatabaseRecord]:
     """Every pooled record of a host (the pool is small: a handful per host)."""
     return list(DatabaseRecord.by_due.query(bucket(host_id)))

@@ -105,6 +105,9 @@ def aws(instapg_env):
     """moto's DynamoDB, in process, with the tables created: clean for every test."""
     from moto import mock_aws
 
+    from tools import motoatomic
+
+    motoatomic.install()  # DynamoDB's conditional writes are atomic; moto's are not across threads
     with mock_aws():
         from chalicelib import models, services
 

@@ -46,6 +46,10 @@ class DevStack:
 
         from moto.server import ThreadedMotoServer
 
+        from tools import motoatomic
+
+        motoatomic.install()  # the API serves requests from many threads
+
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
 
         from chalicelib.crypto import new_key_spec
