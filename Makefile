@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint clean
+.PHONY: dev test lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 dev: $(STAMP)
 	$(PY) -m tools.devstack
+
+# Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
+bench: $(STAMP)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -164,11 +164,22 @@ class DatabaseService:
         requester: Requester,
         password: str,
     ) -> Provisioned:
-        tried: set[str] = {h.id for h in hosts if self.hosts.is_down(h.id)}
+        tried: set[str] = set()
         record: DatabaseRecord | None = None
         while True:
+            # Hosts that failed lately come last, not never: a slow connect
+            # under load marks a host down, and a create must not get a 503
+            # while some host could still answer it.
+            down = {h.id for h in hosts if self.hosts.is_down(h.id)}
             try:
-                host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication, exclude=tried)
+                try:
+                    host = hostlib.reserve(
+                        hosts, logical_replication=request.enable_logical_replication, exclude=tried | down
+                    )
+                except hostlib.NoCapacity:
+                    if not down - tried:
+                        raise
+                    host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication, exclude=tried)
             except hostlib.NoCapacity:
                 self.hosts.invalidate()
                 if record is None:
@@ -436,27 +447,20 @@ class DatabaseService:
         now = _now()
         expires = now + timedelta(seconds=plan.lifetime_s)
         sealed = self.keyring.encrypt(password, context=record.id)
-        actions = [
-            DatabaseRecord.status.set(UNCLAIMED),
-            DatabaseRecord.plan.set(plan.name),
-            DatabaseRecord.secret_key_id.set(sealed.key_id),
-            DatabaseRecord.secret.set(sealed.blob),
-            DatabaseRecord.created_at.set(now),
-            DatabaseRecord.updated_at.set(now),
-            DatabaseRecord.expires_at.set(expires),
-            DatabaseRecord.due_bucket.set(UNCLAIMED),
-            DatabaseRecord.due_at.set(int(expires.timestamp())),
-        ]
-        for attr, value in (
-            (DatabaseRecord.ref, request.ref),
-            (DatabaseRecord.created_ip, requester.ip),
-            (DatabaseRecord.user_agent, (requester.user_agent or "")[:256] or None),
-        ):
-            if value is not None:
-                actions.append(attr.set(value))
+        # A conditional put of the whole item: as atomic as an update, and
+        # the pooled record's other attributes never change while it is POOLED.
+        record.status = UNCLAIMED
+        record.plan = plan.name
+        record.secret_key_id, record.secret = sealed.key_id, sealed.blob
+        record.ref = request.ref
+        record.created_ip = requester.ip
+        record.user_agent = (requester.user_agent or "")[:256] or None
+        record.created_at = record.updated_at = now
+        record.expires_at = expires
+        record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
         try:
-            record.update(actions=actions, condition=DatabaseRecord.status == POOLED)
-        except UpdateError as exc:
+            record.save(condition=DatabaseRecord.status == POOLED)
+        except PutError as exc:
             if _is_conditional_failure(exc):
                 return None  # another create took it first (or it is gone)
             raise

@@ -115,7 +115,9 @@ def refill(service: DatabaseService, deadline: float, size: int | None = None) -
             log.error("pool refill: host %s failed: %s", host.id, type(exc).__name__)
             summary.failed += 1
     summary.duration_ms = int((time.monotonic() - started) * 1000)
-    log.info(json.dumps({"event": "pool_refill", **asdict(summary)}))
+    # The local stack refills every few seconds: say something only when something happened.
+    level = logging.INFO if summary.added or summary.discarded or summary.failed else logging.DEBUG
+    log.log(level, json.dumps({"event": "pool_refill", **asdict(summary)}))
     return summary
 
 

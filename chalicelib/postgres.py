@@ -154,6 +154,11 @@ class _Sessions:
 _sessions = _Sessions()
 
 
+def close_sessions() -> None:
+    """Close the kept-open admin connections (tests and tools that stop their servers)."""
+    _sessions.clear()
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

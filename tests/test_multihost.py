@@ -154,3 +154,12 @@ def test_ddl_failure_on_one_host_retries_on_the_other_and_cleans_up(client, serv
             "SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (service.settings.name_prefix + "_%",)
         ).fetchone()[0]
     assert left == 0  # the half-made tenant was dropped
+
+
+def test_a_host_marked_down_is_still_tried_when_no_other_can_answer(client, service, host):
+    # One slow connect under load marks a host down for a while; when it is
+    # the only host left, creates still go to it rather than answer 503.
+    service.hosts.mark_down("local-1", 60)
+    body = _create(client, "marked")
+    assert _host_of(body["id"]) == "local-1"
+    assert _works(body)
