@@ -1,12 +1,18 @@
 """instapg: routes and event handlers only. The logic lives in chalicelib/."""
 
-from chalice import Chalice, Response
+from chalice import Chalice, Rate, Response
 
 from chalicelib import services
-from chalicelib.errors import BadRequest, json_errors, json_response
+from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
 
 app = Chalice(app_name="instapg")
 app.register_middleware(json_errors, "http")
+
+
+def route(path: str, **options):
+    """`app.route`, with DynamoDB outages answered as 503 instead of 500."""
+    return lambda view: app.route(path, **options)(store_outages(view))
+
 
 # `curl -d '{...}'` without -H sends a form content type; accept it as JSON.
 BODY_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/plain"]
@@ -59,25 +65,52 @@ def _database_response(result) -> Response:
     return json_response(body, 201 if result.created else 200)
 
 
-@app.route("/api/v1/database", methods=["POST"], content_types=BODY_TYPES)
+@route("/api/v1/database", methods=["POST"], content_types=BODY_TYPES)
 def create_database():
     request = _create_request((app.current_request.query_params or {}).get("referrer"))
     return _database_response(services.databases().create(request, _requester()))
 
 
-@app.route("/api/v1/database/{database_id}", methods=["POST"], content_types=BODY_TYPES)
+@route("/api/v1/database/{database_id}", methods=["POST"], content_types=BODY_TYPES)
 def create_database_with_id(database_id):
     database_id = _database_id(database_id)
     request = _create_request((app.current_request.query_params or {}).get("referrer"))
     return _database_response(services.databases().create(request, _requester(), database_id=database_id))
 
 
-@app.route("/api/v1/database/{database_id}", methods=["GET"])
+@route("/api/v1/database/{database_id}", methods=["GET"])
 def get_database(database_id):
     return _database_response(services.databases().get(_database_id(database_id)))
 
 
-@app.route("/healthz", methods=["GET"])
+@route("/healthz", methods=["GET"])
 def healthz():
     ok, checks = services.health().run()
     return json_response({"ok": ok, **checks}, 200 if ok else 503)
+
+
+# --- Expiry and cleanup (issue 3) ------------------------------------------------------
+# The stream ARN and the rate are needed at `chalice package` time; both come
+# from the environment (chalicelib.settings), with a placeholder ARN so that
+# `import app` works without configuration.
+def _deploy_settings():
+    from chalicelib.settings import load
+
+    return load()
+
+
+_DEPLOY = _deploy_settings()
+
+
+@app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="purge")
+def purge(event):
+    from chalicelib import expiry
+
+    expiry.run_lambda(services.databases(), event.context)
+
+
+@app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
+def drop_removed(event):
+    from chalicelib import expiry
+
+    expiry.handle_stream(services.databases(), (record.to_dict() for record in event))

@@ -260,6 +260,7 @@ class DatabaseService:
             created_at=now,
             updated_at=now,
             ended_at=now,
+            expires_at=now + timedelta(seconds=self.settings.tombstone_ttl_s),
             due_bucket=FAILED,
             due_at=int(now.timestamp()),
         ).save(condition=DatabaseRecord.id.does_not_exist())
@@ -361,6 +362,149 @@ class DatabaseService:
         else:
             actions += [DatabaseRecord.due_bucket.set(FAILED), DatabaseRecord.due_at.set(int(now.timestamp()))]
         record.update(actions=actions, condition=DatabaseRecord.status == PROVISIONING)
+
+    # -- expiry and cleanup: the status changes chalicelib.expiry orchestrates --
+    #
+    # A record whose database must go is first moved, with a conditional
+    # write, into a state no claim can take (EXPIRED/FAILED) and into a
+    # "leftovers" due bucket with `due_at` pushed LEASE_S ahead: that write is
+    # the lock. Only its winner drops the database, and only the winner of
+    # the final conditional write (`finish_cleanup`) gives the host slot
+    # back, so two purge runs, or a purge and a stream delivery, never drop
+    # or release twice. A run that dies mid-way leaves the record due again
+    # when the lease ends.
+
+    LEASE_S = 900  # longer than any purge run (the Lambda timeout is at most 900 s)
+
+    def _lease_until(self, now: datetime) -> int:
+        return int(now.timestamp()) + self.LEASE_S
+
+    def _tombstone_ttl(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.settings.tombstone_ttl_s)
+
+    def expire(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
+        """UNCLAIMED past expiry -> EXPIRED tombstone with its drop pending; False if a claim (or another run) won."""
+        now = now or _now()
+        expired_at = min(record.expires_at, now) if record.expires_at else now
+        return self._conditional(
+            record,
+            [
+                DatabaseRecord.status.set(EXPIRED),
+                # GET said "expired at expires_at" before the purge ran; keep saying it.
+                DatabaseRecord.ended_at.set(expired_at),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.secret_key_id.remove(),
+                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
+                DatabaseRecord.due_bucket.set(EXPIRED),
+                DatabaseRecord.due_at.set(self._lease_until(now)),
+            ],
+            (DatabaseRecord.status == UNCLAIMED)
+            & (DatabaseRecord.due_bucket == UNCLAIMED)
+            & (DatabaseRecord.due_at <= int(now.timestamp())),
+        )
+
+    def fail_stuck(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
+        """PROVISIONING past the provisioning timeout (a crashed create) -> FAILED with its drop pending."""
+        now = now or _now()
+        return self._conditional(
+            record,
+            [
+                DatabaseRecord.status.set(FAILED),
+                DatabaseRecord.failure.set("provisioning timed out"),
+                DatabaseRecord.ended_at.set(now),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.secret_key_id.remove(),
+                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
+                DatabaseRecord.due_bucket.set(FAILED),
+                DatabaseRecord.due_at.set(self._lease_until(now)),
+            ],
+            (DatabaseRecord.status == PROVISIONING)
+            & (DatabaseRecord.due_bucket == PROVISIONING)
+            & (DatabaseRecord.due_at <= int(now.timestamp())),
+        )
+
+    def lease(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
+        """Take a tombstone whose drop is pending (a retry); False if another run holds it."""
+        now = now or _now()
+        if record.status not in (EXPIRED, DELETED, FAILED) or record.due_bucket is None:
+            return False
+        return self._conditional(
+            record,
+            [DatabaseRecord.due_at.set(self._lease_until(now)), DatabaseRecord.updated_at.set(now)],
+            DatabaseRecord.status.is_in(EXPIRED, DELETED, FAILED)
+            & (DatabaseRecord.due_bucket == record.due_bucket)
+            & (DatabaseRecord.due_at == record.due_at),
+        )
+
+    def drop_database(self, record: DatabaseRecord) -> bool:
+        """Drop the record's database and role (idempotent); True when something existed."""
+        try:
+            host = self.hosts.get(record.host_id)
+        except KeyError:
+            raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
+        return postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+
+    def finish_cleanup(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
+        """After the drop: leave the due bucket, and give the host slot back if this run held the lease."""
+        now = now or _now()
+        won = self._conditional(
+            record,
+            [
+                DatabaseRecord.due_bucket.remove(),
+                DatabaseRecord.due_at.remove(),
+                DatabaseRecord.updated_at.set(now),
+            ],
+            DatabaseRecord.status.is_in(EXPIRED, DELETED, FAILED) & (DatabaseRecord.due_at == record.due_at),
+        )
+        if won:
+            hostlib.release(record.host_id)
+        return won
+
+    def write_back_tombstone(self, old: DatabaseRecord, now: datetime | None = None) -> DatabaseRecord | None:
+        """After a REMOVE of a record whose database still existed: a tombstone with the drop pending.
+
+        GET then answers 410 instead of 404, and the tombstone is the lease
+        for the drop. None when an item with that id exists again.
+        """
+        now = now or _now()
+        status = {UNCLAIMED: EXPIRED, PROVISIONING: FAILED}.get(old.status, old.status)
+        tombstone = DatabaseRecord(
+            id=old.id,
+            status=status,
+            plan=old.plan,
+            host_id=old.host_id,
+            role_name=old.role_name,
+            db_name=old.db_name,
+            logical_replication=old.logical_replication,
+            ref=old.ref,
+            created_ip=old.created_ip,
+            user_agent=old.user_agent,
+            created_at=old.created_at,
+            updated_at=now,
+            ended_at=old.ended_at or (min(old.expires_at, now) if old.expires_at else now),
+            failure=old.failure or ("removed while provisioning" if status == FAILED else None),
+            expires_at=self._tombstone_ttl(now),
+            due_bucket=status,
+            due_at=self._lease_until(now),
+        )
+        try:
+            tombstone.save(condition=DatabaseRecord.id.does_not_exist())
+        except PutError as exc:
+            if _is_conditional_failure(exc):
+                return None
+            raise
+        return tombstone
+
+    @staticmethod
+    def _conditional(record: DatabaseRecord, actions: list, condition) -> bool:
+        try:
+            record.update(actions=actions, condition=condition)
+        except UpdateError as exc:
+            if _is_conditional_failure(exc):
+                return False
+            raise
 
     # -- the warm pool (chalicelib.pool finds records and refills; statuses change here) --
 
@@ -475,7 +619,7 @@ class DatabaseService:
                 DatabaseRecord.failure.set(_reason(cause)),
                 DatabaseRecord.ended_at.set(now),
                 DatabaseRecord.updated_at.set(now),
-                DatabaseRecord.expires_at.remove(),
+                DatabaseRecord.expires_at.set(now + timedelta(seconds=self.settings.tombstone_ttl_s)),
                 DatabaseRecord.secret.remove(),
                 DatabaseRecord.due_bucket.set(FAILED),
                 DatabaseRecord.due_at.set(int(now.timestamp())),

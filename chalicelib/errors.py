@@ -9,6 +9,7 @@ exception are reshaped there too; no stack trace reaches a client.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -108,6 +109,30 @@ def _reshape(response: Response) -> Response:
         status,
         {k: v for k, v in response.headers.items() if k.lower() == "allow"},
     )
+
+
+def store_outages(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer 503 when DynamoDB fails: not the client's fault, and not a bug.
+
+    Chalice turns any other exception a view raises into its 500 before
+    middleware sees it, so this wraps the views themselves (app.route does).
+    """
+
+    @functools.wraps(view)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return view(*args, **kwargs)
+        except ApiError:
+            raise
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("pynamodb", "botocore")):
+                raise
+            log.error("metadata store error: %s", exc.__class__.__name__)
+            raise ServiceUnavailable(
+                "Metadata store unavailable", hint="Retry in a few seconds.", headers={"Retry-After": "5"}
+            ) from None
+
+    return guarded
 
 
 def json_errors(event: Any, get_response: Callable[[Any], Response]) -> Response:

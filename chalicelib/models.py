@@ -15,7 +15,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UTCDateTimeAttribute,
 )
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, IncludeProjection
 from pynamodb.models import Model
 
 from chalicelib.settings import Settings
@@ -55,6 +55,23 @@ class DueIndex(GlobalSecondaryIndex):
     due_at = NumberAttribute(range_key=True)
 
 
+class HostIndex(GlobalSecondaryIndex):
+    """Every record by host and database name, for reconciliation.
+
+    Reconciliation compares a host's catalog with the names records on that
+    host still reference; this index answers with one paginated query per
+    host instead of a table scan. It carries only what that decision needs.
+    """
+
+    class Meta:
+        index_name = "by_host"
+        projection = IncludeProjection(["status", "role_name", "due_bucket"])
+        billing_mode = "PAY_PER_REQUEST"
+
+    host_id = UnicodeAttribute(hash_key=True)
+    db_name = UnicodeAttribute(range_key=True)
+
+
 class DatabaseRecord(Model):
     class Meta:
         table_name = "instapg-databases"
@@ -83,6 +100,7 @@ class DatabaseRecord(Model):
     due_bucket = UnicodeAttribute(null=True)
     due_at = NumberAttribute(null=True)
     by_due = DueIndex()
+    by_host = HostIndex()
 
 
 class HostRecord(Model):
@@ -111,8 +129,27 @@ class HostRecord(Model):
     created_at = UTCDateTimeAttribute()
 
 
-MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord)
-_SUFFIXES = {DatabaseRecord: "databases", HostRecord: "hosts"}
+class OrphanSighting(Model):
+    """When reconciliation first saw a prefixed name on a host that no record references.
+
+    A non-superuser admin cannot read when a database or role was created
+    (pg_stat_file needs superuser), so the age of an orphan is measured from
+    its first sighting; it is dropped only after the grace period.
+    """
+
+    class Meta:
+        table_name = "instapg-orphans"
+        billing_mode = "PAY_PER_REQUEST"
+
+    host_id = UnicodeAttribute(hash_key=True)
+    name = UnicodeAttribute(range_key=True)
+    first_seen = UTCDateTimeAttribute()
+    # Sightings of names that went away on their own are cleaned up by TTL too.
+    expires_at = TTLAttribute(null=True)
+
+
+MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, OrphanSighting)
+_SUFFIXES = {DatabaseRecord: "databases", HostRecord: "hosts", OrphanSighting: "orphans"}
 
 
 def configure(settings: Settings) -> None:

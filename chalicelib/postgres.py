@@ -291,11 +291,15 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
         role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
-        db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
         if role_exists:
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
             _terminate_role(conn, role)
-        if db_exists:
+        # Read after the lockout, so the tenant cannot set the flag behind us.
+        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        db_exists = row is not None
+        if db_exists and row[0]:
+            # Only when set: ALTER fails on a database an interrupted (or
+            # concurrent) DROP DATABASE left invalid, which DROP still removes.
             conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
         prepared = conn.execute(
             "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
@@ -327,6 +331,29 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
                     other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
     return True
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching names that start with `prefix` literally.
+
+    `_` and `%` are wildcards in LIKE: the tenant name separator `_` must be
+    escaped, or prefix `ipg` would also match `ipgx...`.
+    """
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def tenant_names(target: Target, prefix: str) -> set[str]:
+    """Roles and databases on the host whose names start with `prefix`."""
+    pattern = like_prefix(prefix)
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s AND rolname <> current_user "
+            "UNION SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (pattern, pattern),
+        ).fetchall()
+    # Belt and braces: nothing outside the prefix, whatever LIKE thought.
+    return {name for (name,) in rows if name.startswith(prefix)}
 
 
 def harden_host(target: Target) -> list[str]:

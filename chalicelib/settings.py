@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 UNCLAIMED = "unclaimed"
+# `import app` must work without configuration; a deployment sets the real ARN.
+STREAM_ARN_PLACEHOLDER = "arn:aws:dynamodb:us-east-2:000000000000:table/instapg-databases/stream/unset"
 CLAIMED = "claimed"
 
 
@@ -44,8 +46,15 @@ class Settings:
     provisioning_timeout_s: int
     max_body_bytes: int
     pg_connect_timeout_s: int
-    pool_size: int
-    host_retry_s: int
+    # Expiry and cleanup (chalicelib.expiry).
+    stream_arn: str = ""
+    purge_rate_minutes: int = 5
+    purge_time_fraction: float = 0.8
+    orphan_grace_s: int = 3600
+    local_purge_interval_s: int = 15
+    # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
+    pool_size: int = 10
+    host_retry_s: int = 30
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -92,6 +101,27 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
     (
+        "INSTAPG_STREAM_ARN",
+        STREAM_ARN_PLACEHOLDER,
+        "Stream ARN of the databases table; read at `chalice package` time for the REMOVE handler.",
+    ),
+    ("INSTAPG_PURGE_RATE_MINUTES", "5", "How often the scheduled purge runs (EventBridge rate, minutes)."),
+    (
+        "INSTAPG_PURGE_TIME_FRACTION",
+        "0.8",
+        "A purge run stops taking new work after this fraction of the Lambda's remaining time.",
+    ),
+    (
+        "INSTAPG_ORPHAN_GRACE_SECONDS",
+        "3600",
+        "A prefixed database or role no record references is dropped once reconciliation has seen it this long.",
+    ),
+    (
+        "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS",
+        "15",
+        "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
+    ),
+    (
         "INSTAPG_POOL_SIZE",
         "10",
         "Ready (POOLED) databases the scheduled job keeps on each active host; 0 turns the warm pool off.",
@@ -111,6 +141,17 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _fraction(env: Mapping[str, str], name: str) -> float:
+    raw = env.get(name) or _DEFAULTS[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {raw!r}")
+    return value
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -149,6 +190,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),
         max_body_bytes=_int(env, "INSTAPG_MAX_BODY_BYTES"),
         pg_connect_timeout_s=_int(env, "INSTAPG_PG_CONNECT_TIMEOUT_SECONDS"),
+        stream_arn=get("INSTAPG_STREAM_ARN"),
+        purge_rate_minutes=_int(env, "INSTAPG_PURGE_RATE_MINUTES"),
+        purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
+        orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
+        local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
     )

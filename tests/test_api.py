@@ -193,3 +193,24 @@ def test_healthz_503_when_no_host_answers(client, host, service):
     assert response.status_code == 503
     assert response.json_body["ok"] is False
     assert response.json_body["hosts"] == {"local-1": "unavailable"}
+
+
+def test_dynamodb_outage_is_503_not_500(client, instapg_env):
+    from chalicelib import models, services
+
+    # A closed port: every DynamoDB call fails to connect.
+    instapg_env.setenv("INSTAPG_DYNAMODB_ENDPOINT", "http://127.0.0.1:9")
+    services.reset()
+    saved = {m: m.Meta.max_retry_attempts for m in models.MODELS}
+    for model in models.MODELS:
+        model.Meta.max_retry_attempts = 0
+    try:
+        response = client.http.get(f"/api/v1/database/{uuid.uuid4()}")
+        created = post_json(client, "/api/v1/database", {"ref": "x"})
+    finally:
+        for model, attempts in saved.items():
+            model.Meta.max_retry_attempts = attempts
+            model._connection = None
+    for r in (response, created):
+        assert r.status_code == 503
+        assert r.json_body["error"] == "Metadata store unavailable"

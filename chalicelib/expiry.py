@@ -1,0 +1,335 @@
+"""Making databases go away: the stream handler, the scheduled purge, reconciliation.
+
+Status changes happen in `DatabaseService` (conditional writes); this module
+decides what is due and orchestrates. Every automatic path here obeys one
+rule: a database is dropped only after a conditional write proved its record
+is not CLAIMED (or a CLAIMING in flight), or, for orphans, when no record that
+could still be live references the name. A CLAIMED database is never dropped.
+
+One scheduled run, bounded by a deadline, in this order:
+  1. UNCLAIMED records past expiry (index `by_due`, bucket UNCLAIMED): drop, tombstone EXPIRED.
+  2. PROVISIONING records past the provisioning timeout (a crashed create): FAILED, leftovers dropped.
+  3. Tombstones whose drop is still pending (buckets FAILED, EXPIRED, DELETED): the drop retried.
+  4. Reconciliation per host: prefixed roles/databases no live record references, seen
+     for longer than the grace period, dropped.
+Work left when the deadline comes stays due; the next run resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from chalicelib import hosts as hostlib
+from chalicelib import postgres
+from chalicelib.models import (
+    DELETED,
+    EXPIRED,
+    FAILED,
+    HOST_ACTIVE,
+    HOST_DRAINING,
+    PROVISIONING,
+    TOMBSTONES,
+    UNCLAIMED,
+    DatabaseRecord,
+    HostRecord,
+    OrphanSighting,
+)
+
+if TYPE_CHECKING:
+    from chalicelib.databases import DatabaseService
+
+log = logging.getLogger("instapg.expiry")
+
+PAGE_SIZE = 100
+# Buckets of tombstones whose drop is still pending (see DatabaseService.lease).
+LEFTOVER_BUCKETS = (FAILED, EXPIRED, DELETED)
+_TTL_PRINCIPAL = "dynamodb.amazonaws.com"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def has_live_database(record: DatabaseRecord) -> bool:
+    """Whether the record's database may still exist and may be dropped by an automatic path.
+
+    A whitelist: PROVISIONING, UNCLAIMED, and tombstones whose drop is still
+    pending. CLAIMED, a claim in flight, finished tombstones and any status
+    this code does not know are left alone.
+    """
+    if record.status in (PROVISIONING, UNCLAIMED):
+        return True
+    return record.status in TOMBSTONES and record.due_bucket is not None
+
+
+def references_name(record: DatabaseRecord) -> bool:
+    """Whether reconciliation must treat the record's names as in use.
+
+    Only finished tombstones (their drop is done) release their names; every
+    other status, including ones added later, keeps them.
+    """
+    return not (record.status in TOMBSTONES and record.due_bucket is None)
+
+
+# -- the stream handler ------------------------------------------------------------
+
+
+@dataclass
+class StreamSummary:
+    dropped: int = 0
+    skipped: int = 0
+    ignored: int = 0
+    failed: int = 0
+
+
+def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) -> StreamSummary:
+    """Drop the databases of REMOVEd records that still had one (a TTL deletion or any other delete).
+
+    `events` are the raw stream records (`{"eventName", "dynamodb": {"OldImage", ...}, "userIdentity"?}`).
+    A drop that fails is left to the purge through a tombstone written back;
+    only when even that write failed does this raise, so Lambda retries the batch.
+    """
+    summary = StreamSummary()
+    errors: list[Exception] = []
+    down: set[str] = set()  # hosts that refused a connection in this batch
+    for event in events:
+        try:
+            outcome = _handle_remove(service, event, down)
+        except Exception as exc:  # one bad record must not hide the others
+            log.error("stream record %s failed: %s", event.get("eventID"), _describe(exc))
+            summary.failed += 1
+            errors.append(exc)
+            continue
+        setattr(summary, outcome, getattr(summary, outcome) + 1)
+    log.info(json.dumps({"event": "stream", **asdict(summary)}))
+    if errors:
+        raise errors[0]
+    return summary
+
+
+def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[str]) -> str:
+    event_id = event.get("eventID")
+    if event.get("eventName") != "REMOVE":
+        return "ignored"
+    image = (event.get("dynamodb") or {}).get("OldImage")
+    if not image:
+        log.warning("stream record %s: REMOVE without an old image, cannot tell what it held: skipped", event_id)
+        return "skipped"
+    try:
+        old = DatabaseRecord.from_raw_data(image)
+    except Exception as exc:
+        log.warning("stream record %s: old image unreadable (%s): skipped", event_id, type(exc).__name__)
+        return "skipped"
+    identity = event.get("userIdentity") or {}
+    how = "TTL" if identity.get("principalId") == _TTL_PRINCIPAL else "delete"
+    if not has_live_database(old):
+        why = "claimed" if old.status not in TOMBSTONES else "a tombstone whose database is already dropped"
+        log.info("REMOVE (%s) of %s skipped: status %s, %s", how, old.id, old.status, why)
+        return "skipped"
+    # A replayed or odd event must not drop a database its record still holds
+    # (CLAIMED, or UNCLAIMED and left to the purge). Only our own tombstone
+    # with the drop pending (an earlier delivery of this event) lets it through.
+    current = service.find(old.id)
+    if current is not None and current.db_name == old.db_name:
+        if not (current.status in TOMBSTONES and current.due_bucket is not None):
+            log.info("REMOVE (%s) of %s skipped: the record still exists, status %s", how, old.id, current.status)
+            return "skipped"
+
+    tombstone = None
+    try:
+        tombstone = service.write_back_tombstone(old)
+    except Exception as exc:
+        log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
+    try:
+        if old.host_id in down:
+            # One connect timeout per host per batch is enough; the
+            # tombstone leaves the rest to the purge.
+            raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
+        service.drop_database(old)
+    except Exception as exc:
+        if isinstance(exc, postgres.HostUnavailable):
+            down.add(old.host_id)
+        if tombstone is None:
+            raise  # nothing left to retry from: let Lambda retry the batch
+        log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
+        return "failed"
+    if tombstone is not None:
+        service.finish_cleanup(tombstone)
+    log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
+    return "dropped"
+
+
+# -- the scheduled run -------------------------------------------------------------
+
+
+@dataclass
+class PurgeSummary:
+    expired_dropped: int = 0
+    stuck_failed: int = 0
+    leftovers_dropped: int = 0
+    orphans_seen: int = 0
+    orphans_dropped: int = 0
+    skipped: int = 0  # lost a conditional write: claimed meanwhile, or another run took it
+    failed: int = 0
+    hosts_unavailable: list[str] = field(default_factory=list)
+    hosts_reconciled: int = 0
+    stopped_early: bool = False
+    duration_ms: int = 0
+
+
+class _Run:
+    def __init__(self, service: DatabaseService, budget_s: float, page_size: int) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.deadline = time.monotonic() + budget_s
+        self.page_size = page_size
+        self.summary = PurgeSummary()
+        self.down: set[str] = set()
+
+    def time_left(self) -> bool:
+        if time.monotonic() >= self.deadline:
+            self.summary.stopped_early = True
+            return False
+        return True
+
+    def due(self, bucket: str) -> Iterator[DatabaseRecord]:
+        now = int(time.time())
+        # Pages are fetched lazily, so a run that stops early reads no more.
+        return DatabaseRecord.by_due.query(bucket, DatabaseRecord.due_at <= now, page_size=self.page_size)
+
+    def process(self, bucket: str, take, counter: str) -> None:
+        """Take each due record with `take` (a conditional write), drop its database, finish."""
+        for record in self.due(bucket):
+            if not self.time_left():
+                return
+            if record.host_id in self.down:
+                continue
+            if not take(record):
+                self.summary.skipped += 1
+                continue
+            if self.drop(record):
+                self.service.finish_cleanup(record)
+                setattr(self.summary, counter, getattr(self.summary, counter) + 1)
+
+    def drop(self, record: DatabaseRecord) -> bool:
+        try:
+            self.service.drop_database(record)
+            return True
+        except postgres.HostUnavailable as exc:
+            self.host_down(record.host_id, exc)
+        except Exception as exc:  # leased: the record is due again when the lease ends
+            log.error("drop of %s on %s failed: %s", record.id, record.host_id, _describe(exc))
+        self.summary.failed += 1
+        return False
+
+    def host_down(self, host_id: str, exc: Exception) -> None:
+        if host_id not in self.down:
+            log.error("host %s unavailable, skipped for this run: %s", host_id, _describe(exc))
+            self.down.add(host_id)
+            self.summary.hosts_unavailable.append(host_id)
+
+    # -- reconciliation --
+
+    def reconcile(self, host: HostRecord) -> None:
+        prefix = self.settings.name_prefix + "_"
+        try:
+            target = hostlib.target(host, self.settings)
+            # The catalog first, the records second: a create writes its record
+            # before its DDL, so every name listed here already has its record.
+            names = postgres.tenant_names(target, prefix)
+        except Exception as exc:
+            self.host_down(host.id, exc)
+            self.summary.failed += 1
+            return
+        referenced: set[str] = set()
+        for item in DatabaseRecord.by_host.query(host.id, page_size=max(self.page_size, 100)):
+            if not self.time_left():
+                return  # an incomplete picture: drop nothing on this host this run
+            if references_name(item):
+                referenced.update((item.db_name, item.role_name))
+        candidates = names - referenced
+
+        now = _now()
+        sightings = {s.name: s for s in OrphanSighting.query(host.id)}
+        for name, sighting in sightings.items():
+            if name not in candidates:  # gone, or referenced after all
+                sighting.delete()
+        grace = timedelta(seconds=self.settings.orphan_grace_s)
+        for name in sorted(candidates):
+            if not self.time_left():
+                return
+            sighting = sightings.get(name)
+            if sighting is None:
+                sighting = OrphanSighting(
+                    host_id=host.id, name=name, first_seen=now, expires_at=now + 4 * grace + timedelta(days=1)
+                )
+                sighting.save()
+                self.summary.orphans_seen += 1
+                log.info("orphan %s on host %s first seen", name, host.id)
+            if now - sighting.first_seen < grace:
+                continue
+            try:
+                postgres.drop_tenant(target, name, name)
+            except Exception as exc:
+                log.error("orphan %s on host %s not dropped: %s", name, host.id, _describe(exc))
+                self.summary.failed += 1
+                continue
+            sighting.delete()
+            self.summary.orphans_dropped += 1
+            log.info("orphan %s on host %s dropped", name, host.id)
+        self.summary.hosts_reconciled += 1
+
+
+def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:
+    """One purge run that takes no new work after `budget_s` seconds; logs one JSON summary line.
+
+    The local stack calls this on a timer (`chalice local` runs no schedules).
+    """
+    started = time.monotonic()
+    run = _Run(service, budget_s, page_size)
+    error = None
+    try:
+        # A warm Lambda keeps its host cache; a run works from the registry as it is now.
+        hosts = service.hosts.all(fresh=True)
+        run.process(UNCLAIMED, service.expire, "expired_dropped")
+        if run.time_left():
+            run.process(PROVISIONING, service.fail_stuck, "stuck_failed")
+        for bucket in LEFTOVER_BUCKETS:
+            if run.time_left():
+                run.process(bucket, service.lease, "leftovers_dropped")
+        if run.time_left():
+            for host in hosts:
+                if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:
+                    continue
+                if not run.time_left():
+                    break
+                run.reconcile(host)
+    except Exception as exc:  # DynamoDB unavailable, say: still one summary line, then fail the run
+        error = _describe(exc)
+        raise
+    finally:
+        run.summary.duration_ms = int((time.monotonic() - started) * 1000)
+        line = {"event": "purge", **asdict(run.summary)}
+        if error:
+            line["error"] = error
+        (log.error if error else log.info)(json.dumps(line))
+    return run.summary
+
+
+def run_lambda(service: DatabaseService, context: Any) -> PurgeSummary:
+    """The scheduled Lambda: budget is a fraction of the invocation's remaining time."""
+    remaining_s = context.get_remaining_time_in_millis() / 1000
+    return run_scheduled(service, remaining_s * service.settings.purge_time_fraction)
+
+
+def _describe(exc: BaseException) -> str:
+    """Type, SQLSTATE and first line: enough to act on, nothing secret (no DSNs or passwords here)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}{f' [{sqlstate}]' if sqlstate else ''}: {first}"
