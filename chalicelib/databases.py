@@ -505,6 +505,7 @@ class DatabaseService:
             if _is_conditional_failure(exc):
                 return False
             raise
+        return True
 
     # -- the warm pool (chalicelib.pool finds records and refills; statuses change here) --
 
