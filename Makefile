@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint bench clean package
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .local .pytest_cache .ruff_cache
+
+# One CloudFormation template (build/sam.json) + build/deployment.zip; no AWS access needed.
+package: $(STAMP)
+	$(PY) -m tools.package build

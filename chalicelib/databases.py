@@ -36,7 +36,7 @@ from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
 from chalicelib.settings import Plan, Settings
 from chalicelib.views import iso as _iso
 
-log = logging.getLogger("instapg.databases")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

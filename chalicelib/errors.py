@@ -18,7 +18,7 @@ from typing import Any
 from chalice import Response
 from chalice.app import ChaliceUnhandledError
 
-log = logging.getLogger("instapg.errors")
+log = logging.getLogger(__name__)
 
 
 # What an unknown path answers: API Gateway's gateway response in the deployed

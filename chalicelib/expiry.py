@@ -44,7 +44,7 @@ from chalicelib.models import (
 if TYPE_CHECKING:
     from chalicelib.databases import DatabaseService
 
-log = logging.getLogger("instapg.expiry")
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
 # Buckets of tombstones whose drop is still pending (see DatabaseService.lease).

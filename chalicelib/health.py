@@ -11,7 +11,7 @@ from chalicelib import postgres
 from chalicelib.databases import DatabaseService
 from chalicelib.models import HOST_ACTIVE, DatabaseRecord
 
-log = logging.getLogger("instapg.health")
+log = logging.getLogger(__name__)
 
 
 class HealthCheck:

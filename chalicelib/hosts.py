@@ -7,6 +7,7 @@ Placement reserves a slot on a host with one conditional write on the host's
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,8 @@ from pynamodb.exceptions import UpdateError
 from chalicelib import postgres
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
+
+log = logging.getLogger("instapg.hosts")
 
 
 class NoCapacity(Exception):
@@ -65,6 +68,30 @@ def admin_credentials(source: str, refresh: bool = False) -> Credentials:
         return _credentials[source]
 
 
+# At most one re-read per source in this many seconds, so a host that is down
+# does not turn every request into a Secrets Manager call.
+REFRESH_MIN_INTERVAL_S = 10.0
+_refreshed_at: dict[str, float] = {}
+
+
+def _refresher(source: str):
+    def refresh() -> tuple[str, str] | None:
+        with _lock:
+            now = time.monotonic()
+            due = now - _refreshed_at.get(source, float("-inf")) >= REFRESH_MIN_INTERVAL_S
+            if due:
+                _refreshed_at[source] = now
+        try:
+            # Not due: what the last re-read found (another request's, maybe).
+            creds = admin_credentials(source, refresh=due)
+        except Exception as exc:  # unreadable now: the caller reports its own connect failure
+            log.warning("re-reading admin credentials from %s failed: %s", source, type(exc).__name__)
+            return None
+        return creds.username, creds.password
+
+    return refresh
+
+
 def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postgres.Target:
     creds = admin_credentials(host.credentials, refresh=refresh)
     return postgres.Target(
@@ -75,6 +102,7 @@ def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postg
         dbname=host.admin_dbname,
         sslmode=host.sslmode,
         connect_timeout=settings.pg_connect_timeout_s,
+        refresh=_refresher(host.credentials),
     )
 
 

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
 
     from chalicelib.settings import Plan
 
-log = logging.getLogger("instapg.postgres")
+log = logging.getLogger(__name__)
 
 # Settings forced on the service's own sessions. A tenant can attach settings
 # to its database (ALTER DATABASE ... SET) that would slow down or break the
@@ -49,26 +49,43 @@ class Target:
     dbname: str
     sslmode: str
     connect_timeout: int = 5
+    # Reads the admin credentials again, (user, password), or None when they
+    # cannot be read. RDS rotates its master password; libpq reports a failed
+    # login without a SQLSTATE, so any failed connect asks once for fresh
+    # credentials and retries only if they changed.
+    refresh: Callable[[], tuple[str, str] | None] | None = field(default=None, repr=False, compare=False)
+
+    def _open(self, user: str, password: str, dbname: str | None) -> psycopg.Connection:
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=user,
+            password=password,
+            dbname=dbname or self.dbname,
+            sslmode=self.sslmode,
+            connect_timeout=self.connect_timeout,
+            options=_ADMIN_OPTIONS,
+            application_name="instapg",
+            autocommit=True,
+        )
 
     @contextmanager
     def connect(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
         import psycopg
 
         try:
-            conn = psycopg.connect(
-                host=self.host,
-                port=self.port,
-                user=self.user,
-                password=self.password,
-                dbname=dbname or self.dbname,
-                sslmode=self.sslmode,
-                connect_timeout=self.connect_timeout,
-                options=_ADMIN_OPTIONS,
-                application_name="instapg",
-                autocommit=True,
-            )
+            conn = self._open(self.user, self.password, dbname)
         except psycopg.OperationalError as exc:
-            raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
+            fresh = self.refresh() if self.refresh else None
+            if fresh is None or fresh == (self.user, self.password):
+                raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
+            log.info("admin credentials for %s:%s changed; retrying with the new ones", self.host, self.port)
+            try:
+                conn = self._open(*fresh, dbname)
+            except psycopg.OperationalError as exc2:
+                raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc2)}") from None
         try:
             yield conn
         finally:

@@ -7,7 +7,6 @@ service. Tests call `reset()` after changing the environment.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,26 +14,15 @@ if TYPE_CHECKING:
     from chalicelib.health import HealthCheck
 
 
-def _init_logging() -> None:
-    logger = logging.getLogger("instapg")
-    logger.setLevel(logging.INFO)
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        logger.addHandler(handler)
-
-
 @functools.lru_cache(maxsize=1)
 def databases() -> DatabaseService:
-    from chalicelib import models
-    from chalicelib.crypto import KeyRing
+    from chalicelib import keyrings, models
     from chalicelib.databases import DatabaseService
     from chalicelib.settings import get_settings
 
-    _init_logging()
     settings = get_settings()
     models.configure(settings)
-    return DatabaseService(settings, KeyRing.parse(settings.keyring))
+    return DatabaseService(settings, keyrings.load(settings))
 
 
 @functools.lru_cache(maxsize=1)

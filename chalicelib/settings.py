@@ -40,6 +40,7 @@ class Settings:
     dynamodb_endpoint: str | None
     public_url: str | None
     keyring: str = field(repr=False)
+    keyring_secret_arn: str | None
     name_prefix: str
     plans: Mapping[str, Plan]
     tombstone_ttl_s: int
@@ -75,6 +76,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "INSTAPG_KEYRING",
         "",
         "Credential encryption keys, `kid:base64key,...` (32-byte keys); the first is primary, the rest only decrypt.",
+    ),
+    (
+        "INSTAPG_KEYRING_SECRET_ARN",
+        "",
+        "Secrets Manager secret holding the key ring (production); when set, INSTAPG_KEYRING is ignored.",
     ),
     (
         "INSTAPG_NAME_PREFIX",
@@ -184,6 +190,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
         public_url=(env.get("INSTAPG_PUBLIC_URL") or "").rstrip("/") or None,
         keyring=env.get("INSTAPG_KEYRING", ""),
+        keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
         name_prefix=get("INSTAPG_NAME_PREFIX"),
         plans=plans,
         tombstone_ttl_s=_int(env, "INSTAPG_TOMBSTONE_TTL_SECONDS"),

@@ -112,6 +112,21 @@ class DevStack:
         thread.start()
         self.background.append(thread)
 
+        # chalice local runs no schedules: run the scheduled job here, on a timer.
+        self.interval = settings.local_purge_interval_s
+        timer = threading.Thread(target=self._scheduled_loop, name="scheduled", daemon=True)
+        timer.start()
+        self.background.append(timer)
+
+    def _scheduled_loop(self) -> None:
+        from chalicelib import expiry, services
+
+        while not self.stopping.wait(self.interval):
+            try:
+                expiry.run_scheduled(services.databases(), budget_s=self.interval * 0.8)
+            except Exception as exc:  # keep the timer alive; the run logged its summary
+                _say(f"scheduled run failed: {type(exc).__name__}")
+
     def _refill_pool(self, every_s: float = 5.0, budget_s: float = 20.0) -> None:
         from chalicelib import pool, services
 
@@ -125,6 +140,9 @@ class DevStack:
     def banner(self) -> None:
         url = f"http://127.0.0.1:{self.port}"
         _say(f"api       {url} (chalice local)")
+        _say(
+            f"purge     every {self.interval}s (the scheduled job, run by this stack: chalice local runs no schedules)"
+        )
         _say("ready. Try:")
         print(
             f"\n  curl -X POST {url}/api/v1/database -H 'Content-Type: application/json' -d '{{\"ref\":\"readme\"}}'\n",
@@ -144,6 +162,9 @@ class DevStack:
 
 
 def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="[instapg] %(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     port = int(os.environ.get("PORT", "8000"))
     data_dir = Path(os.environ.get("INSTAPG_DEV_DIR", ROOT / ".local")).resolve()
     stack = DevStack(data_dir, port)

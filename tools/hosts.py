@@ -1,169 +1,187 @@
-"""Operator command for the Postgres hosts that carry tenant databases.
+"""Operator command: the Postgres hosts that carry tenant databases.
 
-    python -m tools.hosts add ID --hostname H [--port 5432] --credentials env:VAR|secretsmanager:ARN --capacity N
-    python -m tools.hosts list
-    python -m tools.hosts drain ID      # no new databases; existing ones keep working and expiring
-    python -m tools.hosts activate ID   # take new databases again
-    python -m tools.hosts remove ID     # only a DRAINING host with no database left (pool included)
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts add --id rds-1 --hostname db.xxxx.us-east-2.rds.amazonaws.com \\
+        --credentials secretsmanager:arn:aws:secretsmanager:us-east-2:123456789012:secret:rds!db-... --capacity 500
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts list
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts drain --id rds-1   # no new databases there
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts activate --id rds-1   # new databases again
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts remove --id rds-1   # a drained, empty host
 
-It talks to the DynamoDB tables the environment names (INSTAPG_TABLE_PREFIX,
-AWS_REGION, INSTAPG_DYNAMODB_ENDPOINT), like the service. One function per
-subcommand, so new subcommands merge without touching the others.
+`add` connects to the host as its admin first (checks CREATEROLE/CREATEDB,
+revokes PUBLIC's CONNECT on postgres/template1), so run it from somewhere that
+reaches the host (inside the VPC); `--no-check` only writes the record.
+Running `add` again for the same id updates the host and keeps its count.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable
-
-from chalicelib.settings import Settings, load
+from datetime import UTC, datetime
 
 
-class CommandError(Exception):
-    """A refusal the operator can act on (printed, exit status 1)."""
+def _settings():
+    from chalicelib import models
+    from chalicelib.settings import load
+
+    settings = load()
+    models.configure(settings)
+    return settings
 
 
-def cmd_add(args: argparse.Namespace, settings: Settings) -> dict:
-    """Register (or update) a host after checking its admin can create tenants."""
-    from chalicelib import hosts
+def add(args) -> int:
+    from chalicelib import hosts, postgres
+    from chalicelib.models import HOST_ACTIVE, HostRecord
 
-    record, warnings = hosts.register(
-        settings,
-        args.id,
-        args.hostname,
-        args.port,
-        args.credentials,
+    settings = _settings()
+    fields = dict(
+        hostname=args.hostname,
+        port=args.port,
+        credentials=args.credentials,
         capacity=args.capacity,
         sslmode=args.sslmode,
         pooler_hostname=args.pooler_hostname,
         pooler_port=args.pooler_port,
+        admin_dbname=args.admin_dbname,
         logical_replication=args.logical_replication,
     )
-    return {"host": _describe(record), "warnings": warnings}
+    if args.no_check:
+        try:
+            existing = HostRecord.get(args.id)
+        except HostRecord.DoesNotExist:
+            existing = None
+        HostRecord(
+            id=args.id,
+            status=existing.status if existing else HOST_ACTIVE,
+            allocated=int(existing.allocated or 0) if existing else 0,
+            created_at=existing.created_at if existing else datetime.now(UTC),
+            **fields,
+        ).save()
+        print(f"host {args.id} saved without checking it (run `add` without --no-check from inside the VPC)")
+        return 0
+    try:
+        _, warnings = hosts.register(settings, args.id, **fields)
+    except (hosts.CredentialsError, postgres.HostUnavailable, ValueError) as exc:
+        # The message names the host and the problem, never the password.
+        print(f"host {args.id} not added: {exc}", file=sys.stderr)
+        return 1
+    for warning in warnings:
+        print(f"warning: {warning}")
+    print(f"host {args.id} added: {args.hostname}:{args.port}, capacity {args.capacity}")
+    return 0
 
 
-def cmd_list(args: argparse.Namespace, settings: Settings) -> dict:  # noqa: ARG001 - same signature for all
+def list_hosts(args) -> int:
     from chalicelib.models import HostRecord
 
-    return {"hosts": [_describe(h) for h in sorted(HostRecord.scan(), key=lambda h: h.id)]}
+    _settings()
+    rows = sorted(HostRecord.scan(), key=lambda h: h.id)
+    print(f"{'ID':<16} {'STATUS':<9} {'ALLOCATED':>9} {'CAPACITY':>8}  ENDPOINT")
+    for h in rows:
+        pooler = f" (pooler {h.pooler_hostname}:{h.pooler_port or h.port})" if h.pooler_hostname else ""
+        print(
+            f"{h.id:<16} {h.status:<9} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
+        )
+    if not rows:
+        print("(no hosts: add one with `python -m tools.hosts add ...`)")
+    return 0
 
 
-def cmd_drain(args: argparse.Namespace, settings: Settings) -> dict:  # noqa: ARG001
-    from chalicelib.models import HOST_DRAINING
+def drain(args) -> int:
+    from pynamodb.exceptions import UpdateError
 
-    return {"host": _describe(_set_status(args.id, HOST_DRAINING))}
+    from chalicelib.models import HOST_DRAINING, HostRecord
+
+    _settings()
+    try:
+        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_DRAINING)], condition=HostRecord.id.exists())
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        raise
+    print(f"host {args.id} is draining: it keeps its databases and gets no new ones")
+    return 0
 
 
-def cmd_activate(args: argparse.Namespace, settings: Settings) -> dict:  # noqa: ARG001
-    from chalicelib.models import HOST_ACTIVE
+def activate(args) -> int:
+    """Undo `drain`: the host takes new databases again."""
+    from pynamodb.exceptions import UpdateError
 
-    return {"host": _describe(_set_status(args.id, HOST_ACTIVE))}
+    from chalicelib.models import HOST_ACTIVE, HostRecord
+
+    _settings()
+    try:
+        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_ACTIVE)], condition=HostRecord.id.exists())
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        raise
+    print(f"host {args.id} is active: it gets new databases")
+    return 0
 
 
-def cmd_remove(args: argparse.Namespace, settings: Settings) -> dict:  # noqa: ARG001
-    """Forget a drained, empty host. The condition makes it safe against a racing create."""
+def remove(args) -> int:
+    """Forget a drained host that carries nothing any more (its warm pool included).
+
+    The condition makes it safe against a create racing the removal: a
+    create's slot reservation needs the host ACTIVE, and the delete needs it
+    DRAINING with nothing allocated.
+    """
     from pynamodb.exceptions import DeleteError
 
     from chalicelib.models import HOST_DRAINING, HostRecord
 
-    host = _get(args.id)
+    _settings()
     try:
-        host.delete(condition=(HostRecord.status == HOST_DRAINING) & (HostRecord.allocated == 0))
+        HostRecord(id=args.id).delete(condition=(HostRecord.status == HOST_DRAINING) & (HostRecord.allocated == 0))
     except DeleteError as exc:
         if exc.cause_response_code != "ConditionalCheckFailedException":
             raise
-        host = _get(args.id)
+        try:
+            host = HostRecord.get(args.id, consistent_read=True)
+        except HostRecord.DoesNotExist:
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
         if host.status != HOST_DRAINING:
-            raise CommandError(f"host {args.id} is {host.status}: drain it first") from None
-        raise CommandError(
-            f"host {args.id} still carries {int(host.allocated)} database(s) (pooled ones included); "
-            "they go when they expire or are deleted, and the scheduled job empties a draining host's pool"
-        ) from None
-    return {"removed": args.id}
-
-
-def _get(host_id: str):
-    from chalicelib.models import HostRecord
-
-    try:
-        return HostRecord.get(host_id, consistent_read=True)
-    except HostRecord.DoesNotExist:
-        raise CommandError(f"no host {host_id!r}") from None
-
-
-def _set_status(host_id: str, status: str):
-    from chalicelib.models import HostRecord
-
-    host = _get(host_id)
-    host.update(actions=[HostRecord.status.set(status)], condition=HostRecord.id.exists())
-    return host
-
-
-def _describe(host) -> dict:
-    return {
-        "id": host.id,
-        "status": host.status,
-        "endpoint": f"{host.hostname}:{int(host.port)}",
-        "pooler": f"{host.pooler_hostname}:{int(host.pooler_port or host.port)}" if host.pooler_hostname else None,
-        "sslmode": host.sslmode,
-        "credentials": host.credentials,  # where they live, never the secret
-        "capacity": int(host.capacity),
-        "allocated": int(host.allocated or 0),
-        "logical_replication": bool(host.logical_replication),
-    }
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], dict]] = {
-    "add": cmd_add,
-    "list": cmd_list,
-    "drain": cmd_drain,
-    "activate": cmd_activate,
-    "remove": cmd_remove,
-}
-
-
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m tools.hosts", description="Manage instapg's Postgres hosts.")
-    sub = top.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("add", help="register or update a host (checks its admin first)")
-    add.add_argument("id")
-    add.add_argument("--hostname", required=True)
-    add.add_argument("--port", type=int, default=5432)
-    add.add_argument("--credentials", required=True, help="env:VAR or secretsmanager:ARN (JSON username/password)")
-    add.add_argument("--capacity", type=int, required=True, help="most databases the host carries, pool included")
-    add.add_argument("--sslmode", default="require")
-    add.add_argument("--pooler-hostname")
-    add.add_argument("--pooler-port", type=int)
-    add.add_argument("--logical-replication", action="store_true")
-    sub.add_parser("list", help="every host, with capacity and allocation")
-    for name, text in (
-        ("drain", "no new databases on the host"),
-        ("activate", "new databases on the host again"),
-        ("remove", "forget a drained, empty host"),
-    ):
-        sub.add_parser(name, help=text).add_argument("id")
-    return top
+            print(f"host {args.id} is {host.status}: drain it first", file=sys.stderr)
+        else:
+            print(
+                f"host {args.id} still carries {int(host.allocated or 0)} database(s), pooled ones included: they "
+                "go as they expire or are deleted, and the scheduled job empties a draining host's pool",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"host {args.id} removed")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from chalicelib import models
-
-    settings = load()
-    models.configure(settings)
-    from chalicelib.hosts import CredentialsError
-    from chalicelib.postgres import HostUnavailable
-
-    try:
-        result = COMMANDS[args.command](args, settings)
-    # ValueError: check_admin's refusal of an admin that cannot create tenants.
-    except (CommandError, HostUnavailable, CredentialsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
+    parser = argparse.ArgumentParser(description="Manage instapg's Postgres hosts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_add = sub.add_parser("add", help="register a host, or update one")
+    p_add.add_argument("--id", required=True)
+    p_add.add_argument("--hostname", required=True)
+    p_add.add_argument("--port", type=int, default=5432)
+    p_add.add_argument("--credentials", required=True, help="secretsmanager:ARN (RDS master secret) or env:VAR")
+    p_add.add_argument("--capacity", type=int, required=True, help="most databases on this host")
+    p_add.add_argument("--sslmode", default="require")
+    p_add.add_argument("--pooler-hostname", help="e.g. an RDS Proxy endpoint, for the pooled connection string")
+    p_add.add_argument("--pooler-port", type=int)
+    p_add.add_argument("--admin-dbname", default="postgres")
+    p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")
+    p_add.add_argument("--no-check", action="store_true", help="write the record without connecting to the host")
+    sub.add_parser("list", help="list the hosts")
+    p_drain = sub.add_parser("drain", help="stop placing new databases on a host")
+    p_drain.add_argument("--id", required=True)
+    p_activate = sub.add_parser("activate", help="place new databases on a drained host again")
+    p_activate.add_argument("--id", required=True)
+    p_remove = sub.add_parser("remove", help="forget a drained host with no database left")
+    p_remove.add_argument("--id", required=True)
+    args = parser.parse_args(argv)
+    commands = {"add": add, "list": list_hosts, "drain": drain, "activate": activate, "remove": remove}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""`make package`: one CloudFormation template for the whole deployment.
+
+    python -m tools.package [--stage prod] [OUTDIR]
+
+Runs `chalice package --merge-template` with infra/resources.yaml plus an
+overlay computed here from the app's handlers, because chalice names every
+function's resources after its handler and a static merge template would have
+to repeat those names. The overlay
+
+- points each DynamoDB stream event source at `DatabasesTable.StreamArn`
+  (chalice writes the ARN app.py had at package time, a placeholder);
+- replaces each function role's policy with only what that kind of function
+  uses (the API: tables and secrets; the stream handler: also the stream;
+  scheduled jobs: tables and secrets);
+- sets the environment (table prefix, key ring secret) and VPC placement.
+
+chalice package needs AWS_DEFAULT_REGION and no AWS access; it fetches Linux
+wheels from PyPI on first use and caches the zip in .chalice/deployments/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra" / "resources.yaml"
+STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler
+
+# What every function may do on every table of infra/resources.yaml.
+TABLE_ACTIONS = [
+    "dynamodb:BatchGetItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:DescribeTable",
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:Query",
+    "dynamodb:Scan",
+    "dynamodb:UpdateItem",
+]
+STREAM_ACTIONS = ["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"]
+# Lambda in a VPC manages its network interfaces; AWS does not support
+# resource-level permissions for these, hence "*" with three named actions.
+VPC_ACTIONS = ["ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface", "ec2:DescribeNetworkInterfaces"]
+
+
+def load_infra(path: Path = INFRA) -> dict[str, Any]:
+    """infra/resources.yaml as a dict (short-form intrinsics like !Ref become their long form)."""
+    from chalice.package import YAMLTemplateSerializer
+
+    return YAMLTemplateSerializer().load_template(path.read_text(), str(path))
+
+
+def functions(app) -> list[tuple[str, str]]:
+    """(handler name, kind) of every Lambda function chalice will generate: kind is api, stream or schedule."""
+    from chalice.app import CloudWatchEventConfig, DynamoDBEventConfig, ScheduledEventConfig
+
+    found: list[tuple[str, str]] = []
+    if app.routes:
+        found.append(("api_handler", "api"))
+    for source in app.event_sources:
+        if isinstance(source, DynamoDBEventConfig):
+            found.append((source.name, "stream"))
+        elif isinstance(source, (ScheduledEventConfig, CloudWatchEventConfig)):
+            found.append((source.name, "schedule"))
+        else:
+            raise SystemExit(f"tools/package.py does not know event source {type(source).__name__}: add it")
+    if app.pure_lambda_functions:
+        raise SystemExit("tools/package.py does not handle @app.lambda_function yet: add it")
+    return found
+
+
+def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
+    table_arns: list[Any] = []
+    for table in tables:
+        table_arns += [{"Fn::GetAtt": [table, "Arn"]}, {"Fn::Sub": f"${{{table}.Arn}}/index/*"}]
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "Logs",
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+            "Resource": {
+                "Fn::Sub": "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:/aws/lambda/${AWS::StackName}-*"
+            },
+        },
+        {"Sid": "Metadata", "Effect": "Allow", "Action": TABLE_ACTIONS, "Resource": table_arns},
+        {
+            "Sid": "Secrets",
+            "Effect": "Allow",
+            "Action": ["secretsmanager:GetSecretValue"],
+            "Resource": {
+                "Fn::Split": [
+                    ",",
+                    {
+                        "Fn::Join": [
+                            ",",
+                            [{"Ref": "KeyRingSecret"}, {"Fn::Join": [",", {"Ref": "HostAdminSecretArns"}]}],
+                        ]
+                    },
+                ]
+            },
+        },
+    ]
+    if kind == "stream":
+        statements.append(
+            {
+                "Sid": "Stream",
+                "Effect": "Allow",
+                "Action": STREAM_ACTIONS,
+                "Resource": {"Fn::GetAtt": [STREAM_TABLE, "StreamArn"]},
+            }
+        )
+        statements.append(
+            {"Sid": "ListStreams", "Effect": "Allow", "Action": ["dynamodb:ListStreams"], "Resource": "*"}
+        )
+    statements.append(
+        {
+            "Fn::If": [
+                "InVpc",
+                {"Sid": "VpcNetworking", "Effect": "Allow", "Action": VPC_ACTIONS, "Resource": "*"},
+                {"Ref": "AWS::NoValue"},
+            ]
+        }
+    )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
+    """The per-function part of the merge template."""
+    from chalice.utils import to_cfn_resource_name
+
+    tables = [name for name, res in infra["Resources"].items() if res.get("Type") == "AWS::DynamoDB::Table"]
+    resources: dict[str, Any] = {}
+    for name, kind in functions(app):
+        function = "APIHandler" if kind == "api" else to_cfn_resource_name(name)
+        role = to_cfn_resource_name(f"{name}_role")
+        resources[role] = {
+            "Properties": {"Policies": [{"PolicyName": f"{role}Policy", "PolicyDocument": _policy(kind, tables)}]}
+        }
+        props: dict[str, Any] = {
+            "Environment": {
+                "Variables": {
+                    "INSTAPG_TABLE_PREFIX": {"Ref": "TablePrefix"},
+                    "INSTAPG_KEYRING_SECRET_ARN": {"Ref": "KeyRingSecret"},
+                    "INSTAPG_PUBLIC_URL": {"Ref": "PublicUrl"},
+                }
+            },
+            "VpcConfig": {
+                "Fn::If": [
+                    "InVpc",
+                    {"SubnetIds": {"Ref": "SubnetIds"}, "SecurityGroupIds": {"Ref": "SecurityGroupIds"}},
+                    {"Ref": "AWS::NoValue"},
+                ]
+            },
+        }
+        if kind == "stream":
+            event = to_cfn_resource_name(f"{name}-dynamodb-event-source")
+            props["Events"] = {
+                event: {
+                    "Properties": {
+                        "Stream": {"Fn::GetAtt": [STREAM_TABLE, "StreamArn"]},
+                        # A poison record must not stall the stream; the
+                        # scheduled purge and reconciliation catch what is skipped.
+                        "MaximumRetryAttempts": 10,
+                        "BisectBatchOnFunctionError": True,
+                    }
+                }
+            }
+        resources[function] = {"Properties": props}
+    return {"Resources": resources}
+
+
+def merge_template(app, infra_path: Path = INFRA) -> dict[str, Any]:
+    """infra/resources.yaml with the overlay merged in (the overlay wins on conflicts)."""
+    from chalice.package import TemplateDeepMerger
+
+    infra = load_infra(infra_path)
+    return TemplateDeepMerger().merge(overlay(app, infra), infra)
+
+
+def load_app(project_dir: Path, stage: str):
+    from chalice.cli import factory
+
+    # Another project's app.py may already be imported under the same name.
+    sys.modules.pop("app", None)
+    cli = factory.CLIFactory(str(project_dir))
+    config = cli.create_config_obj(chalice_stage_name=stage)
+    return cli.load_chalice_app(config.environment_variables)
+
+
+def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT) -> Path:
+    """Write deployment.zip and sam.json (the one template) into `outdir`; returns the template's path."""
+    env = {**os.environ, "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-2")}
+    app = load_app(project_dir, stage)
+    outdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = Path(tmp) / "merge.json"
+        merged.write_text(json.dumps(merge_template(app, project_dir / "infra" / "resources.yaml"), indent=2))
+        subprocess.run(
+            [str(Path(sys.executable).parent / "chalice"), "--project-dir", str(project_dir), "package"]
+            + ["--stage", stage, "--merge-template", str(merged), str(outdir)],
+            check=True,
+            env=env,
+        )
+    return outdir / "sam.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", nargs="?", default="build", type=Path)
+    parser.add_argument("--stage", default="prod")
+    args = parser.parse_args(argv)
+    template = package(args.outdir.resolve(), args.stage)
+    print(f"wrote {template} and {template.parent / 'deployment.zip'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
