@@ -20,7 +20,7 @@ from chalicelib import postgres
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
-log = logging.getLogger("instapg.hosts")
+log = logging.getLogger(__name__)
 
 
 class NoCapacity(Exception):

@@ -17,7 +17,7 @@ import time
 from chalicelib.crypto import KeyRing, KeyRingError, Sealed
 from chalicelib.settings import Settings
 
-log = logging.getLogger("instapg.keyrings")
+log = logging.getLogger(__name__)
 
 # How stale a warm Lambda's copy of the ring may get before encrypting with
 # it re-reads the secret (one GetSecretValue per interval per instance).

@@ -31,9 +31,9 @@ def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
 
     desc = dynamodb.describe_table(TableName="ipg-boot-databases")["Table"]
     assert desc["StreamSpecification"] == {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
-    (gsi,) = desc["GlobalSecondaryIndexes"]
-    assert gsi["IndexName"] == "by_due"
-    assert gsi["KeySchema"] == [
+    gsis = {g["IndexName"]: g for g in desc["GlobalSecondaryIndexes"]}
+    assert set(gsis) == {"by_due", "by_host"}
+    assert gsis["by_due"]["KeySchema"] == [
         {"AttributeName": "due_bucket", "KeyType": "HASH"},
         {"AttributeName": "due_at", "KeyType": "RANGE"},
     ]
@@ -91,12 +91,13 @@ def test_bootstrap_completes_a_table_made_without_index_stream_and_ttl(dynamodb,
     result = bootstrap.bootstrap("prod", "ipg-part", "us-east-2", config, log=lambda _: None)
     assert result["databases"]["changes"] == [
         "created index by_due",
+        "created index by_host",
         "enabled stream",
         "enabled TTL on expires_at",
         "enabled point-in-time recovery",
     ]
     desc = dynamodb.describe_table(TableName="ipg-part-databases")["Table"]
-    assert [g["IndexName"] for g in desc["GlobalSecondaryIndexes"]] == ["by_due"]
+    assert sorted(g["IndexName"] for g in desc["GlobalSecondaryIndexes"]) == ["by_due", "by_host"]
     assert (
         json.loads(config.read_text())["stages"]["prod"]["environment_variables"]["INSTAPG_STREAM_ARN"]
         == (desc["LatestStreamArn"])

@@ -31,9 +31,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra" / "resources.yaml"
-STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler
+STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler (models: "databases")
 
-# What every function may do on every table of infra/resources.yaml.
+# What every function may do on every table (one per model, see table_resources).
 TABLE_ACTIONS = [
     "dynamodb:BatchGetItem",
     "dynamodb:DeleteItem",
@@ -131,12 +131,50 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def table_resources() -> dict[str, Any]:
+    """One AWS::DynamoDB::Table per model in chalicelib/models.py, as tools/bootstrap.py creates them.
+
+    Generated rather than written in infra/resources.yaml, so that a new model
+    is deployed without a second definition to keep in step.
+    """
+    from chalicelib import models
+    from tools.bootstrap import table_spec, ttl_attribute
+
+    resources: dict[str, Any] = {}
+    for model in models.MODELS:
+        suffix = models._SUFFIXES[model]
+        props: dict[str, Any] = {
+            "TableName": {"Fn::Sub": f"${{TablePrefix}}-{suffix}"},
+            "BillingMode": "PAY_PER_REQUEST",
+            **table_spec(model),
+            "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+            "SSESpecification": {"SSEEnabled": True},
+        }
+        ttl = ttl_attribute(model)
+        if ttl:
+            props["TimeToLiveSpecification"] = {"AttributeName": ttl, "Enabled": True}
+        stream_view = getattr(model.Meta, "stream_view_type", None)
+        if stream_view:
+            props["StreamSpecification"] = {"StreamViewType": stream_view}
+        resources[table_logical_id(suffix)] = {
+            "Type": "AWS::DynamoDB::Table",
+            "DeletionPolicy": "Retain",
+            "UpdateReplacePolicy": "Retain",
+            "Properties": props,
+        }
+    return resources
+
+
+def table_logical_id(suffix: str) -> str:
+    return suffix.capitalize() + "Table"
+
+
 def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
-    """The per-function part of the merge template."""
+    """The generated part of the merge template: the tables and the per-function settings."""
     from chalice.utils import to_cfn_resource_name
 
-    tables = [name for name, res in infra["Resources"].items() if res.get("Type") == "AWS::DynamoDB::Table"]
-    resources: dict[str, Any] = {}
+    resources: dict[str, Any] = table_resources()
+    tables = list(resources)
     for name, kind in functions(app):
         function = "APIHandler" if kind == "api" else to_cfn_resource_name(name)
         role = to_cfn_resource_name(f"{name}_role")
