@@ -159,3 +159,32 @@ def test_shrinking_the_pool_drops_the_extra_databases(service, host, pg):
 def test_pool_size_zero_keeps_no_pool(service, host, size):
     assert _refill(service, size).added == 0
     assert _pooled() == []
+
+
+def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg_env):
+    from chalicelib import expiry, postgres, services
+    from chalicelib import hosts as hostlib
+
+    _refill(service, 2)
+    pooled_roles = {r.role_name for r in _pooled()}
+    # A prefixed tenant no record references: reconciliation must drop it, and only it.
+    stray = service.settings.name_prefix + "_stray"
+    postgres.create_tenant(
+        hostlib.target(host, service.settings), stray, stray, "unused-password", service.settings.plan("unclaimed")
+    )
+    instapg_env.setenv("INSTAPG_ORPHAN_GRACE_SECONDS", "0")
+    services.reset()
+    fresh = services.databases()
+    for _ in range(2):  # first sighting, then the drop once the (zero) grace has passed
+        summary = expiry.run_scheduled(fresh, budget_s=60)
+        assert summary.hosts_reconciled == 1
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        left = {
+            name
+            for (name,) in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (service.settings.name_prefix + "_%",)
+            )
+        }
+    assert stray not in left
+    assert pooled_roles <= left
+    assert {r.role_name for r in _pooled()} == pooled_roles
