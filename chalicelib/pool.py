@@ -28,7 +28,7 @@ from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord
 if TYPE_CHECKING:
     from chalicelib.databases import DatabaseService
 
-log = logging.getLogger("instapg.pool")
+log = logging.getLogger(__name__)
 
 BUCKET_PREFIX = POOLED + "#"
 # How many pooled records one take looks at. Concurrent creates each pick at

@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    logging.getLogger("instapg").setLevel(logging.WARNING)  # one line per create would drown the table
-    logging.getLogger("instapg").propagate = False
+    logging.getLogger("chalicelib").setLevel(logging.WARNING)  # one line per create would drown the table
+    logging.getLogger("chalicelib").propagate = False
 
     data_dir = Path(os.environ.get("INSTAPG_BENCH_DIR", ROOT / ".local" / "bench")).resolve()
     started = time.monotonic()
