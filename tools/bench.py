@@ -22,6 +22,8 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -199,19 +201,50 @@ class Bench:
                     assert response.status_code == 201, response.body
             return times
 
+        from chalicelib import postgres
+        from chalicelib.databases import DatabaseService
+
+        parts: dict[str, list[float]] = {"ddl": [], "take_write": [], "alter_role": []}
         self.refill(0)
-        on_demand = run("on demand")
+        with _timed(postgres, "create_tenant", parts["ddl"]):
+            on_demand = run("on demand")
         self.refill(n + 3)
         with Client(app) as client:  # warm-up: opens the kept admin session, fills the candidate cache
             for _ in range(3):
                 client.http.post("/api/v1/database", body=body, headers=headers)
-        pooled = run("pooled")
+        with (
+            _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
+            _timed(postgres, "open_tenant", parts["alter_role"]),
+        ):
+            pooled = run("pooled")
         how = "POST /api/v1/database through chalice.test.Client, sequential"
         for label, times in (("on_demand", on_demand), ("pooled", pooled)):
             for p in (50, 95, 99):
                 self.add(f"create_{label}_p{p}", _ms(_pct(times, p)), "ms", n, f"{how}, {label.replace('_', ' ')}")
         ratio = statistics.median(on_demand) / statistics.median(pooled)
         self.add("create_p50_ratio", round(ratio, 1), "x", n, "on-demand p50 / pooled p50, same run")
+        # Where a create's time goes, measured inside the runs above.
+        self.add(
+            "part_ddl_p50",
+            _ms(_pct(parts["ddl"], 50)),
+            "ms",
+            len(parts["ddl"]),
+            "on demand: postgres.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
+        )
+        self.add(
+            "part_take_write_p50",
+            _ms(_pct(parts["take_write"], 50)),
+            "ms",
+            len(parts["take_write"]),
+            "pooled: the conditional put POOLED -> UNCLAIMED (incl. sealing the password)",
+        )
+        self.add(
+            "part_alter_role_p50",
+            _ms(_pct(parts["alter_role"], 50)),
+            "ms",
+            len(parts["alter_role"]),
+            "pooled: postgres.open_tenant (SCRAM verifier + ALTER ROLE LOGIN PASSWORD on a kept connection)",
+        )
 
     def time_to_first_query(self) -> None:
         import psycopg
@@ -358,6 +391,26 @@ class Bench:
             1,
             "deployment.zip from `chalice package` (app.py, chalicelib/, requirements.txt; Linux wheels)",
         )
+
+
+@contextlib.contextmanager
+def _timed(owner, name: str, into: list[float]):
+    """Record the duration of every call of `owner.name` while the block runs."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t)
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
