@@ -276,7 +276,10 @@ class Bench:
         self.refill(0)  # on demand: what the hosts sustain once the pool is empty
 
         def one(i: int) -> tuple[int, dict]:
-            return _post(self.base + "/api/v1/database", {"ref": f"tp{i}"})
+            try:
+                return _post(self.base + "/api/v1/database", {"ref": f"tp{i}"})
+            except OSError as exc:  # counted as a failed create, not the end of the bench
+                return 0, {"error": type(exc).__name__}
 
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=16) as executor:
