@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pynamodb.exceptions import DeleteError, PutError, UpdateError
+from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib import hosts as hostlib
 from chalicelib import pool, postgres
@@ -67,7 +67,7 @@ def _reason(cause: Exception) -> str:
     return type(cause).__name__
 
 
-def _is_conditional_failure(exc: PutError | UpdateError | DeleteError) -> bool:
+def _is_conditional_failure(exc: PutError | UpdateError) -> bool:
     return exc.cause_response_code == "ConditionalCheckFailedException"
 
 
@@ -629,15 +629,30 @@ class DatabaseService:
         )
 
     def discard_pooled(self, record: DatabaseRecord, host: HostRecord) -> bool:
-        """Drop a pooled database nobody took (its host drains, or the pool shrank); False if it was taken."""
-        try:
-            record.delete(condition=DatabaseRecord.status == POOLED)
-        except DeleteError as exc:
-            if _is_conditional_failure(exc):
-                return False
-            raise
-        # Record first, then the drop: a crash in between leaves a NOLOGIN
-        # orphan that reconciliation drops after its grace period.
+        """Drop a pooled database nobody took (its host drains, or the pool shrank); False if it was taken.
+
+        The conditional write POOLED -> FAILED is also the purge's lease
+        (see `lease`): if the drop fails or this process dies, the record is
+        due again when the lease ends and the purge drops it and frees the slot.
+        """
+        now = _now()
+        taken = self._conditional(
+            record,
+            [
+                DatabaseRecord.status.set(FAILED),
+                DatabaseRecord.failure.set("discarded from the pool"),
+                DatabaseRecord.ended_at.set(now),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.secret_key_id.remove(),
+                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
+                DatabaseRecord.due_bucket.set(FAILED),
+                DatabaseRecord.due_at.set(self._lease_until(now)),
+            ],
+            DatabaseRecord.status == POOLED,
+        )
+        if not taken:
+            return False
         postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
-        hostlib.release(host.id)
+        self.finish_cleanup(record)
         return True

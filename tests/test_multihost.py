@@ -163,3 +163,18 @@ def test_a_host_marked_down_is_still_tried_when_no_other_can_answer(client, serv
     body = _create(client, "marked")
     assert _host_of(body["id"]) == "local-1"
     assert _works(body)
+
+
+def test_draining_a_down_host_leaves_its_pool_to_the_purge(service, second_host):
+    from chalicelib import pool
+    from chalicelib.models import HOST_DRAINING, DatabaseRecord
+
+    pool.refill(service, time.monotonic() + 60, size=1)
+    _set_host(service, "local-2", status=HOST_DRAINING, port=free_port())
+    summary = pool.refill(service, time.monotonic() + 60, size=1)
+    assert summary.hosts_unavailable == ["local-2"]
+    records = [r for r in DatabaseRecord.scan() if r.host_id == "local-2"]
+    # Not lost: a FAILED record with the drop pending, and the slot kept until the purge drops it.
+    assert [(r.status, r.due_bucket) for r in records] == [("FAILED", "FAILED")]
+    assert _allocated("local-2") == 1
+    assert len(pool.pooled("local-1")) == 1  # the other host was still served
