@@ -30,11 +30,16 @@ def _database_id(raw: str) -> str:
 
 
 def _requester():
+    from chalicelib.abuse import parse_idempotency_key
     from chalicelib.databases import Requester
 
     request = app.current_request
     identity = (request.context or {}).get("identity") or {}
-    return Requester(ip=identity.get("sourceIp"), user_agent=request.headers.get("user-agent"))
+    return Requester(
+        ip=identity.get("sourceIp"),
+        user_agent=request.headers.get("user-agent"),
+        idempotency_key=parse_idempotency_key(request.headers.get("idempotency-key")),
+    )
 
 
 def _claim_base() -> str:
@@ -104,9 +109,10 @@ _DEPLOY = _deploy_settings()
 
 @app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="purge")
 def purge(event):
-    from chalicelib import expiry
+    """The scheduled job: expiry, reconciliation and quota enforcement (chalicelib.jobs)."""
+    from chalicelib import jobs
 
-    expiry.run_lambda(services.databases(), event.context)
+    return jobs.run_lambda(services.databases(), event.context)
 
 
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
@@ -114,3 +120,13 @@ def drop_removed(event):
     from chalicelib import expiry
 
     expiry.handle_stream(services.databases(), (record.to_dict() for record in event))
+
+
+# --- The OpenAPI document ----------------------------------------------------------
+
+
+@route("/api/v1/openapi.yaml", methods=["GET"])
+def openapi_document():
+    from chalicelib import apidoc
+
+    return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})

@@ -18,6 +18,7 @@ from pynamodb.exceptions import PutError, UpdateError
 
 from chalicelib import hosts as hostlib
 from chalicelib import pool, postgres
+from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
 from chalicelib.errors import Conflict, Gone, NotFound, ServiceUnavailable, Unprocessable
 from chalicelib.identifiers import tenant_name, tenant_password, uuid7
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 class Requester:
     ip: str | None = None
     user_agent: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class DatabaseService:
         self.keyring = keyring
         self.hosts = hosts or hostlib.HostCache()
         self.pool = pool.Candidates()
+        self.guard = Guard(settings)
 
     # -- reading -------------------------------------------------------------
 
@@ -137,6 +140,8 @@ class DatabaseService:
         that fails is skipped and the create goes to the next one: the caller
         gets a 503 only when no host with room answers.
         """
+        if database_id is None and requester.idempotency_key:
+            return self._create_idempotent(request, requester)
         if database_id is not None:
             existing = self.find(database_id)
             if existing is not None:
@@ -147,6 +152,9 @@ class DatabaseService:
                 "Logical replication is not available on this deployment",
                 hint="Create the database without enable_logical_replication, or ask the operator for a host that offers it.",
             )
+        # Abuse limits (chalicelib.abuse): a request that gets this far counts.
+        self.guard.check_rate(requester.ip)
+        hosts = self.guard.open_hosts(hosts)
         plan = self.settings.plan(UNCLAIMED_PLAN)
         password = tenant_password()
         if database_id is None and not request.enable_logical_replication:
@@ -294,6 +302,32 @@ class DatabaseService:
             ],
             condition=DatabaseRecord.status == PROVISIONING,
         )
+
+    def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
+        """Same Idempotency-Key from the same IP: the first database, not a second one."""
+        key = requester.idempotency_key
+        database_id, fresh, first_seen = self.guard.reserve_key(requester.ip, key)
+        if not fresh:
+            record = self.find(database_id)
+            if record is not None and record.status != FAILED:
+                return self._existing(record)
+            stale = _now() - first_seen > timedelta(seconds=self.settings.provisioning_timeout_s)
+            if record is None and not stale:
+                raise Conflict(
+                    "A request with this Idempotency-Key is still being processed",
+                    hint="Retry in a second.",
+                    headers={"Retry-After": "1"},
+                )
+            # Its first create failed or died before writing a record: start over.
+            self.guard.forget_key(requester.ip, key, database_id)
+            database_id, _, _ = self.guard.reserve_key(requester.ip, key)
+        try:
+            return self.create(request, requester, database_id=database_id)
+        except Exception:
+            record = self.find(database_id)
+            if record is None or record.status == FAILED:
+                self.guard.forget_key(requester.ip, key, database_id)
+            raise
 
     def _new_record(
         self,

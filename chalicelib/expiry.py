@@ -322,12 +322,6 @@ def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PA
     return run.summary
 
 
-def run_lambda(service: DatabaseService, context: Any) -> PurgeSummary:
-    """The scheduled Lambda: budget is a fraction of the invocation's remaining time."""
-    remaining_s = context.get_remaining_time_in_millis() / 1000
-    return run_scheduled(service, remaining_s * service.settings.purge_time_fraction)
-
-
 def _describe(exc: BaseException) -> str:
     """Type, SQLSTATE and first line: enough to act on, nothing secret (no DSNs or passwords here)."""
     sqlstate = getattr(exc, "sqlstate", None)

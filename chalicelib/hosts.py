@@ -165,7 +165,10 @@ def reserve(
     ]
     for host in candidates:
         try:
-            host.update(
+            # Update a key-only copy: the cached record is shared by concurrent
+            # requests (threads in chalice local), and pynamodb rewrites an
+            # updated object's attributes from the response while others sort on them.
+            HostRecord(id=host.id).update(
                 actions=[HostRecord.allocated.add(1)],
                 condition=(HostRecord.status == HOST_ACTIVE) & (HostRecord.allocated < HostRecord.capacity),
             )

@@ -100,6 +100,12 @@ class DatabaseRecord(Model):
     due_bucket = UnicodeAttribute(null=True)
     due_at = NumberAttribute(null=True)
     by_due = DueIndex()
+    # Quotas (chalicelib.quotas): the last measured size, and a lock the
+    # scheduled job set (role NOLOGIN) with why, e.g. "storage".
+    size_bytes = NumberAttribute(null=True)
+    size_checked_at = UTCDateTimeAttribute(null=True)
+    locked_reason = UnicodeAttribute(null=True)
+    locked_at = UTCDateTimeAttribute(null=True)
     by_host = HostIndex()
 
 
@@ -129,6 +135,39 @@ class HostRecord(Model):
     created_at = UTCDateTimeAttribute()
 
 
+class RateCounter(Model):
+    """Creates per client IP in one fixed window, raised with an atomic ADD.
+
+    `key` is "<window>#<window start epoch>#<ip>"; the item expires by TTL
+    soon after its window ends, so the table never grows.
+    """
+
+    class Meta:
+        table_name = "instapg-counters"
+        billing_mode = "PAY_PER_REQUEST"
+
+    key = UnicodeAttribute(hash_key=True)
+    count = NumberAttribute(default=0)
+    expires_at = TTLAttribute(null=True)
+
+
+class IdempotencyRecord(Model):
+    """An Idempotency-Key seen on POST /api/v1/database: which database it made.
+
+    Keyed by a hash of (client IP, key), so the raw key is not stored; holds
+    only the database id: the response is rebuilt from the database record.
+    """
+
+    class Meta:
+        table_name = "instapg-idempotency"
+        billing_mode = "PAY_PER_REQUEST"
+
+    key_hash = UnicodeAttribute(hash_key=True)
+    database_id = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    expires_at = TTLAttribute()
+
+
 class OrphanSighting(Model):
     """When reconciliation first saw a prefixed name on a host that no record references.
 
@@ -148,8 +187,14 @@ class OrphanSighting(Model):
     expires_at = TTLAttribute(null=True)
 
 
-MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, OrphanSighting)
-_SUFFIXES = {DatabaseRecord: "databases", HostRecord: "hosts", OrphanSighting: "orphans"}
+MODELS: tuple[type[Model], ...] = (DatabaseRecord, HostRecord, OrphanSighting, RateCounter, IdempotencyRecord)
+_SUFFIXES = {
+    DatabaseRecord: "databases",
+    HostRecord: "hosts",
+    OrphanSighting: "orphans",
+    RateCounter: "counters",
+    IdempotencyRecord: "idempotency",
+}
 
 
 def configure(settings: Settings) -> None:

@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 
 # Settings forced on the service's own sessions. A tenant can attach settings
 # to its database (ALTER DATABASE ... SET) that would slow down or break the
-# admin's work there; connection options take precedence over those.
+# admin's work there; connection options take precedence over those. `role`
+# too: `ALTER DATABASE own SET role = own` would make the admin act as the
+# tenant in that database (tests/test_adversarial.py).
 _ADMIN_OPTIONS = (
     "-c statement_timeout=60000 -c lock_timeout=10000 -c default_transaction_read_only=off -c search_path=pg_catalog"
+    " -c role=none -c idle_session_timeout=0 -c idle_in_transaction_session_timeout=0"
 )
 
 
@@ -243,14 +246,155 @@ def create_tenant(target: Target, role: str, dbname: str, password: str, plan: P
 
 
 def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> None:
+    import psycopg
     from psycopg import sql
 
-    # A default only: the tenant can override it. The scheduled job enforces.
+    role_id = sql.Identifier(role)
+    # Defaults only: the tenant can override them. The scheduled job enforces
+    # (chalicelib.quotas ends backends past the plan's limits).
     conn.execute(
-        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
-            sql.Identifier(role), sql.Literal(f"{plan.statement_timeout_s}s")
+        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(role_id, sql.Literal(f"{plan.statement_timeout_s}s"))
+    )
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = {}").format(
+            role_id, sql.Literal(f"{plan.idle_in_transaction_s}s")
         )
     )
+    # temp_file_limit is superuser-only (PGC_SUSET): a tenant cannot lift it,
+    # and a non-superuser admin may set it only with SET privilege on the
+    # parameter (PostgreSQL 15+ GRANT SET ON PARAMETER). Without it, skip.
+    try:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET temp_file_limit = {}").format(
+                role_id, sql.Literal(f"{plan.temp_file_limit_mb}MB")
+            )
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        log.info("temp_file_limit not set for %s: the admin may not set it (needs GRANT SET ON PARAMETER)", role)
+
+
+def apply_plan(target: Target, role: str, plan: Plan) -> None:
+    """Give an existing tenant role the limits of `plan` (e.g. after a claim)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(role), sql.Literal(plan.connections))
+        )
+        _apply_role_defaults(conn, role, plan)
+
+
+def database_sizes(target: Target, prefix: str) -> dict[str, int]:
+    """Size in bytes of every tenant database on the host, in one query.
+
+    Only names with `prefix` + "_" are measured: the service never looks at
+    databases it did not make. A database dropped while the query runs
+    measures NULL and is left out.
+    """
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT datname, pg_database_size(oid) FROM pg_database WHERE starts_with(datname, %s)",
+            (prefix + "_",),
+        ).fetchall()
+    return {name: int(size) for name, size in rows if size is not None}
+
+
+def database_size(target: Target, dbname: str) -> int | None:
+    """Size in bytes of one database; None when it does not exist."""
+    with target.connect() as conn:
+        row = conn.execute(
+            "SELECT pg_database_size(oid) FROM pg_database WHERE datname = %s",
+            (dbname,),
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def lock_role(target: Target, role: str) -> int:
+    """Lock a tenant out: NOLOGIN (only a CREATEROLE role may undo it), then end its sessions."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        return _terminate_role(conn, role)
+
+
+def unlock_role(target: Target, role: str) -> None:
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+
+
+@dataclass(frozen=True)
+class Backend:
+    pid: int
+    role: str
+    state: str
+    seconds: float  # how long the query ran (active) or the transaction sat idle
+
+
+def tenant_backends(target: Target, prefix: str) -> list[Backend]:
+    """Busy tenant sessions: running a query, or idle inside a transaction."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT pid, usename, state, extract(epoch FROM now() - "
+            "CASE WHEN state = 'active' THEN query_start ELSE state_change END) "
+            "FROM pg_stat_activity WHERE starts_with(usename, %s) AND backend_type = 'client backend' "
+            "AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')",
+            (prefix + "_",),
+        ).fetchall()
+    return [Backend(pid, role, state, float(secs or 0)) for pid, role, state, secs in rows]
+
+
+def terminate(target: Target, pids: list[int], prefix: str) -> int:
+    """End the given tenant backends; returns how many were signalled.
+
+    The role is checked again, so a pid reused since it was listed is spared.
+    """
+    if not pids:
+        return 0
+    with target.connect() as conn:
+        return conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE pid = ANY(%s) AND starts_with(usename, %s)",
+            (pids, prefix + "_"),
+        ).fetchone()[0]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    gid: str
+    database: str
+    owner: str
+    seconds: float  # since PREPARE TRANSACTION
+
+
+def tenant_prepared(target: Target, prefix: str) -> list[Prepared]:
+    """Prepared transactions of tenant roles: they outlive every session, hold
+    locks and keep VACUUM from cleaning up host-wide, so the job rolls back old ones."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT gid, database, owner, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts "
+            "WHERE starts_with(owner, %s)",
+            (prefix + "_",),
+        ).fetchall()
+    return [Prepared(gid, database, owner, float(secs)) for gid, database, owner, secs in rows]
+
+
+def rollback_prepared(target: Target, prepared: Prepared) -> None:
+    """Roll back one prepared transaction; gone already is fine."""
+    import psycopg
+    from psycopg import sql
+
+    with target.connect() as conn:
+        _reopen(conn, prepared.database)
+    with target.connect(prepared.database) as other:
+        # Only the preparing role (or a superuser) may roll it back.
+        other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(prepared.owner)))
+        try:
+            other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(prepared.gid)))
+        except psycopg.errors.UndefinedObject:
+            pass  # committed or rolled back since it was listed
 
 
 def set_password(target: Target, role: str, password: str) -> None:
@@ -323,6 +467,7 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
             (role, dbname),
         ).fetchall()
         for gid, database, owner in prepared:
+            _reopen(conn, database)
             with target.connect(database) as other:
                 # Only the preparing role (or a superuser) may roll it back.
                 other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
@@ -344,10 +489,26 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
             if database == conn.info.dbname:
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
             else:
+                _reopen(conn, database)
                 with target.connect(database) as other:
                     other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
     return True
+
+
+def _reopen(conn: psycopg.Connection, dbname: str) -> None:
+    """Let the admin into another tenant's database before working in it.
+
+    That tenant owns its database and can shut the admin out (CONNECTION
+    LIMIT 0, or REVOKE CONNECT from itself, whose rights the admin holds
+    through membership). A hostile tenant would so keep a role it once granted
+    something to from ever being dropped. The admin acts as the owner here.
+    """
+    from psycopg import sql
+
+    db_id = sql.Identifier(dbname)
+    conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT -1").format(db_id))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db_id))
 
 
 def like_prefix(prefix: str) -> str:

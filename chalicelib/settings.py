@@ -27,6 +27,15 @@ class Plan:
     connections: int
     statement_timeout_s: int
     lifetime_s: int | None  # None: never expires
+    # Enforced by the scheduled job (chalicelib.quotas): sessions idle inside a
+    # transaction longer than this are ended; they hold locks and snapshots.
+    idle_in_transaction_s: int
+    # Per-role temp_file_limit where the admin may set it (superuser-only GUC).
+    temp_file_limit_mb: int
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.storage_mb * 1024 * 1024
 
     def public(self) -> dict:
         return {"storage_mb": self.storage_mb, "connections": self.connections}
@@ -47,6 +56,10 @@ class Settings:
     provisioning_timeout_s: int
     max_body_bytes: int
     pg_connect_timeout_s: int
+    creates_per_minute: int
+    creates_per_day: int
+    max_unclaimed_per_host: int
+    idempotency_ttl_s: int
     # Expiry and cleanup (chalicelib.expiry).
     stream_arn: str = ""
     purge_rate_minutes: int = 5
@@ -69,7 +82,11 @@ class Settings:
 ENVIRONMENT: list[tuple[str, str, str]] = [
     ("INSTAPG_STAGE", "prod", "Stage name; `dev` for the local stack."),
     ("AWS_REGION", "us-east-2", "Region of the DynamoDB tables (falls back to AWS_DEFAULT_REGION)."),
-    ("INSTAPG_TABLE_PREFIX", "instapg", "Prefix of the DynamoDB table names (`<prefix>-databases`, `<prefix>-hosts`)."),
+    (
+        "INSTAPG_TABLE_PREFIX",
+        "instapg",
+        "Prefix of the DynamoDB table names (`<prefix>-databases`, `-hosts`, `-counters`, `-idempotency`).",
+    ),
     ("INSTAPG_DYNAMODB_ENDPOINT", "", "DynamoDB endpoint URL; empty for AWS, moto's server locally."),
     ("INSTAPG_PUBLIC_URL", "", "Public base URL for `claim_url`; empty: taken from the request's Host header."),
     (
@@ -91,9 +108,21 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ("INSTAPG_UNCLAIMED_STORAGE_MB", "100", "Storage limit of an unclaimed database."),
     ("INSTAPG_UNCLAIMED_CONNECTIONS", "5", "Connection limit of an unclaimed database's role."),
     ("INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS", "300", "Longest statement an unclaimed tenant may run."),
+    (
+        "INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS",
+        "60",
+        "An unclaimed tenant's session idle inside a transaction longer than this is ended.",
+    ),
+    ("INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB", "1024", "temp_file_limit of an unclaimed tenant role (where settable)."),
     ("INSTAPG_CLAIMED_STORAGE_MB", "512", "Storage limit of a claimed database."),
     ("INSTAPG_CLAIMED_CONNECTIONS", "20", "Connection limit of a claimed database's role."),
     ("INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS", "3600", "Longest statement a claimed tenant may run."),
+    (
+        "INSTAPG_CLAIMED_IDLE_IN_TRANSACTION_SECONDS",
+        "600",
+        "A claimed tenant's session idle inside a transaction longer than this is ended.",
+    ),
+    ("INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB", "4096", "temp_file_limit of a claimed tenant role (where settable)."),
     (
         "INSTAPG_TOMBSTONE_TTL_SECONDS",
         "604800",
@@ -106,6 +135,14 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    ("INSTAPG_CREATES_PER_MINUTE", "10", "Creates allowed per client IP per minute (429 above)."),
+    ("INSTAPG_CREATES_PER_DAY", "100", "Creates allowed per client IP per UTC day (429 above)."),
+    (
+        "INSTAPG_MAX_UNCLAIMED_PER_HOST",
+        "500",
+        "Live unclaimed databases one host may carry; creates beyond it on every host get 503 No capacity.",
+    ),
+    ("INSTAPG_IDEMPOTENCY_TTL_SECONDS", "86400", "How long an Idempotency-Key returns the first result (24 hours)."),
     (
         "INSTAPG_STREAM_ARN",
         STREAM_ARN_PLACEHOLDER,
@@ -173,6 +210,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             storage_mb=_int(env, "INSTAPG_UNCLAIMED_STORAGE_MB"),
             connections=_int(env, "INSTAPG_UNCLAIMED_CONNECTIONS"),
             statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
+            idle_in_transaction_s=_int(env, "INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
+            temp_file_limit_mb=_int(env, "INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB"),
             lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
         ),
         CLAIMED: Plan(
@@ -180,6 +219,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             storage_mb=_int(env, "INSTAPG_CLAIMED_STORAGE_MB"),
             connections=_int(env, "INSTAPG_CLAIMED_CONNECTIONS"),
             statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
+            idle_in_transaction_s=_int(env, "INSTAPG_CLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
+            temp_file_limit_mb=_int(env, "INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB"),
             lifetime_s=None,
         ),
     }
@@ -197,6 +238,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),
         max_body_bytes=_int(env, "INSTAPG_MAX_BODY_BYTES"),
         pg_connect_timeout_s=_int(env, "INSTAPG_PG_CONNECT_TIMEOUT_SECONDS"),
+        creates_per_minute=_int(env, "INSTAPG_CREATES_PER_MINUTE"),
+        creates_per_day=_int(env, "INSTAPG_CREATES_PER_DAY"),
+        max_unclaimed_per_host=_int(env, "INSTAPG_MAX_UNCLAIMED_PER_HOST"),
+        idempotency_ttl_s=_int(env, "INSTAPG_IDEMPOTENCY_TTL_SECONDS"),
         stream_arn=get("INSTAPG_STREAM_ARN"),
         purge_rate_minutes=_int(env, "INSTAPG_PURGE_RATE_MINUTES"),
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),

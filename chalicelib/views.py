@@ -45,4 +45,25 @@ def database(
         "created_at": iso(record.created_at),
         "updated_at": iso(record.updated_at),
         "limits": plan.public(),
+        "quota": quota(record, plan),
+    }
+
+
+def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
+    """What the scheduled job measured and whether it locked the database (additive to Instagres' shape)."""
+    locked = None
+    if record.locked_reason:
+        locked = {
+            "reason": record.locked_reason,
+            "since": iso(record.locked_at),
+            "hint": "The database is over its plan's storage limit; its role cannot log in. "
+            "Claim it for a larger plan, or create a new one.",
+        }
+    return {
+        "size_bytes": int(record.size_bytes) if record.size_bytes is not None else None,
+        "size_checked_at": iso(record.size_checked_at),
+        "storage_limit_bytes": plan.storage_bytes,
+        "statement_timeout_s": plan.statement_timeout_s,
+        "idle_in_transaction_timeout_s": plan.idle_in_transaction_s,
+        "locked": locked,
     }

@@ -380,16 +380,16 @@ def atomic_moto(monkeypatch):
 
 
 def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service, monkeypatch):
-    from chalicelib import expiry
+    from chalicelib import jobs
 
     budgets = []
-    monkeypatch.setattr(expiry, "run_scheduled", lambda svc, budget_s: budgets.append(budget_s))
+    monkeypatch.setattr(jobs, "run", lambda svc, budget_s: budgets.append(budget_s))
 
     class Context:
         def get_remaining_time_in_millis(self):
             return 300_000
 
-    expiry.run_lambda(service, Context())
+    jobs.run_lambda(service, Context())
     assert budgets == [pytest.approx(240.0)]
 
 

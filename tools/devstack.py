@@ -119,12 +119,12 @@ class DevStack:
         self.background.append(timer)
 
     def _scheduled_loop(self) -> None:
-        from chalicelib import expiry, services
+        from chalicelib import jobs, services
 
         while not self.stopping.wait(self.interval):
             try:
-                expiry.run_scheduled(services.databases(), budget_s=self.interval * 0.8)
-            except Exception as exc:  # keep the timer alive; the run logged its summary
+                jobs.run(services.databases(), budget_s=self.interval * 0.8)
+            except Exception as exc:  # keep the timer alive; each part logged its summary
                 _say(f"scheduled run failed: {type(exc).__name__}")
 
     def _refill_pool(self, every_s: float = 5.0, budget_s: float = 20.0) -> None:
@@ -141,7 +141,8 @@ class DevStack:
         url = f"http://127.0.0.1:{self.port}"
         _say(f"api       {url} (chalice local)")
         _say(
-            f"purge     every {self.interval}s (the scheduled job, run by this stack: chalice local runs no schedules)"
+            f"purge     every {self.interval}s: expiry, reconciliation, quotas (the scheduled job, run by this "
+            "stack: chalice local runs no schedules)"
         )
         _say("ready. Try:")
         print(

@@ -1,0 +1,138 @@
+"""Abuse limits on creating databases: per-IP rates, a per-host cap, idempotency keys.
+
+- Rates: fixed windows (a minute, a UTC day) per client IP, counted with an
+  atomic DynamoDB `ADD` on an item that expires by TTL after its window. Over
+  the limit: 429 with `Retry-After` and the time to retry in the body.
+- Cap: live unclaimed databases per host (`INSTAPG_MAX_UNCLAIMED_PER_HOST`),
+  counted from the `by_due` index, so no other lifecycle step (claim, expiry,
+  delete) has to keep a counter right. It is a soft cap: creates racing at
+  the edge may overshoot it by their number. The hard cap stays the host's
+  `capacity`, taken with a conditional write in `hosts.reserve`.
+- Idempotency: the same `Idempotency-Key` from the same IP within the TTL
+  maps to one database id (conditional put); the response is rebuilt from the
+  database record, so no password is stored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+from pynamodb.exceptions import DeleteError, PutError
+
+from chalicelib.errors import BadRequest, TooManyRequests
+from chalicelib.identifiers import uuid7
+from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord, IdempotencyRecord, RateCounter
+from chalicelib.settings import Settings
+from chalicelib.views import iso
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 255
+# A counter item outlives its window a little, so a late request in the window still finds it.
+_COUNTER_GRACE_S = 60
+
+
+def parse_idempotency_key(raw: str | None) -> str | None:
+    """The header's value, or None when absent; 400 when it is not a short printable token."""
+    if raw is None or raw == "":
+        return None
+    if len(raw) > MAX_KEY_LENGTH or not raw.isascii() or not raw.isprintable():
+        raise BadRequest(
+            f"Header 'Idempotency-Key' must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+            hint="Send a random token, e.g. a UUID, and the same one when you retry.",
+        )
+    return raw
+
+
+class Guard:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # -- rates -----------------------------------------------------------------
+
+    def check_rate(self, ip: str | None, now: float | None = None) -> None:
+        """Count one create for `ip`; raise 429 when a window's limit is passed.
+
+        No IP means no HTTP client: API Gateway (and the local server) always
+        set `sourceIp`, so only in-process callers (tools, tests) come without
+        one. They are not rate limited; the per-host cap still applies.
+        """
+        if not ip:
+            return
+        now = time.time() if now is None else now
+        windows = (("minute", 60, self.settings.creates_per_minute), ("day", 86400, self.settings.creates_per_day))
+        for name, size, limit in windows:
+            start = int(now // size * size)
+            counter = RateCounter(key=f"{name}#{start}#{ip}")
+            counter.update(
+                actions=[
+                    RateCounter.count.add(1),
+                    RateCounter.expires_at.set(datetime.fromtimestamp(start + size + _COUNTER_GRACE_S, UTC)),
+                ]
+            )
+            if int(counter.count) > limit:
+                retry_at = start + size
+                retry_after = max(1, math.ceil(retry_at - now))
+                log.info("rate limit: %s over %d creates per %s", ip, limit, name)
+                raise TooManyRequests(
+                    f"Too many databases created from your address: at most {limit} per {name}",
+                    hint=f"Retry after {retry_after} seconds, or reuse a database you created.",
+                    headers={"Retry-After": str(retry_after)},
+                    retry_after_s=retry_after,
+                    retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
+                )
+
+    # -- per-host cap ------------------------------------------------------------
+
+    def unclaimed_counts(self) -> Counter[str]:
+        """Live unclaimed (and being created) databases per host id."""
+        counts: Counter[str] = Counter()
+        for bucket in (UNCLAIMED, PROVISIONING):
+            for record in DatabaseRecord.by_due.query(bucket, attributes_to_get=["host_id"]):
+                counts[record.host_id] += 1
+        return counts
+
+    def open_hosts(self, hosts: list[HostRecord]) -> list[HostRecord]:
+        """The hosts still under the unclaimed cap."""
+        counts = self.unclaimed_counts()
+        return [h for h in hosts if counts[h.id] < self.settings.max_unclaimed_per_host]
+
+    # -- idempotency -------------------------------------------------------------
+
+    @staticmethod
+    def _key_hash(ip: str | None, key: str) -> str:
+        return hashlib.sha256(f"{ip or 'unknown'}\n{key}".encode()).hexdigest()
+
+    def reserve_key(self, ip: str | None, key: str) -> tuple[str, bool, datetime]:
+        """The database id for (ip, key): (id, True, now) when new, (first id, False, first time) when seen."""
+        now = datetime.now(UTC)
+        item = IdempotencyRecord(
+            key_hash=self._key_hash(ip, key),
+            database_id=str(uuid7()),
+            created_at=now,
+            expires_at=now + timedelta(seconds=self.settings.idempotency_ttl_s),
+        )
+        try:
+            # DynamoDB deletes expired items up to ~48 h late: an expired one counts as absent.
+            item.save(condition=IdempotencyRecord.key_hash.does_not_exist() | (IdempotencyRecord.expires_at < now))
+            return item.database_id, True, now
+        except PutError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise
+        first = IdempotencyRecord.get(item.key_hash, consistent_read=True)
+        return first.database_id, False, first.created_at
+
+    def forget_key(self, ip: str | None, key: str, database_id: str) -> None:
+        """Drop the key when its create made nothing, so a retry starts over."""
+        try:
+            IdempotencyRecord(key_hash=self._key_hash(ip, key)).delete(
+                condition=IdempotencyRecord.database_id == database_id
+            )
+        except DeleteError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise

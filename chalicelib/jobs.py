@@ -1,0 +1,36 @@
+"""The scheduled job ("the purge"): everything that must happen without a request.
+
+One EventBridge rule runs it (app.py's `purge`); `make dev` runs it on a
+timer. Each part is bounded and resumable, so a run cut short loses nothing:
+  1. expiry: expired databases, crashed creates, pending drops, orphans (chalicelib.expiry);
+  2. quotas: sizes, storage locks, long queries (chalicelib.quotas).
+The purge gets at most PURGE_SHARE of the budget, so a large expiry backlog
+cannot starve quota enforcement; the quota pass runs until the run's deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chalicelib.databases import DatabaseService
+
+PURGE_SHARE = 0.6
+
+
+def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
+    """One run taking no new work after `budget_s` seconds; returns each part's summary."""
+    from chalicelib import expiry, quotas
+
+    deadline = time.time() + budget_s
+    purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
+    enforcement = quotas.enforce(service, deadline=deadline)
+    return {"purge": dataclasses.asdict(purge), "quotas": enforcement}
+
+
+def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:
+    """The scheduled Lambda: the budget is a fraction of the invocation's remaining time."""
+    remaining_s = context.get_remaining_time_in_millis() / 1000
+    return run(service, remaining_s * service.settings.purge_time_fraction)

@@ -1,0 +1,211 @@
+"""Quota enforcement that a tenant cannot undo.
+
+Run from the scheduled job (`enforce`), per host:
+- storage: every tenant database is measured in one query; one over its
+  plan's `storage_mb` is locked (role NOLOGIN, sessions ended), and the lock
+  and its reason are written on the record, which GET shows. A lock lifts when
+  the size fits the plan again (`unlock_if_fits`, called by the claim, or the
+  next run after a limit was raised).
+- time: backends whose query has run longer than the plan's statement time,
+  or that sat idle inside a transaction longer than the plan allows, are
+  ended; prepared transactions older than that are rolled back. The
+  `statement_timeout` role default is only a courtesy: a tenant can `SET` it
+  away, it cannot stop `pg_terminate_backend`.
+
+`temp_file_limit` is set per role at creation where the admin may
+(chalicelib.postgres).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pynamodb.exceptions import UpdateError
+
+from chalicelib import hosts as hostlib
+from chalicelib import postgres
+from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
+from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
+from chalicelib.settings import Plan
+
+if TYPE_CHECKING:
+    from chalicelib.databases import DatabaseService
+
+log = logging.getLogger(__name__)
+
+STORAGE = "storage"
+_LIVE = (UNCLAIMED, CLAIMED)
+_PROJECTION = ["id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason"]
+
+
+def _live_records(deadline: float) -> tuple[dict[str, list[DatabaseRecord]], bool]:
+    """Live records grouped by host (a projected scan; False if the deadline cut it short)."""
+    by_host: dict[str, list[DatabaseRecord]] = {}
+    for record in DatabaseRecord.scan(
+        filter_condition=DatabaseRecord.status.is_in(*_LIVE), attributes_to_get=_PROJECTION, page_size=500
+    ):
+        by_host.setdefault(record.host_id, []).append(record)
+        if time.time() > deadline:
+            return by_host, False
+    return by_host, True
+
+
+def _update(record: DatabaseRecord, actions: list) -> bool:
+    """Write quota fields on a record that is still live (never recreate a deleted one)."""
+    try:
+        record.update(actions=actions, condition=DatabaseRecord.status.is_in(*_LIVE))
+        return True
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            return False
+        raise
+
+
+def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
+    ended = postgres.lock_role(target, record.role_name)
+    now = datetime.now(UTC)
+    _update(
+        record,
+        [
+            DatabaseRecord.locked_reason.set(STORAGE),
+            DatabaseRecord.locked_at.set(now),
+            DatabaseRecord.size_bytes.set(size),
+            DatabaseRecord.size_checked_at.set(now),
+        ],
+    )
+    log.info(
+        "locked database %s: %d bytes over the %s plan's %d MB (%d sessions ended)",
+        record.id,
+        size,
+        plan.name,
+        plan.storage_mb,
+        ended,
+    )
+
+
+def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
+    postgres.unlock_role(target, record.role_name)
+    now = datetime.now(UTC)
+    _update(
+        record,
+        [
+            DatabaseRecord.locked_reason.remove(),
+            DatabaseRecord.locked_at.remove(),
+            DatabaseRecord.size_bytes.set(size),
+            DatabaseRecord.size_checked_at.set(now),
+        ],
+    )
+    log.info("unlocked database %s: %d bytes fit its plan", record.id, size)
+
+
+def _enforce_storage(
+    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+) -> None:
+    sizes = postgres.database_sizes(target, service.settings.name_prefix)
+    now = datetime.now(UTC)
+    for record in records:
+        size = sizes.get(record.db_name)
+        if size is None:
+            continue  # not on this host (yet, or any more)
+        summary["measured"] += 1
+        plan = service.settings.plan(record.plan)
+        over = size > plan.storage_bytes
+        if over and not record.locked_reason:
+            _lock(target, record, size, plan)
+            summary["locked"].append(record.id)
+        elif record.locked_reason == STORAGE and not over:
+            _unlock(target, record, size)
+            summary["unlocked"].append(record.id)
+        elif record.size_bytes is None or int(record.size_bytes) != size:
+            _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)])
+
+
+def _enforce_time(
+    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+) -> None:
+    plans = {r.role_name: service.settings.plan(r.plan) for r in records}
+    # A role with no live record (being created, or an orphan) gets the strictest plan.
+    default = service.settings.plan(UNCLAIMED_PLAN)
+    doomed = []
+    for backend in postgres.tenant_backends(target, service.settings.name_prefix):
+        plan = plans.get(backend.role, default)
+        limit = plan.statement_timeout_s if backend.state == "active" else plan.idle_in_transaction_s
+        if backend.seconds > limit:
+            doomed.append(backend.pid)
+            log.info(
+                "ending backend %d of %s: %s for %.0fs (limit %ds)",
+                backend.pid,
+                backend.role,
+                backend.state,
+                backend.seconds,
+                limit,
+            )
+    summary["terminated"] += postgres.terminate(target, doomed, service.settings.name_prefix)
+    for prepared in postgres.tenant_prepared(target, service.settings.name_prefix):
+        plan = plans.get(prepared.owner, default)
+        if prepared.seconds > plan.idle_in_transaction_s:
+            log.info("rolling back prepared transaction of %s after %.0fs", prepared.owner, prepared.seconds)
+            postgres.rollback_prepared(target, prepared)
+            summary["rolled_back"] += 1
+
+
+def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
+    """One pass over every host, stopping at `deadline` (a `time.time()` epoch).
+
+    Every step is idempotent, so a pass cut short is finished by the next one.
+    Returns a summary for the job's log line.
+    """
+    summary: dict[str, Any] = {
+        "hosts": 0,
+        "measured": 0,
+        "locked": [],
+        "unlocked": [],
+        "terminated": 0,
+        "rolled_back": 0,
+        "errors": [],
+        "complete": True,
+    }
+    by_host, complete = _live_records(deadline)
+    summary["complete"] = complete
+    for host in service.hosts.all(fresh=True):
+        if time.time() > deadline:
+            summary["complete"] = False
+            break
+        records = by_host.get(host.id, [])
+        try:
+            target = hostlib.target(host, service.settings)
+            _enforce_time(service, target, records, summary)
+            _enforce_storage(service, target, records, summary)
+            summary["hosts"] += 1
+        except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
+            summary["errors"].append(f"{host.id}: {exc}")
+            log.warning("quotas: host %s skipped: %s", host.id, exc)
+        except Exception as exc:  # one bad host must not stop the others
+            summary["errors"].append(f"{host.id}: {type(exc).__name__}")
+            log.warning("quotas: host %s failed: %s", host.id, type(exc).__name__)
+    log.info("quota pass: %s", {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()})
+    return summary
+
+
+def unlock_if_fits(service: DatabaseService, record: DatabaseRecord, plan: Plan) -> bool:
+    """Lift a storage lock when the database fits `plan` (the claim calls this with the claimed plan).
+
+    Returns whether the database is unlocked now (True when it was not locked).
+    """
+    if not record.locked_reason:
+        return True
+    if record.locked_reason != STORAGE:
+        return False
+    host: HostRecord = service.hosts.get(record.host_id)
+    target = hostlib.target(host, service.settings)
+    size = postgres.database_size(target, record.db_name)
+    if size is None:
+        return False
+    if size > plan.storage_bytes:
+        _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(datetime.now(UTC))])
+        return False
+    _unlock(target, record, size)
+    return True
