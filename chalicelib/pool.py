@@ -94,14 +94,14 @@ class RefillSummary:
 def refill(service: DatabaseService, deadline: float, size: int | None = None) -> RefillSummary:
     """Top up every active host's pool to `size` (settings.pool_size); empty DRAINING hosts' pools.
 
-    `deadline` is a `time.monotonic()` value: no new database is started
+    `deadline` is a `time.time()` value, as for `quotas.enforce`: no new database is started
     after it. A host that fails is skipped; the others still get their pool.
     """
     started = time.monotonic()
     size = service.settings.pool_size if size is None else size
     summary = RefillSummary()
     for host in service.hosts.all(fresh=True):
-        if time.monotonic() >= deadline:
+        if time.time() >= deadline:
             summary.stopped_early = True
             break
         try:
@@ -125,13 +125,13 @@ def _refill_host(service: DatabaseService, host, size: int, deadline: float, sum
     current = pooled(host.id)
     # Too many (the size went down, or the host is draining): give slots back.
     for record in current[size:]:
-        if time.monotonic() >= deadline:
+        if time.time() >= deadline:
             summary.stopped_early = True
             return
         if service.discard_pooled(record, host):
             summary.discarded += 1
     for _ in range(size - len(current)):
-        if time.monotonic() >= deadline:
+        if time.time() >= deadline:
             summary.stopped_early = True
             return
         try:

@@ -15,7 +15,7 @@ from tests.pgerrors import refused_login
 def _refill(service, size: int):
     from chalicelib import pool
 
-    return pool.refill(service, time.monotonic() + 120, size=size)
+    return pool.refill(service, time.time() + 120, size=size)
 
 
 def _pooled(host_id: str = "local-1"):

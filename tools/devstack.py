@@ -132,7 +132,7 @@ class DevStack:
 
         while not self.stopping.is_set():
             try:
-                pool.refill(services.databases(), time.monotonic() + budget_s)
+                pool.refill(services.databases(), time.time() + budget_s)
             except Exception as exc:  # keep the timer alive; the next round retries
                 _say(f"pool refill failed: {type(exc).__name__}")
             self.stopping.wait(every_s)
