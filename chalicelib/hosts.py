@@ -168,10 +168,16 @@ def reserve(
             # Update a key-only copy: the cached record is shared by concurrent
             # requests (threads in chalice local), and pynamodb rewrites an
             # updated object's attributes from the response while others sort on them.
-            HostRecord(id=host.id).update(
+            copy = HostRecord(id=host.id)
+            copy.update(
                 actions=[HostRecord.allocated.add(1)],
                 condition=(HostRecord.status == HOST_ACTIVE) & (HostRecord.allocated < HostRecord.capacity),
             )
+            # Only the count goes back to the shared record (one attribute
+            # assignment), so the next placement in this process sees the
+            # slot taken: a burst of creates spreads over the hosts instead
+            # of all going to the one that looked emptiest at the last refresh.
+            host.allocated = copy.allocated
             return host
         except UpdateError as exc:
             if exc.cause_response_code != "ConditionalCheckFailedException":

@@ -207,9 +207,10 @@ class Bench:
             return times
 
         from chalicelib import postgres
+        from chalicelib.abuse import Guard
         from chalicelib.databases import DatabaseService
 
-        parts: dict[str, list[float]] = {"ddl": [], "take_write": [], "alter_role": []}
+        parts: dict[str, list[float]] = {"ddl": [], "take_write": [], "alter_role": [], "rate": [], "cap": []}
         self.refill(0)
         with _timed(postgres, "create_tenant", parts["ddl"]):
             on_demand = run("on demand")
@@ -220,8 +221,11 @@ class Bench:
         with (
             _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
             _timed(postgres, "open_tenant", parts["alter_role"]),
+            _timed(Guard, "check_rate", parts["rate"]),
+            _timed(Guard, "open_hosts", parts["cap"]),
         ):
             pooled = run("pooled")
+        unclaimed = sum(Guard(self.service.settings).unclaimed_counts().values())
         how = "POST /api/v1/database through chalice.test.Client, sequential"
         for label, times in (("on_demand", on_demand), ("pooled", pooled)):
             for p in (50, 95, 99):
@@ -249,6 +253,20 @@ class Bench:
             "ms",
             len(parts["alter_role"]),
             "pooled: postgres.open_tenant (SCRAM verifier + ALTER ROLE LOGIN PASSWORD on a kept connection)",
+        )
+        self.add(
+            "part_rate_limit_p50",
+            _ms(_pct(parts["rate"], 50)),
+            "ms",
+            len(parts["rate"]),
+            "pooled: abuse.Guard.check_rate (two counter updates per create)",
+        )
+        self.add(
+            "part_host_cap_p50",
+            _ms(_pct(parts["cap"], 50)),
+            "ms",
+            len(parts["cap"]),
+            f"pooled: abuse.Guard.open_hosts (reads every UNCLAIMED/PROVISIONING record; {unclaimed} at the end)",
         )
 
     def time_to_first_query(self) -> None:
