@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint clean package browser-tools
+.PHONY: dev test lint bench clean package browser-tools
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ dev: $(STAMP)
 # Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
 browser-tools:
 	sh tools/install-chromium.sh
+
+# Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
+bench: $(STAMP)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 test: $(STAMP) browser-tools
 	$(PY) -m ruff check .

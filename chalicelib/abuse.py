@@ -50,8 +50,16 @@ def parse_idempotency_key(raw: str | None) -> str | None:
 
 
 class Guard:
+    # The unclaimed count per host is read from the index, which costs one
+    # read per live unclaimed database; a create reuses a count this young.
+    # The cap is soft (it may be passed by the creates of one such window);
+    # the hard limit is the host's `capacity`, kept by a conditional write.
+    COUNT_MAX_AGE_S = 10.0
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._counts: Counter[str] | None = None
+        self._counted_at = 0.0
 
     # -- rates -----------------------------------------------------------------
 
@@ -98,9 +106,17 @@ class Guard:
         return counts
 
     def open_hosts(self, hosts: list[HostRecord]) -> list[HostRecord]:
-        """The hosts still under the unclaimed cap."""
-        counts = self.unclaimed_counts()
+        """The hosts still under the unclaimed cap (by a count at most COUNT_MAX_AGE_S old)."""
+        if self._counts is None or time.monotonic() - self._counted_at > self.COUNT_MAX_AGE_S:
+            self._counts = self.unclaimed_counts()
+            self._counted_at = time.monotonic()
+        counts = self._counts
         return [h for h in hosts if counts[h.id] < self.settings.max_unclaimed_per_host]
+
+    def note_unclaimed(self, host_id: str) -> None:
+        """This process just made one: keep its own count exact between reads."""
+        if self._counts is not None:
+            self._counts[host_id] += 1
 
     # -- idempotency -------------------------------------------------------------
 

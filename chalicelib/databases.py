@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import audit, postgres
+from chalicelib import audit, pool, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
@@ -31,6 +31,7 @@ from chalicelib.models import (
     DELETING,
     EXPIRED,
     FAILED,
+    POOLED,
     PROVISIONING,
     UNCLAIMED,
     DatabaseRecord,
@@ -67,6 +68,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _reason(cause: Exception) -> str:
+    """What a failure may say in logs and records: the safe message of HostUnavailable, else the type."""
+    if isinstance(cause, postgres.HostUnavailable):
+        return str(cause).splitlines()[0][:200]
+    return type(cause).__name__
+
+
 def _is_conditional_failure(exc: PutError | UpdateError) -> bool:
     return exc.cause_response_code == "ConditionalCheckFailedException"
 
@@ -76,15 +84,18 @@ class DatabaseService:
         self.settings = settings
         self.keyring = keyring
         self.hosts = hosts or hostlib.HostCache()
+        self.pool = pool.Candidates()
         self.guard = Guard(settings)
 
     # -- reading -------------------------------------------------------------
 
     def find(self, database_id: str) -> DatabaseRecord | None:
         try:
-            return DatabaseRecord.get(database_id, consistent_read=True)
+            record = DatabaseRecord.get(database_id, consistent_read=True)
         except DatabaseRecord.DoesNotExist:
             return None
+        # A pooled database's id has never been handed out: it does not exist yet.
+        return None if record.status == POOLED else record
 
     def get(self, database_id: str) -> Provisioned:
         """A database as its public GET shows it; tombstones raise 410."""
@@ -128,7 +139,13 @@ class DatabaseService:
     # -- creating ------------------------------------------------------------
 
     def create(self, request: CreateDatabase, requester: Requester, database_id: str | None = None) -> Provisioned:
-        """Provision a database; with a client-chosen id, repeat calls return the first one."""
+        """Provision a database; with a client-chosen id, repeat calls return the first one.
+
+        A pooled database is taken when there is one (server-chosen ids only),
+        otherwise one is created on demand; the response is the same. A host
+        that fails is skipped and the create goes to the next one: the caller
+        gets a 503 only when no host with room answers.
+        """
         if database_id is None and requester.idempotency_key:
             return self._create_idempotent(request, requester)
         if database_id is not None:
@@ -144,38 +161,83 @@ class DatabaseService:
         # Abuse limits (chalicelib.abuse): a request that gets this far counts.
         self.guard.check_rate(requester.ip)
         hosts = self.guard.open_hosts(hosts)
-        try:
-            host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication)
-        except hostlib.NoCapacity:
-            self.hosts.invalidate()
-            raise ServiceUnavailable(
-                "No capacity",
-                hint="Every database host is full; try again in a few minutes.",
-                headers={"Retry-After": "60"},
-            ) from None
-
         plan = self.settings.plan(UNCLAIMED_PLAN)
         password = tenant_password()
-        record = self._new_record(database_id or str(uuid7()), host, plan, request, requester, password)
-        try:
-            record.save(condition=DatabaseRecord.id.does_not_exist())
-        except PutError as exc:
-            hostlib.release(host.id)
-            if database_id is not None and _is_conditional_failure(exc):
-                # Lost a race with the same client-chosen id: answer with the winner.
-                return self._existing(self.find(database_id))
-            raise
+        if database_id is None and not request.enable_logical_replication:
+            taken = self._take_pooled(hosts, plan, request, requester, password)
+            if taken is not None:
+                return self._created(taken, requester)
+        return self._created(self._create_on_demand(hosts, database_id, plan, request, requester, password), requester)
 
-        try:
-            postgres.create_tenant(self._target(host), record.role_name, record.db_name, password, plan)
-        except Exception as exc:
-            self._fail(record, host, exc)
-            raise ServiceUnavailable(
-                "Database host unavailable",
-                hint="Nothing was created; retry in a few seconds.",
-                headers={"Retry-After": "5"},
-            ) from None
+    def _created(self, result: Provisioned, requester: Requester) -> Provisioned:
+        if result.created:
+            record = result.record
+            self.guard.note_unclaimed(record.host_id)
+            audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
+        return result
 
+    def _create_on_demand(
+        self,
+        hosts: list[HostRecord],
+        database_id: str | None,
+        plan: Plan,
+        request: CreateDatabase,
+        requester: Requester,
+        password: str,
+    ) -> Provisioned:
+        tried: set[str] = set()
+        record: DatabaseRecord | None = None
+        while True:
+            # Hosts that failed lately come last, not never: a slow connect
+            # under load marks a host down, and a create must not get a 503
+            # while some host could still answer it.
+            down = {h.id for h in hosts if self.hosts.is_down(h.id)}
+            try:
+                try:
+                    host = hostlib.reserve(
+                        hosts, logical_replication=request.enable_logical_replication, exclude=tried | down
+                    )
+                except hostlib.NoCapacity:
+                    if not down - tried:
+                        raise
+                    host = hostlib.reserve(hosts, logical_replication=request.enable_logical_replication, exclude=tried)
+            except hostlib.NoCapacity:
+                self.hosts.invalidate()
+                if record is None:
+                    raise ServiceUnavailable(
+                        "No capacity",
+                        hint="Every database host is full; try again in a few minutes.",
+                        headers={"Retry-After": "60"},
+                    ) from None
+                self._give_up(record)
+                raise ServiceUnavailable(
+                    "Database host unavailable",
+                    hint="Nothing was created; retry in a few seconds.",
+                    headers={"Retry-After": "5"},
+                ) from None
+            tried.add(host.id)
+            if record is None:
+                record = self._new_record(database_id or str(uuid7()), host, plan, request, requester, password)
+                try:
+                    record.save(condition=DatabaseRecord.id.does_not_exist())
+                except PutError as exc:
+                    hostlib.release(host.id)
+                    if database_id is not None and _is_conditional_failure(exc):
+                        # Lost a race with the same client-chosen id: answer with the winner.
+                        return self._existing(self.find(database_id))
+                    raise
+            else:
+                self._move(record, host)
+            try:
+                postgres.create_tenant(self._target(host), record.role_name, record.db_name, password, plan)
+                break
+            except Exception as exc:
+                self._attempt_failed(record, host, exc)
+        self._mark_unclaimed(record, plan)
+        log.info("created database %s on host %s for ref %r", record.id, host.id, record.ref)
+        return Provisioned(record, plan, host, password, created=True)
+
+    def _mark_unclaimed(self, record: DatabaseRecord, plan: Plan) -> None:
         now = _now()
         expires = now + timedelta(seconds=plan.lifetime_s)
         record.update(
@@ -188,9 +250,71 @@ class DatabaseService:
             ],
             condition=DatabaseRecord.status == PROVISIONING,
         )
-        log.info("created database %s on host %s for ref %r", record.id, host.id, record.ref)
-        audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
-        return Provisioned(record, plan, host, password, created=True)
+
+    def _attempt_failed(self, record: DatabaseRecord, host: HostRecord, cause: Exception) -> None:
+        """One host failed a create: clean up there (or leave a trace for the purge) and free the slot."""
+        log.error("provisioning %s on host %s failed: %s", record.id, host.id, _reason(cause))
+        if isinstance(cause, postgres.HostUnavailable):
+            # The connection never opened, so nothing was created there.
+            self.hosts.mark_down(host.id, self.settings.host_retry_s)
+            hostlib.release(host.id)
+            return
+        try:
+            postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        except Exception as exc:  # the host may be down now: the purge drops it later
+            log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(exc).__name__)
+            self._leave_for_purge(record, host, cause)
+            return
+        hostlib.release(host.id)
+
+    def _leave_for_purge(self, record: DatabaseRecord, host: HostRecord, cause: Exception) -> None:
+        """A FAILED record of its own for leftovers on `host`, due now; it keeps the slot until the purge drops them."""
+        now = _now()
+        DatabaseRecord(
+            id=str(uuid7()),
+            status=FAILED,
+            plan=record.plan,
+            host_id=host.id,
+            role_name=record.role_name,
+            db_name=record.db_name,
+            failure=_reason(cause),
+            created_at=now,
+            updated_at=now,
+            ended_at=now,
+            expires_at=now + timedelta(seconds=self.settings.tombstone_ttl_s),
+            due_bucket=FAILED,
+            due_at=int(now.timestamp()),
+        ).save(condition=DatabaseRecord.id.does_not_exist())
+
+    def _move(self, record: DatabaseRecord, host: HostRecord) -> None:
+        """Point a PROVISIONING record at another host, with fresh names (the old ones may linger there)."""
+        name = tenant_name(self.settings.name_prefix)
+        record.update(
+            actions=[
+                DatabaseRecord.host_id.set(host.id),
+                DatabaseRecord.role_name.set(name),
+                DatabaseRecord.db_name.set(name),
+                DatabaseRecord.updated_at.set(_now()),
+            ],
+            condition=DatabaseRecord.status == PROVISIONING,
+        )
+
+    def _give_up(self, record: DatabaseRecord) -> None:
+        """Every host failed; each attempt already cleaned up after itself."""
+        now = _now()
+        record.update(
+            actions=[
+                DatabaseRecord.status.set(FAILED),
+                DatabaseRecord.failure.set("no host answered"),
+                DatabaseRecord.ended_at.set(now),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.due_bucket.remove(),
+                DatabaseRecord.due_at.remove(),
+                DatabaseRecord.expires_at.set(now + timedelta(seconds=self.settings.tombstone_ttl_s)),
+            ],
+            condition=DatabaseRecord.status == PROVISIONING,
+        )
 
     def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
         """Same Idempotency-Key from the same IP: the first database, not a second one."""
@@ -259,9 +383,7 @@ class DatabaseService:
 
     def _fail(self, record: DatabaseRecord, host: HostRecord, cause: Exception) -> None:
         """Mark a create that failed; drop what it left, or leave it due for the purge."""
-        reason = (
-            str(cause).splitlines()[0][:200] if isinstance(cause, postgres.HostUnavailable) else type(cause).__name__
-        )
+        reason = _reason(cause)
         log.error("provisioning %s on host %s failed: %s", record.id, host.id, reason)
         cleaned = False
         try:
@@ -709,3 +831,153 @@ class DatabaseService:
                 except ServiceUnavailable:
                     log.warning("stalled %s %s: host still unavailable", record.status, record.id)
         return finished
+
+    # -- the warm pool (chalicelib.pool finds records and refills; statuses change here) --
+
+    def add_to_pool(self, host: HostRecord) -> DatabaseRecord:
+        """One ready database on `host`: PROVISIONING first (as any create), then POOLED.
+
+        Raises hostlib.NoCapacity when the host is full, and the DDL's error
+        (after marking the record FAILED) when the host fails.
+        """
+        hostlib.reserve([host])
+        plan = self.settings.plan(UNCLAIMED_PLAN)
+        # A password nobody will ever use: the role is NOLOGIN until taken, and
+        # the take replaces it. It is sealed like any secret, never logged.
+        password = tenant_password()
+        record = self._new_record(str(uuid7()), host, plan, CreateDatabase(ref=""), Requester(), password)
+        record.ref = None  # set by the create that takes it
+        record.save(condition=DatabaseRecord.id.does_not_exist())
+        try:
+            postgres.create_tenant(self._target(host), record.role_name, record.db_name, password, plan, login=False)
+        except Exception as exc:
+            self._fail(record, host, exc)
+            raise
+        now = _now()
+        record.update(
+            actions=[
+                DatabaseRecord.status.set(POOLED),
+                DatabaseRecord.due_bucket.set(pool.bucket(host.id)),
+                DatabaseRecord.due_at.set(int(now.timestamp())),
+                DatabaseRecord.updated_at.set(now),
+            ],
+            condition=DatabaseRecord.status == PROVISIONING,
+        )
+        return record
+
+    def _take_pooled(
+        self, hosts: list[HostRecord], plan: Plan, request: CreateDatabase, requester: Requester, password: str
+    ) -> Provisioned | None:
+        """Take a pooled database on the active host with the most room that has one; None when none is left."""
+        for host in hostlib.by_free_capacity(hosts):
+            if self.hosts.is_down(host.id):
+                continue
+            record = self._claim_any(host, plan, request, requester, password)
+            if record is None:
+                continue
+            try:
+                postgres.open_tenant(self._target(host), record.role_name, password)
+            except Exception as exc:
+                log.error("taking pooled %s on host %s failed: %s", record.id, host.id, _reason(exc))
+                if isinstance(exc, postgres.HostUnavailable):
+                    self.hosts.mark_down(host.id, self.settings.host_retry_s)
+                self._abandon_taken(record, exc)
+                continue
+            log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
+            return Provisioned(record, plan, host, password, created=True)
+        return None
+
+    def _claim_any(
+        self, host: HostRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
+    ) -> DatabaseRecord | None:
+        queries = 0
+        while True:
+            candidate = self.pool.pop(host.id)
+            if candidate is None:
+                # Under many concurrent creates every candidate seen may go to
+                # others first; read the index a few times before giving up.
+                if queries == 3 or not self.pool.load(host.id):
+                    return None
+                queries += 1
+                continue
+            record = self._claim_pooled(candidate, plan, request, requester, password)
+            if record is not None:
+                return record
+
+    def _claim_pooled(
+        self, record: DatabaseRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
+    ) -> DatabaseRecord | None:
+        """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED.
+
+        It goes straight to UNCLAIMED, before the password is set, to keep the
+        take at one write: if the process dies before `open_tenant`, the record
+        is an UNCLAIMED database whose role cannot log in (NOLOGIN), whose
+        credentials nobody received, and which expires like any other.
+        """
+        now = _now()
+        expires = now + timedelta(seconds=plan.lifetime_s)
+        sealed = self.keyring.encrypt(password, context=record.id)
+        # A conditional put of the whole item: as atomic as an update, and
+        # the pooled record's other attributes never change while it is POOLED.
+        record.status = UNCLAIMED
+        record.plan = plan.name
+        record.secret_key_id, record.secret = sealed.key_id, sealed.blob
+        record.ref = request.ref
+        record.created_ip = requester.ip
+        record.user_agent = (requester.user_agent or "")[:256] or None
+        record.created_at = record.updated_at = now
+        record.expires_at = expires
+        record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
+        try:
+            record.save(condition=DatabaseRecord.status == POOLED)
+        except PutError as exc:
+            if _is_conditional_failure(exc):
+                return None  # another create took it first (or it is gone)
+            raise
+        return record
+
+    def _abandon_taken(self, record: DatabaseRecord, cause: Exception) -> None:
+        """The host failed while handing out a pooled database: FAILED and due, the purge drops it."""
+        now = _now()
+        record.update(
+            actions=[
+                DatabaseRecord.status.set(FAILED),
+                DatabaseRecord.failure.set(_reason(cause)),
+                DatabaseRecord.ended_at.set(now),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.expires_at.set(now + timedelta(seconds=self.settings.tombstone_ttl_s)),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.due_bucket.set(FAILED),
+                DatabaseRecord.due_at.set(int(now.timestamp())),
+            ],
+            condition=DatabaseRecord.status == UNCLAIMED,
+        )
+
+    def discard_pooled(self, record: DatabaseRecord, host: HostRecord) -> bool:
+        """Drop a pooled database nobody took (its host drains, or the pool shrank); False if it was taken.
+
+        The conditional write POOLED -> FAILED is also the purge's lease
+        (see `lease`): if the drop fails or this process dies, the record is
+        due again when the lease ends and the purge drops it and frees the slot.
+        """
+        now = _now()
+        taken = self._conditional(
+            record,
+            [
+                DatabaseRecord.status.set(FAILED),
+                DatabaseRecord.failure.set("discarded from the pool"),
+                DatabaseRecord.ended_at.set(now),
+                DatabaseRecord.updated_at.set(now),
+                DatabaseRecord.secret.remove(),
+                DatabaseRecord.secret_key_id.remove(),
+                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
+                DatabaseRecord.due_bucket.set(FAILED),
+                DatabaseRecord.due_at.set(self._lease_until(now)),
+            ],
+            DatabaseRecord.status == POOLED,
+        )
+        if not taken:
+            return False
+        postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        self.finish_cleanup(record)
+        return True

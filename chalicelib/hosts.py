@@ -121,6 +121,9 @@ class HostCache:
         self._ttl = ttl_s
         self._hosts: dict[str, HostRecord] = {}
         self._loaded = 0.0
+        # A host that just failed to answer is skipped for a while by this
+        # process, so later creates do not each wait for its connect timeout.
+        self._down: dict[str, float] = {}
 
     def all(self, fresh: bool = False) -> list[HostRecord]:
         if fresh or time.monotonic() - self._loaded > self._ttl:
@@ -136,24 +139,45 @@ class HostCache:
     def invalidate(self) -> None:
         self._loaded = 0.0
 
+    def mark_down(self, host_id: str, for_s: float) -> None:
+        self._down[host_id] = time.monotonic() + for_s
+
+    def is_down(self, host_id: str) -> bool:
+        return self._down.get(host_id, 0.0) > time.monotonic()
+
 
 def offers_logical_replication(hosts: list[HostRecord]) -> bool:
     return any(h.logical_replication and h.status == HOST_ACTIVE for h in hosts)
 
 
-def reserve(hosts: list[HostRecord], logical_replication: bool = False) -> HostRecord:
-    """Take one slot on the active host with the most room."""
-    candidates = [h for h in hosts if h.status == HOST_ACTIVE and (h.logical_replication or not logical_replication)]
-    candidates.sort(key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+def by_free_capacity(hosts: list[HostRecord]) -> list[HostRecord]:
+    """Active hosts, the one with the most room first (DRAINING hosts take no new databases)."""
+    active = [h for h in hosts if h.status == HOST_ACTIVE]
+    return sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+
+
+def reserve(
+    hosts: list[HostRecord], logical_replication: bool = False, exclude: frozenset[str] | set[str] = frozenset()
+) -> HostRecord:
+    """Take one slot on the active host with the most room, skipping the hosts in `exclude`."""
+    candidates = [
+        h for h in by_free_capacity(hosts) if h.id not in exclude and (h.logical_replication or not logical_replication)
+    ]
     for host in candidates:
         try:
             # Update a key-only copy: the cached record is shared by concurrent
             # requests (threads in chalice local), and pynamodb rewrites an
             # updated object's attributes from the response while others sort on them.
-            HostRecord(id=host.id).update(
+            copy = HostRecord(id=host.id)
+            copy.update(
                 actions=[HostRecord.allocated.add(1)],
                 condition=(HostRecord.status == HOST_ACTIVE) & (HostRecord.allocated < HostRecord.capacity),
             )
+            # Only the count goes back to the shared record (one attribute
+            # assignment), so the next placement in this process sees the
+            # slot taken: a burst of creates spreads over the hosts instead
+            # of all going to the one that looked emptiest at the last refresh.
+            host.allocated = copy.allocated
             return host
         except UpdateError as exc:
             if exc.cause_response_code != "ConditionalCheckFailedException":

@@ -3,7 +3,8 @@
 One EventBridge rule runs it (app.py's `purge`); `make dev` runs it on a
 timer. Each part is bounded and resumable, so a run cut short loses nothing:
   1. expiry: expired databases, crashed creates, pending drops, orphans (chalicelib.expiry);
-  2. quotas: sizes, storage locks, long queries (chalicelib.quotas).
+  2. quotas: sizes, storage locks, long queries (chalicelib.quotas);
+  3. the warm pool: ready databases topped up on every active host (chalicelib.pool).
 The purge gets at most PURGE_SHARE of the budget, so a large expiry backlog
 cannot starve quota enforcement; the quota pass runs until the run's deadline.
 """
@@ -22,12 +23,17 @@ PURGE_SHARE = 0.6
 
 def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
     """One run taking no new work after `budget_s` seconds; returns each part's summary."""
-    from chalicelib import expiry, quotas
+    from chalicelib import expiry, pool, quotas
 
     deadline = time.time() + budget_s
     purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
     enforcement = quotas.enforce(service, deadline=deadline)
-    return {"purge": dataclasses.asdict(purge), "quotas": enforcement}
+    refill = pool.refill(service, deadline=deadline)
+    return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
+
+
+def _as_dict(summary: Any) -> Any:
+    return dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else summary
 
 
 def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:

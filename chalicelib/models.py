@@ -31,6 +31,8 @@ FAILED = "FAILED"
 # mark a record between the steps, so a retry (or a sweep) can finish it.
 CLAIMING = "CLAIMING"
 DELETING = "DELETING"
+# A ready database in the warm pool: no public id handed out yet, role NOLOGIN.
+POOLED = "POOLED"
 TOMBSTONES = frozenset({EXPIRED, DELETED, FAILED})
 
 # Host statuses.
@@ -42,7 +44,8 @@ class DueIndex(GlobalSecondaryIndex):
     """Sparse index of records that need the scheduled job at some time.
 
     `due_bucket` is the status that makes a record due (UNCLAIMED: expiry;
-    PROVISIONING: the provisioning timeout) and `due_at` the epoch second it
+    PROVISIONING: the provisioning timeout; POOLED#<host>: the warm pool of a
+    host, oldest first) and `due_at` the epoch second it
     falls due, so the purge queries `due_bucket = X AND due_at <= now` with no
     scan. Records in no bucket (claimed, tombstones) are not in the index.
     """

@@ -94,6 +94,90 @@ class Target:
         finally:
             conn.close()
 
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        """A kept-open admin connection for the create's hot path (see `_Sessions`)."""
+        with _sessions.use(self) as conn:
+            yield conn
+
+
+# The hot path's own session setting: its one statement (ALTER ROLE on a take)
+# does not wait for the WAL flush. If the server crashes within the flush
+# delay the change is lost and the role is back to NOLOGIN with its old
+# password: the tenant cannot log in, nobody else can either.
+_HOT_OPTIONS = _ADMIN_OPTIONS + " -c synchronous_commit=off"
+
+
+class _Sessions:
+    """Idle admin connections per target, reused across requests (and warm Lambda invocations).
+
+    Opening a connection (TCP, SCRAM, a new backend) costs more than the
+    statement a take runs; keeping a few open makes a take one round trip.
+    A connection is used by one thread at a time; a broken one is replaced
+    once.
+    """
+
+    MAX_IDLE = 4
+
+    def __init__(self) -> None:
+        import threading
+
+        self._idle: dict[Target, list[psycopg.Connection]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, target: Target) -> psycopg.Connection:
+        import psycopg
+
+        try:
+            return psycopg.connect(
+                host=target.host,
+                port=target.port,
+                user=target.user,
+                password=target.password,
+                dbname=target.dbname,
+                sslmode=target.sslmode,
+                connect_timeout=target.connect_timeout,
+                options=_HOT_OPTIONS,
+                application_name="instapg",
+                autocommit=True,
+            )
+        except psycopg.OperationalError as exc:
+            raise HostUnavailable(f"cannot connect to {target.host}:{target.port}: {_first_line(exc)}") from None
+
+    @contextmanager
+    def use(self, target: Target) -> Iterator[psycopg.Connection]:
+        with self._lock:
+            idle = self._idle.setdefault(target, [])
+            conn = idle.pop() if idle else None
+        if conn is None or conn.closed or conn.broken:
+            conn = self._open(target)
+        try:
+            yield conn
+        except BaseException:
+            conn.close()  # its state is unknown after an error
+            raise
+        with self._lock:
+            idle = self._idle.setdefault(target, [])
+            if len(idle) < self.MAX_IDLE:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+_sessions = _Sessions()
+
+
+def close_sessions() -> None:
+    """Close the kept-open admin connections (tests and tools that stop their servers)."""
+    _sessions.clear()
+
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -134,17 +218,26 @@ def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Compos
     return stmt
 
 
-def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan) -> None:
-    """Create the role and database of one tenant, hardened."""
+def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan, login: bool = True) -> None:
+    """Create the role and database of one tenant, hardened.
+
+    `login=False` makes a warm-pool tenant: ready, but nobody can log in until
+    `open_tenant` gives it LOGIN and a fresh password.
+    """
     from psycopg import sql
 
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
         conn.execute(
             sql.SQL(
-                "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "CREATE ROLE {} {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
                 "NOBYPASSRLS NOINHERIT CONNECTION LIMIT {} PASSWORD {}"
-            ).format(role_id, sql.Literal(plan.connections), sql.Literal(scram_verifier(password)))
+            ).format(
+                role_id,
+                sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(plan.connections),
+                sql.Literal(scram_verifier(password)),
+            )
         )
         conn.execute(_membership_grant(conn, role))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
@@ -327,6 +420,28 @@ def set_password(target: Target, role: str, password: str) -> None:
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(scram_verifier(password)))
         )
         _terminate_role(conn, role)
+
+
+def open_tenant(target: Target, role: str, password: str) -> None:
+    """Hand out a pooled tenant: LOGIN with a new password in one statement.
+
+    The pooled role was NOLOGIN, so no session of it can exist, and its
+    earlier password is replaced before it can ever log in.
+    """
+    import psycopg
+    from psycopg import sql
+
+    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
+        sql.Identifier(role), sql.Literal(scram_verifier(password))
+    )
+    try:
+        with target.session() as conn:
+            conn.execute(statement)
+    except psycopg.OperationalError:
+        # A kept-open connection the server closed meanwhile (restart, idle
+        # timeout): once more on a new one. The statement is idempotent.
+        with target.session() as conn:
+            conn.execute(statement)
 
 
 def _terminate_role(conn: psycopg.Connection, role: str) -> int:

@@ -67,6 +67,9 @@ class Settings:
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
     open_signup: bool = True
+    # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
+    pool_size: int = 10
+    host_retry_s: int = 30
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -168,6 +171,16 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "`true`: anyone may create an account (POST /api/v1/accounts, the claim page); "
         "`false`: only `python -m tools.accounts create` does.",
     ),
+    (
+        "INSTAPG_POOL_SIZE",
+        "10",
+        "Ready (POOLED) databases the scheduled job keeps on each active host; 0 turns the warm pool off.",
+    ),
+    (
+        "INSTAPG_HOST_RETRY_SECONDS",
+        "30",
+        "After a host fails to answer, how long one process skips it when placing new databases.",
+    ),
 ]
 _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
@@ -251,6 +264,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
+        pool_size=_int(env, "INSTAPG_POOL_SIZE"),
+        host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
     )
 
 

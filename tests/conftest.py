@@ -105,6 +105,9 @@ def aws(instapg_env):
     """moto's DynamoDB, in process, with the tables created: clean for every test."""
     from moto import mock_aws
 
+    from tools import motoatomic
+
+    motoatomic.install()  # DynamoDB's conditional writes are atomic; moto's are not across threads
     with mock_aws():
         from chalicelib import models, services
 
@@ -145,3 +148,33 @@ def client(host):
 def post_json(client, path: str, body, headers: dict | None = None):
     raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return client.http.post(path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
+
+
+ADMIN_ENV_2 = "INSTAPG_TEST_HOST_ADMIN_2"
+
+
+@pytest.fixture(scope="session")
+def pg2():
+    """A second embedded Postgres, for the multi-host tests."""
+    from tools import pgserver
+
+    root = _tmp_root()
+    server = pgserver.start(root / "pg", settings={"fsync": "off"})
+    try:
+        yield PgServer("127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def second_host(host, service, pg2, instapg_env):
+    """pg2 registered as host `local-2`, next to `local-1`."""
+    from chalicelib import hosts
+
+    instapg_env.setenv(ADMIN_ENV_2, pg2.admin_json())
+    record, _ = hosts.register(
+        service.settings, "local-2", pg2.host, pg2.port, f"env:{ADMIN_ENV_2}", capacity=1000, sslmode="disable"
+    )
+    service.hosts.invalidate()
+    return record

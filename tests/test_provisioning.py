@@ -145,7 +145,7 @@ def test_ddl_failure_leaves_nothing_but_a_failed_record(client, service, pg):
     assert host.allocated == 0
 
 
-def test_unreachable_host_is_503_and_leaves_a_record_for_the_purge(client, service, host):
+def test_unreachable_host_is_503_and_gives_its_slot_back(client, service, host):
     from chalicelib.models import DatabaseRecord, HostRecord
 
     host.update(actions=[HostRecord.port.set(1)])
@@ -154,8 +154,10 @@ def test_unreachable_host_is_503_and_leaves_a_record_for_the_purge(client, servi
     assert response.status_code == 503
     assert "Retry-After" in response.headers
     (record,) = list(DatabaseRecord.scan())
-    # Cleanup could not reach the host either: the record stays due for the purge.
-    assert (record.status, record.due_bucket) == ("FAILED", "FAILED")
+    # The connection never opened, so nothing was created: a FAILED tombstone
+    # with nothing left for the purge, and the slot is free again (issue 7).
+    assert (record.status, record.due_bucket) == ("FAILED", None)
+    assert int(HostRecord.get("local-1", consistent_read=True).allocated) == 0
 
 
 def test_concurrent_creates_with_one_client_chosen_id_make_one_database(service, host, pg):

@@ -32,9 +32,10 @@ def _say(message: str) -> None:
 
 
 class DevStack:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, pool_refill: bool = True) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.pool_refill = pool_refill
         self.pg = None
         self.moto = None
         self.server = None
@@ -45,6 +46,10 @@ class DevStack:
         import logging
 
         from moto.server import ThreadedMotoServer
+
+        from tools import motoatomic
+
+        motoatomic.install()  # the API serves requests from many threads
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
 
@@ -93,6 +98,13 @@ class DevStack:
             _say(f"host warning: {warning}")
         _say(f"host      '{HOST_ID}' registered (capacity 1000)")
 
+        if self.pool_refill:
+            # `chalice local` runs no schedules: top the warm pool up on a timer.
+            thread = threading.Thread(target=self._refill_pool, name="pool-refill", daemon=True)
+            thread.start()
+            self.background.append(thread)
+            _say(f"pool      {settings.pool_size} ready database(s) kept on each host (INSTAPG_POOL_SIZE)")
+
         from tools.localserver import create_server
 
         self.server = create_server(ROOT, "127.0.0.1", self.port)
@@ -114,6 +126,16 @@ class DevStack:
                 jobs.run(services.databases(), budget_s=self.interval * 0.8)
             except Exception as exc:  # keep the timer alive; each part logged its summary
                 _say(f"scheduled run failed: {type(exc).__name__}")
+
+    def _refill_pool(self, every_s: float = 5.0, budget_s: float = 20.0) -> None:
+        from chalicelib import pool, services
+
+        while not self.stopping.is_set():
+            try:
+                pool.refill(services.databases(), time.time() + budget_s)
+            except Exception as exc:  # keep the timer alive; the next round retries
+                _say(f"pool refill failed: {type(exc).__name__}")
+            self.stopping.wait(every_s)
 
     def banner(self) -> None:
         url = f"http://127.0.0.1:{self.port}"

@@ -4,6 +4,8 @@
         --credentials secretsmanager:arn:aws:secretsmanager:us-east-2:123456789012:secret:rds!db-... --capacity 500
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts list
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts drain --id rds-1   # no new databases there
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts activate --id rds-1   # new databases again
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts remove --id rds-1   # a drained, empty host
 
 `add` connects to the host as its admin first (checks CREATEROLE/CREATEDB,
 revokes PUBLIC's CONNECT on postgres/template1), so run it from somewhere that
@@ -102,6 +104,59 @@ def drain(args) -> int:
     return 0
 
 
+def activate(args) -> int:
+    """Undo `drain`: the host takes new databases again."""
+    from pynamodb.exceptions import UpdateError
+
+    from chalicelib.models import HOST_ACTIVE, HostRecord
+
+    _settings()
+    try:
+        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_ACTIVE)], condition=HostRecord.id.exists())
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        raise
+    print(f"host {args.id} is active: it gets new databases")
+    return 0
+
+
+def remove(args) -> int:
+    """Forget a drained host that carries nothing any more (its warm pool included).
+
+    The condition makes it safe against a create racing the removal: a
+    create's slot reservation needs the host ACTIVE, and the delete needs it
+    DRAINING with nothing allocated.
+    """
+    from pynamodb.exceptions import DeleteError
+
+    from chalicelib.models import HOST_DRAINING, HostRecord
+
+    _settings()
+    try:
+        HostRecord(id=args.id).delete(condition=(HostRecord.status == HOST_DRAINING) & (HostRecord.allocated == 0))
+    except DeleteError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        try:
+            host = HostRecord.get(args.id, consistent_read=True)
+        except HostRecord.DoesNotExist:
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        if host.status != HOST_DRAINING:
+            print(f"host {args.id} is {host.status}: drain it first", file=sys.stderr)
+        else:
+            print(
+                f"host {args.id} still carries {int(host.allocated or 0)} database(s), pooled ones included: they "
+                "go as they expire or are deleted, and the scheduled job empties a draining host's pool",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"host {args.id} removed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Manage instapg's Postgres hosts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the hosts")
     p_drain = sub.add_parser("drain", help="stop placing new databases on a host")
     p_drain.add_argument("--id", required=True)
+    p_activate = sub.add_parser("activate", help="place new databases on a drained host again")
+    p_activate.add_argument("--id", required=True)
+    p_remove = sub.add_parser("remove", help="forget a drained host with no database left")
+    p_remove.add_argument("--id", required=True)
     args = parser.parse_args(argv)
-    return {"add": add, "list": list_hosts, "drain": drain}[args.command](args)
+    commands = {"add": add, "list": list_hosts, "drain": drain, "activate": activate, "remove": remove}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

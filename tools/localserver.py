@@ -47,6 +47,11 @@ def create_server(project_dir: Path, host: str, port: int, stage: str = "dev") -
     for key, value in config.environment_variables.items():
         os.environ.setdefault(key, value)
     app = cli.load_chalice_app()
+    # socketserver's default listen backlog is 5: a burst of concurrent
+    # clients (the bench runs 16) would see connections reset.
+    from chalice.local import ThreadedHTTPServer
+
+    ThreadedHTTPServer.request_queue_size = 128
     # What chalice.local.create_local_server does, with our handler class;
     # only once per process (a second server in the same process, as the
     # browser tests start, would make the class its own base).

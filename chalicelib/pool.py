@@ -1,0 +1,142 @@
+"""The warm pool: ready databases per host, so a create is one write and one ALTER ROLE.
+
+A pooled database is a DatabaseRecord with status POOLED, keyed by an id that
+has never been shown to anyone, in the `by_due` bucket `POOLED#<host>`. Its
+role is NOLOGIN. It counts against the host's `allocated` like any database.
+A create takes one with a conditional write (status POOLED -> PROVISIONING,
+see `DatabaseService.create`), so two creates can never get the same one; the
+record id becomes the public id, and `postgres.open_tenant` gives the role
+LOGIN and a fresh password.
+
+Status changes happen in `DatabaseService`; this module finds pooled records
+and tops the pool up within a deadline (the scheduled job and `make dev`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from chalicelib import hosts as hostlib
+from chalicelib import postgres
+from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord
+
+if TYPE_CHECKING:
+    from chalicelib.databases import DatabaseService
+
+log = logging.getLogger(__name__)
+
+BUCKET_PREFIX = POOLED + "#"
+# How many pooled records one take looks at. Concurrent creates each pick at
+# random among them, so they rarely race for the same record.
+CANDIDATES = 25
+
+
+def bucket(host_id: str) -> str:
+    return BUCKET_PREFIX + host_id
+
+
+def candidates(host_id: str, limit: int = CANDIDATES) -> list[DatabaseRecord]:
+    """Up to `limit` pooled records of a host, shuffled (the index may lag: the take's condition decides)."""
+    found = list(DatabaseRecord.by_due.query(bucket(host_id), limit=limit))
+    random.shuffle(found)
+    return found
+
+
+class Candidates:
+    """Pooled records this process has seen but not tried yet, per host.
+
+    A take pops one instead of querying the index each time, so a warm
+    process's pooled create is a single conditional write. Entries go stale
+    when another process takes them; the take's condition catches that and
+    the next one is tried.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._by_host: dict[str, list[DatabaseRecord]] = {}
+        self._lock = threading.Lock()
+
+    def pop(self, host_id: str) -> DatabaseRecord | None:
+        with self._lock:
+            found = self._by_host.get(host_id)
+            return found.pop() if found else None
+
+    def load(self, host_id: str) -> bool:
+        """Read the host's pooled records again; False when it has none."""
+        found = candidates(host_id)
+        with self._lock:
+            self._by_host[host_id] = found
+        return bool(found)
+
+
+def pooled(host_id: str) -> list[DatabaseRecord]:
+    """Every pooled record of a host (the pool is small: a handful per host)."""
+    return list(DatabaseRecord.by_due.query(bucket(host_id)))
+
+
+@dataclass
+class RefillSummary:
+    added: int = 0
+    discarded: int = 0
+    failed: int = 0
+    hosts_full: list[str] = field(default_factory=list)
+    hosts_unavailable: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+    duration_ms: int = 0
+
+
+def refill(service: DatabaseService, deadline: float, size: int | None = None) -> RefillSummary:
+    """Top up every active host's pool to `size` (settings.pool_size); empty DRAINING hosts' pools.
+
+    `deadline` is a `time.time()` value, as for `quotas.enforce`: no new database is started
+    after it. A host that fails is skipped; the others still get their pool.
+    """
+    started = time.monotonic()
+    size = service.settings.pool_size if size is None else size
+    summary = RefillSummary()
+    for host in service.hosts.all(fresh=True):
+        if time.time() >= deadline:
+            summary.stopped_early = True
+            break
+        try:
+            _refill_host(service, host, size if host.status == HOST_ACTIVE else 0, deadline, summary)
+        except postgres.HostUnavailable as exc:
+            log.error("pool refill: host %s unavailable: %s", host.id, exc)
+            service.hosts.mark_down(host.id, service.settings.host_retry_s)
+            summary.hosts_unavailable.append(host.id)
+            summary.failed += 1
+        except Exception as exc:  # one host's trouble must not stop the others
+            log.error("pool refill: host %s failed: %s", host.id, type(exc).__name__)
+            summary.failed += 1
+    summary.duration_ms = int((time.monotonic() - started) * 1000)
+    # The local stack refills every few seconds: say something only when something happened.
+    level = logging.INFO if summary.added or summary.discarded or summary.failed else logging.DEBUG
+    log.log(level, json.dumps({"event": "pool_refill", **asdict(summary)}))
+    return summary
+
+
+def _refill_host(service: DatabaseService, host, size: int, deadline: float, summary: RefillSummary) -> None:
+    current = pooled(host.id)
+    # Too many (the size went down, or the host is draining): give slots back.
+    for record in current[size:]:
+        if time.time() >= deadline:
+            summary.stopped_early = True
+            return
+        if service.discard_pooled(record, host):
+            summary.discarded += 1
+    for _ in range(size - len(current)):
+        if time.time() >= deadline:
+            summary.stopped_early = True
+            return
+        try:
+            service.add_to_pool(host)
+        except hostlib.NoCapacity:
+            summary.hosts_full.append(host.id)
+            return
+        summary.added += 1

@@ -1,0 +1,190 @@
+"""The warm pool: ready databases handed out once each, with a password nobody had before."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from tests.conftest import post_json
+from tests.pgerrors import refused_login
+
+
+def _refill(service, size: int):
+    from chalicelib import pool
+
+    return pool.refill(service, time.time() + 120, size=size)
+
+
+def _pooled(host_id: str = "local-1"):
+    from chalicelib import pool
+
+    return pool.pooled(host_id)
+
+
+def _role(pg, name: str):
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        return conn.execute("SELECT rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+
+
+def _allocated(host_id: str = "local-1") -> int:
+    from chalicelib.models import HostRecord
+
+    return int(HostRecord.get(host_id, consistent_read=True).allocated)
+
+
+def test_refill_fills_the_pool_with_locked_ready_databases(service, host, pg):
+    summary = _refill(service, 3)
+    assert summary.added == 3
+    records = _pooled()
+    assert len(records) == 3
+    assert {r.status for r in records} == {"POOLED"}
+    assert _allocated() == 3  # pooled databases count against capacity
+    for record in records:
+        assert _role(pg, record.role_name) == (False, 5)  # NOLOGIN, limit of the unclaimed plan
+    assert _refill(service, 3).added == 0  # already full
+
+
+def test_create_takes_a_pooled_database(client, service, pg):
+    _refill(service, 2)
+    pooled_ids = {r.id for r in _pooled()}
+    response = post_json(client, "/api/v1/database", {"ref": "pool-test"})
+    assert response.status_code == 201, response.json_body
+    body = response.json_body
+    assert body["id"] in pooled_ids
+    assert len(_pooled()) == 1
+    assert _allocated() == 2  # the slot moved with the database: no new one taken
+    with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    again = client.http.get(f"/api/v1/database/{body['id']}")
+    assert again.status_code == 200
+    assert again.json_body["connection_string"] == body["connection_string"]
+    assert again.json_body["status"] == body["status"] == "UNCLAIMED"
+    assert body["created_at"] == again.json_body["created_at"]
+
+
+def test_pooled_password_never_works(client, service, pg):
+    _refill(service, 1)
+    [record] = _pooled()
+    old_password = service.password(record)
+    params = {"host": pg.host, "port": pg.port, "user": record.role_name, "dbname": record.db_name}
+    # While pooled the role cannot log in at all, even with the right password.
+    assert refused_login(**params, password=old_password) == "28000"
+    body = post_json(client, "/api/v1/database", {"ref": "fresh"}).json_body
+    assert body["id"] == record.id
+    new = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
+    assert new["password"] != old_password
+    assert refused_login(**params, password=old_password) == "28P01"
+    assert refused_login(**params, password=new["password"]) is None
+
+
+def test_empty_pool_falls_back_with_the_same_response(client, service):
+    _refill(service, 1)
+    pooled = post_json(client, "/api/v1/database", {"ref": "a"})
+    on_demand = post_json(client, "/api/v1/database", {"ref": "b"})
+    assert pooled.status_code == on_demand.status_code == 201
+    assert set(pooled.json_body) == set(on_demand.json_body)
+    assert pooled.headers == on_demand.headers
+    for key in ("status", "limits"):
+        assert pooled.json_body[key] == on_demand.json_body[key]
+    with psycopg.connect(on_demand.json_body["connection_string"], connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_pooled_ids_are_not_visible(client, service):
+    _refill(service, 1)
+    [record] = _pooled()
+    assert client.http.get(f"/api/v1/database/{record.id}").status_code == 404
+
+
+def test_client_chosen_id_never_takes_from_the_pool(client, service):
+    _refill(service, 1)
+    database_id = "0190a2b4-6c1e-7d3f-8a9b-0c1d2e3f4a5b"
+    response = post_json(client, f"/api/v1/database/{database_id}", {"ref": "own-id"})
+    assert response.status_code == 201
+    assert len(_pooled()) == 1
+
+
+def test_100_concurrent_creates_get_100_distinct_databases(service, host, pg):
+    from chalicelib.databases import Requester
+    from chalicelib.schemas import CreateDatabase
+
+    _refill(service, 100)
+    pooled_roles = {r.role_name for r in _pooled()}
+    assert len(pooled_roles) == 100
+
+    def create(i: int):
+        return service.create(CreateDatabase(ref=f"race-{i}"), Requester())
+
+    with ThreadPoolExecutor(max_workers=100) as executor:
+        results = list(executor.map(create, range(100)))
+
+    ids = [r.record.id for r in results]
+    roles = [r.record.role_name for r in results]
+    passwords = [r.password for r in results]
+    assert len(set(ids)) == 100
+    assert len(set(roles)) == 100  # no database handed out twice
+    assert len(set(passwords)) == 100
+    from_pool = [role for role in roles if role in pooled_roles]
+    assert len(from_pool) >= 90  # a few may lose every race and be created on demand
+    assert len(_pooled()) == 100 - len(from_pool)
+    # Every one answers with its own password, so none was overwritten by a second taker.
+    for result in results:
+        params = {
+            "host": pg.host,
+            "port": pg.port,
+            "user": result.record.role_name,
+            "dbname": result.record.db_name,
+            "password": result.password,
+        }
+        assert refused_login(**params) is None
+
+
+def test_shrinking_the_pool_drops_the_extra_databases(service, host, pg):
+    _refill(service, 3)
+    summary = _refill(service, 1)
+    assert summary.discarded == 2
+    assert len(_pooled()) == 1
+    assert _allocated() == 1
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (service.settings.name_prefix + "_%",)
+        ).fetchone()[0]
+    assert left == 1
+
+
+@pytest.mark.parametrize("size", [0])
+def test_pool_size_zero_keeps_no_pool(service, host, size):
+    assert _refill(service, size).added == 0
+    assert _pooled() == []
+
+
+def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg_env):
+    from chalicelib import expiry, postgres, services
+    from chalicelib import hosts as hostlib
+
+    _refill(service, 2)
+    pooled_roles = {r.role_name for r in _pooled()}
+    # A prefixed tenant no record references: reconciliation must drop it, and only it.
+    stray = service.settings.name_prefix + "_stray"
+    postgres.create_tenant(
+        hostlib.target(host, service.settings), stray, stray, "unused-password", service.settings.plan("unclaimed")
+    )
+    instapg_env.setenv("INSTAPG_ORPHAN_GRACE_SECONDS", "0")
+    services.reset()
+    fresh = services.databases()
+    for _ in range(2):  # first sighting, then the drop once the (zero) grace has passed
+        summary = expiry.run_scheduled(fresh, budget_s=60)
+        assert summary.hosts_reconciled == 1
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        left = {
+            name
+            for (name,) in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (service.settings.name_prefix + "_%",)
+            )
+        }
+    assert stray not in left
+    assert pooled_roles <= left
+    assert {r.role_name for r in _pooled()} == pooled_roles

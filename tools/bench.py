@@ -1,0 +1,527 @@
+"""`make bench`: where instapg's time goes, on this machine, in one run.
+
+Starts its own stack: two embedded Postgres servers with their data ON DISK
+(INSTAPG_BENCH_DIR, default .local/bench; not tmpfs, so CREATE DATABASE costs
+what it costs a user), DynamoDB from moto in this process, and the API on
+chalice's local server. Then measures, in this order:
+
+  1. create latency in-process (chalice.test.Client), on demand and from the warm pool
+  2. time to first query over HTTP: POST, connect with the returned string, SELECT 1
+  3. GET latency over HTTP
+  4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
+  5. purge: 500 expired databases (needs chalicelib.expiry)
+  6. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
+
+Prints a table and writes every figure, with what it measured and on how many
+samples, to results.json in the bench folder. Timings are reported, never
+asserted.
+
+    python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    unit: str
+    samples: int
+    how: str
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, round(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+class Bench:
+    def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.figures: list[Figure] = []
+        self.servers = []
+        self.http = None
+        self.base = ""
+
+    def add(self, name: str, value: float | None, unit: str, samples: int, how: str) -> None:
+        self.figures.append(Figure(name, value, unit, samples, how))
+        shown = "not measured" if value is None else f"{value} {unit}"
+        _say(f"{name}: {shown}")
+
+    # -- the stack ---------------------------------------------------------------
+
+    def start(self) -> None:
+        from chalicelib.crypto import new_key_spec
+        from tools import pgserver
+
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.data_dir.mkdir(parents=True)
+        for i in (1, 2):
+            server = pgserver.start(self.data_dir / f"pg{i}")
+            self.servers.append(server)
+            os.environ[ADMIN_ENVS[i - 1]] = server.admin_credentials_json
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-2",
+            AWS_REGION="us-east-2",
+            AWS_ACCOUNT_ID_ENDPOINT_MODE="disabled",
+            INSTAPG_STAGE="dev",
+            INSTAPG_TABLE_PREFIX="instapg-bench",
+            INSTAPG_KEYRING=new_key_spec("bench1"),
+            INSTAPG_NAME_PREFIX="ipgb",
+            # The bench creates ~1000 databases from 127.0.0.1: raise the abuse
+            # limits (issue 5) out of its way. The checks themselves still run.
+            INSTAPG_CREATES_PER_MINUTE="1000000",
+            INSTAPG_CREATES_PER_DAY="1000000",
+            INSTAPG_MAX_UNCLAIMED_PER_HOST="1000000",
+        )
+        os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
+
+        from moto import mock_aws
+
+        from tools import motoatomic
+
+        motoatomic.install()
+        # moto in this process: a DynamoDB call is a function call, not an HTTP hop.
+        self.mock = mock_aws()
+        self.mock.start()
+
+        from chalicelib import models, services
+
+        services.reset()
+        self.service = services.databases()
+        models.configure(self.service.settings)
+        models.create_tables()
+        self.register(1)
+
+        from tools.localserver import InstapgRequestHandler, create_server
+        from tools.pgserver import free_port
+
+        InstapgRequestHandler.log_message = lambda *args: None  # no access log line per request
+
+        port = free_port()
+        self.http = create_server(ROOT, "127.0.0.1", port)
+        threading.Thread(target=self.http.server.serve_forever, name="api", daemon=True).start()
+        self.base = f"http://127.0.0.1:{port}"
+        _say(f"stack up: postgres on disk at {self.data_dir}, moto in-process, api {self.base}")
+
+    def register(self, i: int) -> None:
+        from chalicelib import hosts
+
+        server = self.servers[i - 1]
+        hosts.register(
+            self.service.settings,
+            f"bench-{i}",
+            "127.0.0.1",
+            server.port,
+            f"env:{ADMIN_ENVS[i - 1]}",
+            capacity=100_000,
+            sslmode="disable",
+        )
+        self.service.hosts.invalidate()
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+        from chalicelib import postgres
+
+        postgres.close_sessions()
+        for server in self.servers:
+            server.stop(mode="immediate")  # the data is thrown away: no shutdown checkpoint
+            shutil.rmtree(server.data_dir, ignore_errors=True)
+        if getattr(self, "mock", None) is not None:
+            self.mock.stop()
+
+    def refill(self, size: int) -> None:
+        from chalicelib import pool
+
+        started = time.monotonic()
+        summary = pool.refill(self.service, time.time() + 600, size=size)
+        _say(f"pool refilled: {summary.added} added in {time.monotonic() - started:.1f}s")
+
+    # -- measurements ---------------------------------------------------------------
+
+    def dynamodb_baseline(self) -> None:
+        from chalicelib.models import HostRecord
+
+        times = []
+        for _ in range(200):
+            t = time.perf_counter()
+            HostRecord.get("bench-1", consistent_read=True)
+            times.append(time.perf_counter() - t)
+        self.add(
+            "dynamodb_getitem_p50", _ms(_pct(times, 50)), "ms", 200, "one GetItem through pynamodb to moto in-process"
+        )
+
+    def create_latency(self) -> None:
+        from chalice.test import Client
+
+        from app import app
+
+        n = self.args.samples
+        body = json.dumps({"ref": "bench"})
+        headers = {"Content-Type": "application/json"}
+
+        def run(label: str) -> list[float]:
+            times = []
+            with Client(app) as client:
+                for _ in range(n):
+                    t = time.perf_counter()
+                    response = client.http.post("/api/v1/database", body=body, headers=headers)
+                    times.append(time.perf_counter() - t)
+                    assert response.status_code == 201, response.body
+            return times
+
+        from chalicelib import postgres
+        from chalicelib.abuse import Guard
+        from chalicelib.databases import DatabaseService
+
+        parts: dict[str, list[float]] = {"ddl": [], "take_write": [], "alter_role": [], "rate": [], "cap": []}
+        self.refill(0)
+        with _timed(postgres, "create_tenant", parts["ddl"]):
+            on_demand = run("on demand")
+        self.refill(n + 3)
+        with Client(app) as client:  # warm-up: opens the kept admin session, fills the candidate cache
+            for _ in range(3):
+                client.http.post("/api/v1/database", body=body, headers=headers)
+        with (
+            _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
+            _timed(postgres, "open_tenant", parts["alter_role"]),
+            _timed(Guard, "check_rate", parts["rate"]),
+            _timed(Guard, "open_hosts", parts["cap"]),
+        ):
+            pooled = run("pooled")
+        unclaimed = sum(Guard(self.service.settings).unclaimed_counts().values())
+        how = "POST /api/v1/database through chalice.test.Client, sequential"
+        for label, times in (("on_demand", on_demand), ("pooled", pooled)):
+            for p in (50, 95, 99):
+                self.add(f"create_{label}_p{p}", _ms(_pct(times, p)), "ms", n, f"{how}, {label.replace('_', ' ')}")
+        ratio = statistics.median(on_demand) / statistics.median(pooled)
+        self.add("create_p50_ratio", round(ratio, 1), "x", n, "on-demand p50 / pooled p50, same run")
+        # Where a create's time goes, measured inside the runs above.
+        self.add(
+            "part_ddl_p50",
+            _ms(_pct(parts["ddl"], 50)),
+            "ms",
+            len(parts["ddl"]),
+            "on demand: postgres.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
+        )
+        self.add(
+            "part_take_write_p50",
+            _ms(_pct(parts["take_write"], 50)),
+            "ms",
+            len(parts["take_write"]),
+            "pooled: the conditional put POOLED -> UNCLAIMED (incl. sealing the password)",
+        )
+        self.add(
+            "part_alter_role_p50",
+            _ms(_pct(parts["alter_role"], 50)),
+            "ms",
+            len(parts["alter_role"]),
+            "pooled: postgres.open_tenant (SCRAM verifier + ALTER ROLE LOGIN PASSWORD on a kept connection)",
+        )
+        self.add(
+            "part_rate_limit_p50",
+            _ms(_pct(parts["rate"], 50)),
+            "ms",
+            len(parts["rate"]),
+            "pooled: abuse.Guard.check_rate (two counter updates per create)",
+        )
+        self.add(
+            "part_host_cap_p50",
+            _ms(_pct(parts["cap"], 50)),
+            "ms",
+            len(parts["cap"]),
+            f"pooled: abuse.Guard.open_hosts (reads every UNCLAIMED/PROVISIONING record; {unclaimed} at the end)",
+        )
+
+    def time_to_first_query(self) -> None:
+        import psycopg
+
+        n = self.args.samples
+        self.refill(n)
+        times, gets, ids = [], [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            status, body = _post(self.base + "/api/v1/database", {"ref": "ttfq"})
+            with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
+                conn.execute("SELECT 1").fetchone()
+            times.append(time.perf_counter() - t)
+            ids.append(body["id"])
+        for database_id in ids:
+            t = time.perf_counter()
+            with urllib.request.urlopen(f"{self.base}/api/v1/database/{database_id}", timeout=30) as resp:
+                resp.read()
+            gets.append(time.perf_counter() - t)
+        how = "HTTP POST to chalice local, then psycopg connect + SELECT 1 on the returned connection_string; pooled"
+        self.add("ttfq_p50", _ms(_pct(times, 50)), "ms", n, how)
+        self.add("ttfq_p95", _ms(_pct(times, 95)), "ms", n, how)
+        self.add("get_p50", _ms(_pct(gets, 50)), "ms", n, "HTTP GET /api/v1/database/{id} on chalice local")
+
+    def throughput(self, hosts: int) -> None:
+        n = self.args.throughput
+        if hosts == 2:
+            self.register(2)
+        self.refill(0)  # on demand: what the hosts sustain once the pool is empty
+
+        def one(i: int) -> tuple[int, dict]:
+            try:
+                return _post(self.base + "/api/v1/database", {"ref": f"tp{i}"})
+            except OSError as exc:  # counted as a failed create, not the end of the bench
+                return 0, {"error": type(exc).__name__}
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=16) as executor:
+            answers = list(executor.map(one, range(n)))
+        elapsed = time.perf_counter() - t
+        ok = sum(1 for status, _ in answers if status == 201)
+        for status, body in answers:
+            if status != 201:
+                _say(f"throughput: a create answered {status}: {body.get('error')}")
+        self.add(
+            f"throughput_{hosts}_host{'s' if hosts > 1 else ''}",
+            round(ok / elapsed, 1),
+            "creates/s",
+            n,
+            f"{n} on-demand HTTP creates from 16 concurrent clients, {hosts} host(s); {ok} answered 201",
+        )
+
+    def purge(self) -> None:
+        n = self.args.purge
+        try:
+            from chalicelib import expiry
+        except ImportError:
+            self.add("purge_500_expired", None, "s", 0, "not measured: the purge (chalicelib.expiry) is not merged")
+            return
+        from chalicelib.databases import Requester
+        from chalicelib.models import UNCLAIMED, DatabaseRecord
+        from chalicelib.schemas import CreateDatabase
+
+        self.refill(0)
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            made = list(executor.map(lambda i: self.service.create(CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
+        past = datetime.now(UTC) - timedelta(minutes=5)
+        for result in made:
+            result.record.update(
+                actions=[DatabaseRecord.expires_at.set(past), DatabaseRecord.due_at.set(int(past.timestamp()))],
+                condition=DatabaseRecord.status == UNCLAIMED,
+            )
+        t = time.perf_counter()
+        summary = expiry.run_scheduled(self.service, 600)
+        elapsed = time.perf_counter() - t
+        dropped = getattr(summary, "expired_dropped", None)
+        self.add(
+            "purge_500_expired",
+            round(elapsed, 1),
+            "s",
+            n,
+            f"one expiry.run_scheduled over {n} expired UNCLAIMED databases; dropped {dropped}",
+        )
+
+    def cold_import(self) -> None:
+        code = "import time; t = time.perf_counter(); import app; print(time.perf_counter() - t)"
+        times = []
+        for _ in range(7):
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+        heavy = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, app; print(','.join(m for m in ('boto3','botocore','pynamodb','psycopg','cryptography')"
+                " if m in sys.modules) or 'none')",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        self.add(
+            "cold_import_app",
+            _ms(statistics.median(times)),
+            "ms",
+            7,
+            f"median `import app` in a fresh interpreter; heavy modules loaded by it: {heavy}",
+        )
+
+    def package_size(self) -> None:
+        if self.args.no_package:
+            self.add("lambda_zip_size", None, "MB", 0, "not measured: --no-package")
+            return
+        # A copy of what ships (app.py, chalicelib/, requirements.txt) with a
+        # generated IAM policy: the policy does not change the zip, and the
+        # deploy's policy files are not needed to measure it.
+        project = self.data_dir / "package-src"
+        shutil.rmtree(project, ignore_errors=True)
+        (project / ".chalice").mkdir(parents=True)
+        shutil.copy(ROOT / "app.py", project)
+        shutil.copy(ROOT / "requirements.txt", project)
+        shutil.copytree(ROOT / "chalicelib", project / "chalicelib", ignore=shutil.ignore_patterns("__pycache__"))
+        config = {"version": "2.0", "app_name": "instapg", "stages": {"bench": {"autogen_policy": True}}}
+        (project / ".chalice" / "config.json").write_text(json.dumps(config))
+        out = self.data_dir / "package"
+        env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-2"}
+        chalice = str(Path(sys.executable).with_name("chalice"))
+        try:
+            subprocess.run(
+                [chalice, "package", "--stage", "bench", str(out)],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+            )
+        except (subprocess.SubprocessError, OSError) as exc:
+            self.add("lambda_zip_size", None, "MB", 0, f"not measured: chalice package failed ({type(exc).__name__})")
+            return
+        size = (out / "deployment.zip").stat().st_size
+        self.add(
+            "lambda_zip_size",
+            round(size / 1e6, 1),
+            "MB",
+            1,
+            "deployment.zip from `chalice package` (app.py, chalicelib/, requirements.txt; Linux wheels)",
+        )
+
+
+@contextlib.contextmanager
+def _timed(owner, name: str, into: list[float]):
+    """Record the duration of every call of `owner.name` while the block runs."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t)
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in load] if load else None,
+    }
+
+
+def table(figures: list[Figure]) -> str:
+    rows = [("figure", "value", "samples", "what"), ("---", "---", "---", "---")]
+    for f in figures:
+        value = "not measured" if f.value is None else f"{f.value} {f.unit}"
+        rows.append((f"`{f.name}`", value, str(f.samples), f.how))
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench")
+    parser.add_argument("--samples", type=int, default=100, help="samples per latency figure (default 100)")
+    parser.add_argument("--throughput", type=int, default=200, help="creates per throughput run (default 200)")
+    parser.add_argument("--purge", type=int, default=500, help="expired databases to purge (default 500)")
+    parser.add_argument("--no-package", action="store_true", help="skip `chalice package`")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    logging.getLogger("chalicelib").setLevel(logging.WARNING)  # one line per create would drown the table
+    logging.getLogger("chalicelib").propagate = False
+
+    data_dir = Path(os.environ.get("INSTAPG_BENCH_DIR", ROOT / ".local" / "bench")).resolve()
+    started = time.monotonic()
+    machine = _machine()
+    bench = Bench(data_dir, args)
+    try:
+        bench.start()
+        bench.dynamodb_baseline()
+        bench.create_latency()
+        bench.time_to_first_query()
+        bench.throughput(1)
+        bench.throughput(2)
+        bench.purge()
+    finally:
+        bench.stop()
+    bench.cold_import()
+    bench.package_size()
+
+    result = {
+        "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "duration_s": round(time.monotonic() - started, 1),
+        "postgres_data": str(data_dir),
+        "figures": [asdict(f) for f in bench.figures],
+    }
+    out = data_dir / "results.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\ninstapg bench, {result['taken_at']}, {machine['cpu']} ({machine['cores']} cores), "
+          f"load at start {machine['load_average_at_start']}, {result['duration_s']} s\n")  # fmt: skip
+    print(table(bench.figures))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
