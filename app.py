@@ -4,6 +4,7 @@ from chalice import Chalice, Rate, Response
 
 from chalicelib import services
 from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
+from chalicelib.settings import load as load_settings
 
 app = Chalice(app_name="instapg")
 app.register_middleware(json_errors, "http")
@@ -94,17 +95,11 @@ def healthz():
     return json_response({"ok": ok, **checks}, 200 if ok else 503)
 
 
-# --- Expiry and cleanup (issue 3) ------------------------------------------------------
+# --- The scheduled job and the stream handler -----------------------------------
 # The stream ARN and the rate are needed at `chalice package` time; both come
 # from the environment (chalicelib.settings), with a placeholder ARN so that
-# `import app` works without configuration.
-def _deploy_settings():
-    from chalicelib.settings import load
-
-    return load()
-
-
-_DEPLOY = _deploy_settings()
+# `import app` works without configuration. Reading them touches no AWS.
+_DEPLOY = load_settings()
 
 
 @app.schedule(Rate(_DEPLOY.purge_rate_minutes, unit=Rate.MINUTES), name="purge")
@@ -132,7 +127,7 @@ def openapi_document():
     return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
 
 
-# -- Issue 4: accounts, claiming, the owner's endpoints, the claim page --------
+# --- Accounts, claiming, the owner's endpoints, the claim page --------------------
 # Authenticated routes call _account() first: the one authentication check
 # lives in chalicelib/auth.py (see there why it is not a custom authorizer).
 

@@ -3,7 +3,7 @@
 Every attempt connects as a tenant over TCP with its password (scram-sha-256)
 and asserts the SQLSTATE the server refuses it with, never the message text.
 Tests named `test_gap_*` pin what PostgreSQL cannot close for a tenant; they
-are listed in docs/security.md.
+are listed in the README's security section.
 """
 
 from __future__ import annotations
