@@ -429,23 +429,41 @@ class DatabaseService:
     def _tombstone_ttl(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.tombstone_ttl_s)
 
+    def _tombstone(
+        self,
+        status: str,
+        now: datetime,
+        ended_at: datetime | None = None,
+        failure: str | None = None,
+        drop_pending: bool = True,
+    ) -> list:
+        """Update actions that make a record a tombstone: no secret, its own TTL.
+
+        `drop_pending`: the database may still exist, so the record stays due
+        (in the bucket named by its status) under a lease; see `lease`.
+        """
+        actions = [
+            DatabaseRecord.status.set(status),
+            DatabaseRecord.ended_at.set(ended_at or now),
+            DatabaseRecord.updated_at.set(now),
+            DatabaseRecord.secret.remove(),
+            DatabaseRecord.secret_key_id.remove(),
+            DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
+        ]
+        if failure is not None:
+            actions.append(DatabaseRecord.failure.set(failure))
+        if drop_pending:
+            return actions + [DatabaseRecord.due_bucket.set(status), DatabaseRecord.due_at.set(self._lease_until(now))]
+        return actions + [DatabaseRecord.due_bucket.remove(), DatabaseRecord.due_at.remove()]
+
     def expire(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
         """UNCLAIMED past expiry -> EXPIRED tombstone with its drop pending; False if a claim (or another run) won."""
         now = now or _now()
         expired_at = min(record.expires_at, now) if record.expires_at else now
         return self._conditional(
             record,
-            [
-                DatabaseRecord.status.set(EXPIRED),
-                # GET said "expired at expires_at" before the purge ran; keep saying it.
-                DatabaseRecord.ended_at.set(expired_at),
-                DatabaseRecord.updated_at.set(now),
-                DatabaseRecord.secret.remove(),
-                DatabaseRecord.secret_key_id.remove(),
-                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
-                DatabaseRecord.due_bucket.set(EXPIRED),
-                DatabaseRecord.due_at.set(self._lease_until(now)),
-            ],
+            # GET said "expired at expires_at" before the purge ran; keep saying it.
+            self._tombstone(EXPIRED, now, ended_at=expired_at),
             (DatabaseRecord.status == UNCLAIMED)
             & (DatabaseRecord.due_bucket == UNCLAIMED)
             & (DatabaseRecord.due_at <= int(now.timestamp())),
@@ -456,17 +474,7 @@ class DatabaseService:
         now = now or _now()
         return self._conditional(
             record,
-            [
-                DatabaseRecord.status.set(FAILED),
-                DatabaseRecord.failure.set("provisioning timed out"),
-                DatabaseRecord.ended_at.set(now),
-                DatabaseRecord.updated_at.set(now),
-                DatabaseRecord.secret.remove(),
-                DatabaseRecord.secret_key_id.remove(),
-                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
-                DatabaseRecord.due_bucket.set(FAILED),
-                DatabaseRecord.due_at.set(self._lease_until(now)),
-            ],
+            self._tombstone(FAILED, now, failure="provisioning timed out"),
             (DatabaseRecord.status == PROVISIONING)
             & (DatabaseRecord.due_bucket == PROVISIONING)
             & (DatabaseRecord.due_at <= int(now.timestamp())),
@@ -789,16 +797,7 @@ class DatabaseService:
         now = _now()
         try:
             record.update(
-                actions=[
-                    DatabaseRecord.status.set(DELETED),
-                    DatabaseRecord.ended_at.set(now),
-                    DatabaseRecord.updated_at.set(now),
-                    DatabaseRecord.expires_at.set(now + timedelta(seconds=self.settings.tombstone_ttl_s)),
-                    DatabaseRecord.secret.remove(),
-                    DatabaseRecord.secret_key_id.remove(),
-                    DatabaseRecord.due_bucket.remove(),
-                    DatabaseRecord.due_at.remove(),
-                ],
+                actions=self._tombstone(DELETED, now, drop_pending=False),
                 condition=DatabaseRecord.status == DELETING,
             )
         except UpdateError as exc:
@@ -962,19 +961,7 @@ class DatabaseService:
         """
         now = _now()
         taken = self._conditional(
-            record,
-            [
-                DatabaseRecord.status.set(FAILED),
-                DatabaseRecord.failure.set("discarded from the pool"),
-                DatabaseRecord.ended_at.set(now),
-                DatabaseRecord.updated_at.set(now),
-                DatabaseRecord.secret.remove(),
-                DatabaseRecord.secret_key_id.remove(),
-                DatabaseRecord.expires_at.set(self._tombstone_ttl(now)),
-                DatabaseRecord.due_bucket.set(FAILED),
-                DatabaseRecord.due_at.set(self._lease_until(now)),
-            ],
-            DatabaseRecord.status == POOLED,
+            record, self._tombstone(FAILED, now, failure="discarded from the pool"), DatabaseRecord.status == POOLED
         )
         if not taken:
             return False
