@@ -90,7 +90,7 @@ class Bench:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
         for i in (1, 2):
-            server = pgserver.start(self.data_dir / f"pg{i}")
+            server = pgserver.start(self.data_dir / f"pg{i}", grant_temp_file_limit=True)
             self.servers.append(server)
             os.environ[ADMIN_ENVS[i - 1]] = server.admin_credentials_json
         os.environ.update(

@@ -59,7 +59,7 @@ class DevStack:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
 
-        self.pg = pgserver.start(self.data_dir / "pg")
+        self.pg = pgserver.start(self.data_dir / "pg", grant_temp_file_limit=True)
         _say(f"postgres  127.0.0.1:{self.pg.port} (embedded, scram-sha-256, admin role {pgserver.ADMIN_ROLE})")
 
         moto_port = pgserver.free_port()

@@ -117,6 +117,7 @@ def start(
     port: int | None = None,
     secrets_file: Path | None = None,
     settings: dict[str, str] | None = None,
+    grant_temp_file_limit: bool = False,
 ) -> LocalPostgres:
     """Init (once) and start a server; create the non-superuser admin role.
 
@@ -191,11 +192,11 @@ def start(
         tail = log_file.read_text()[-2000:] if log_file.exists() else ""
         raise RuntimeError(f"postgres did not start: {proc.stderr.strip()}\n{tail}")
     server = LocalPostgres(data_dir, port, su_pw, admin_pw, socket_dir, user)
-    _bootstrap(server)
+    _bootstrap(server, grant_temp_file_limit)
     return server
 
 
-def _bootstrap(server: LocalPostgres) -> None:
+def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> None:
     """As the superuser: the admin role as RDS's master user would have it."""
     import psycopg
     from psycopg import sql
@@ -224,3 +225,7 @@ def _bootstrap(server: LocalPostgres) -> None:
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(admin))
         # pg_signal_backend lets the admin end tenant sessions, as rds_superuser can.
         conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(admin))
+        if grant_temp_file_limit:
+            # Lets the admin cap each tenant's temp files (a superuser-only
+            # setting); the test suite runs without it to cover both cases.
+            conn.execute(sql.SQL("GRANT SET ON PARAMETER temp_file_limit TO {}").format(admin))
