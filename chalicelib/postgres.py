@@ -58,7 +58,7 @@ class Target:
     # credentials and retries only if they changed.
     refresh: Callable[[], tuple[str, str] | None] | None = field(default=None, repr=False, compare=False)
 
-    def _open(self, user: str, password: str, dbname: str | None) -> psycopg.Connection:
+    def _open(self, user: str, password: str, dbname: str | None, options: str = _ADMIN_OPTIONS) -> psycopg.Connection:
         import psycopg
 
         return psycopg.connect(
@@ -69,7 +69,7 @@ class Target:
             dbname=dbname or self.dbname,
             sslmode=self.sslmode,
             connect_timeout=self.connect_timeout,
-            options=_ADMIN_OPTIONS,
+            options=options,
             application_name="instapg",
             autocommit=True,
         )
@@ -129,18 +129,7 @@ class _Sessions:
         import psycopg
 
         try:
-            return psycopg.connect(
-                host=target.host,
-                port=target.port,
-                user=target.user,
-                password=target.password,
-                dbname=target.dbname,
-                sslmode=target.sslmode,
-                connect_timeout=target.connect_timeout,
-                options=_HOT_OPTIONS,
-                application_name="instapg",
-                autocommit=True,
-            )
+            return target._open(target.user, target.password, None, options=_HOT_OPTIONS)
         except psycopg.OperationalError as exc:
             raise HostUnavailable(f"cannot connect to {target.host}:{target.port}: {_first_line(exc)}") from None
 

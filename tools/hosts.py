@@ -87,37 +87,38 @@ def list_hosts(args) -> int:
     return 0
 
 
-def drain(args) -> int:
+def _set_status(host_id: str, status: str) -> bool:
+    """Set a registered host's status; False when there is no such host."""
     from pynamodb.exceptions import UpdateError
 
-    from chalicelib.models import HOST_DRAINING, HostRecord
+    from chalicelib.models import HostRecord
 
     _settings()
     try:
-        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_DRAINING)], condition=HostRecord.id.exists())
+        HostRecord(id=host_id).update(actions=[HostRecord.status.set(status)], condition=HostRecord.id.exists())
     except UpdateError as exc:
         if exc.cause_response_code == "ConditionalCheckFailedException":
-            print(f"no host {args.id}", file=sys.stderr)
-            return 1
+            print(f"no host {host_id}", file=sys.stderr)
+            return False
         raise
+    return True
+
+
+def drain(args) -> int:
+    from chalicelib.models import HOST_DRAINING
+
+    if not _set_status(args.id, HOST_DRAINING):
+        return 1
     print(f"host {args.id} is draining: it keeps its databases and gets no new ones")
     return 0
 
 
 def activate(args) -> int:
     """Undo `drain`: the host takes new databases again."""
-    from pynamodb.exceptions import UpdateError
+    from chalicelib.models import HOST_ACTIVE
 
-    from chalicelib.models import HOST_ACTIVE, HostRecord
-
-    _settings()
-    try:
-        HostRecord(id=args.id).update(actions=[HostRecord.status.set(HOST_ACTIVE)], condition=HostRecord.id.exists())
-    except UpdateError as exc:
-        if exc.cause_response_code == "ConditionalCheckFailedException":
-            print(f"no host {args.id}", file=sys.stderr)
-            return 1
-        raise
+    if not _set_status(args.id, HOST_ACTIVE):
+        return 1
     print(f"host {args.id} is active: it gets new databases")
     return 0
 
