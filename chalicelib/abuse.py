@@ -1,8 +1,9 @@
 """Abuse limits on creating databases: per-IP rates, a per-host cap, idempotency keys.
 
-- Rates: fixed windows (a minute, a UTC day) per client IP, counted with an
-  atomic DynamoDB `ADD` on an item that expires by TTL after its window. Over
-  the limit: 429 with `Retry-After` and the time to retry in the body.
+- Rates: fixed windows (a minute, a UTC day) per client IP, both counted by
+  one atomic DynamoDB `ADD` on the IP's item for the day, which expires by
+  TTL after it. Over the limit: 429 with `Retry-After` and the time to retry
+  in the body.
 - Cap: live unclaimed databases per host (`INSTAPG_MAX_UNCLAIMED_PER_HOST`),
   counted from the `by_due` index, so no other lifecycle step (claim, expiry,
   delete) has to keep a counter right. It is a soft cap: creates racing at
@@ -22,7 +23,9 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import DeleteError, PutError
+from pynamodb.expressions.operand import Path, Value
 
 from chalicelib.errors import BadRequest, TooManyRequests
 from chalicelib.identifiers import uuid7
@@ -73,18 +76,26 @@ class Guard:
         if not ip:
             return
         now = time.time() if now is None else now
-        windows = (("minute", 60, self.settings.creates_per_minute), ("day", 86400, self.settings.creates_per_day))
-        for name, size, limit in windows:
-            start = int(now // size * size)
-            counter = RateCounter(key=f"{name}#{start}#{ip}")
-            counter.update(
-                actions=[
-                    RateCounter.count.add(1),
-                    RateCounter.expires_at.set(datetime.fromtimestamp(start + size + _COUNTER_GRACE_S, UTC)),
-                ]
-            )
-            if int(counter.count) > limit:
-                retry_at = start + size
+        day = int(now // 86400 * 86400)
+        minute = int(now - day) // 60
+        # One UpdateItem counts the day and the minute (a create is one write,
+        # not one per window). The previous minute's attribute goes in the
+        # same write, so a client that creates every minute keeps a small
+        # item; the minutes of a sporadic client stay until the item expires.
+        actions = [
+            RateCounter.count.add(1),
+            Path(f"m{minute}").add(Value(1, attribute=NumberAttribute())),
+            RateCounter.expires_at.set(datetime.fromtimestamp(day + 86400 + _COUNTER_GRACE_S, UTC)),
+        ]
+        if minute:
+            actions.append(Path(f"m{minute - 1}").remove())
+        counted = RateCounter(key=f"{day}#{ip}").update(actions=actions)["Attributes"]
+        windows = (
+            ("minute", int(counted[f"m{minute}"]["N"]), self.settings.creates_per_minute, day + (minute + 1) * 60),
+            ("day", int(counted["count"]["N"]), self.settings.creates_per_day, day + 86400),
+        )
+        for name, count, limit, retry_at in windows:
+            if count > limit:
                 retry_after = max(1, math.ceil(retry_at - now))
                 log.info("rate limit: %s over %d creates per %s", ip, limit, name)
                 raise TooManyRequests(

@@ -163,18 +163,19 @@ class DatabaseService:
         hosts = self.guard.open_hosts(hosts)
         plan = self.settings.plan(UNCLAIMED_PLAN)
         password = tenant_password()
+        verifier = postgres.scram_verifier(password)  # once, for whichever way the database comes
         if database_id is None and not request.enable_logical_replication:
-            taken = self._take_pooled(hosts, plan, request, requester, password)
+            taken = self._take_pooled(hosts, plan, request, requester, password, verifier)
             if taken is not None:
-                return self._created(taken, requester)
-        return self._created(self._create_on_demand(hosts, database_id, plan, request, requester, password), requester)
-
-    def _created(self, result: Provisioned, requester: Requester) -> Provisioned:
+                return taken
+        result = self._create_on_demand(hosts, database_id, plan, request, requester, password, verifier)
         if result.created:
-            record = result.record
-            self.guard.note_unclaimed(record.host_id)
-            audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
+            self._note_created(result.record, requester)
         return result
+
+    def _note_created(self, record: DatabaseRecord, requester: Requester) -> None:
+        self.guard.note_unclaimed(record.host_id)
+        audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
 
     def _create_on_demand(
         self,
@@ -184,6 +185,7 @@ class DatabaseService:
         request: CreateDatabase,
         requester: Requester,
         password: str,
+        verifier: str,
     ) -> Provisioned:
         tried: set[str] = set()
         record: DatabaseRecord | None = None
@@ -229,7 +231,9 @@ class DatabaseService:
             else:
                 self._move(record, host)
             try:
-                postgres.create_tenant(self._target(host), record.role_name, record.db_name, password, plan)
+                postgres.create_tenant(
+                    self._target(host), record.role_name, record.db_name, password, plan, verifier=verifier
+                )
                 break
             except Exception as exc:
                 self._attempt_failed(record, host, exc)
@@ -865,7 +869,13 @@ class DatabaseService:
         return record
 
     def _take_pooled(
-        self, hosts: list[HostRecord], plan: Plan, request: CreateDatabase, requester: Requester, password: str
+        self,
+        hosts: list[HostRecord],
+        plan: Plan,
+        request: CreateDatabase,
+        requester: Requester,
+        password: str,
+        verifier: str,
     ) -> Provisioned | None:
         """Take a pooled database on the active host with the most room that has one; None when none is left."""
         for host in hostlib.by_free_capacity(hosts):
@@ -875,13 +885,14 @@ class DatabaseService:
             if record is None:
                 continue
             try:
-                postgres.open_tenant(self._target(host), record.role_name, password)
+                postgres.open_tenant(self._target(host), record.role_name, verifier)
             except Exception as exc:
                 log.error("taking pooled %s on host %s failed: %s", record.id, host.id, _reason(exc))
                 if isinstance(exc, postgres.HostUnavailable):
                     self.hosts.mark_down(host.id, self.settings.host_retry_s)
                 self._abandon_taken(record, exc)
                 continue
+            self._note_created(record, requester)
             log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
             return Provisioned(record, plan, host, password, created=True)
         return None

@@ -156,10 +156,13 @@ class HostRecord(Model):
 
 
 class RateCounter(Model):
-    """Creates per client IP in one fixed window, raised with an atomic ADD.
+    """Creates per client IP in one UTC day, raised with one atomic ADD per create.
 
-    `key` is "<window>#<window start epoch>#<ip>"; the item expires by TTL
-    soon after its window ends, so the table never grows.
+    `key` is "<day start epoch>#<ip>"; `count` counts the day. The minutes of
+    the day are counted in the same item, in attributes named "m<minute of the
+    day>" that the model does not declare (see `abuse.Guard.check_rate`), so
+    one UpdateItem counts both windows. The item expires by TTL soon after its
+    day ends, so the table never grows.
     """
 
     class Meta:

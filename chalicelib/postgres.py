@@ -207,11 +207,20 @@ def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Compos
     return stmt
 
 
-def create_tenant(target: Target, role: str, dbname: str, password: str, plan: Plan, login: bool = True) -> None:
+def create_tenant(
+    target: Target,
+    role: str,
+    dbname: str,
+    password: str,
+    plan: Plan,
+    login: bool = True,
+    verifier: str | None = None,
+) -> None:
     """Create the role and database of one tenant, hardened.
 
     `login=False` makes a warm-pool tenant: ready, but nobody can log in until
-    `open_tenant` gives it LOGIN and a fresh password.
+    `open_tenant` gives it LOGIN and a fresh password. `verifier` is
+    `scram_verifier(password)` when the caller has computed it already.
     """
     from psycopg import sql
 
@@ -225,7 +234,7 @@ def create_tenant(target: Target, role: str, dbname: str, password: str, plan: P
                 role_id,
                 sql.SQL("LOGIN" if login else "NOLOGIN"),
                 sql.Literal(plan.connections),
-                sql.Literal(scram_verifier(password)),
+                sql.Literal(verifier or scram_verifier(password)),
             )
         )
         conn.execute(_membership_grant(conn, role))
@@ -411,18 +420,18 @@ def set_password(target: Target, role: str, password: str) -> None:
         _terminate_role(conn, role)
 
 
-def open_tenant(target: Target, role: str, password: str) -> None:
+def open_tenant(target: Target, role: str, verifier: str) -> None:
     """Hand out a pooled tenant: LOGIN with a new password in one statement.
 
-    The pooled role was NOLOGIN, so no session of it can exist, and its
-    earlier password is replaced before it can ever log in.
+    `verifier` is `scram_verifier(password)` of the fresh password (the caller
+    computes it while it writes the take). The pooled role was NOLOGIN, so no
+    session of it can exist, and its earlier password is replaced before it
+    can ever log in.
     """
     import psycopg
     from psycopg import sql
 
-    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
-        sql.Identifier(role), sql.Literal(scram_verifier(password))
-    )
+    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
     try:
         with target.session() as conn:
             conn.execute(statement)

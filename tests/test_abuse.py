@@ -32,8 +32,15 @@ def _prefix() -> str:
     return services.databases().settings.name_prefix
 
 
+def _away_from_a_minute_edge() -> None:
+    """The minute window is fixed: creates that straddle its end count in two windows."""
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
+
+
 def test_creates_per_minute_are_limited_with_retry_after(client, instapg_env, pg):
     _settings(instapg_env, INSTAPG_CREATES_PER_MINUTE=2)
+    _away_from_a_minute_edge()
     for _ in range(2):
         assert post_json(client, "/api/v1/database", {"ref": "r"}).status_code == 201
     response = post_json(client, "/api/v1/database", {"ref": "r"})
@@ -71,10 +78,16 @@ def test_rate_counters_are_per_ip_per_window_and_expire(service):
     assert exc.value.headers["Retry-After"] == "30"
     guard.check_rate("203.0.113.9", now=now)  # another client is not affected
     guard.check_rate("198.51.100.7", now=now + 30)  # the next minute starts afresh
-    counter = RateCounter.get("minute#1800000000#198.51.100.7", consistent_read=True)
-    assert counter.count == service.settings.creates_per_minute + 1
-    # The item goes by DynamoDB TTL shortly after its window.
-    assert 1_800_000_060 <= counter.expires_at.timestamp() <= 1_800_000_200
+    # One item per IP and UTC day counts both windows (1_800_000_000 is 08:00 UTC, minute 480).
+    day = 1_800_000_000 // 86400 * 86400
+    counter = RateCounter.get(f"{day}#198.51.100.7", consistent_read=True)
+    assert counter.count == service.settings.creates_per_minute + 2  # the refused one counts too
+    raw = RateCounter._get_connection().get_item(f"{day}#198.51.100.7", consistent_read=True)["Item"]
+    minute = (1_800_000_000 - day) // 60
+    assert raw[f"m{minute + 1}"] == {"N": "1"}
+    assert f"m{minute}" not in raw  # the previous minute is dropped by the next minute's write
+    # The item goes by DynamoDB TTL shortly after its day.
+    assert day + 86400 <= counter.expires_at.timestamp() <= day + 86400 + 200
 
 
 def test_unclaimed_cap_per_host_gives_503_no_capacity(client, instapg_env, pg):
@@ -125,6 +138,7 @@ def test_idempotency_store_holds_no_password_or_raw_key(client):
 
 def test_replay_does_not_count_against_the_rate_limit(client, instapg_env):
     _settings(instapg_env, INSTAPG_CREATES_PER_MINUTE=1)
+    _away_from_a_minute_edge()
     headers = {"Idempotency-Key": "once"}
     assert post_json(client, "/api/v1/database", {"ref": "r"}, headers).status_code == 201
     assert post_json(client, "/api/v1/database", {"ref": "r"}, headers).status_code == 200

@@ -5,7 +5,8 @@ Starts its own stack: two embedded Postgres servers with their data ON DISK
 what it costs a user), DynamoDB from moto in this process, and the API on
 chalice's local server. Then measures, in this order:
 
-  1. create latency in-process (chalice.test.Client), on demand and from the warm pool
+  1. create latency in-process (chalice.test.Client), on demand and from the warm pool,
+     and what an ALTER ROLE ... PASSWORD costs inside Postgres
   2. time to first query over HTTP: POST, connect with the returned string, SELECT 1
   3. GET latency over HTTP
   4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
@@ -210,7 +211,9 @@ class Bench:
         from chalicelib.abuse import Guard
         from chalicelib.databases import DatabaseService
 
-        parts: dict[str, list[float]] = {"ddl": [], "take_write": [], "alter_role": [], "rate": [], "cap": []}
+        parts: dict[str, list[float]] = {
+            name: [] for name in ("ddl", "take_write", "verifier", "alter_role", "audit", "rate", "cap")
+        }
         self.refill(0)
         with _timed(postgres, "create_tenant", parts["ddl"]):
             on_demand = run("on demand")
@@ -220,7 +223,9 @@ class Bench:
                 client.http.post("/api/v1/database", body=body, headers=headers)
         with (
             _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
+            _timed(postgres, "scram_verifier", parts["verifier"]),
             _timed(postgres, "open_tenant", parts["alter_role"]),
+            _timed(DatabaseService, "_note_created", parts["audit"]),
             _timed(Guard, "check_rate", parts["rate"]),
             _timed(Guard, "open_hosts", parts["cap"]),
         ):
@@ -248,18 +253,32 @@ class Bench:
             "pooled: the conditional put POOLED -> UNCLAIMED (incl. sealing the password)",
         )
         self.add(
+            "part_verifier_p50",
+            _ms(_pct(parts["verifier"], 50)),
+            "ms",
+            len(parts["verifier"]),
+            "pooled: postgres.scram_verifier (4096 rounds of PBKDF2 for the fresh password, in Python)",
+        )
+        self.add(
             "part_alter_role_p50",
             _ms(_pct(parts["alter_role"], 50)),
             "ms",
             len(parts["alter_role"]),
-            "pooled: postgres.open_tenant (SCRAM verifier + ALTER ROLE LOGIN PASSWORD on a kept connection)",
+            "pooled: postgres.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection)",
+        )
+        self.add(
+            "part_audit_p50",
+            _ms(_pct(parts["audit"], 50)),
+            "ms",
+            len(parts["audit"]),
+            "pooled: the audit event (one PutItem) and the per-host count, after the ALTER ROLE",
         )
         self.add(
             "part_rate_limit_p50",
             _ms(_pct(parts["rate"], 50)),
             "ms",
             len(parts["rate"]),
-            "pooled: abuse.Guard.check_rate (two counter updates per create)",
+            "pooled: abuse.Guard.check_rate (one counter UpdateItem per create, both windows)",
         )
         self.add(
             "part_host_cap_p50",
@@ -267,6 +286,48 @@ class Bench:
             "ms",
             len(parts["cap"]),
             f"pooled: abuse.Guard.open_hosts (reads every UNCLAIMED/PROVISIONING record; {unclaimed} at the end)",
+        )
+
+    def password_statement(self) -> None:
+        """What setting a password costs inside Postgres, against a statement that changes nothing else."""
+        from psycopg import sql
+
+        from chalicelib import hosts, postgres
+        from chalicelib.identifiers import tenant_password
+
+        n = self.args.samples
+        target = hosts.target(self.service.hosts.get("bench-1"), self.service.settings)
+        role = sql.Identifier(f"{self.service.settings.name_prefix}_bench_role")
+        verifier = sql.Literal(postgres.scram_verifier(tenant_password()))
+        statements = {
+            "password": sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, verifier),
+            "limit": sql.SQL("ALTER ROLE {} CONNECTION LIMIT 5").format(role),
+        }
+        times: dict[str, list[float]] = {name: [] for name in statements}
+        with target.session() as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
+            try:
+                for _ in range(n):
+                    for name, statement in statements.items():
+                        t = time.perf_counter()
+                        conn.execute(statement)
+                        times[name].append(time.perf_counter() - t)
+            finally:
+                conn.execute(sql.SQL("DROP ROLE {}").format(role))
+        self.add(
+            "alter_role_password_p50",
+            _ms(_pct(times["password"], 50)),
+            "ms",
+            n,
+            "ALTER ROLE ... PASSWORD '<SCRAM verifier>' on a kept admin session (the server checks the "
+            "verifier against the empty password: 4096 rounds of PBKDF2)",
+        )
+        self.add(
+            "alter_role_other_p50",
+            _ms(_pct(times["limit"], 50)),
+            "ms",
+            n,
+            "ALTER ROLE ... CONNECTION LIMIT 5 on the same session: the round trip and catalog write alone",
         )
 
     def time_to_first_query(self) -> None:
@@ -498,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.start()
         bench.dynamodb_baseline()
         bench.create_latency()
+        bench.password_statement()
         bench.time_to_first_query()
         bench.throughput(1)
         bench.throughput(2)
