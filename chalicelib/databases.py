@@ -11,6 +11,7 @@ trace the scheduled purge finds through the `by_due` index.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -884,15 +885,18 @@ class DatabaseService:
             record = self._claim_any(host, plan, request, requester, password)
             if record is None:
                 continue
+            # The audit event is written while Postgres checks the new password.
+            # Should the ALTER fail, the event stays with a record that turns
+            # FAILED: an unclaimed database's log has no reader.
+            noted = functools.partial(self._note_created, record, requester)
             try:
-                postgres.open_tenant(self._target(host), record.role_name, verifier)
+                postgres.open_tenant(self._target(host), record.role_name, verifier, meanwhile=noted)
             except Exception as exc:
                 log.error("taking pooled %s on host %s failed: %s", record.id, host.id, _reason(exc))
                 if isinstance(exc, postgres.HostUnavailable):
                     self.hosts.mark_down(host.id, self.settings.host_retry_s)
                 self._abandon_taken(record, exc)
                 continue
-            self._note_created(record, requester)
             log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
             return Provisioned(record, plan, host, password, created=True)
         return None

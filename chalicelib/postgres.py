@@ -420,26 +420,39 @@ def set_password(target: Target, role: str, password: str) -> None:
         _terminate_role(conn, role)
 
 
-def open_tenant(target: Target, role: str, verifier: str) -> None:
+def open_tenant(target: Target, role: str, verifier: str, meanwhile: Callable[[], object] | None = None) -> None:
     """Hand out a pooled tenant: LOGIN with a new password in one statement.
 
-    `verifier` is `scram_verifier(password)` of the fresh password (the caller
-    computes it while it writes the take). The pooled role was NOLOGIN, so no
-    session of it can exist, and its earlier password is replaced before it
-    can ever log in.
+    `verifier` is `scram_verifier(password)` of the fresh password. The pooled
+    role was NOLOGIN, so no session of it can exist, and its earlier password
+    is replaced before it can ever log in.
+
+    The server checks a new verifier against the empty password, a full SCRAM
+    computation (a few ms). `meanwhile` runs after the statement is sent and
+    before its answer is read (pipeline mode), so the caller's own work
+    overlaps that wait, in this thread. It runs once, even if the statement
+    is sent twice.
     """
     import psycopg
     from psycopg import sql
 
     statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
+    pending = [meanwhile] if meanwhile else []
+
+    def run(conn: psycopg.Connection) -> None:
+        with conn.pipeline():
+            conn.execute(statement)
+            while pending:
+                pending.pop()()
+
     try:
         with target.session() as conn:
-            conn.execute(statement)
+            run(conn)
     except psycopg.OperationalError:
         # A kept-open connection the server closed meanwhile (restart, idle
         # timeout): once more on a new one. The statement is idempotent.
         with target.session() as conn:
-            conn.execute(statement)
+            run(conn)
 
 
 def _terminate_role(conn: psycopg.Connection, role: str) -> int:

@@ -80,6 +80,27 @@ def test_pooled_password_never_works(client, service, pg):
     assert refused_login(**params, password=new["password"]) is None
 
 
+def test_a_take_whose_alter_role_fails_is_left_for_the_purge_and_the_create_still_answers(client, service, pg):
+    from psycopg import sql
+
+    from chalicelib.models import DatabaseRecord
+
+    _refill(service, 1)
+    [record] = _pooled()
+    # The pooled role disappears behind the service's back: the take's ALTER ROLE fails.
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(record.db_name)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(record.role_name)))
+    response = post_json(client, "/api/v1/database", {"ref": "after-a-bad-take"})
+    assert response.status_code == 201, response.json_body
+    assert response.json_body["id"] != record.id  # made on demand instead
+    with psycopg.connect(response.json_body["connection_string"], connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    taken = DatabaseRecord.get(record.id, consistent_read=True)
+    assert taken.status == "FAILED" and taken.due_bucket == "FAILED" and taken.secret is None
+    assert client.http.get(f"/api/v1/database/{record.id}").status_code != 200
+
+
 def test_empty_pool_falls_back_with_the_same_response(client, service):
     _refill(service, 1)
     pooled = post_json(client, "/api/v1/database", {"ref": "a"})

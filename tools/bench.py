@@ -264,14 +264,14 @@ class Bench:
             _ms(_pct(parts["alter_role"], 50)),
             "ms",
             len(parts["alter_role"]),
-            "pooled: postgres.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection)",
+            "pooled: postgres.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
         )
         self.add(
             "part_audit_p50",
             _ms(_pct(parts["audit"], 50)),
             "ms",
             len(parts["audit"]),
-            "pooled: the audit event (one PutItem) and the per-host count, after the ALTER ROLE",
+            "pooled: the audit event (one PutItem), written while the server checks the ALTER ROLE's verifier",
         )
         self.add(
             "part_rate_limit_p50",
