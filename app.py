@@ -112,9 +112,15 @@ def purge(event):
 
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
 def drop_removed(event):
-    from chalicelib import expiry
+    """The databases table's stream: drop what TTL removed, then top up the pools creates took from."""
+    import time
 
-    expiry.handle_stream(services.databases(), (record.to_dict() for record in event))
+    from chalicelib import expiry, jobs, pool
+
+    records = [record.to_dict() for record in event]
+    service = services.databases()
+    expiry.handle_stream(service, records)
+    pool.refill_after_takes(service, records, deadline=time.time() + jobs.budget_s(service, event.context))
 
 
 # --- The OpenAPI document ----------------------------------------------------------

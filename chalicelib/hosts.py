@@ -197,6 +197,37 @@ def release(host_id: str) -> None:
             raise
 
 
+def lease_refill(host_id: str, until: float) -> bool:
+    """Take the host's pool-refill lease until `until` (epoch seconds); False when another refill holds it.
+
+    The scheduled job, the stream handler (after takes) and the local stack
+    all refill pools; with the lease only one of them fills a given host at a
+    time. A lease whose holder died ends at its `until`.
+    """
+    try:
+        HostRecord(id=host_id).update(
+            actions=[HostRecord.refill_until.set(until)],
+            condition=HostRecord.id.exists()
+            & (HostRecord.refill_until.does_not_exist() | (HostRecord.refill_until < time.time())),
+        )
+        return True
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        return False
+
+
+def end_refill(host_id: str, until: float) -> None:
+    """Give the lease back early, if it is still the one taken with `until`."""
+    try:
+        HostRecord(id=host_id).update(
+            actions=[HostRecord.refill_until.remove()], condition=HostRecord.refill_until == until
+        )
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+
+
 def register(
     settings: Settings,
     host_id: str,

@@ -36,7 +36,11 @@ def _as_dict(summary: Any) -> Any:
     return dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else summary
 
 
+def budget_s(service: DatabaseService, context: Any) -> float:
+    """A Lambda's working time: a fraction of the invocation's remaining time, the rest to finish and log."""
+    return context.get_remaining_time_in_millis() / 1000 * service.settings.purge_time_fraction
+
+
 def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:
-    """The scheduled Lambda: the budget is a fraction of the invocation's remaining time."""
-    remaining_s = context.get_remaining_time_in_millis() / 1000
-    return run(service, remaining_s * service.settings.purge_time_fraction)
+    """The scheduled Lambda."""
+    return run(service, budget_s(service, context))

@@ -153,6 +153,9 @@ class HostRecord(Model):
     allocated = NumberAttribute(default=0)
     logical_replication = BooleanAttribute(default=False)
     created_at = UTCDateTimeAttribute()
+    # Epoch seconds until which one process tops up this host's warm pool
+    # (`hosts.lease_refill`): two refills at once would both fill the gap.
+    refill_until = NumberAttribute(null=True)
 
 
 class RateCounter(Model):

@@ -9,7 +9,10 @@ record id becomes the public id, and `postgres.open_tenant` gives the role
 LOGIN and a fresh password.
 
 Status changes happen in `DatabaseService`; this module finds pooled records
-and tops the pool up within a deadline (the scheduled job and `make dev`).
+and tops the pool up within a deadline: the scheduled job, the stream handler
+right after creates took from a pool (so a burst finds it full again within
+seconds, not at the next scheduled run), and `make dev`. A per-host lease
+(`hosts.lease_refill`) keeps two of them from filling the same gap.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chalicelib import hosts as hostlib
 from chalicelib import postgres
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET_PREFIX = POOLED + "#"
+# A refill's lease outlives its deadline by this much: a database started just
+# before the deadline may still be in its CREATE DATABASE.
+LEASE_MARGIN_S = 120
 # How many pooled records one take looks at. Concurrent creates each pick at
 # random among them, so they rarely race for the same record.
 CANDIDATES = 25
@@ -87,23 +94,33 @@ class RefillSummary:
     failed: int = 0
     hosts_full: list[str] = field(default_factory=list)
     hosts_unavailable: list[str] = field(default_factory=list)
+    hosts_busy: list[str] = field(default_factory=list)  # another refill held the host's lease
     stopped_early: bool = False
     duration_ms: int = 0
 
 
-def refill(service: DatabaseService, deadline: float, size: int | None = None) -> RefillSummary:
-    """Top up every active host's pool to `size` (settings.pool_size); empty DRAINING hosts' pools.
+def refill(
+    service: DatabaseService, deadline: float, size: int | None = None, host_ids: Collection[str] | None = None
+) -> RefillSummary:
+    """Top up every active host's pool (or those in `host_ids`) to `size` (settings.pool_size); empty DRAINING hosts' pools.
 
     `deadline` is a `time.time()` value, as for `quotas.enforce`: no new database is started
-    after it. A host that fails is skipped; the others still get their pool.
+    after it. A host that fails is skipped; the others still get their pool. A host whose
+    lease another refill holds is skipped too (`hosts_busy`).
     """
     started = time.monotonic()
     size = service.settings.pool_size if size is None else size
     summary = RefillSummary()
     for host in service.hosts.all(fresh=True):
+        if host_ids is not None and host.id not in host_ids:
+            continue
         if time.time() >= deadline:
             summary.stopped_early = True
             break
+        until = deadline + LEASE_MARGIN_S
+        if not hostlib.lease_refill(host.id, until):
+            summary.hosts_busy.append(host.id)
+            continue
         try:
             _refill_host(service, host, size if host.status == HOST_ACTIVE else 0, deadline, summary)
         except postgres.HostUnavailable as exc:
@@ -114,11 +131,50 @@ def refill(service: DatabaseService, deadline: float, size: int | None = None) -
         except Exception as exc:  # one host's trouble must not stop the others
             log.error("pool refill: host %s failed: %s", host.id, type(exc).__name__)
             summary.failed += 1
+        finally:
+            _end_lease(host.id, until)
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     # The local stack refills every few seconds: say something only when something happened.
     level = logging.INFO if summary.added or summary.discarded or summary.failed else logging.DEBUG
     log.log(level, json.dumps({"event": "pool_refill", **asdict(summary)}))
     return summary
+
+
+def _end_lease(host_id: str, until: float) -> None:
+    try:
+        hostlib.end_refill(host_id, until)
+    except Exception as exc:  # the lease then ends at `until` by itself
+        log.warning("pool refill: lease on host %s not given back: %s", host_id, type(exc).__name__)
+
+
+def hosts_taken_from(events: Iterable[dict[str, Any]]) -> set[str]:
+    """Hosts whose pooled records changed in these stream records (a create took one, or a refill dropped one)."""
+    hosts: set[str] = set()
+    for event in events:
+        if event.get("eventName") != "MODIFY":
+            continue
+        old = (event.get("dynamodb") or {}).get("OldImage") or {}
+        if (old.get("status") or {}).get("S") == POOLED and (old.get("host_id") or {}).get("S"):
+            hosts.add(old["host_id"]["S"])
+    return hosts
+
+
+def refill_after_takes(
+    service: DatabaseService, events: Iterable[dict[str, Any]], deadline: float
+) -> RefillSummary | None:
+    """The stream handler's part: top up the pools that these records show creates took from.
+
+    Never raises: the batch's other work is done, and a pool left short is
+    topped up by the next take's batch or the scheduled job.
+    """
+    hosts = hosts_taken_from(events)
+    if not hosts:
+        return None
+    try:
+        return refill(service, deadline, host_ids=hosts)
+    except Exception as exc:
+        log.error("pool refill after takes failed: %s", type(exc).__name__)
+        return None
 
 
 def _refill_host(service: DatabaseService, host, size: int, deadline: float, summary: RefillSummary) -> None:

@@ -153,7 +153,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_PURGE_TIME_FRACTION",
         "0.8",
-        "A purge run stops taking new work after this fraction of the Lambda's remaining time.",
+        "A purge run (and the stream handler's pool refill) stops taking new work after this fraction of the Lambda's remaining time.",
     ),
     (
         "INSTAPG_ORPHAN_GRACE_SECONDS",

@@ -7,7 +7,6 @@ is about the clock.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -18,8 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-TTL_IDENTITY = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
-
+from tests.streams import TTL_IDENTITY, image, stream_event
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -102,32 +100,8 @@ def fresh(record):
     return DatabaseRecord.get(record.id, consistent_read=True)
 
 
-def image(record) -> dict:
-    """The record as a stream's OldImage carries it (JSON: binary values in base64)."""
-    out = {}
-    for name, value in record.serialize().items():
-        (kind, raw), *_ = value.items()
-        out[name] = {kind: base64.b64encode(raw).decode() if kind == "B" else raw}
-    return json.loads(json.dumps(out))
-
-
 def remove_event(settings, record, ttl: bool = True, name: str = "REMOVE", old_image: dict | None = None) -> dict:
-    event = {
-        "eventID": uuid.uuid4().hex,
-        "eventName": name,
-        "eventVersion": "1.1",
-        "eventSource": "aws:dynamodb",
-        "awsRegion": settings.region,
-        "eventSourceARN": settings.stream_arn,
-        "dynamodb": {
-            "ApproximateCreationDateTime": int(time.time()),
-            "Keys": {"id": {"S": record.id}},
-            "OldImage": image(record) if old_image is None else old_image,
-            "SequenceNumber": str(time.time_ns()),
-            "SizeBytes": 512,
-            "StreamViewType": "NEW_AND_OLD_IMAGES",
-        },
-    }
+    event = stream_event(settings, name, record.id, old=image(record) if old_image is None else old_image)
     if ttl:
         event["userIdentity"] = TTL_IDENTITY
     return event

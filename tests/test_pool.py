@@ -209,3 +209,71 @@ def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg
     assert stray not in left
     assert pooled_roles <= left
     assert {r.role_name for r in _pooled()} == pooled_roles
+
+
+def _pool_size(env, size: int):
+    from chalicelib import services
+
+    env.setenv("INSTAPG_POOL_SIZE", str(size))
+    services.reset()
+    return services.databases()
+
+
+def test_creates_that_take_from_the_pool_top_it_up_through_the_stream(client, instapg_env):
+    from chalicelib.models import DatabaseRecord
+    from tests.streams import image, stream_event
+
+    service = _pool_size(instapg_env, 2)
+    _refill(service, 2)
+    before = {r.id: r for r in _pooled()}
+    body = post_json(client, "/api/v1/database", {"ref": "burst"}).json_body
+    assert body["id"] in before and len(_pooled()) == 1
+    taken = DatabaseRecord.get(body["id"], consistent_read=True)
+    # The take's write as the table's stream delivers it: a pooled record, modified.
+    event = stream_event(service.settings, "MODIFY", taken.id, old=image(before[taken.id]), new=image(taken))
+    client.lambda_.invoke("drop_removed", {"Records": [event]})
+    assert len(_pooled()) == 2  # back to the pool size, not at the next scheduled run
+    assert DatabaseRecord.get(taken.id, consistent_read=True).status == "UNCLAIMED"
+
+
+def test_other_changes_on_the_stream_start_no_refill(client, instapg_env):
+    from chalicelib.models import DatabaseRecord
+    from tests.streams import image, stream_event
+
+    service = _pool_size(instapg_env, 2)
+    body = post_json(client, "/api/v1/database", {"ref": "on-demand"}).json_body  # the pool is empty
+    record = DatabaseRecord.get(body["id"], consistent_read=True)
+    provisioning = DatabaseRecord.get(body["id"], consistent_read=True)
+    provisioning.status = "PROVISIONING"
+    events = [
+        stream_event(service.settings, "MODIFY", record.id, old=image(provisioning), new=image(record)),
+        stream_event(service.settings, "INSERT", record.id, new=image(provisioning)),
+    ]
+    client.lambda_.invoke("drop_removed", {"Records": events})
+    assert _pooled() == []
+
+
+def test_a_refill_skips_a_host_another_refill_holds(service, host):
+    from chalicelib import hosts as hostlib
+
+    assert hostlib.lease_refill("local-1", time.time() + 60)
+    summary = _refill(service, 2)
+    assert summary.hosts_busy == ["local-1"] and summary.added == 0
+    assert _pooled() == []
+    assert not hostlib.lease_refill("local-1", time.time() + 60)  # still the other refill's
+
+
+def test_a_refill_lease_whose_holder_died_ends_by_itself(service, host):
+    from chalicelib import hosts as hostlib
+
+    assert hostlib.lease_refill("local-1", time.time() - 1)  # taken by a process that never gave it back
+    assert _refill(service, 2).added == 2
+    assert hostlib.lease_refill("local-1", time.time() + 60)  # the refill gave its own lease back
+
+
+def test_refills_at_once_fill_a_host_once(service, host):
+    with ThreadPoolExecutor(max_workers=3) as executor:
+        summaries = list(executor.map(lambda _: _refill(service, 4), range(3)))
+    assert sum(s.added for s in summaries) == 4
+    assert len(_pooled()) == 4
+    assert _allocated() == 4
