@@ -174,7 +174,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_POOL_SIZE",
         "10",
-        "Ready (POOLED) databases the scheduled job keeps on each active host; 0 turns the warm pool off.",
+        "Ready (POOLED) databases kept on each active host, topped up right after creates take from it (stream handler) and by the scheduled job; 0 turns the warm pool off.",
     ),
     (
         "INSTAPG_HOST_RETRY_SECONDS",
