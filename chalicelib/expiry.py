@@ -279,7 +279,12 @@ class _Run:
             if now - sighting.first_seen < grace:
                 continue
             try:
-                postgres.drop_tenant(target, name, name)
+                existed = postgres.drop_tenant(target, name, name)
+                if existed:
+                    # Every tenant instapg makes holds a slot from `hosts.reserve`
+                    # until its record's drop gives it back; an orphan's record
+                    # was lost before that, so its slot comes back here.
+                    hostlib.release(host.id)
             except Exception as exc:
                 log.error("orphan %s on host %s not dropped: %s", name, host.id, _describe(exc))
                 self.summary.failed += 1

@@ -484,8 +484,9 @@ def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_
     age(by_hand.record)
     postgres.drop_tenant(target, by_hand.record.role_name, by_hand.record.db_name)
 
-    # 3. An orphan with the prefix: a role and database no record references.
+    # 3. An orphan with the prefix: a role and database whose record was lost (its slot still taken).
     orphan = tenant_name(prefix)
+    hostlib.reserve(service.hosts.all(fresh=True))
     postgres.create_tenant(target, orphan, orphan, "orphan-password-123", plan)
 
     # 4. Hostile tenants: A grants SELECT to B, sets IS_TEMPLATE, leaves a session and a
@@ -526,7 +527,7 @@ def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_
     assert summary.expired_dropped == 3  # by_hand, a, b
     assert summary.stuck_failed == 1
     assert summary.orphans_dropped == 1
-    assert allocated() == before - 4  # the orphan never held a slot
+    assert allocated() == before - 5  # every dropped tenant gave its slot back, the orphan's too
     for name in (crashed.db_name, by_hand.record.db_name, orphan, a.record.db_name, b.record.db_name):
         assert catalog(pg, name) == (False, False), name
     with _superuser(pg) as su:
@@ -586,6 +587,19 @@ def test_orphans_wait_for_the_grace_period(instapg_env, host, pg):
     assert second.orphans_seen == 0 and second.orphans_dropped == 1
     assert catalog(pg, orphan) == (False, False)
     assert works(url(service, live))  # referenced by its record: never a candidate
+
+
+def test_a_database_whose_record_was_lost_is_dropped_as_an_orphan_and_frees_its_slot(instapg_env, host, pg):
+    service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
+    (lost, kept) = create(service, 2)
+    before = allocated()
+    # The record goes with no stream handler to see it (e.g. the stream's 24 h passed).
+    lost.record.delete()
+    summary = purge(service)
+    assert summary.orphans_dropped == 1
+    assert catalog(pg, lost.record.db_name) == (False, False)
+    assert allocated() == before - 1  # else the host's capacity would shrink by one for good
+    assert works(url(service, kept))
 
 
 def test_failed_record_with_leftovers_is_cleaned_and_releases_its_slot(service, host, pg):
