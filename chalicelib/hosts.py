@@ -185,16 +185,20 @@ def reserve(
     raise NoCapacity()
 
 
-def release(host_id: str) -> None:
-    """Give back a slot taken by `reserve` (the database is gone or never was)."""
+def _update_if(host_id: str, actions: list, condition) -> bool:
+    """One conditional update of a host record; False when the condition does not hold."""
     try:
-        HostRecord(id=host_id).update(
-            actions=[HostRecord.allocated.add(-1)],
-            condition=HostRecord.id.exists() & (HostRecord.allocated > 0),
-        )
+        HostRecord(id=host_id).update(actions=actions, condition=condition)
+        return True
     except UpdateError as exc:
         if exc.cause_response_code != "ConditionalCheckFailedException":
             raise
+        return False
+
+
+def release(host_id: str) -> None:
+    """Give back a slot taken by `reserve` (the database is gone or never was)."""
+    _update_if(host_id, [HostRecord.allocated.add(-1)], HostRecord.id.exists() & (HostRecord.allocated > 0))
 
 
 def lease_refill(host_id: str, until: float) -> bool:
@@ -204,28 +208,13 @@ def lease_refill(host_id: str, until: float) -> bool:
     all refill pools; with the lease only one of them fills a given host at a
     time. A lease whose holder died ends at its `until`.
     """
-    try:
-        HostRecord(id=host_id).update(
-            actions=[HostRecord.refill_until.set(until)],
-            condition=HostRecord.id.exists()
-            & (HostRecord.refill_until.does_not_exist() | (HostRecord.refill_until < time.time())),
-        )
-        return True
-    except UpdateError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
-            raise
-        return False
+    free = HostRecord.refill_until.does_not_exist() | (HostRecord.refill_until < time.time())
+    return _update_if(host_id, [HostRecord.refill_until.set(until)], HostRecord.id.exists() & free)
 
 
 def end_refill(host_id: str, until: float) -> None:
     """Give the lease back early, if it is still the one taken with `until`."""
-    try:
-        HostRecord(id=host_id).update(
-            actions=[HostRecord.refill_until.remove()], condition=HostRecord.refill_until == until
-        )
-    except UpdateError as exc:
-        if exc.cause_response_code != "ConditionalCheckFailedException":
-            raise
+    _update_if(host_id, [HostRecord.refill_until.remove()], HostRecord.refill_until == until)
 
 
 def register(
