@@ -182,6 +182,8 @@ class IdempotencyRecord(Model):
 
     Keyed by a hash of (client IP, key), so the raw key is not stored; holds
     only the database id: the response is rebuilt from the database record.
+    `body_hash` (SHA-256 of the canonical request) tells a retry from a
+    different request under the same key; items written before it existed have none.
     """
 
     class Meta:
@@ -190,6 +192,7 @@ class IdempotencyRecord(Model):
 
     key_hash = UnicodeAttribute(hash_key=True)
     database_id = UnicodeAttribute()
+    body_hash = UnicodeAttribute(null=True)
     created_at = UTCDateTimeAttribute()
     expires_at = TTLAttribute()
 
