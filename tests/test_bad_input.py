@@ -167,6 +167,26 @@ def test_type_errors_name_the_field_and_the_expected_type(call):
         assert reply.body["error"] == error
 
 
+def test_ref_and_referrer_are_checked_wherever_they_come_from(call):
+    cases = [
+        ("/api/v1/database", {"ref": "a\u0000b"}, "Field 'ref' must be at most 128 printable characters"),
+        ("/api/v1/database", {"ref": "a\ud800"}, "Field 'ref' must be at most 128 printable characters"),
+        ("/api/v1/database", {"ref": "x" + " " * 128}, "Field 'ref' must be at most 128 printable characters"),
+        ("/api/v1/database?referrer=a%0Ab", {}, "Parameter 'referrer' must be at most 128 printable characters"),
+        # A bad ?referrer= is not ignored because the body has a good ref.
+        (
+            "/api/v1/database?referrer=a%07",
+            {"ref": "ok"},
+            "Parameter 'referrer' must be at most 128 printable characters",
+        ),
+        ("/api/v1/database", {"ref": "   "}, "Missing referrer"),
+    ]
+    for path, body, error in cases:
+        reply = call("POST", path, json.dumps(body), JSON)
+        _is_error(reply, 400)
+        assert reply.body["error"] == error, (path, body)
+
+
 def test_claim_and_rotate_refuse_a_body_that_is_not_an_object(call):
     key = _signup(call)
     database_id = _owned_database(call, key)
