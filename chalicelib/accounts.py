@@ -14,7 +14,9 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from pynamodb.exceptions import UpdateError
 
 from chalicelib.errors import BadRequest, Forbidden
 from chalicelib.identifiers import uuid7
@@ -26,6 +28,9 @@ _KEY_SHAPE = re.compile(r"^ipg_[A-Za-z0-9_-]{43}$")
 # Deliberately loose: one @, something on each side, a dot in the domain.
 _EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_EMAIL_LENGTH = 254
+# How long a rotated key may keep working beside its successor: long enough to
+# roll a deployment, short enough that a leaked key does not linger.
+MAX_GRACE_S = 86400
 
 
 class InvalidKey(Exception):
@@ -86,7 +91,10 @@ def authenticate(api_key: str) -> AccountRecord:
     except ApiKeyRecord.DoesNotExist:
         raise InvalidKey("unknown") from None
     # Constant-time compare of what we looked up, for good measure.
-    if not hmac.compare_digest(record.key_hash, digest) or record.revoked_at is not None:
+    # A rotated key's revoked_at may lie ahead (its grace period): it works until then.
+    if not hmac.compare_digest(record.key_hash, digest) or (
+        record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
+    ):
         raise InvalidKey("revoked key")
     account = find(record.account_id)
     if account is None or account.status != ACCOUNT_ACTIVE:
@@ -128,3 +136,33 @@ def signup(settings: Settings, email: object) -> NewAccount:
             hint="This deployment creates accounts only through its operator; ask them for an API key.",
         )
     return create(parse_email(email))
+
+
+def parse_grace(raw: object) -> int:
+    """`grace_seconds` of a rotation: 0 (the old key stops at once) up to MAX_GRACE_S."""
+    if raw is None:
+        return 0
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_GRACE_S:
+        raise BadRequest(
+            f"Field 'grace_seconds' must be an integer from 0 to {MAX_GRACE_S}",
+            hint="0 stops the old key at once; e.g. 3600 keeps it working for an hour while you roll out the new one.",
+        )
+    return raw
+
+
+def rotate_key(account_id: str, old_key: str, grace_s: int) -> tuple[str, datetime]:
+    """A new key for the account; the old one stops at now + grace_s. Returns (new key, old key's end)."""
+    new_key = add_key(account_id)
+    until = datetime.now(UTC) + timedelta(seconds=grace_s)
+    try:
+        # Never lengthens a grace period a previous rotation already set.
+        ApiKeyRecord(key_hash=key_hash(old_key)).update(
+            actions=[ApiKeyRecord.revoked_at.set(until)],
+            condition=(ApiKeyRecord.account_id == account_id)
+            & (ApiKeyRecord.revoked_at.does_not_exist() | (ApiKeyRecord.revoked_at > until)),
+        )
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        until = ApiKeyRecord.get(key_hash(old_key), consistent_read=True).revoked_at or until
+    return new_key, until
