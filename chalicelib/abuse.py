@@ -126,7 +126,7 @@ class Guard:
         until = self._auth_blocked.get(ip)
         if until is not None:
             if until > now:
-                raise self._auth_limited(until - now)
+                raise self._auth_limited(until, now)
             del self._auth_blocked[ip]
 
     def auth_failed(self, ip: str | None, now: float | None = None) -> None:
@@ -148,15 +148,17 @@ class Guard:
             self._auth_blocked[ip] = hour + 3600
             log.info("auth limit: %s at %d failed authentications this hour", ip, count)
         if count > limit:
-            raise self._auth_limited(hour + 3600 - now)
+            raise self._auth_limited(hour + 3600, now)
 
-    def _auth_limited(self, seconds: float) -> TooManyRequests:
-        retry_after = max(1, math.ceil(seconds))
+    @staticmethod
+    def _auth_limited(until: float, now: float) -> TooManyRequests:
+        retry_after = max(1, math.ceil(until - now))
         return TooManyRequests(
             "Too many failed authentications from your address",
             hint=f"Retry after {retry_after} seconds with a valid key.",
             headers={"Retry-After": str(retry_after)},
             retry_after_s=retry_after,
+            retry_at=iso(datetime.fromtimestamp(until, UTC)),
         )
 
     # -- per-host cap ------------------------------------------------------------
