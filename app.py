@@ -48,6 +48,10 @@ def _client_id(raw: str) -> str:
     return database_id
 
 
+def _client_ip() -> str | None:
+    return ((app.current_request.context or {}).get("identity") or {}).get("sourceIp")
+
+
 def _requester():
     from chalicelib.abuse import parse_idempotency_key
     from chalicelib.databases import Requester
@@ -172,7 +176,7 @@ def _account():
     from chalicelib import auth
 
     # Failed keys count against the caller's IP (429 after too many), before any Postgres work.
-    return auth.require_account(app.current_request.headers, services.databases().guard, _requester().ip)
+    return auth.require_account(app.current_request.headers, services.databases().guard, _client_ip())
 
 
 def _owned(database_id: str, ended_ok: bool = False):
@@ -205,9 +209,7 @@ def rotate_api_key():
     body = schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
     grace = accounts.parse_grace(body.get("grace_seconds"))
     # Audited before it happens: a key change nobody can trace is worse than a 503.
-    audit.record(
-        audit.account_subject(account.id), audit.API_KEY_ROTATED, account.id, _requester().ip, f"grace_s={grace}"
-    )
+    audit.record(audit.account_subject(account.id), audit.API_KEY_ROTATED, account.id, _client_ip(), f"grace_s={grace}")
     new_key, old_until = accounts.rotate_key(account.id, auth.bearer_token(app.current_request.headers), grace)
     return json_response({"api_key": new_key, "old_key_expires_at": views.iso(old_until)}, 201)
 
@@ -217,7 +219,7 @@ def revoke_api_key():
     from chalicelib import accounts, audit, auth
 
     account = _account()
-    audit.record(audit.account_subject(account.id), audit.API_KEY_REVOKED, account.id, _requester().ip)
+    audit.record(audit.account_subject(account.id), audit.API_KEY_REVOKED, account.id, _client_ip())
     accounts.revoke_key(auth.bearer_token(app.current_request.headers))
     return Response(body="", status_code=204)
 
