@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import urllib.error
 import urllib.request
 import uuid
@@ -546,3 +547,63 @@ def test_over_http_on_the_local_server(live_server, instapg_env, capfd, pg):  # 
     log = capfd.readouterr().err
     assert body["id"] not in log
     assert f"id:{short_hash(body['id'])}" in log
+
+
+# -- a real browser on another site ---------------------------------------------------------------
+
+
+@pytest.fixture
+def evil_site():
+    """A page on another site (http://localhost:<port>) that posts to the service as soon as it loads."""
+    import http.server
+    import threading
+
+    pages: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = pages.get(self.path, b"")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}", pages
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_on_another_site_cannot_make_a_browser_create(live_server, evil_site):  # noqa: F811
+    from chalicelib.models import AccountRecord
+    from tests.test_claim_page import _chrome
+
+    origin, pages = evil_site
+    api = live_server  # http://127.0.0.1:<port>: another site than localhost
+    # The issue's probe: a text/plain form whose body is JSON, and a no-cors fetch; neither needs a preflight.
+    pages["/"] = f"""<!doctype html><html><body>
+<form id="f" method="post" action="{api}/api/v1/database" enctype="text/plain">
+<input type="hidden" name='{{"ref":"csrf","x":"' value='"}}'></form>
+<script>
+fetch("{api}/api/v1/accounts", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+  body: JSON.stringify({{email: "victim@example.com"}})}})
+  .finally(() => document.getElementById("f").submit());
+</script></body></html>""".encode()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, profile = _chrome(javascript=True)
+    try:
+        driver.get(origin + "/")
+        WebDriverWait(driver, 30).until(lambda d: d.current_url.startswith(api))
+        text = driver.find_element("tag name", "body").text
+        assert "Cross-site request refused" in text
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert _databases() == 0 and AccountRecord.count() == 0
