@@ -203,24 +203,22 @@ def get_account():
 
 @route("/api/v1/account/rotate-key", methods=["POST"], content_types=BODY_TYPES)
 def rotate_api_key():
-    from chalicelib import accounts, audit, auth, schemas, views
+    from chalicelib import accounts, auth, schemas, views
 
     account = _account()
     body = schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
     grace = accounts.parse_grace(body.get("grace_seconds"))
-    # Audited before it happens: a key change nobody can trace is worse than a 503.
-    audit.record(audit.account_subject(account.id), audit.API_KEY_ROTATED, account.id, _client_ip(), f"grace_s={grace}")
-    new_key, old_until = accounts.rotate_key(account.id, auth.bearer_token(app.current_request.headers), grace)
+    key = auth.bearer_token(app.current_request.headers)
+    new_key, old_until = accounts.rotate_key(account.id, key, grace, ip=_client_ip())
     return json_response({"api_key": new_key, "old_key_expires_at": views.iso(old_until)}, 201)
 
 
 @route("/api/v1/account/revoke-key", methods=["POST"], content_types=BODY_TYPES)
 def revoke_api_key():
-    from chalicelib import accounts, audit, auth
+    from chalicelib import accounts, auth
 
     account = _account()
-    audit.record(audit.account_subject(account.id), audit.API_KEY_REVOKED, account.id, _client_ip())
-    accounts.revoke_key(auth.bearer_token(app.current_request.headers))
+    accounts.revoke_own_key(account.id, auth.bearer_token(app.current_request.headers), ip=_client_ip())
     return Response(body="", status_code=204)
 
 

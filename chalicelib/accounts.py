@@ -150,8 +150,14 @@ def parse_grace(raw: object) -> int:
     return raw
 
 
-def rotate_key(account_id: str, old_key: str, grace_s: int) -> tuple[str, datetime]:
-    """A new key for the account; the old one stops at now + grace_s. Returns (new key, old key's end)."""
+def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = None) -> tuple[str, datetime]:
+    """A new key for the account; the old one stops at now + grace_s. Returns (new key, old key's end).
+
+    Audited before it happens: a key change nobody can trace is worse than a 503.
+    """
+    from chalicelib import audit
+
+    audit.record(audit.account_subject(account_id), audit.API_KEY_ROTATED, account_id, ip, f"grace_s={grace_s}")
     new_key = add_key(account_id)
     until = datetime.now(UTC) + timedelta(seconds=grace_s)
     try:
@@ -166,3 +172,11 @@ def rotate_key(account_id: str, old_key: str, grace_s: int) -> tuple[str, dateti
             raise
         until = ApiKeyRecord.get(key_hash(old_key), consistent_read=True).revoked_at or until
     return new_key, until
+
+
+def revoke_own_key(account_id: str, api_key: str, ip: str | None = None) -> None:
+    """The account holder stops the key they called with, at once; audited first."""
+    from chalicelib import audit
+
+    audit.record(audit.account_subject(account_id), audit.API_KEY_REVOKED, account_id, ip)
+    revoke_key(api_key)
