@@ -1,4 +1,4 @@
-"""Abuse limits on creating databases: per-IP rates, a per-host cap, idempotency keys.
+"""Abuse limits: per-IP create rates and failed authentications, a per-host cap, idempotency keys.
 
 - Rates: fixed windows (a minute, a UTC day) per client IP, both counted by
   one atomic DynamoDB `ADD` on the IP's item for the day, which expires by
@@ -9,6 +9,9 @@
   delete) has to keep a counter right. It is a soft cap: creates racing at
   the edge may overshoot it by their number. The hard cap stays the host's
   `capacity`, taken with a conditional write in `hosts.reserve`.
+- Failed authentications (an API key or a creator token that does not
+  match): at most `INSTAPG_AUTH_FAILURES_PER_HOUR` per client IP per clock
+  hour, counted with one `ADD` per failure; then 429 (see `check_auth`).
 - Idempotency: the same `Idempotency-Key` from the same IP within the TTL
   maps to one database id (conditional put); the response is rebuilt from the
   database record, so no password is stored here. The key is bound to a hash
@@ -65,6 +68,7 @@ class Guard:
         self.settings = settings
         self._counts: Counter[str] | None = None
         self._counted_at = 0.0
+        self._auth_blocked: dict[str, float] = {}  # ip -> epoch second its block ends
 
     # -- rates -----------------------------------------------------------------
 
@@ -107,6 +111,57 @@ class Guard:
                     retry_after_s=retry_after,
                     retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
                 )
+
+    # -- failed authentications -----------------------------------------------------
+    #
+    # A failure costs one UpdateItem (ADD) on the IP's counter for the clock
+    # hour; nothing is read on success. Once an IP has used up its failures,
+    # this process refuses it before looking any key up (no DynamoDB read, no
+    # Postgres work) until the hour ends; another process refuses it at its
+    # first failure there, whose count is already over.
+
+    def check_auth(self, ip: str | None, now: float | None = None) -> None:
+        """429 when `ip` used up its failed authentications this hour (in this process's knowledge)."""
+        if not ip:
+            return
+        now = time.time() if now is None else now
+        until = self._auth_blocked.get(ip)
+        if until is not None:
+            if until > now:
+                raise self._auth_limited(until, now)
+            del self._auth_blocked[ip]
+
+    def auth_failed(self, ip: str | None, now: float | None = None) -> None:
+        """Count one failed authentication of `ip`; 429 once it is over the hour's limit."""
+        if not ip:
+            return  # in-process callers (tools, tests) are not limited
+        now = time.time() if now is None else now
+        hour = int(now // 3600 * 3600)
+        counted = RateCounter(key=f"auth#{hour}#{ip}").update(
+            actions=[
+                RateCounter.count.add(1),
+                RateCounter.expires_at.set(datetime.fromtimestamp(hour + 3600 + _COUNTER_GRACE_S, UTC)),
+            ]
+        )["Attributes"]
+        count, limit = int(counted["count"]["N"]), self.settings.auth_failures_per_hour
+        if count >= limit:
+            if len(self._auth_blocked) > 10_000:  # bounded: a flood of addresses must not grow it forever
+                self._auth_blocked.clear()
+            self._auth_blocked[ip] = hour + 3600
+            log.info("auth limit: %s at %d failed authentications this hour", ip, count)
+        if count > limit:
+            raise self._auth_limited(hour + 3600, now)
+
+    @staticmethod
+    def _auth_limited(until: float, now: float) -> TooManyRequests:
+        retry_after = max(1, math.ceil(until - now))
+        return TooManyRequests(
+            "Too many failed authentications from your address",
+            hint=f"Retry after {retry_after} seconds with a valid key.",
+            headers={"Retry-After": str(retry_after)},
+            retry_after_s=retry_after,
+            retry_at=iso(datetime.fromtimestamp(until, UTC)),
+        )
 
     # -- per-host cap ------------------------------------------------------------
 

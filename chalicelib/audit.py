@@ -27,8 +27,19 @@ PURGED = "purged"
 QUOTA_LOCKED = "quota_locked"
 QUOTA_UNLOCKED = "quota_unlocked"
 
+# Issue 19: self-service API keys, logged under account_subject(account id).
+API_KEY_ROTATED = "api_key_rotated"
+API_KEY_REVOKED = "api_key_revoked"
+
 SYSTEM = "system"
 ANONYMOUS = "anonymous"
+CREATOR = "creator"  # whoever held an unclaimed database's creator token
+
+
+def account_subject(account_id: str) -> str:
+    """The audit log's key for an account's own events (database ids are bare UUIDs, so they never collide)."""
+    return f"account:{account_id}"
+
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25

@@ -127,6 +127,9 @@ class DatabaseRecord(Model):
     owner_id = UnicodeAttribute(null=True)
     claimed_at = UTCDateTimeAttribute(null=True)
     by_owner = OwnerIndex()
+    # Issue 19: SHA-256 of the creator token handed out once at create time
+    # (never the token itself); it proves the creator to claim and to delete early.
+    creator_token_hash = UnicodeAttribute(null=True)
 
 
 class HostRecord(Model):

@@ -162,6 +162,27 @@ def step_owner(client, state):
     assert client.http.delete(f"/api/v1/databases/{database_id}", headers=auth).status_code == 204
 
 
+@step("DELETE /api/v1/database/{database_id}", "POST /api/v1/database/{database_id}/extend")
+def step_creator(client, state):
+    body = post_json(client, "/api/v1/database", {"ref": "logs"}).json_body
+    state["secrets"] += [_password(body), body["creator_token"]]
+    assert client.http.post(f"/api/v1/database/{body['id']}/extend").status_code == 409
+    wrong = {"Authorization": "Bearer ipgc_" + "x" * 43}
+    assert client.http.delete(f"/api/v1/database/{body['id']}", headers=wrong).status_code == 403
+    creator = {"Authorization": f"Bearer {body['creator_token']}"}
+    assert client.http.delete(f"/api/v1/database/{body['id']}", headers=creator).status_code == 204
+
+
+@step("POST /api/v1/account/rotate-key", "GET /api/v1/account/audit", "POST /api/v1/account/revoke-key")
+def step_account_keys(client, state):
+    response = post_json(client, "/api/v1/account/rotate-key", {"grace_seconds": 60}, _bearer(state))
+    assert response.status_code == 201
+    state["api_key"] = response.json_body["api_key"]
+    state["secrets"].append(state["api_key"])
+    assert client.http.get("/api/v1/account/audit", headers=_bearer(state)).status_code == 200
+    assert client.http.post("/api/v1/account/revoke-key", headers=_bearer(state)).status_code == 204
+
+
 @step()
 def step_lock_and_unlock(client, state):
     from chalicelib import quotas, services
@@ -197,7 +218,7 @@ def test_no_secret_in_logs_or_in_dynamodb(client, instapg_env, pg, captured):
     state = {"secrets": [], "env": instapg_env}
     for step in STEPS:
         step(client, state)
-    assert len(state["secrets"]) == 8
+    assert len(state["secrets"]) == 11
 
     keyring = os.environ["INSTAPG_KEYRING"]
     key_b64 = keyring.split(":", 1)[1]

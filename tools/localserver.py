@@ -12,11 +12,16 @@
 - Reads are bounded: a client gets READ_TIMEOUT_S to send each request's
   body, and an idle connection is closed after as long, so a slow or
   never-finished body holds a worker thread for at most that long.
+- The access log shows a short hash for every database id in a path: an
+  unclaimed database's id is enough to read its password (README, "Web
+  security"), and access logs are read by more people than the database.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,14 @@ from typing import Any
 from chalice.local import ChaliceRequestHandler, ForbiddenError, LocalDevServer, LocalGatewayException
 
 from chalicelib.errors import NOT_FOUND_BODY
+from chalicelib.identifiers import short_hash
+
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def redact_ids(line: str) -> str:
+    """`line` with each UUID replaced by `id:` and 12 hex digits of its SHA-256 (still greppable, not usable)."""
+    return _UUID.sub(lambda m: "id:" + short_hash(m.group(0).lower()), line)
 
 # API Gateway waits at most 30 s for a whole request (its integration limit)
 # and refuses bodies over 10 MB; locally a client that has not sent its body
@@ -159,9 +172,14 @@ class InstapgRequestHandler(ChaliceRequestHandler):
     def _send_error_response(self, error: LocalGatewayException) -> None:
         if isinstance(error, ForbiddenError) and b"Missing Authentication Token" in (error.body or b""):
             body = json.dumps(NOT_FOUND_BODY).encode()
-            self._send_http_response(404, {"Content-Type": "application/json"}, body)
+            headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+            headers.update({"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"})
+            self._send_http_response(404, headers, body)
             return
         super()._send_error_response(error)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
+        sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {redact_ids(format % args)}\n")
 
 
 class _Refused(Exception):
