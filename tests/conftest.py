@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +43,10 @@ class PgServer:
 
 
 def _tmp_root() -> Path:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="instapg-tests-", dir=base))
+    """On tmpfs where there is one, owned by the server's user (never a folder of ours opened up)."""
+    from tools import pgserver
+
+    return pgserver.private_dir("instapg-tests-")
 
 
 @pytest.fixture(scope="session")
