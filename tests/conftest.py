@@ -68,8 +68,13 @@ def pg():
                     sql.Identifier(ADMIN_ROLE), sql.Literal(password)
                 )
             )
-            info = conn.info
-        yield PgServer(info.host, info.port, external, ADMIN_ROLE, password)
+            host, port = conn.info.host, conn.info.port  # read while open: closed, they raise
+        with psycopg.connect(external, dbname="template1", autocommit=True) as conn:
+            from chalicelib.extensions import PREINSTALLED_EXTENSIONS  # as the local server's start does
+
+            for name in PREINSTALLED_EXTENSIONS:
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
+        yield PgServer(host, port, external, ADMIN_ROLE, password)
         return
 
     from tools import pgserver
