@@ -146,6 +146,13 @@ def _account():
     return auth.require_account(app.current_request.headers)
 
 
+def _no_fields() -> None:
+    """A body is optional here; one that is sent must be a JSON object (its fields are ignored)."""
+    from chalicelib import schemas
+
+    schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
+
+
 def _owned(database_id: str, ended_ok: bool = False):
     account = _account()  # 401 before anything about the id
     return services.databases().owned(_database_id(database_id), account.id, ended_ok=ended_ok)
@@ -171,6 +178,7 @@ def get_account():
 @route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
 def claim_database(database_id):
     account = _account()
+    _no_fields()
     result = services.databases().claim(_database_id(database_id), account.id, _requester())
     return _database_response(result)
 
@@ -205,7 +213,9 @@ def get_connection_string(database_id):
 def rotate_password(database_id):
     from chalicelib import views
 
-    result = services.databases().rotate_password(_owned(database_id), _requester())
+    record = _owned(database_id)
+    _no_fields()
+    result = services.databases().rotate_password(record, _requester())
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 

@@ -11,7 +11,9 @@
   `capacity`, taken with a conditional write in `hosts.reserve`.
 - Idempotency: the same `Idempotency-Key` from the same IP within the TTL
   maps to one database id (conditional put); the response is rebuilt from the
-  database record, so no password is stored here.
+  database record, so no password is stored here. The key is bound to a hash
+  of the request it came with: the same key with another request is a 422
+  (a client bug: a retry would otherwise silently get a database it did not ask for).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import DeleteError, PutError
 from pynamodb.expressions.operand import Path, Value
 
-from chalicelib.errors import BadRequest, TooManyRequests
+from chalicelib.errors import BadRequest, TooManyRequests, Unprocessable
 from chalicelib.identifiers import uuid7
 from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord, IdempotencyRecord, RateCounter
 from chalicelib.settings import Settings
@@ -135,24 +137,36 @@ class Guard:
     def _key_hash(ip: str | None, key: str) -> str:
         return hashlib.sha256(f"{ip or 'unknown'}\n{key}".encode()).hexdigest()
 
-    def reserve_key(self, ip: str | None, key: str) -> tuple[str, bool, datetime]:
-        """The database id for (ip, key): (id, True, now) when new, (first id, False, first time) when seen."""
+    def reserve_key(self, ip: str | None, key: str, body_hash: str) -> tuple[str, bool, datetime, bool]:
+        """The database id for (ip, key): (id, True, now, True) when new, else (first id, False, first time, same).
+
+        `same` says whether the first request had this `body_hash` (keys stored before hashes were: yes).
+        """
         now = datetime.now(UTC)
         item = IdempotencyRecord(
             key_hash=self._key_hash(ip, key),
             database_id=str(uuid7()),
+            body_hash=body_hash,
             created_at=now,
             expires_at=now + timedelta(seconds=self.settings.idempotency_ttl_s),
         )
         try:
             # DynamoDB deletes expired items up to ~48 h late: an expired one counts as absent.
             item.save(condition=IdempotencyRecord.key_hash.does_not_exist() | (IdempotencyRecord.expires_at < now))
-            return item.database_id, True, now
+            return item.database_id, True, now, True
         except PutError as exc:
             if exc.cause_response_code != "ConditionalCheckFailedException":
                 raise
         first = IdempotencyRecord.get(item.key_hash, consistent_read=True)
-        return first.database_id, False, first.created_at
+        return first.database_id, False, first.created_at, first.body_hash in (None, body_hash)
+
+    @staticmethod
+    def key_reused(key: str) -> Unprocessable:
+        return Unprocessable(
+            f"Idempotency-Key '{key}' was already used with a different request",
+            hint="Send the same body and ?referrer= as the first request with this key, "
+            "or use a new key for a new request.",
+        )
 
     def forget_key(self, ip: str | None, key: str, database_id: str) -> None:
         """Drop the key when its create made nothing, so a retry starts over."""

@@ -19,12 +19,16 @@ from datetime import UTC, datetime
 from chalicelib.errors import BadRequest, Forbidden
 from chalicelib.identifiers import uuid7
 from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
+from chalicelib.schemas import is_text, json_type
 from chalicelib.settings import Settings
 
 KEY_PREFIX = "ipg_"
 _KEY_SHAPE = re.compile(r"^ipg_[A-Za-z0-9_-]{43}$")
-# Deliberately loose: one @, something on each side, a dot in the domain.
-_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Deliberately loose: one @, something on each side, a dot in the domain, no
+# control characters (openapi.yaml states the same pattern; a test keeps them equal).
+_EMAIL_PART = r"[^@\s\x00-\x1f\x7f-\x9f]+"
+EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
+_EMAIL_SHAPE = re.compile(EMAIL_PATTERN)
 MAX_EMAIL_LENGTH = 254
 
 
@@ -51,10 +55,14 @@ def well_formed(api_key: str) -> bool:
 
 
 def parse_email(raw: object) -> str:
-    if not isinstance(raw, str) or not raw.strip():
+    if raw is not None and not isinstance(raw, str):
+        raise BadRequest(
+            f"Field 'email' must be a string, not {json_type(raw)}", hint='Send {"email": "you@example.com"}.'
+        )
+    if not raw or not raw.strip():
         raise BadRequest("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
     email = raw.strip()
-    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.match(email) or not email.isprintable():
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.fullmatch(email) or not is_text(email):
         raise BadRequest("Field 'email' is not an email address", hint="Send an address like you@example.com.")
     return email
 

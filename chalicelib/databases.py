@@ -324,13 +324,18 @@ class DatabaseService:
     def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
         """Same Idempotency-Key from the same IP: the first database, not a second one."""
         key = requester.idempotency_key
-        database_id, fresh, first_seen = self.guard.reserve_key(requester.ip, key)
+        body_hash = request.fingerprint()
+        database_id, fresh, first_seen, same = self.guard.reserve_key(requester.ip, key, body_hash)
         if not fresh:
             record = self.find(database_id)
             if record is not None and record.status != FAILED:
+                if not same:  # the key made a database for another request
+                    raise self.guard.key_reused(key)
                 return self._existing(record)
             stale = _now() - first_seen > timedelta(seconds=self.settings.provisioning_timeout_s)
             if record is None and not stale:
+                if not same:
+                    raise self.guard.key_reused(key)
                 raise Conflict(
                     "A request with this Idempotency-Key is still being processed",
                     hint="Retry in a second.",
@@ -338,7 +343,7 @@ class DatabaseService:
                 )
             # Its first create failed or died before writing a record: start over.
             self.guard.forget_key(requester.ip, key, database_id)
-            database_id, _, _ = self.guard.reserve_key(requester.ip, key)
+            database_id, _, _, _ = self.guard.reserve_key(requester.ip, key, body_hash)
         try:
             return self.create(request, requester, database_id=database_id)
         except Exception:

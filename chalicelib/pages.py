@@ -257,11 +257,16 @@ class ClaimPages:
         record = self.service.find(database_id) if database_id else None
         if record is None:
             return self._not_found()
+        try:
+            # A form without a usable email is a 400 whatever the database's state.
+            email = accounts.parse_email(_form(raw_body).get("email"))
+        except ApiError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
         if not self.service.claimable(record):
             # Claimed or gone meanwhile: say so, and make no account for nothing.
             return self.show(database_id)
         try:
-            new = accounts.signup(self.service.settings, _form(raw_body).get("email"))
+            new = accounts.signup(self.service.settings, email)
         except ApiError as exc:
             return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
         result = self._claim(raw_id, new.account.id, requester)
