@@ -51,7 +51,8 @@ async def call(client, tool: str, **arguments) -> dict:
     """The tool's structured answer; AssertionError with the text when the tool failed."""
     result = await client.call_tool(tool, arguments)
     assert not result.is_error, result.content[0].text
-    return result.structured_content or json.loads(result.content[0].text)
+    assert result.structured_content == json.loads(result.content[0].text)  # both forms, for every client
+    return result.structured_content
 
 
 async def fail(client, tool: str, **arguments) -> str:

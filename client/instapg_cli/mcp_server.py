@@ -21,6 +21,7 @@ import os
 import secrets
 import sys
 from collections import OrderedDict
+from typing import Any
 
 from instapg_cli import __version__
 from instapg_cli.api import ApiError, Client, check_id
@@ -134,7 +135,7 @@ class Tools:
     def access_token(self, database_id: str) -> str:
         return hmac.new(self._token_key, database_id.encode(), hashlib.sha256).hexdigest()
 
-    def create_database(self, scope: dict | None, ref: str, enable_logical_replication: bool) -> dict:
+    def create_database(self, scope: dict | None, ref: str, enable_logical_replication: bool) -> dict[str, Any]:
         body = self.client.create(ref, enable_logical_replication)
         self._remember(scope, body["id"], body["direct_connection_string"])
         return {
@@ -160,7 +161,7 @@ class Tools:
             return True
         return bool(access_token) and hmac.compare_digest(self.access_token(database_id), access_token)
 
-    def get_database(self, scope: dict | None, database_id: str, access_token: str | None = None) -> dict:
+    def get_database(self, scope: dict | None, database_id: str, access_token: str | None = None) -> dict[str, Any]:
         database_id = check_id(database_id)
         body = self.client.get(database_id)
         body.pop("connection_string", None)
@@ -191,7 +192,7 @@ class Tools:
 
     def run_sql(
         self, scope: dict | None, database_id: str, sql: str, read_write: bool, max_rows: int, access_token: str | None
-    ) -> dict:
+    ) -> dict[str, Any]:
         from instapg_cli import sqltools
 
         url = self._url(scope, database_id, access_token)
@@ -199,12 +200,12 @@ class Tools:
 
     def describe_schema(
         self, scope: dict | None, database_id: str, schema: str | None, access_token: str | None
-    ) -> dict:
+    ) -> dict[str, Any]:
         from instapg_cli import sqltools
 
         return sqltools.describe(self._url(scope, database_id, access_token), schema, self.statement_timeout_s)
 
-    def claim_url(self, database_id: str) -> dict:
+    def claim_url(self, database_id: str) -> dict[str, Any]:
         body = self.client.get(check_id(database_id))
         return {
             "id": body["id"],
@@ -215,10 +216,10 @@ class Tools:
             "never expires. Until then it is deleted at expires_at.",
         }
 
-    def list_databases(self) -> dict:
+    def list_databases(self) -> dict[str, Any]:
         return {"databases": self.client.list()}
 
-    def delete_database(self, scope: dict | None, database_id: str) -> dict:
+    def delete_database(self, scope: dict | None, database_id: str) -> dict[str, Any]:
         database_id = check_id(database_id)
         self.client.delete(database_id)
         self._by_id.pop(database_id, None)
@@ -226,7 +227,7 @@ class Tools:
             scope.pop(database_id, None)
         return {"id": database_id, "deleted": True}
 
-    def rotate_password(self, scope: dict | None, database_id: str) -> dict:
+    def rotate_password(self, scope: dict | None, database_id: str) -> dict[str, Any]:
         database_id = check_id(database_id)
         body = self.client.rotate(database_id)
         if database_id in self._by_id:
@@ -266,7 +267,7 @@ def build_server(
             sessions[session_id] = {}
         return sessions[session_id]
 
-    async def call(fn, *args) -> dict:
+    async def call(fn, *args) -> dict[str, Any]:
         from instapg_cli.sqltools import SqlError
 
         try:
@@ -278,11 +279,13 @@ def build_server(
     read = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(description=CREATE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False))
-    async def create_database(ctx: Context, ref: str = "instapg-mcp", enable_logical_replication: bool = False) -> dict:
+    async def create_database(
+        ctx: Context, ref: str = "instapg-mcp", enable_logical_replication: bool = False
+    ) -> dict[str, Any]:
         return await call(tools.create_database, scope(ctx), ref, enable_logical_replication)
 
     @server.tool(description=GET, annotations=read)
-    async def get_database(ctx: Context, database_id: str, access_token: str | None = None) -> dict:
+    async def get_database(ctx: Context, database_id: str, access_token: str | None = None) -> dict[str, Any]:
         return await call(tools.get_database, scope(ctx), database_id, access_token)
 
     @server.tool(description=RUN_SQL, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
@@ -293,31 +296,31 @@ def build_server(
         read_write: bool = False,
         max_rows: int = 100,
         access_token: str | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         return await call(tools.run_sql, scope(ctx), database_id, sql, read_write, max_rows, access_token)
 
     @server.tool(description=DESCRIBE, annotations=read)
     async def describe_schema(
         ctx: Context, database_id: str, schema: str | None = None, access_token: str | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         return await call(tools.describe_schema, scope(ctx), database_id, schema, access_token)
 
     @server.tool(description=CLAIM, annotations=read)
-    async def claim_url(database_id: str) -> dict:
+    async def claim_url(database_id: str) -> dict[str, Any]:
         return await call(tools.claim_url, database_id)
 
     if api_key:
 
         @server.tool(description=LIST, annotations=read)
-        async def list_databases() -> dict:
+        async def list_databases() -> dict[str, Any]:
             return await call(tools.list_databases)
 
         @server.tool(description=DELETE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
-        async def delete_database(ctx: Context, database_id: str) -> dict:
+        async def delete_database(ctx: Context, database_id: str) -> dict[str, Any]:
             return await call(tools.delete_database, scope(ctx), database_id)
 
         @server.tool(description=ROTATE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
-        async def rotate_password(ctx: Context, database_id: str) -> dict:
+        async def rotate_password(ctx: Context, database_id: str) -> dict[str, Any]:
             return await call(tools.rotate_password, scope(ctx), database_id)
 
     return server

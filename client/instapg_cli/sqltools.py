@@ -165,7 +165,8 @@ SELECT n.nspname, c.relname, k.conname, k.contype, pg_get_constraintdef(k.oid)
 FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+WHERE k.contype <> 'n'  -- NOT NULL (PostgreSQL 18): the columns' nullable says it
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
   AND (%(schema)s::text IS NULL OR n.nspname = %(schema)s::text)
 ORDER BY n.nspname, c.relname, k.contype, k.conname
 """
