@@ -233,6 +233,10 @@ def test_streamable_http_keeps_each_session_to_its_own_databases(server):
                 assert "not created in this session" in text
 
         anyio.run(scenario)
-    finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        _, stderr = proc.communicate(timeout=10)
+        assert b"postgresql://" not in stderr  # connection strings go to the agent, never to the server's log
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
