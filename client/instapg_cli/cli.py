@@ -310,7 +310,8 @@ def status(args) -> int:
     if owner and isinstance(owner.get("connections"), int):
         print(f"connections  {owner['connections']} open{connections_limit}")
     else:
-        print(f"connections  shown to the owner only (claim it, then --api-key){connections_limit}")
+        how = "pass --api-key" if body.get("status") == "CLAIMED" else "claim it, then --api-key"
+        print(f"connections  shown to the owner only ({how}){connections_limit}")
     transfer = body.get("transfer_bytes", quota.get("transfer_bytes"))
     print(f"transfer     {_size(transfer) if isinstance(transfer, int) else 'not metered by this server'}")
     locked = quota.get("locked")
