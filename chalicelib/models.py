@@ -290,9 +290,13 @@ _SUFFIXES = {
 def configure(settings: Settings) -> None:
     """Point every model at the tables and endpoint that `settings` name."""
     for model in MODELS:
-        model.Meta.table_name = settings.table_name(_SUFFIXES[model])
-        model.Meta.host = settings.dynamodb_endpoint
-        model.Meta.region = settings.region
+        meta = model.Meta
+        wanted = (settings.table_name(_SUFFIXES[model]), settings.dynamodb_endpoint, settings.region)
+        if (getattr(meta, "table_name", None), getattr(meta, "host", None), getattr(meta, "region", None)) == wanted:
+            # Same table and endpoint: keep the connection (a new one builds a
+            # botocore session, ~0.1 s a model; tests configure once a test).
+            continue
+        meta.table_name, meta.host, meta.region = wanted
         model._connection = None
 
 
