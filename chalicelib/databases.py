@@ -801,7 +801,8 @@ class DatabaseService:
     def list_owned(self, account_id: str) -> list[DatabaseRecord]:
         """The account's live databases, oldest first."""
         records = DatabaseRecord.by_owner.query(account_id)
-        return [r for r in records if r.status in (CLAIMING, CLAIMED)]
+        # The index orders by id, and a client-chosen id (v4) says nothing of age.
+        return sorted((r for r in records if r.status in (CLAIMING, CLAIMED)), key=lambda r: r.created_at)
 
     def usage(self, record: DatabaseRecord) -> postgres.Usage:
         try:
