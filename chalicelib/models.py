@@ -127,6 +127,8 @@ class DatabaseRecord(Model):
     owner_id = UnicodeAttribute(null=True)
     claimed_at = UTCDateTimeAttribute(null=True)
     by_owner = OwnerIndex()
+    # Failed drops of a tombstone so far: the next retry's backoff (DatabaseService.retry_later).
+    drop_attempts = NumberAttribute(null=True)
 
 
 class HostRecord(Model):
@@ -293,6 +295,10 @@ def configure(settings: Settings) -> None:
         model.Meta.table_name = settings.table_name(_SUFFIXES[model])
         model.Meta.host = settings.dynamodb_endpoint
         model.Meta.region = settings.region
+        # Bounded waits (chalicelib.reliability): pynamodb builds its botocore Config from these.
+        model.Meta.connect_timeout_seconds = settings.aws_connect_timeout_s
+        model.Meta.read_timeout_seconds = settings.aws_read_timeout_s
+        model.Meta.max_retry_attempts = settings.aws_max_attempts - 1
         model._connection = None
 
 

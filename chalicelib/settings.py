@@ -70,6 +70,12 @@ class Settings:
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
     host_retry_s: int = 30
+    # Timeouts and deadlines (chalicelib.reliability).
+    request_deadline_s: int = 10
+    pg_statement_timeout_s: int = 60
+    aws_connect_timeout_s: int = 2
+    aws_read_timeout_s: int = 3
+    aws_max_attempts: int = 2
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -136,6 +142,19 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    (
+        "INSTAPG_PG_STATEMENT_TIMEOUT_SECONDS",
+        "60",
+        "statement_timeout of the service's own Postgres sessions; during an API request cut to the time left before its deadline.",
+    ),
+    (
+        "INSTAPG_REQUEST_DEADLINE_SECONDS",
+        "10",
+        "Every API request answers within this (503 with Retry-After when a dependency is down); keep it below the API function's timeout.",
+    ),
+    ("INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS", "2", "Connect timeout of every DynamoDB and Secrets Manager call."),
+    ("INSTAPG_AWS_READ_TIMEOUT_SECONDS", "3", "Read timeout of every DynamoDB and Secrets Manager call."),
+    ("INSTAPG_AWS_MAX_ATTEMPTS", "2", "Attempts per AWS call, the first included (standard retry mode)."),
     ("INSTAPG_CREATES_PER_MINUTE", "10", "Creates allowed per client IP per minute (429 above)."),
     ("INSTAPG_CREATES_PER_DAY", "100", "Creates allowed per client IP per UTC day (429 above)."),
     (
@@ -158,7 +177,8 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_ORPHAN_GRACE_SECONDS",
         "3600",
-        "A prefixed database or role no record references is dropped once reconciliation has seen it this long.",
+        "A prefixed database or role no record references is dropped once reconciliation has seen it this long "
+        "(never one marked claimed); keep it above the table's worst replication or restore lag.",
     ),
     (
         "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS",
@@ -266,6 +286,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
+        request_deadline_s=_int(env, "INSTAPG_REQUEST_DEADLINE_SECONDS"),
+        pg_statement_timeout_s=_int(env, "INSTAPG_PG_STATEMENT_TIMEOUT_SECONDS"),
+        aws_connect_timeout_s=_int(env, "INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS"),
+        aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
+        aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
     )
 
 
