@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import audit, pool, postgres
+from chalicelib import audit, pool, postgres, reliability
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
@@ -219,6 +219,7 @@ class DatabaseService:
                     headers={"Retry-After": "5"},
                 ) from None
             tried.add(host.id)
+            reliability.pause_point("after_reserve")  # the fault suite's kill -9 lands here
             if record is None:
                 record = self._new_record(database_id or str(uuid7()), host, plan, request, requester, password)
                 try:
@@ -1024,6 +1025,13 @@ class DatabaseService:
         )
         if not taken:
             return False
-        postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        try:
+            postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        except postgres.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
+            from chalicelib import expiry
+
+            expiry.report_claimed_kept(record, str(exc), "pool")
+            self.hold_claimed(record)
+            return False
         self.finish_cleanup(record)
         return True

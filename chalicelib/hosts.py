@@ -219,6 +219,11 @@ def lease_refill(host_id: str, until: float) -> bool:
     return _update_if(host_id, [HostRecord.refill_until.set(until)], HostRecord.id.exists() & free)
 
 
+def renew_refill(host_id: str, held: float, until: float) -> bool:
+    """Extend the refill lease taken (or last renewed) with `held` to `until`; False when it is not ours any more."""
+    return _update_if(host_id, [HostRecord.refill_until.set(until)], HostRecord.refill_until == held)
+
+
 def end_refill(host_id: str, until: float) -> None:
     """Give the lease back early, if it is still the one taken with `until`."""
     _update_if(host_id, [HostRecord.refill_until.remove()], HostRecord.refill_until == until)
