@@ -26,7 +26,7 @@ def _claim_all(service, database_id: str, accounts: list[str]) -> list[object]:
 
 
 def test_twenty_concurrent_retries_of_one_claim_all_succeed(service, host, pg):
-    from chalicelib.databases import Requester, Provisioned
+    from chalicelib.databases import Provisioned, Requester
     from chalicelib.schemas import CreateDatabase
 
     db = service.create(CreateDatabase(ref="race"), Requester())

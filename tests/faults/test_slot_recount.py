@@ -30,7 +30,9 @@ def _allocated(host_id: str) -> int:
 
 def _tenant_databases(pg, prefix: str) -> int:
     with psycopg.connect(pg.superuser_dsn) as conn:
-        return conn.execute("SELECT count(*) FROM pg_database WHERE starts_with(datname, %s)", (prefix + "_",)).fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM pg_database WHERE starts_with(datname, %s)", (prefix + "_",)
+        ).fetchone()[0]
 
 
 def _kill_at(point: str, timeout_s: float = 120) -> None:
