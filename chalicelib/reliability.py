@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     from chalicelib.settings import Settings
 
 # Failed drops: first retry after DROP_BACKOFF_BASE_S, doubling, capped, so
-# leftovers go within minutes of their host coming back, and a host that
-# stays down costs one attempt per record every DROP_BACKOFF_CAP_S.
+# leftovers go within cap + one purge interval (90 s + 60 s) of their host
+# coming back, and a host that stays down costs one attempt per record every
+# DROP_BACKOFF_CAP_S.
 DROP_BACKOFF_BASE_S = 5
-DROP_BACKOFF_CAP_S = 120
+DROP_BACKOFF_CAP_S = 90
 
 
 def drop_backoff_s(attempts: int) -> int:

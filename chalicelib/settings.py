@@ -62,7 +62,7 @@ class Settings:
     idempotency_ttl_s: int
     # Expiry and cleanup (chalicelib.expiry).
     stream_arn: str = ""
-    purge_rate_minutes: int = 5
+    purge_rate_minutes: int = 1
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
@@ -74,7 +74,7 @@ class Settings:
     request_deadline_s: int = 10
     pg_statement_timeout_s: int = 60
     aws_connect_timeout_s: int = 2
-    aws_read_timeout_s: int = 3
+    aws_read_timeout_s: int = 2
     aws_max_attempts: int = 2
 
     def plan(self, name: str) -> Plan:
@@ -153,7 +153,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "Every API request answers within this (503 with Retry-After when a dependency is down); keep it below the API function's timeout.",
     ),
     ("INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS", "2", "Connect timeout of every DynamoDB and Secrets Manager call."),
-    ("INSTAPG_AWS_READ_TIMEOUT_SECONDS", "3", "Read timeout of every DynamoDB and Secrets Manager call."),
+    ("INSTAPG_AWS_READ_TIMEOUT_SECONDS", "2", "Read timeout of every DynamoDB and Secrets Manager call."),
     ("INSTAPG_AWS_MAX_ATTEMPTS", "2", "Attempts per AWS call, the first included (standard retry mode)."),
     ("INSTAPG_CREATES_PER_MINUTE", "10", "Creates allowed per client IP per minute (429 above)."),
     ("INSTAPG_CREATES_PER_DAY", "100", "Creates allowed per client IP per UTC day (429 above)."),
@@ -168,7 +168,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         STREAM_ARN_PLACEHOLDER,
         "Stream ARN of the databases table; read at `chalice package` time for the REMOVE handler.",
     ),
-    ("INSTAPG_PURGE_RATE_MINUTES", "5", "How often the scheduled purge runs (EventBridge rate, minutes)."),
+    (
+        "INSTAPG_PURGE_RATE_MINUTES",
+        "1",
+        "How often the scheduled job runs (EventBridge rate, minutes); a run works at most this long. "
+        "With the drop backoff's 90 s cap, leftovers go within 2.5 minutes of their host's return.",
+    ),
     (
         "INSTAPG_PURGE_TIME_FRACTION",
         "0.8",
