@@ -7,6 +7,7 @@ current_request across threads), real Postgres, moto with atomic conditions.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -30,7 +31,10 @@ def test_twenty_concurrent_retries_of_one_claim_all_succeed(service, host, pg):
     from chalicelib.schemas import CreateDatabase
 
     db = service.create(CreateDatabase(ref="race"), Requester())
+    started = time.monotonic()
     results = _claim_all(service, db.record.id, ["acct-a"] * 20)
+    ok = sum(1 for r in results if isinstance(r, Provisioned))
+    print(f"figure: 20 concurrent claims, same account: {ok} x 200 in {time.monotonic() - started:.2f} s")
 
     failures = [repr(r) for r in results if not isinstance(r, Provisioned)]
     assert failures == []
