@@ -292,13 +292,30 @@ _SUFFIXES = {
 def configure(settings: Settings) -> None:
     """Point every model at the tables and endpoint that `settings` name."""
     for model in MODELS:
-        model.Meta.table_name = settings.table_name(_SUFFIXES[model])
-        model.Meta.host = settings.dynamodb_endpoint
-        model.Meta.region = settings.region
-        # Bounded waits (chalicelib.reliability): pynamodb builds its botocore Config from these.
-        model.Meta.connect_timeout_seconds = settings.aws_connect_timeout_s
-        model.Meta.read_timeout_seconds = settings.aws_read_timeout_s
-        model.Meta.max_retry_attempts = settings.aws_max_attempts - 1
+        meta = model.Meta
+        wanted = (
+            settings.table_name(_SUFFIXES[model]),
+            settings.dynamodb_endpoint,
+            settings.region,
+            # Bounded waits (chalicelib.reliability): pynamodb builds its botocore Config from these.
+            settings.aws_connect_timeout_s,
+            settings.aws_read_timeout_s,
+            settings.aws_max_attempts - 1,
+        )
+        fields = (
+            "table_name",
+            "host",
+            "region",
+            "connect_timeout_seconds",
+            "read_timeout_seconds",
+            "max_retry_attempts",
+        )
+        if tuple(getattr(meta, name, None) for name in fields) == wanted:
+            # Same table, endpoint and timeouts: keep the connection (a new one
+            # builds a botocore session, ~0.1 s a model; tests configure once a test).
+            continue
+        for name, value in zip(fields, wanted, strict=True):
+            setattr(meta, name, value)
         model._connection = None
 
 
