@@ -93,3 +93,30 @@ def test_a_refill_lease_whose_holder_is_gone_ends_within_seconds(service, flaky_
     time.sleep(max(0.0, held_until - time.time()) + 0.2)
     after = pool.refill(service, deadline=time.time() + 20, size=1)
     assert after.hosts_busy == [] and after.added == 1
+
+
+def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(service, flaky_host, stoppable_pg):
+    from chalicelib import expiry
+    from tests.streams import TTL_IDENTITY, image, stream_event
+
+    db = _create(service)
+    _expire(db.record)
+    record = _fresh(db.record)
+    old = image(record)
+    record.delete()  # TTL removed the expired item
+    event = stream_event(service.settings, "REMOVE", record.id, old=old)
+    event["userIdentity"] = TTL_IDENTITY
+    stoppable_pg.stop()
+
+    assert expiry.handle_stream(service, [event]).failed == 1
+    tombstone = _fresh(db.record)
+    assert tombstone.status == "EXPIRED" and tombstone.drop_attempts == 1
+    assert 0 < tombstone.due_at - time.time() <= 5
+
+    stoppable_pg.start()
+    back = time.monotonic()
+    while _fresh(db.record).due_bucket is not None:
+        assert time.monotonic() - back < 180
+        expiry.run_scheduled(service, budget_s=30)
+        time.sleep(0.5)
+    assert not _exists(stoppable_pg, db.record.db_name)
