@@ -307,6 +307,7 @@ class _Run:
         referenced: set[str] = set()
         slot_holders = set(found.databases)
         unmarked_claimed: list[str] = []
+        missing: list[DatabaseRecord] = []
         for item in DatabaseRecord.by_host.query(host.id, page_size=max(self.page_size, 100)):
             if not self.time_left():
                 return  # an incomplete picture: drop nothing on this host this run
@@ -316,19 +317,9 @@ class _Run:
             if item.status == CLAIMED and item.role_name not in found.claimed and item.role_name in names:
                 unmarked_claimed.append(item.role_name)
             if item.status in (CLAIMED, UNCLAIMED) and item.db_name not in names:
-                self.summary.records_without_database += 1
-                log.error(
-                    json.dumps(
-                        {
-                            "event": "record_without_database",
-                            "database_id": item.id,
-                            "host_id": host.id,
-                            "status": item.status,
-                            "name": item.db_name,
-                        }
-                    )
-                )
+                missing.append(item)
         self.recount(host, allocated, len(slot_holders))
+        self.report_missing(host, target, prefix, missing)
         if unmarked_claimed:
             # Claimed before the marker existed: mark them now, so Postgres alone can tell.
             try:
@@ -378,6 +369,32 @@ class _Run:
             self.summary.orphans_dropped += 1
             log.info("orphan %s on host %s dropped", name, host.id)
         self.summary.hosts_reconciled += 1
+
+    def report_missing(self, host: HostRecord, target: postgres.Target, prefix: str, missing: list) -> None:
+        """Live records whose database is not on the host: reported, never acted on (docs/expiry.md)."""
+        if not missing:
+            return
+        try:
+            # A create that finished after the catalog was read is no case: read it again.
+            now_there = postgres.inventory(target, prefix).databases
+        except Exception as exc:
+            log.error("host %s: recheck of missing databases failed: %s", host.id, _describe(exc))
+            return
+        for item in missing:
+            if item.db_name in now_there:
+                continue
+            self.summary.records_without_database += 1
+            log.error(
+                json.dumps(
+                    {
+                        "event": "record_without_database",
+                        "database_id": item.id,
+                        "host_id": host.id,
+                        "status": item.status,
+                        "name": item.db_name,
+                    }
+                )
+            )
 
     def recount(self, host: HostRecord, seen: int, holders: int) -> None:
         """Heal the host's slot count: one per database that exists or record that still holds one.
