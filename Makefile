@@ -14,16 +14,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 dev: $(STAMP) pg-extras
-	$(PY) -m tools.devstack
+	$(PY) -m tools.dev.devstack
 
 # pgcrypto and uuid-ossp for the embedded Postgres (its wheel has neither), and the library uuid-ossp links.
 pg-extras: $(STAMP)
-	sh tools/install-pg-libs.sh
-	$(PY) -m tools.pgserver extras
+	sh tools/dev/install-pg-libs.sh
+	$(PY) -m tools.dev.pgserver extras
 
 # Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
 browser-tools:
-	sh tools/install-chromium.sh
+	sh tools/dev/install-chromium.sh
 
 # Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
 bench: $(STAMP) pg-extras

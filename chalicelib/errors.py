@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 # What an unknown path answers: API Gateway's gateway response in the deployed
-# stack, and tools/localserver.py locally.
+# stack, and tools/dev/localserver.py locally.
 NOT_FOUND_BODY = {"error": "Not found", "hint": "No such path; see GET /api/v1/openapi.yaml for the API."}
 
 

@@ -213,7 +213,7 @@ class PurgeSummary:
     leftovers_dropped: int = 0
     orphans_seen: int = 0
     orphans_dropped: int = 0
-    claimed_orphans: int = 0  # unreferenced names Postgres marks claimed: kept, listed by `tools.hosts orphans`
+    claimed_orphans: int = 0  # unreferenced names Postgres marks claimed: kept, listed by `tools.ops.hostctl orphans`
     claimed_kept: int = 0  # records due for a drop whose database Postgres marks claimed: kept
     claimed_marked: int = 0  # claimed databases from before markers existed, marked now
     records_without_database: int = 0  # live records whose database is not on the host (see docs/expiry.md)

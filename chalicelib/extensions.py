@@ -1,7 +1,7 @@
 """The PostgreSQL extensions instapg promises its tenants (README "A tenant can").
 
 Both lists are extensions that Amazon RDS for PostgreSQL offers; the local
-stack offers the same (tools/pgserver.py), and tests/test_extensions.py has a
+stack offers the same (tools/dev/pgserver.py), and tests/test_extensions.py has a
 tenant create each one over TCP with its password.
 """
 

@@ -1,7 +1,7 @@
 """Where the credential key ring comes from: Secrets Manager in production, the environment locally.
 
 The secret's value is the same `kid:base64key,...` text as INSTAPG_KEYRING
-(tools/keyring.py writes it). It is read lazily, on the first request that
+(tools/ops/keyringctl.py writes it). It is read lazily, on the first request that
 needs it, never at import. Rotation puts a new primary in front of the old
 keys; a warm Lambda learns about it in two ways: a ciphertext under a key id it
 does not know makes it read the secret again (once), and it re-reads the
@@ -34,7 +34,7 @@ def read_secret(secret_id: str) -> KeyRing:
     try:
         return KeyRing.parse(raw)
     except KeyRingError as exc:
-        raise KeyRingError(f"the key ring secret is unusable ({exc}); run `python -m tools.keyring rotate`") from None
+        raise KeyRingError(f"the key ring secret is unusable ({exc}); run `python -m tools.ops.keyringctl rotate`") from None
 
 
 class SecretKeyRing:

@@ -93,7 +93,7 @@ class Settings:
 
 
 # name, default, description: the README table is generated from this list
-# (`python -m tools.configdoc`), so the two cannot drift apart.
+# (`python -m tools.dev.configdoc`), so the two cannot drift apart.
 ENVIRONMENT: list[tuple[str, str, str]] = [
     ("INSTAPG_STAGE", "prod", "Stage name; `dev` for the local stack."),
     ("AWS_REGION", "us-east-2", "Region of the DynamoDB tables (falls back to AWS_DEFAULT_REGION)."),
@@ -224,7 +224,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "INSTAPG_OPEN_SIGNUP",
         "true",
         "`true`: anyone may create an account (POST /api/v1/accounts, the claim page); "
-        "`false`: only `python -m tools.accounts create` does.",
+        "`false`: only `python -m tools.ops.accountctl create` does.",
     ),
     (
         "INSTAPG_POOL_SIZE",

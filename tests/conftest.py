@@ -44,7 +44,7 @@ class PgServer:
 
 def _tmp_root() -> Path:
     """On tmpfs where there is one, owned by the server's user (never a folder of ours opened up)."""
-    from tools import pgserver
+    from tools.dev import pgserver
 
     return pgserver.private_dir("instapg-tests-")
 
@@ -57,7 +57,7 @@ def pg():
         import psycopg
         from psycopg import sql
 
-        from tools.pgserver import ADMIN_ROLE
+        from tools.dev.pgserver import ADMIN_ROLE
 
         password = secrets.token_urlsafe(18)
         with psycopg.connect(external, autocommit=True) as conn:
@@ -77,7 +77,7 @@ def pg():
         yield PgServer(host, port, external, ADMIN_ROLE, password)
         return
 
-    from tools import pgserver
+    from tools.dev import pgserver
 
     root = _tmp_root()
     server = pgserver.start(root / "pg", settings={"max_prepared_transactions": "10", "fsync": "off"})
@@ -111,7 +111,7 @@ def aws(instapg_env):
     """moto's DynamoDB, in process, with the tables created: clean for every test."""
     from moto import mock_aws
 
-    from tools import motoatomic
+    from tools.dev import motoatomic
 
     motoatomic.install()  # DynamoDB's conditional writes are atomic; moto's are not across threads
     with mock_aws():
@@ -162,7 +162,7 @@ ADMIN_ENV_2 = "INSTAPG_TEST_HOST_ADMIN_2"
 @pytest.fixture(scope="session")
 def pg2():
     """A second embedded Postgres, for the multi-host tests."""
-    from tools import pgserver
+    from tools.dev import pgserver
 
     root = _tmp_root()
     server = pgserver.start(root / "pg", settings={"fsync": "off"})

@@ -1,4 +1,4 @@
-"""tools/localserver.py serving the app in a thread of the test process, and a raw HTTP client for it.
+"""tools/dev/localserver.py serving the app in a thread of the test process, and a raw HTTP client for it.
 
 moto (mock_aws, from the `aws` fixture) patches botocore process-wide, so the
 served app talks to the same in-process DynamoDB as the test.
@@ -32,8 +32,8 @@ class Answer:
 @contextmanager
 def serving() -> Iterator[int]:
     """The local server on a free port of 127.0.0.1; yields the port."""
-    from tools.localserver import create_server
-    from tools.pgserver import free_port
+    from tools.dev.localserver import create_server
+    from tools.dev.pgserver import free_port
 
     saved = dict(os.environ)  # create_server applies the stage's environment
     port = free_port()

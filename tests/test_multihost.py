@@ -7,7 +7,7 @@ import time
 import psycopg
 
 from tests.conftest import post_json
-from tools.pgserver import free_port
+from tools.dev.pgserver import free_port
 
 
 def _create(client, ref: str = "multi") -> dict:

@@ -1,6 +1,6 @@
 """The OpenAPI document: served, complete, and true to the running API.
 
-`schemathesis run` drives the real local HTTP stack (tools/localserver.py in a
+`schemathesis run` drives the real local HTTP stack (tools/dev/localserver.py in a
 thread, moto in process, the embedded Postgres) from the document, with
 schemathesis.toml; hypothesis throws arbitrary bodies at POST /api/v1/database.
 """
@@ -108,7 +108,7 @@ SCHEMATHESIS_EXAMPLES = 5
 def test_schemathesis_finds_no_server_error_and_no_contract_failure(host, instapg_env):
     """`schemathesis run` with every default check, schemathesis.toml and its hooks.
 
-    It drives tools/localserver.py (what `make dev` serves) in this process;
+    It drives tools/dev/localserver.py (what `make dev` serves) in this process;
     moto is in process too, so the CLI runs as a subprocess against it.
     """
     import os

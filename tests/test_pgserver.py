@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tools import pgserver
+from tools.dev import pgserver
 
 
 def _modes(path: Path) -> dict[Path, int]:

@@ -97,16 +97,16 @@ def _use_keyring_secret(instapg_env, secrets, spec: str) -> str:
 def test_rotating_the_primary_key_keeps_existing_databases_readable(instapg_env, host, secrets):
     from chalicelib import services
     from chalicelib.models import DatabaseRecord
-    from tools import keyring
+    from tools.ops import keyringctl
 
-    arn = _use_keyring_secret(instapg_env, secrets, keyring.UNINITIALIZED)
-    assert keyring.rotate(arn, "old", client=secrets) == ["old"]
+    arn = _use_keyring_secret(instapg_env, secrets, keyringctl.UNINITIALIZED)
+    assert keyringctl.rotate(arn, "old", client=secrets) == ["old"]
     services.reset()
     with _client() as client:
         before = post_json(client, "/api/v1/database", {"ref": "before"}).json_body
     assert DatabaseRecord.get(before["id"]).secret_key_id == "old"
 
-    assert keyring.rotate(arn, "new", client=secrets) == ["new", "old"]
+    assert keyringctl.rotate(arn, "new", client=secrets) == ["new", "old"]
     services.reset()  # a new Lambda instance
     with _client() as client:
         after = post_json(client, "/api/v1/database", {"ref": "after"}).json_body
@@ -126,14 +126,14 @@ def test_a_warm_instance_reads_the_secret_again_for_a_key_it_has_not_seen(instap
     from chalicelib import keyrings
     from chalicelib.databases import DatabaseService
     from chalicelib.settings import get_settings
-    from tools import keyring
+    from tools.ops import keyringctl
 
-    arn = _use_keyring_secret(instapg_env, secrets, keyring.rotated("", "old"))
+    arn = _use_keyring_secret(instapg_env, secrets, keyringctl.rotated("", "old"))
     settings = get_settings()
     warm = DatabaseService(settings, keyrings.load(settings))
     assert warm.keyring.primary_id == "old"
 
-    keyring.rotate(arn, "new", client=secrets)
+    keyringctl.rotate(arn, "new", client=secrets)
     fresh = DatabaseService(settings, keyrings.load(settings))
     record = fresh.find(_create(fresh))
     assert record.secret_key_id == "new"
@@ -150,9 +150,9 @@ def _create(service) -> str:
 
 
 def test_the_rotate_tool_refuses_a_secret_that_is_not_a_key_ring(secrets):
-    from tools import keyring
+    from tools.ops import keyringctl
 
     arn = secrets.create_secret(Name="x/keyring", SecretString="not-a-ring")["ARN"]
     with pytest.raises(Exception, match="kid:base64key"):
-        keyring.rotate(arn, "k2", client=secrets)
+        keyringctl.rotate(arn, "k2", client=secrets)
     assert secrets.get_secret_value(SecretId=arn)["SecretString"] == "not-a-ring"

@@ -1,4 +1,4 @@
-"""tools/hosts.py, the operator command that registers Postgres hosts."""
+"""tools/ops/hostctl.py, the operator command that registers Postgres hosts."""
 
 from __future__ import annotations
 
@@ -7,34 +7,34 @@ from tests.conftest import ADMIN_ENV
 
 def test_add_list_and_drain(aws, pg, capsys):
     from chalicelib.models import HOST_DRAINING, HostRecord
-    from tools import hosts
+    from tools.ops import hostctl
 
     args = ["add", "--id", "pg-1", "--hostname", pg.host, "--port", str(pg.port)]
     args += ["--credentials", f"env:{ADMIN_ENV}", "--capacity", "50", "--sslmode", "disable"]
-    assert hosts.main(args) == 0
+    assert hostctl.main(args) == 0
     assert "host pg-1 added" in capsys.readouterr().out
-    assert hosts.main(args[:-4] + ["--capacity", "60", "--sslmode", "disable"]) == 0  # again: an update
+    assert hostctl.main(args[:-4] + ["--capacity", "60", "--sslmode", "disable"]) == 0  # again: an update
     assert HostRecord.get("pg-1").capacity == 60
     capsys.readouterr()
 
-    assert hosts.main(["list"]) == 0
+    assert hostctl.main(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["ID", "STATUS", "ALLOCATED", "CAPACITY", "ENDPOINT"]
     assert out[1].split() == ["pg-1", "ACTIVE", "0", "60", f"{pg.host}:{pg.port}"]
 
-    assert hosts.main(["drain", "--id", "pg-1"]) == 0
+    assert hostctl.main(["drain", "--id", "pg-1"]) == 0
     assert HostRecord.get("pg-1").status == HOST_DRAINING
-    assert hosts.main(["drain", "--id", "nope"]) == 1
+    assert hostctl.main(["drain", "--id", "nope"]) == 1
 
 
 def test_add_refuses_a_host_it_cannot_log_in_to(aws, pg, capsys, instapg_env):
     import json
 
     from chalicelib.models import HostRecord
-    from tools import hosts
+    from tools.ops import hostctl
 
     instapg_env.setenv("WRONG_ADMIN", json.dumps({"username": pg.admin_user, "password": "wrong-password"}))
-    code = hosts.main(
+    code = hostctl.main(
         ["add", "--id", "pg-2", "--hostname", pg.host, "--port", str(pg.port), "--credentials", "env:WRONG_ADMIN"]
         + ["--capacity", "5", "--sslmode", "disable"]
     )

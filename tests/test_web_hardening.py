@@ -1,7 +1,7 @@
 """Issue 19 (web hardening) and issue 17 point 5 (the creator deletes early), over HTTP.
 
 Each point is tested through chalice's test client, and again over real HTTP
-against tools/localserver.py (the server `make dev` runs) at the end.
+against tools/dev/localserver.py (the server `make dev` runs) at the end.
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ def test_hsts_over_https_only_and_frames_denied(client):
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
 
 
-# -- the same over real HTTP: tools/localserver.py -----------------------------------------------
+# -- the same over real HTTP: tools/dev/localserver.py -----------------------------------------------
 
 
 def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):

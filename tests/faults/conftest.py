@@ -39,7 +39,7 @@ class StoppablePg:
         postgres.close_sessions()
 
     def start(self) -> None:
-        from tools import pgserver
+        from tools.dev import pgserver
 
         self.server = pgserver.start(self.data_dir, port=self.port, settings={"fsync": "off"})
 
@@ -50,7 +50,7 @@ class StoppablePg:
 
 @pytest.fixture(scope="session")
 def stoppable_pg():
-    from tools import pgserver
+    from tools.dev import pgserver
 
     root = _tmp_root()
     server = pgserver.start(root / "pg", settings={"fsync": "off"})
@@ -130,7 +130,7 @@ def moto_http(instapg_env):
     from moto.server import ThreadedMotoServer
 
     from chalicelib import models, services
-    from tools import motoatomic, pgserver
+    from tools.dev import motoatomic, pgserver
 
     motoatomic.install()
     port = pgserver.free_port()

@@ -182,7 +182,7 @@ def test_purge_of_a_record_restored_as_unclaimed_and_expired_keeps_the_claimed_d
 def test_reconciliation_keeps_a_claimed_database_whose_record_is_gone_and_lists_it(
     instapg_env, host, pg, caplog, capsys
 ):
-    from tools import hosts as hosts_tool
+    from tools.ops import hostctl as hosts_tool
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
     kept = claimed(service)
@@ -230,7 +230,7 @@ def test_the_quota_job_never_drops_a_claimed_database(instapg_env, host, pg):
 def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, host, pg, caplog):
     from chalicelib import pool
     from chalicelib.models import POOLED, DatabaseRecord
-    from tools import hosts as hosts_tool
+    from tools.ops import hostctl as hosts_tool
 
     db = claimed(service)
     # A restore from before the database left the pool.

@@ -1,7 +1,7 @@
 """Print the README's configuration table from chalicelib.settings.ENVIRONMENT.
 
-python -m tools.configdoc          # print the table
-python -m tools.configdoc --write  # replace it in README.md
+python -m tools.dev.configdoc          # print the table
+python -m tools.dev.configdoc --write  # replace it in README.md
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from chalicelib.settings import ENVIRONMENT
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 START, END = "<!-- config:start -->", "<!-- config:end -->"
 
 

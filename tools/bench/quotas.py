@@ -1,6 +1,6 @@
 """How long one quota pass takes over N tenant databases on one host.
 
-    .venv/bin/python -m tools.quotabench [N]
+    .venv/bin/python -m tools.bench.quotas [N]
 
 Runs on this machine only: an embedded Postgres on 127.0.0.1 (data on
 /dev/shm when it exists) with the non-superuser admin, and DynamoDB in
@@ -37,7 +37,7 @@ def main(count: int) -> None:
     from chalicelib.crypto import new_key_spec
     from chalicelib.databases import Requester
     from chalicelib.schemas import CreateDatabase
-    from tools import pgserver
+    from tools.dev import pgserver
 
     os.environ["INSTAPG_KEYRING"] = new_key_spec("bench")
     root = pgserver.private_dir("instapg-bench-")

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOST_ID = "local"
 ADMIN_ENV = "INSTAPG_LOCAL_HOST_ADMIN"
 
@@ -49,14 +49,14 @@ class DevStack:
 
         from moto.server import ThreadedMotoServer
 
-        from tools import motoatomic
+        from tools.dev import motoatomic
 
         motoatomic.install()  # the API serves requests from many threads
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
 
         from chalicelib.crypto import new_key_spec
-        from tools import pgserver
+        from tools.dev import pgserver
 
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
@@ -107,7 +107,7 @@ class DevStack:
             self.background.append(thread)
             _say(f"pool      {settings.pool_size} ready database(s) kept on each host (INSTAPG_POOL_SIZE)")
 
-        from tools.localserver import create_server
+        from tools.dev.localserver import create_server
 
         self.server = create_server(ROOT, "127.0.0.1", self.port)
         thread = threading.Thread(target=self.server.server.serve_forever, name="api", daemon=True)

@@ -1,8 +1,8 @@
 """Operator command for the credential key ring kept in Secrets Manager.
 
-    python -m tools.keyring rotate --secret-id ARN [--kid k2]   # new primary in front; first run initializes
-    python -m tools.keyring show --secret-id ARN                # key ids, primary first (never key material)
-    python -m tools.keyring new [--kid k1]                      # a fresh `kid:base64key` for INSTAPG_KEYRING
+    python -m tools.ops.keyringctl rotate --secret-id ARN [--kid k2]   # new primary in front; first run initializes
+    python -m tools.ops.keyringctl show --secret-id ARN                # key ids, primary first (never key material)
+    python -m tools.ops.keyringctl new [--kid k1]                      # a fresh `kid:base64key` for INSTAPG_KEYRING
 
 Old keys stay in the ring and keep decrypting what they sealed; removing one
 would need every record sealed under it re-encrypted first (not built).
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         text = boto3.client("secretsmanager").get_secret_value(SecretId=args.secret_id)["SecretString"]
         if text.strip() == UNINITIALIZED:
-            print("not initialized: run `python -m tools.keyring rotate --secret-id ...`")
+            print("not initialized: run `python -m tools.ops.keyringctl rotate --secret-id ...`")
             return 1
         KeyRing.parse(text)
         print(", ".join(_kids(text)))

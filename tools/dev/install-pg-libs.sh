@@ -1,5 +1,5 @@
 #!/bin/sh
-# Debian's libossp-uuid16, which the uuid-ossp extension of the local Postgres links (tools/pgserver.py).
+# Debian's libossp-uuid16, which the uuid-ossp extension of the local Postgres links (tools/dev/pgserver.py).
 # Skipped when present; CI runs as root on a fresh machine, so apt-get works there.
 set -e
 if ldconfig -p 2>/dev/null | grep -q 'libossp-uuid\.so\.16'; then

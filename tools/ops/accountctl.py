@@ -1,10 +1,10 @@
 """Operator CLI for accounts (the only way to make one when INSTAPG_OPEN_SIGNUP=false).
 
-    python -m tools.accounts create --email dev@example.com   # prints the API key, once
-    python -m tools.accounts new-key ACCOUNT_ID                # another key for the account
-    python -m tools.accounts revoke ACCOUNT_ID                 # every key of the account stops working
-    python -m tools.accounts revoke-key                        # one key, read from stdin (keeps it out of shell history)
-    python -m tools.accounts show ACCOUNT_ID
+    python -m tools.ops.accountctl create --email dev@example.com   # prints the API key, once
+    python -m tools.ops.accountctl new-key ACCOUNT_ID                # another key for the account
+    python -m tools.ops.accountctl revoke ACCOUNT_ID                 # every key of the account stops working
+    python -m tools.ops.accountctl revoke-key                        # one key, read from stdin (keeps it out of shell history)
+    python -m tools.ops.accountctl show ACCOUNT_ID
 
 It reads the same environment as the service (INSTAPG_TABLE_PREFIX,
 INSTAPG_DYNAMODB_ENDPOINT, AWS_REGION and the usual AWS credentials).
@@ -25,7 +25,7 @@ def _configure() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.accounts", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ops.accountctl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create an account and print its API key")
     create.add_argument("--email", required=True)
