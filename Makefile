@@ -29,9 +29,12 @@ browser-tools:
 bench: $(STAMP) pg-extras
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
+# Two workers, each with its own embedded Postgres and moto; a test file stays on one worker, so its
+# module fixtures (the packaged template, the e2e stack) run once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser-tools pg-extras
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

