@@ -119,8 +119,9 @@ def drop_removed(event):
 
     records = [record.to_dict() for record in event]
     service = services.databases()
-    expiry.handle_stream(service, records)
+    summary = expiry.handle_stream(service, records)
     pool.refill_after_takes(service, records, deadline=time.time() + jobs.budget_s(service, event.context))
+    return summary.batch_item_failures()  # the mapping reports partial batch failures
 
 
 # --- The OpenAPI document ----------------------------------------------------------
