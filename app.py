@@ -1,5 +1,7 @@
 """instapg: routes and event handlers only. The logic lives in chalicelib/."""
 
+import os
+
 from chalice import Chalice, Rate, Response
 
 from chalicelib import services
@@ -8,6 +10,17 @@ from chalicelib.settings import load as load_settings
 
 app = Chalice(app_name="instapg")
 app.register_middleware(json_errors, "http")
+
+
+@app.middleware("all")
+def structured_logs(event, get_response):
+    """JSON log lines carrying this invocation's request ids (chalicelib/logs.py)."""
+    from chalicelib import logs
+
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # the local stack keeps plain lines
+        logs.configure()
+    logs.bind_event(app.lambda_context, event)
+    return get_response(event)
 
 
 def route(path: str, **options):

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import audit, pool, postgres
+from chalicelib import audit, metrics, pool, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
@@ -168,10 +168,12 @@ class DatabaseService:
         if database_id is None and not request.enable_logical_replication:
             taken = self._take_pooled(hosts, plan, request, requester, password, verifier)
             if taken is not None:
+                metrics.emit({"Creates": 1, "PoolTakes": 1})
                 return taken
         result = self._create_on_demand(hosts, database_id, plan, request, requester, password, verifier)
         if result.created:
             self._note_created(result.record, requester)
+            metrics.emit({"Creates": 1, "OnDemandCreates": 1})
         return result
 
     def _note_created(self, record: DatabaseRecord, requester: Requester) -> None:
@@ -603,7 +605,9 @@ class DatabaseService:
                     raise
                 record = self._require(database_id)  # someone else moved it: answer from what it is now
         if record.status == CLAIMING and record.owner_id == account_id:
-            return self.finish_claim(record, requester)
+            claimed = self.finish_claim(record, requester)
+            metrics.count("Claims")
+            return claimed
         if record.status == CLAIMED and record.owner_id == account_id:
             return self._owned_view(record)
         if record.status in (CLAIMING, CLAIMED, DELETING):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import audit, postgres
+from chalicelib import audit, metrics, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.models import (
     DELETED,
@@ -116,6 +116,8 @@ def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) ->
             continue
         setattr(summary, outcome, getattr(summary, outcome) + 1)
     log.info(json.dumps({"event": "stream", **asdict(summary)}))
+    if summary.dropped or summary.failed:
+        metrics.emit({"Drops": summary.dropped, "Failures": summary.failed})
     return summary
 
 

@@ -29,7 +29,25 @@ def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
     purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
     enforcement = quotas.enforce(service, deadline=deadline)
     refill = pool.refill(service, deadline=deadline)
+    report_metrics(service, purge, refill)
     return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
+
+
+def report_metrics(service: DatabaseService, purge: Any, refill: Any) -> None:
+    """Drops and failures of this run; each host's ready pool and fill (what the alarms watch)."""
+    from chalicelib import metrics, pool
+    from chalicelib.models import HOST_ACTIVE
+
+    drops = purge.expired_dropped + purge.leftovers_dropped + purge.orphans_dropped
+    metrics.emit({"Drops": drops, "Failures": purge.failed + getattr(refill, "failed", 0)})
+    for host in service.hosts.all():
+        if host.status != HOST_ACTIVE:
+            continue
+        fill = 100.0 * int(host.allocated or 0) / max(int(host.capacity or 0), 1)
+        values = {"HostFillPercent": round(fill, 1)}
+        if service.settings.pool_size > 0:
+            values["PoolReady"] = len(pool.pooled(host.id))
+        metrics.emit(values, host=host.id)
 
 
 def _as_dict(summary: Any) -> Any:
