@@ -70,6 +70,8 @@ class Settings:
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
     host_retry_s: int = 30
+    # TLS to the hosts (chalicelib.hosts.target): a CA bundle means verify-full.
+    pg_sslrootcert: str | None = None
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -136,6 +138,13 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    (
+        "INSTAPG_PG_SSLROOTCERT",
+        "",
+        "CA bundle (a path; relative to the app's folder) the service's own connections to hosts verify against "
+        "with sslmode=verify-full: `chalicelib/certs/rds-ca-bundle.pem` in production (`make rds-ca`). "
+        "Empty: each host's own sslmode. Tenants' connection strings keep the host's sslmode either way.",
+    ),
     ("INSTAPG_CREATES_PER_MINUTE", "10", "Creates allowed per client IP per minute (429 above)."),
     ("INSTAPG_CREATES_PER_DAY", "100", "Creates allowed per client IP per UTC day (429 above)."),
     (
@@ -266,7 +275,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
+        pg_sslrootcert=_app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
     )
+
+
+def _app_path(raw: str) -> str | None:
+    """An absolute path; a relative one is taken from the folder app.py is in (Lambda: /var/task)."""
+    if not raw:
+        return None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), raw)
+    return os.path.normpath(path)
 
 
 @functools.lru_cache(maxsize=1)

@@ -184,6 +184,7 @@ def test_deploy_rehearsal_bootstrap_deploy_after_deploy(dynamodb, tmp_path):
     assert stage["log_retention_in_days"] == 14
     assert stage["api_gateway_custom_domain"]["domain_name"] == "db.example.com"
     assert stage["environment_variables"]["INSTAPG_PUBLIC_URL"] == "https://db.example.com"
+    assert stage["environment_variables"]["INSTAPG_PG_SSLROOTCERT"] == "chalicelib/certs/rds-ca-bundle.pem"
     by_sid = {st["Sid"]: st for st in first["policy"]["Statement"]}
     assert by_sid["StreamFailures"]["Resource"] == [first["queue_arn"]]
 

@@ -371,10 +371,11 @@ def _throttle_stage(client, stage: str, rate: float | None, burst: int | None, l
         log(f"{api_name} stage {stage_desc['stageName']}: throttled to {rate}/s, burst {burst}")
 
 
-def _package_actions(name: str) -> list[str]:
-    from tools import package  # one list of actions for both deployment paths
+def _package_actions(name: str):
+    from tools import package  # one list of actions (and one bundle path) for both deployment paths
 
-    return list(getattr(package, name))
+    value = getattr(package, name)
+    return list(value) if isinstance(value, list) else value
 
 
 def bootstrap(
@@ -415,6 +416,7 @@ def bootstrap(
         "INSTAPG_TABLE_PREFIX": prefix,
         "INSTAPG_STREAM_ARN": results["databases"]["stream_arn"],
         "INSTAPG_KEYRING_SECRET_ARN": secret_arn,
+        "INSTAPG_PG_SSLROOTCERT": _package_actions("RDS_CA_BUNDLE"),  # verify-full; `make rds-ca` before deploy
     }
     settings: dict[str, Any] = {
         "autogen_policy": False,

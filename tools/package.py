@@ -33,6 +33,7 @@ from tools.deployspec import ALARMS, DEFAULT_STREAM_CONCURRENCY, FUNCTION_TIMEOU
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra" / "resources.yaml"
+RDS_CA_BUNDLE = "chalicelib/certs/rds-ca-bundle.pem"  # tools/rdsca.py writes it
 STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler (models: "databases")
 
 # What every function may do on every table (one per model, see table_resources).
@@ -213,6 +214,7 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
                 "Variables": {
                     "INSTAPG_TABLE_PREFIX": {"Ref": "TablePrefix"},
                     "INSTAPG_KEYRING_SECRET_ARN": {"Ref": "KeyRingSecret"},
+                    "INSTAPG_PG_SSLROOTCERT": RDS_CA_BUNDLE,  # verify-full to the hosts (make rds-ca)
                     "INSTAPG_PUBLIC_URL": {
                         "Fn::If": [
                             "HasPublicUrl",
@@ -320,8 +322,14 @@ def load_app(project_dir: Path, stage: str):
     return cli.load_chalice_app(config.environment_variables)
 
 
-def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT) -> Path:
-    """Write deployment.zip and sam.json (the one template) into `outdir`; returns the template's path."""
+def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT, require_ca: bool = True) -> Path:
+    """Write deployment.zip and sam.json (the one template) into `outdir`; returns the template's path.
+
+    The functions verify their hosts against the RDS CA bundle: without it in
+    the zip they could reach no host, so packaging stops (`make rds-ca`).
+    """
+    if require_ca and not (project_dir / RDS_CA_BUNDLE).exists():
+        raise SystemExit(f"{RDS_CA_BUNDLE} is missing: run `make rds-ca` (or `make package`, which does)")
     env = {**os.environ, "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-2")}
     app = load_app(project_dir, stage)
     outdir.mkdir(parents=True, exist_ok=True)
