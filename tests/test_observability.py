@@ -104,3 +104,34 @@ def test_the_api_binds_each_request_id(client, monkeypatch, capsys):
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+
+
+def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, host, pg):
+    """`tools.hosts add --no-check` (all a Network=create VPC allows from outside) leaves the REVOKE to the job."""
+    import psycopg
+
+    from chalicelib import jobs
+
+    open_query = (
+        "SELECT count(*) FROM pg_database WHERE datname = 'postgres' AND (datacl IS NULL OR EXISTS "
+        "(SELECT 1 FROM aclexplode(datacl) a WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT'))"
+    )
+    from psycopg import sql
+
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        owner = conn.execute("SELECT datdba::regrole::text FROM pg_database WHERE datname = 'postgres'").fetchone()[0]
+        # As on RDS, where the master user owns `postgres`; and open, as a host never hardened is.
+        conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(pg.admin_user)))
+        conn.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
+        assert conn.execute(open_query).fetchone() == (1,)
+    jobs._hardened.clear()
+    try:
+        jobs.run(service, budget_s=30)
+        with psycopg.connect(pg.superuser_dsn) as conn:
+            assert conn.execute(open_query).fetchone() == (0,)
+        assert host.id in jobs._hardened
+        assert jobs.harden_hosts(service, deadline=float("inf")) == []  # once per process
+    finally:
+        with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(owner)))
+            conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
