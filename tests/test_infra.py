@@ -412,3 +412,25 @@ def test_custom_domain_is_optional_and_sets_the_claim_url(packaged):
                 {"Fn::If": ["HasDomain", {"Fn::Sub": "https://${DomainName}"}, ""]},
             ]
         }, name
+
+
+def test_readme_deploy_section_states_what_deployspec_sets():
+    """README's deploy numbers are the ones both paths apply (tools/deployspec.py)."""
+    from tools import deployspec as d
+
+    text = (ROOT / "README.md").read_text()
+    t = d.FUNCTION_TIMEOUT_S
+    m = d.STREAM_MAPPING
+    for phrase in (
+        f"The API function stops at {t['api']} s",
+        f"scheduled job ({t['schedule']} s) and the stream handler ({t['stream']} s)",
+        f"`statement_timeout` ({d.ADMIN_STATEMENT_TIMEOUT_S} s)",
+        f"at most {m['MaximumRetryAttempts']} times",
+        f"skips it once it is {m['MaximumRecordAgeInSeconds'] // 3600} hours old",
+        f"(230 - {d.RESERVED_FOR_OTHERS}) / {d.SESSIONS_PER_INSTANCE} = **{d.api_concurrency(230)}**, the default",
+        f"reserves {d.DEFAULT_API_CONCURRENCY} + {d.DEFAULT_STREAM_CONCURRENCY} + 1 concurrent",
+        f"| {len(d.ALARMS)} CloudWatch alarms + SNS topic |",
+        f"retention `LogRetentionDays` ({d.LOG_RETENTION_DAYS})",
+    ):
+        assert phrase in text, phrase
+    assert d.api_concurrency(230) == d.DEFAULT_API_CONCURRENCY
