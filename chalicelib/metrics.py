@@ -9,6 +9,7 @@ watch these names in namespace `instapg`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -28,7 +29,11 @@ NAMES = {
 
 
 def emit(values: Mapping[str, float], host: str | None = None, out=None) -> dict:
-    """Write one EMF line with `values`; per host, also without the dimension (what the alarms watch)."""
+    """Write one EMF line with `values`; per host, also without the dimension (what the alarms watch).
+
+    Only in Lambda (or to `out`): elsewhere stdout is a person's terminal or a
+    command's output (the local stack, the CLI's tests), not a log group.
+    """
     unknown = set(values) - set(NAMES)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}: add them to chalicelib.metrics.NAMES")
@@ -48,7 +53,10 @@ def emit(values: Mapping[str, float], host: str | None = None, out=None) -> dict
     }
     if host:
         line["Host"] = host
-    print(json.dumps(line, separators=(",", ":")), file=out or sys.stdout, flush=True)
+    if out is None and os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        out = sys.stdout
+    if out is not None:
+        print(json.dumps(line, separators=(",", ":")), file=out, flush=True)
     return line
 
 

@@ -13,6 +13,14 @@ def _emf(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith('{"_aws"')]
 
 
+def test_metrics_stay_off_stdout_outside_lambda(monkeypatch, capsys):
+    from chalicelib import metrics
+
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    metrics.emit({"Creates": 1})
+    assert capsys.readouterr().out == ""  # the CLI's and the local stack's output stay theirs
+
+
 def test_emf_line_is_what_cloudwatch_extracts():
     from chalicelib import metrics
 
@@ -32,6 +40,7 @@ def test_creates_claims_drops_and_host_metrics_are_emitted(client, instapg_env, 
     from chalicelib import jobs
     from tests.conftest import post_json
 
+    instapg_env.setenv("AWS_LAMBDA_FUNCTION_NAME", "instapg-prod")  # EMF goes to stdout only in Lambda
     service = reconfigure(instapg_env, INSTAPG_POOL_SIZE=0)
     capsys.readouterr()
     (db,) = create(service)
@@ -118,8 +127,13 @@ def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, hos
     )
     from psycopg import sql
 
+    acl_query = (
+        "SELECT a.grantee::regrole::text, a.privilege_type FROM pg_database d, aclexplode(d.datacl) a "
+        "WHERE d.datname = 'postgres' AND a.grantee <> d.datdba AND a.grantee <> 0"
+    )
     with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
         owner = conn.execute("SELECT datdba::regrole::text FROM pg_database WHERE datname = 'postgres'").fetchone()[0]
+        grants = conn.execute(acl_query).fetchall()  # the admin's own CONNECT, which a change of owner loses
         # As on RDS, where the master user owns `postgres`; and open, as a host never hardened is.
         conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(pg.admin_user)))
         conn.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
@@ -135,3 +149,8 @@ def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, hos
         with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(owner)))
             conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
+            for grantee, privilege in grants:
+                conn.execute(
+                    sql.SQL("GRANT {} ON DATABASE postgres TO {}").format(sql.SQL(privilege), sql.Identifier(grantee))
+                )
+            assert sorted(conn.execute(acl_query).fetchall()) == sorted(grants)
