@@ -337,6 +337,7 @@ def test_optional_rds_host_is_private_encrypted_backed_up_with_a_managed_secret(
     assert props["VPCSecurityGroups"] == [{"Ref": "PostgresSecurityGroup"}]
     assert props["DBInstanceClass"] == {"Ref": "HostInstanceClass"}
     assert props["AllocatedStorage"] == {"Ref": "HostStorageGb"}
+    assert props["MaxAllocatedStorage"] == {"Ref": "HostMaxStorageGb"} and props["StorageType"] == "gp3"
     assert props["BackupRetentionPeriod"] == {"Ref": "HostBackupRetentionDays"}
     assert props["DeletionProtection"] == {"Ref": "HostDeletionProtection"}
     # Every function may read the created host's secret (and the key ring), nothing broader.
