@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint bench clean package browser-tools rds-ca
+.PHONY: dev test lint bench clean package browser-tools pg-extras rds-ca
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,18 +13,23 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-dev: $(STAMP)
+dev: $(STAMP) pg-extras
 	$(PY) -m tools.devstack
+
+# pgcrypto and uuid-ossp for the embedded Postgres (its wheel has neither), and the library uuid-ossp links.
+pg-extras: $(STAMP)
+	sh tools/install-pg-libs.sh
+	$(PY) -m tools.pgserver extras
 
 # Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
 browser-tools:
 	sh tools/install-chromium.sh
 
 # Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
-bench: $(STAMP)
+bench: $(STAMP) pg-extras
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
-test: $(STAMP) browser-tools
+test: $(STAMP) browser-tools pg-extras
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -7,8 +7,11 @@ from chalice import Chalice, Rate, Response
 from chalicelib import services
 from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
 from chalicelib.settings import load as load_settings
+from chalicelib.web import http_policy
 
 app = Chalice(app_name="instapg")
+# Registered first, so outermost: origin checks before, security headers after everything.
+app.register_middleware(http_policy, "http")
 app.register_middleware(json_errors, "http")
 
 
@@ -43,6 +46,25 @@ def _database_id(raw: str) -> str:
     return database_id
 
 
+def _client_id(raw: str) -> str:
+    """A client-chosen id for a new database: a random v4/v7 UUID, since the id is a capability."""
+    from chalicelib.identifiers import parse_client_id
+
+    database_id = parse_client_id(raw)
+    if database_id is None:
+        _database_id(raw)  # not a UUID at all: that error
+        raise BadRequest(
+            "Database id is not a random UUID",
+            hint="Anyone who knows the id can read the database's password, so choose a random version 4 or 7 UUID "
+            "(e.g. crypto.randomUUID(), uuid.uuid4()), or let the server choose: POST /api/v1/database.",
+        )
+    return database_id
+
+
+def _client_ip() -> str | None:
+    return ((app.current_request.context or {}).get("identity") or {}).get("sourceIp")
+
+
 def _requester():
     from chalicelib.abuse import parse_idempotency_key
     from chalicelib.databases import Requester
@@ -57,16 +79,10 @@ def _requester():
 
 
 def _claim_base() -> str:
-    configured = services.databases().settings.public_url
-    if configured:
-        return configured
+    from chalicelib.web import base_url
+
     request = app.current_request
-    proto = request.headers.get("x-forwarded-proto", "http")
-    host = request.headers.get("host", "127.0.0.1")
-    stage = (request.context or {}).get("stage")
-    # Behind API Gateway's default domain, paths carry the stage name.
-    prefix = f"/{stage}" if stage and host.endswith(".amazonaws.com") else ""
-    return f"{proto}://{host}{prefix}"
+    return base_url(services.databases().settings, request.headers, request.context)
 
 
 def _create_request(referrer: str | None = None):
@@ -80,7 +96,7 @@ def _create_request(referrer: str | None = None):
 def _database_response(result) -> Response:
     from chalicelib import views
 
-    body = views.database(result.record, result.plan, _claim_base(), result.host, result.password)
+    body = views.database(result.record, result.plan, _claim_base(), result.host, result.password, result.creator_token)
     return json_response(body, 201 if result.created else 200)
 
 
@@ -92,7 +108,7 @@ def create_database():
 
 @route("/api/v1/database/{database_id}", methods=["POST"], content_types=BODY_TYPES)
 def create_database_with_id(database_id):
-    database_id = _database_id(database_id)
+    database_id = _client_id(database_id)
     request = _create_request((app.current_request.query_params or {}).get("referrer"))
     return _database_response(services.databases().create(request, _requester(), database_id=database_id))
 
@@ -100,6 +116,23 @@ def create_database_with_id(database_id):
 @route("/api/v1/database/{database_id}", methods=["GET"])
 def get_database(database_id):
     return _database_response(services.databases().get(_database_id(database_id)))
+
+
+@route("/api/v1/database/{database_id}", methods=["DELETE"])
+def delete_unclaimed_database(database_id):
+    """The creator deletes an unclaimed database early, with the creator token (issue 17, point 5)."""
+    from chalicelib import auth
+
+    database_id = _database_id(database_id)
+    token = auth.bearer_token(app.current_request.headers)
+    services.databases().delete_unclaimed(database_id, token, _requester())
+    return Response(body="", status_code=204)
+
+
+@route("/api/v1/database/{database_id}/extend", methods=["POST"], content_types=BODY_TYPES)
+def extend_database(database_id):
+    _no_fields()
+    services.databases().extend(_database_id(database_id))  # always refused: claiming is the way
 
 
 @route("/healthz", methods=["GET"])
@@ -157,7 +190,15 @@ FORM = ["application/x-www-form-urlencoded"]
 def _account():
     from chalicelib import auth
 
-    return auth.require_account(app.current_request.headers)
+    # Failed keys count against the caller's IP (429 after too many), before any Postgres work.
+    return auth.require_account(app.current_request.headers, services.databases().guard, _client_ip())
+
+
+def _no_fields() -> None:
+    """A body is optional here; one that is sent must be a JSON object (its fields are ignored)."""
+    from chalicelib import schemas
+
+    schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
 
 
 def _owned(database_id: str, ended_ok: bool = False):
@@ -182,10 +223,44 @@ def get_account():
     return json_response(views.account(_account()), 200)
 
 
+@route("/api/v1/account/rotate-key", methods=["POST"], content_types=BODY_TYPES)
+def rotate_api_key():
+    from chalicelib import accounts, auth, schemas, views
+
+    account = _account()
+    body = schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
+    grace = accounts.parse_grace(body.get("grace_seconds"))
+    key = auth.bearer_token(app.current_request.headers)
+    new_key, old_until = accounts.rotate_key(account.id, key, grace, ip=_client_ip())
+    return json_response({"api_key": new_key, "old_key_expires_at": views.iso(old_until)}, 201)
+
+
+@route("/api/v1/account/revoke-key", methods=["POST"], content_types=BODY_TYPES)
+def revoke_api_key():
+    from chalicelib import accounts, auth
+
+    account = _account()
+    _no_fields()
+    accounts.revoke_own_key(account.id, auth.bearer_token(app.current_request.headers), ip=_client_ip())
+    return Response(body="", status_code=204)
+
+
+@route("/api/v1/account/audit", methods=["GET"])
+def get_account_audit():
+    from chalicelib import audit, views
+
+    account = _account()
+    params = app.current_request.query_params or {}
+    page = audit.page(audit.account_subject(account.id), audit.parse_limit(params.get("limit")), params.get("cursor"))
+    return json_response({"events": [views.audit_event(e) for e in page.events], "next_cursor": page.cursor}, 200)
+
+
 @route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
 def claim_database(database_id):
     account = _account()
-    result = services.databases().claim(_database_id(database_id), account.id, _requester())
+    _no_fields()
+    token = app.current_request.headers.get("instapg-creator-token")
+    result = services.databases().claim(_database_id(database_id), account.id, _requester(), creator_token=token)
     return _database_response(result)
 
 
@@ -219,7 +294,9 @@ def get_connection_string(database_id):
 def rotate_password(database_id):
     from chalicelib import views
 
-    result = services.databases().rotate_password(_owned(database_id), _requester())
+    record = _owned(database_id)
+    _no_fields()
+    result = services.databases().rotate_password(record, _requester())
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 

@@ -1,4 +1,4 @@
-"""Abuse limits on creating databases: per-IP rates, a per-host cap, idempotency keys.
+"""Abuse limits: per-IP create rates and failed authentications, a per-host cap, idempotency keys.
 
 - Rates: fixed windows (a minute, a UTC day) per client IP, both counted by
   one atomic DynamoDB `ADD` on the IP's item for the day, which expires by
@@ -9,9 +9,14 @@
   delete) has to keep a counter right. It is a soft cap: creates racing at
   the edge may overshoot it by their number. The hard cap stays the host's
   `capacity`, taken with a conditional write in `hosts.reserve`.
+- Failed authentications (an API key or a creator token that does not
+  match): at most `INSTAPG_AUTH_FAILURES_PER_HOUR` per client IP per clock
+  hour, counted with one `ADD` per failure; then 429 (see `check_auth`).
 - Idempotency: the same `Idempotency-Key` from the same IP within the TTL
   maps to one database id (conditional put); the response is rebuilt from the
-  database record, so no password is stored here.
+  database record, so no password is stored here. The key is bound to a hash
+  of the request it came with: the same key with another request is a 422
+  (a client bug: a retry would otherwise silently get a database it did not ask for).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import DeleteError, PutError
 from pynamodb.expressions.operand import Path, Value
 
-from chalicelib.errors import BadRequest, TooManyRequests
+from chalicelib.errors import BadRequest, TooManyRequests, Unprocessable
 from chalicelib.identifiers import uuid7
 from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord, IdempotencyRecord, RateCounter
 from chalicelib.settings import Settings
@@ -63,6 +68,7 @@ class Guard:
         self.settings = settings
         self._counts: Counter[str] | None = None
         self._counted_at = 0.0
+        self._auth_blocked: dict[str, float] = {}  # ip -> epoch second its block ends
 
     # -- rates -----------------------------------------------------------------
 
@@ -106,6 +112,57 @@ class Guard:
                     retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
                 )
 
+    # -- failed authentications -----------------------------------------------------
+    #
+    # A failure costs one UpdateItem (ADD) on the IP's counter for the clock
+    # hour; nothing is read on success. Once an IP has used up its failures,
+    # this process refuses it before looking any key up (no DynamoDB read, no
+    # Postgres work) until the hour ends; another process refuses it at its
+    # first failure there, whose count is already over.
+
+    def check_auth(self, ip: str | None, now: float | None = None) -> None:
+        """429 when `ip` used up its failed authentications this hour (in this process's knowledge)."""
+        if not ip:
+            return
+        now = time.time() if now is None else now
+        until = self._auth_blocked.get(ip)
+        if until is not None:
+            if until > now:
+                raise self._auth_limited(until, now)
+            del self._auth_blocked[ip]
+
+    def auth_failed(self, ip: str | None, now: float | None = None) -> None:
+        """Count one failed authentication of `ip`; 429 once it is over the hour's limit."""
+        if not ip:
+            return  # in-process callers (tools, tests) are not limited
+        now = time.time() if now is None else now
+        hour = int(now // 3600 * 3600)
+        counted = RateCounter(key=f"auth#{hour}#{ip}").update(
+            actions=[
+                RateCounter.count.add(1),
+                RateCounter.expires_at.set(datetime.fromtimestamp(hour + 3600 + _COUNTER_GRACE_S, UTC)),
+            ]
+        )["Attributes"]
+        count, limit = int(counted["count"]["N"]), self.settings.auth_failures_per_hour
+        if count >= limit:
+            if len(self._auth_blocked) > 10_000:  # bounded: a flood of addresses must not grow it forever
+                self._auth_blocked.clear()
+            self._auth_blocked[ip] = hour + 3600
+            log.info("auth limit: %s at %d failed authentications this hour", ip, count)
+        if count > limit:
+            raise self._auth_limited(hour + 3600, now)
+
+    @staticmethod
+    def _auth_limited(until: float, now: float) -> TooManyRequests:
+        retry_after = max(1, math.ceil(until - now))
+        return TooManyRequests(
+            "Too many failed authentications from your address",
+            hint=f"Retry after {retry_after} seconds with a valid key.",
+            headers={"Retry-After": str(retry_after)},
+            retry_after_s=retry_after,
+            retry_at=iso(datetime.fromtimestamp(until, UTC)),
+        )
+
     # -- per-host cap ------------------------------------------------------------
 
     def unclaimed_counts(self) -> Counter[str]:
@@ -135,24 +192,36 @@ class Guard:
     def _key_hash(ip: str | None, key: str) -> str:
         return hashlib.sha256(f"{ip or 'unknown'}\n{key}".encode()).hexdigest()
 
-    def reserve_key(self, ip: str | None, key: str) -> tuple[str, bool, datetime]:
-        """The database id for (ip, key): (id, True, now) when new, (first id, False, first time) when seen."""
+    def reserve_key(self, ip: str | None, key: str, body_hash: str) -> tuple[str, bool, datetime, bool]:
+        """The database id for (ip, key): (id, True, now, True) when new, else (first id, False, first time, same).
+
+        `same` says whether the first request had this `body_hash` (keys stored before hashes were: yes).
+        """
         now = datetime.now(UTC)
         item = IdempotencyRecord(
             key_hash=self._key_hash(ip, key),
             database_id=str(uuid7()),
+            body_hash=body_hash,
             created_at=now,
             expires_at=now + timedelta(seconds=self.settings.idempotency_ttl_s),
         )
         try:
             # DynamoDB deletes expired items up to ~48 h late: an expired one counts as absent.
             item.save(condition=IdempotencyRecord.key_hash.does_not_exist() | (IdempotencyRecord.expires_at < now))
-            return item.database_id, True, now
+            return item.database_id, True, now, True
         except PutError as exc:
             if exc.cause_response_code != "ConditionalCheckFailedException":
                 raise
         first = IdempotencyRecord.get(item.key_hash, consistent_read=True)
-        return first.database_id, False, first.created_at
+        return first.database_id, False, first.created_at, first.body_hash in (None, body_hash)
+
+    @staticmethod
+    def key_reused(key: str) -> Unprocessable:
+        return Unprocessable(
+            f"Idempotency-Key '{key}' was already used with a different request",
+            hint="Send the same body and ?referrer= as the first request with this key, "
+            "or use a new key for a new request.",
+        )
 
     def forget_key(self, ip: str | None, key: str, database_id: str) -> None:
         """Drop the key when its create made nothing, so a retry starts over."""

@@ -14,18 +14,27 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from pynamodb.exceptions import UpdateError
 
 from chalicelib.errors import BadRequest, Forbidden
 from chalicelib.identifiers import uuid7
 from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
+from chalicelib.schemas import is_text, json_type
 from chalicelib.settings import Settings
 
 KEY_PREFIX = "ipg_"
 _KEY_SHAPE = re.compile(r"^ipg_[A-Za-z0-9_-]{43}$")
-# Deliberately loose: one @, something on each side, a dot in the domain.
-_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Deliberately loose: one @, something on each side, a dot in the domain, no
+# control characters (openapi.yaml states the same pattern; a test keeps them equal).
+_EMAIL_PART = r"[^@\s\x00-\x1f\x7f-\x9f]+"
+EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
+_EMAIL_SHAPE = re.compile(EMAIL_PATTERN)
 MAX_EMAIL_LENGTH = 254
+# How long a rotated key may keep working beside its successor: long enough to
+# roll a deployment, short enough that a leaked key does not linger.
+MAX_GRACE_S = 86400
 
 
 class InvalidKey(Exception):
@@ -51,10 +60,14 @@ def well_formed(api_key: str) -> bool:
 
 
 def parse_email(raw: object) -> str:
-    if not isinstance(raw, str) or not raw.strip():
+    if raw is not None and not isinstance(raw, str):
+        raise BadRequest(
+            f"Field 'email' must be a string, not {json_type(raw)}", hint='Send {"email": "you@example.com"}.'
+        )
+    if not raw or not raw.strip():
         raise BadRequest("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
     email = raw.strip()
-    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.match(email) or not email.isprintable():
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.fullmatch(email) or not is_text(email):
         raise BadRequest("Field 'email' is not an email address", hint="Send an address like you@example.com.")
     return email
 
@@ -86,7 +99,10 @@ def authenticate(api_key: str) -> AccountRecord:
     except ApiKeyRecord.DoesNotExist:
         raise InvalidKey("unknown") from None
     # Constant-time compare of what we looked up, for good measure.
-    if not hmac.compare_digest(record.key_hash, digest) or record.revoked_at is not None:
+    # A rotated key's revoked_at may lie ahead (its grace period): it works until then.
+    if not hmac.compare_digest(record.key_hash, digest) or (
+        record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
+    ):
         raise InvalidKey("revoked key")
     account = find(record.account_id)
     if account is None or account.status != ACCOUNT_ACTIVE:
@@ -128,3 +144,47 @@ def signup(settings: Settings, email: object) -> NewAccount:
             hint="This deployment creates accounts only through its operator; ask them for an API key.",
         )
     return create(parse_email(email))
+
+
+def parse_grace(raw: object) -> int:
+    """`grace_seconds` of a rotation: 0 (the old key stops at once) up to MAX_GRACE_S."""
+    if raw is None:
+        return 0
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_GRACE_S:
+        raise BadRequest(
+            f"Field 'grace_seconds' must be an integer from 0 to {MAX_GRACE_S}",
+            hint="0 stops the old key at once; e.g. 3600 keeps it working for an hour while you roll out the new one.",
+        )
+    return raw
+
+
+def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = None) -> tuple[str, datetime]:
+    """A new key for the account; the old one stops at now + grace_s. Returns (new key, old key's end).
+
+    Audited before it happens: a key change nobody can trace is worse than a 503.
+    """
+    from chalicelib import audit
+
+    audit.record(audit.account_subject(account_id), audit.API_KEY_ROTATED, account_id, ip, f"grace_s={grace_s}")
+    new_key = add_key(account_id)
+    until = datetime.now(UTC) + timedelta(seconds=grace_s)
+    try:
+        # Never lengthens a grace period a previous rotation already set.
+        ApiKeyRecord(key_hash=key_hash(old_key)).update(
+            actions=[ApiKeyRecord.revoked_at.set(until)],
+            condition=(ApiKeyRecord.account_id == account_id)
+            & (ApiKeyRecord.revoked_at.does_not_exist() | (ApiKeyRecord.revoked_at > until)),
+        )
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise
+        until = ApiKeyRecord.get(key_hash(old_key), consistent_read=True).revoked_at or until
+    return new_key, until
+
+
+def revoke_own_key(account_id: str, api_key: str, ip: str | None = None) -> None:
+    """The account holder stops the key they called with, at once; audited first."""
+    from chalicelib import audit
+
+    audit.record(audit.account_subject(account_id), audit.API_KEY_REVOKED, account_id, ip)
+    revoke_key(api_key)

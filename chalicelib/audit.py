@@ -1,13 +1,12 @@
 """The audit log: what happened to each database, newest first.
 
 Events are keyed by database id and a uuid7, so a query in reverse key order
-is newest first. Pages are cut with an opaque cursor (the last event id,
-base64url), which a client hands back unchanged.
+is newest first. Pages are cut with a cursor (the last event's id, a UUID),
+which a client hands back unchanged.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,8 +27,19 @@ PURGED = "purged"
 QUOTA_LOCKED = "quota_locked"
 QUOTA_UNLOCKED = "quota_unlocked"
 
+# Issue 19: self-service API keys, logged under account_subject(account id).
+API_KEY_ROTATED = "api_key_rotated"
+API_KEY_REVOKED = "api_key_revoked"
+
 SYSTEM = "system"
 ANONYMOUS = "anonymous"
+CREATOR = "creator"  # whoever held an unclaimed database's creator token
+
+
+def account_subject(account_id: str) -> str:
+    """The audit log's key for an account's own events (database ids are bare UUIDs, so they never collide)."""
+    return f"account:{account_id}"
+
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 25
@@ -62,16 +72,10 @@ class Page:
     cursor: str | None  # None: this was the last page
 
 
-def _encode(event_id: str) -> str:
-    return base64.urlsafe_b64encode(event_id.encode()).decode().rstrip("=")
-
-
 def _decode(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raw = ""
-    event_id = parse_database_id(raw)  # event ids are UUIDs too
+    # The cursor is the last event's id as it stands (openapi.yaml: a UUID), so
+    # the document can say exactly which cursors are valid.
+    event_id = parse_database_id(cursor)  # event ids are UUIDs too
     if event_id is None:
         raise BadRequest("Invalid cursor", hint="Pass the 'next_cursor' of the previous page unchanged.")
     return event_id
@@ -96,4 +100,4 @@ def page(database_id: str, limit: int = DEFAULT_PAGE, cursor: str | None = None)
     )
     events = list(result)
     last = result.last_evaluated_key
-    return Page(events, _encode(last["event_id"]["S"]) if last and len(events) == limit else None)
+    return Page(events, last["event_id"]["S"] if last and len(events) == limit else None)

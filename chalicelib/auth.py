@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from chalicelib import accounts
 from chalicelib.errors import Unauthorized
 from chalicelib.models import AccountRecord
+
+if TYPE_CHECKING:
+    from chalicelib.abuse import Guard
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +42,27 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
-def check_key(api_key: str | None) -> AccountRecord:
-    """The account of a raw API key (the claim page's form sends one), or 401."""
+def check_key(api_key: str | None, guard: Guard | None = None, ip: str | None = None) -> AccountRecord:
+    """The account of a raw API key (the claim page's form sends one), or 401.
+
+    With a `guard`, an IP that used up its failed authentications gets 429
+    before any lookup, and each failure is counted (chalicelib.abuse).
+    """
     if not api_key:
         raise Unauthorized(
             "Missing API key",
             hint="Send 'Authorization: Bearer <api key>'. Create an account with POST /api/v1/accounts.",
             headers=_CHALLENGE,
         )
+    if guard is not None:
+        guard.check_auth(ip)
     try:
         return accounts.authenticate(api_key.strip())
     except accounts.InvalidKey as exc:
         # Never log the key; the reason is enough to debug.
         log.info("rejected API key: %s", exc)
+        if guard is not None:
+            guard.auth_failed(ip)
         raise Unauthorized(
             "Invalid API key",
             hint="The key is malformed, unknown or revoked. Keys look like ipg_ followed by 43 characters.",
@@ -58,6 +70,6 @@ def check_key(api_key: str | None) -> AccountRecord:
         ) from None
 
 
-def require_account(headers: Mapping[str, str]) -> AccountRecord:
-    """The calling account, from its bearer token; 401 JSON otherwise."""
-    return check_key(bearer_token(headers))
+def require_account(headers: Mapping[str, str], guard: Guard | None = None, ip: str | None = None) -> AccountRecord:
+    """The calling account, from its bearer token; 401 JSON otherwise (429 after too many failures)."""
+    return check_key(bearer_token(headers), guard, ip)

@@ -11,7 +11,9 @@ trace the scheduled purge finds through the `by_due` index.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -23,8 +25,8 @@ from chalicelib import audit, metrics, pool, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
-from chalicelib.errors import Conflict, Gone, NotFound, ServiceUnavailable, Unprocessable
-from chalicelib.identifiers import tenant_name, tenant_password, uuid7
+from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, ServiceUnavailable, Unauthorized, Unprocessable
+from chalicelib.identifiers import creator_token, tenant_name, tenant_password, token_hash, uuid7
 from chalicelib.models import (
     CLAIMED,
     CLAIMING,
@@ -63,6 +65,7 @@ class Provisioned:
     host: HostRecord | None
     password: str | None  # None when the caller gets no connection string
     created: bool
+    creator_token: str | None = None  # only in the answer that created the database
 
 
 def _now() -> datetime:
@@ -165,15 +168,19 @@ class DatabaseService:
         plan = self.settings.plan(UNCLAIMED_PLAN)
         password = tenant_password()
         verifier = postgres.scram_verifier(password)  # once, for whichever way the database comes
+        token = creator_token()  # handed out once; the record keeps its hash
         if database_id is None and not request.enable_logical_replication:
-            taken = self._take_pooled(hosts, plan, request, requester, password, verifier)
+            taken = self._take_pooled(hosts, plan, request, requester, password, verifier, token_hash(token))
             if taken is not None:
                 metrics.emit({"Creates": 1, "PoolTakes": 1})
-                return taken
-        result = self._create_on_demand(hosts, database_id, plan, request, requester, password, verifier)
+                return dataclasses.replace(taken, creator_token=token)
+        result = self._create_on_demand(
+            hosts, database_id, plan, request, requester, password, verifier, token_hash(token)
+        )
         if result.created:
             self._note_created(result.record, requester)
             metrics.emit({"Creates": 1, "OnDemandCreates": 1})
+            return dataclasses.replace(result, creator_token=token)
         return result
 
     def _note_created(self, record: DatabaseRecord, requester: Requester) -> None:
@@ -189,6 +196,7 @@ class DatabaseService:
         requester: Requester,
         password: str,
         verifier: str,
+        creator_hash: str | None = None,
     ) -> Provisioned:
         tried: set[str] = set()
         record: DatabaseRecord | None = None
@@ -222,7 +230,9 @@ class DatabaseService:
                 ) from None
             tried.add(host.id)
             if record is None:
-                record = self._new_record(database_id or str(uuid7()), host, plan, request, requester, password)
+                record = self._new_record(
+                    database_id or str(uuid7()), host, plan, request, requester, password, creator_hash
+                )
                 try:
                     record.save(condition=DatabaseRecord.id.does_not_exist())
                 except PutError as exc:
@@ -326,13 +336,18 @@ class DatabaseService:
     def _create_idempotent(self, request: CreateDatabase, requester: Requester) -> Provisioned:
         """Same Idempotency-Key from the same IP: the first database, not a second one."""
         key = requester.idempotency_key
-        database_id, fresh, first_seen = self.guard.reserve_key(requester.ip, key)
+        body_hash = request.fingerprint()
+        database_id, fresh, first_seen, same = self.guard.reserve_key(requester.ip, key, body_hash)
         if not fresh:
             record = self.find(database_id)
             if record is not None and record.status != FAILED:
+                if not same:  # the key made a database for another request
+                    raise self.guard.key_reused(key)
                 return self._existing(record)
             stale = _now() - first_seen > timedelta(seconds=self.settings.provisioning_timeout_s)
             if record is None and not stale:
+                if not same:
+                    raise self.guard.key_reused(key)
                 raise Conflict(
                     "A request with this Idempotency-Key is still being processed",
                     hint="Retry in a second.",
@@ -340,7 +355,7 @@ class DatabaseService:
                 )
             # Its first create failed or died before writing a record: start over.
             self.guard.forget_key(requester.ip, key, database_id)
-            database_id, _, _ = self.guard.reserve_key(requester.ip, key)
+            database_id, _, _, _ = self.guard.reserve_key(requester.ip, key, body_hash)
         try:
             return self.create(request, requester, database_id=database_id)
         except Exception:
@@ -357,6 +372,7 @@ class DatabaseService:
         request: CreateDatabase,
         requester: Requester,
         password: str,
+        creator_hash: str | None = None,
     ) -> DatabaseRecord:
         now = _now()
         sealed = self.keyring.encrypt(password, context=database_id)
@@ -378,6 +394,7 @@ class DatabaseService:
             updated_at=now,
             due_bucket=PROVISIONING,
             due_at=int(time.time()) + self.settings.provisioning_timeout_s,
+            creator_token_hash=creator_hash,
         )
 
     def _existing(self, record: DatabaseRecord) -> Provisioned:
@@ -571,7 +588,9 @@ class DatabaseService:
 
     # -- claiming (issue 4) --------------------------------------------------
 
-    def claim(self, database_id: str, account_id: str, requester: Requester) -> Provisioned:
+    def claim(
+        self, database_id: str, account_id: str, requester: Requester, creator_token: str | None = None
+    ) -> Provisioned:
         """Make `account_id` the owner. Safe to retry; racing claimers get one winner.
 
         Order matters. 1. UNCLAIMED -> CLAIMING removes `expires_at` and takes
@@ -586,6 +605,7 @@ class DatabaseService:
         """
         record = self._require(database_id)
         if record.status == UNCLAIMED and not self._past_expiry(record):
+            self.check_claim_token(record, creator_token, requester)
             now = _now()
             try:
                 record.update(
@@ -616,6 +636,76 @@ class DatabaseService:
             raise Conflict("Database is still being created", hint="Retry in a second.", headers={"Retry-After": "1"})
         # UNCLAIMED past its expiry, or a tombstone.
         raise self._gone(record) if record.status != UNCLAIMED else self._expired(record)
+
+    def check_claim_token(self, record: DatabaseRecord, token: str | None, requester: Requester) -> None:
+        """A creator token, when given, must be this database's; with INSTAPG_CLAIM_REQUIRES_TOKEN it must be given."""
+        if token is None or token == "":
+            if self.settings.claim_requires_token and record.creator_token_hash is not None:
+                raise Forbidden(
+                    "Creator token required",
+                    hint="This deployment claims a database only with the creator token its create returned.",
+                )
+            return
+        self.check_creator(record, token, requester)
+
+    def check_creator(self, record: DatabaseRecord, token: str | None, requester: Requester) -> None:
+        """401/403 unless `token` is the record's creator token; failures count against the IP (chalicelib.abuse)."""
+        if not token:
+            raise Unauthorized(
+                "Missing creator token",
+                hint="Send 'Authorization: Bearer <creator_token>', the token the create returned once.",
+                headers={"WWW-Authenticate": 'Bearer realm="instapg"'},
+            )
+        self.guard.check_auth(requester.ip)
+        expected = record.creator_token_hash or ""
+        if not expected or not hmac.compare_digest(expected, token_hash(token.strip())):
+            self.guard.auth_failed(requester.ip)
+            raise Forbidden(
+                "Creator token does not match",
+                hint="Use the creator_token the create of this database returned; the id alone is not enough.",
+            )
+
+    def delete_unclaimed(self, database_id: str, token: str | None, requester: Requester) -> None:
+        """The creator drops an unclaimed database early (creator token, never the id alone); DELETED tombstone."""
+        record = self._require(database_id)
+        if record.status in (EXPIRED, DELETED, FAILED) or self._past_expiry(record):
+            raise self._gone(record) if record.status != UNCLAIMED else self._expired(record)
+        if record.owner_id is not None:
+            raise Conflict(
+                "Database is claimed",
+                hint=f"Its owner deletes it with DELETE /api/v1/databases/{record.id} and their API key.",
+            )
+        if record.status == PROVISIONING:
+            raise Conflict("Database is still being created", hint="Retry in a second.", headers={"Retry-After": "1"})
+        self.check_creator(record, token, requester)
+        if record.status == UNCLAIMED:
+            now = _now()
+            moved = self._conditional(
+                record,
+                [
+                    DatabaseRecord.status.set(DELETING),
+                    DatabaseRecord.updated_at.set(now),
+                    DatabaseRecord.due_bucket.set(DELETING),
+                    DatabaseRecord.due_at.set(int(now.timestamp()) + self.settings.provisioning_timeout_s),
+                ],
+                (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
+            )
+            if not moved:  # a claim, the purge or another delete got there first
+                return self.delete_unclaimed(database_id, token, requester)
+        self.finish_delete(record, actor=audit.CREATOR, ip=requester.ip)
+
+    def extend(self, database_id: str) -> None:
+        """Unclaimed databases are not extended: claiming is the way to keep one. Always an error."""
+        record = self._require(database_id)
+        if record.status in (EXPIRED, DELETED, FAILED) or self._past_expiry(record):
+            raise self._gone(record) if record.status != UNCLAIMED else self._expired(record)
+        if record.owner_id is not None:
+            raise Conflict("Claimed databases do not expire", hint="There is nothing to extend.")
+        raise Conflict(
+            "Unclaimed databases cannot be extended",
+            hint=f"Claim it to keep it: a claimed database never expires. Open /claim/{record.id}, "
+            f"or POST /api/v1/database/{record.id}/claim with an API key.",
+        )
 
     def claimable(self, record: DatabaseRecord) -> bool:
         return record.status == UNCLAIMED and not self._past_expiry(record)
@@ -715,7 +805,8 @@ class DatabaseService:
     def list_owned(self, account_id: str) -> list[DatabaseRecord]:
         """The account's live databases, oldest first."""
         records = DatabaseRecord.by_owner.query(account_id)
-        return [r for r in records if r.status in (CLAIMING, CLAIMED)]
+        # The index orders by id, and a client-chosen id (v4) says nothing of age.
+        return sorted((r for r in records if r.status in (CLAIMING, CLAIMED)), key=lambda r: r.created_at)
 
     def usage(self, record: DatabaseRecord) -> postgres.Usage:
         try:
@@ -881,12 +972,13 @@ class DatabaseService:
         requester: Requester,
         password: str,
         verifier: str,
+        creator_hash: str | None = None,
     ) -> Provisioned | None:
         """Take a pooled database on the active host with the most room that has one; None when none is left."""
         for host in hostlib.by_free_capacity(hosts):
             if self.hosts.is_down(host.id):
                 continue
-            record = self._claim_any(host, plan, request, requester, password)
+            record = self._claim_any(host, plan, request, requester, password, creator_hash)
             if record is None:
                 continue
             # The audit event is written while Postgres checks the new password.
@@ -906,7 +998,13 @@ class DatabaseService:
         return None
 
     def _claim_any(
-        self, host: HostRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
+        self,
+        host: HostRecord,
+        plan: Plan,
+        request: CreateDatabase,
+        requester: Requester,
+        password: str,
+        creator_hash: str | None = None,
     ) -> DatabaseRecord | None:
         queries = 0
         while True:
@@ -918,12 +1016,18 @@ class DatabaseService:
                     return None
                 queries += 1
                 continue
-            record = self._claim_pooled(candidate, plan, request, requester, password)
+            record = self._claim_pooled(candidate, plan, request, requester, password, creator_hash)
             if record is not None:
                 return record
 
     def _claim_pooled(
-        self, record: DatabaseRecord, plan: Plan, request: CreateDatabase, requester: Requester, password: str
+        self,
+        record: DatabaseRecord,
+        plan: Plan,
+        request: CreateDatabase,
+        requester: Requester,
+        password: str,
+        creator_hash: str | None = None,
     ) -> DatabaseRecord | None:
         """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED.
 
@@ -946,6 +1050,7 @@ class DatabaseService:
         record.created_at = record.updated_at = now
         record.expires_at = expires
         record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
+        record.creator_token_hash = creator_hash
         try:
             record.save(condition=DatabaseRecord.status == POOLED)
         except PutError as exc:

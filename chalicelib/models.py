@@ -127,6 +127,9 @@ class DatabaseRecord(Model):
     owner_id = UnicodeAttribute(null=True)
     claimed_at = UTCDateTimeAttribute(null=True)
     by_owner = OwnerIndex()
+    # Issue 19: SHA-256 of the creator token handed out once at create time
+    # (never the token itself); it proves the creator to claim and to delete early.
+    creator_token_hash = UnicodeAttribute(null=True)
 
 
 class HostRecord(Model):
@@ -182,6 +185,8 @@ class IdempotencyRecord(Model):
 
     Keyed by a hash of (client IP, key), so the raw key is not stored; holds
     only the database id: the response is rebuilt from the database record.
+    `body_hash` (SHA-256 of the canonical request) tells a retry from a
+    different request under the same key; items written before it existed have none.
     """
 
     class Meta:
@@ -190,6 +195,7 @@ class IdempotencyRecord(Model):
 
     key_hash = UnicodeAttribute(hash_key=True)
     database_id = UnicodeAttribute()
+    body_hash = UnicodeAttribute(null=True)
     created_at = UTCDateTimeAttribute()
     expires_at = TTLAttribute()
 
@@ -290,9 +296,13 @@ _SUFFIXES = {
 def configure(settings: Settings) -> None:
     """Point every model at the tables and endpoint that `settings` name."""
     for model in MODELS:
-        model.Meta.table_name = settings.table_name(_SUFFIXES[model])
-        model.Meta.host = settings.dynamodb_endpoint
-        model.Meta.region = settings.region
+        meta = model.Meta
+        wanted = (settings.table_name(_SUFFIXES[model]), settings.dynamodb_endpoint, settings.region)
+        if (getattr(meta, "table_name", None), getattr(meta, "host", None), getattr(meta, "region", None)) == wanted:
+            # Same table and endpoint: keep the connection (a new one builds a
+            # botocore session, ~0.1 s a model; tests configure once a test).
+            continue
+        meta.table_name, meta.host, meta.region = wanted
         model._connection = None
 
 

@@ -7,8 +7,8 @@ to routes that answer HTML. Every value is escaped with `html.escape`.
 
 CSRF: the claim form carries the API key itself, and the service sets no
 cookie, so there is no ambient credential a forged cross-site post could
-use. The account form creates an account for whoever submits it, which needs
-no protection either.
+use. Still, cross-site posts are refused before they get here
+(chalicelib.web), so no other site can make its visitors create accounts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from chalicelib import accounts, auth
 from chalicelib.databases import DatabaseService, Requester
-from chalicelib.errors import ApiError, BadRequest, Gone, NotFound
+from chalicelib.errors import ApiError, BadRequest, Gone, NotFound, TooManyRequests
 from chalicelib.identifiers import parse_database_id
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord
 from chalicelib.views import iso
@@ -35,9 +35,11 @@ class Page:
     title: str
     body: str  # already-escaped HTML
     nonce: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {
+            **self.extra_headers,
             "Content-Type": "text/html; charset=utf-8",
             # The page may hold a freshly made API key: never cache it.
             "Cache-Control": "no-store",
@@ -46,7 +48,12 @@ class Page:
                 "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
             ),
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # frame-ancestors 'none' for current browsers, this for older ones.
+            "X-Frame-Options": "DENY",
+            # Not no-referrer: under it browsers send `Origin: null` on the
+            # page's own form posts, which the cross-site check refuses when
+            # Sec-Fetch-Site is missing. Other sites still get no referrer (the id).
+            "Referrer-Policy": "same-origin",
         }
 
     def html(self) -> str:
@@ -206,7 +213,8 @@ class ClaimPages:
             '<label for="api_key">Your API key</label>'
             '<input id="api_key" name="api_key" type="password" autocomplete="off" required '
             'placeholder="ipg_…" spellcheck="false">'
-            '<button type="submit" id="claim">Claim database</button></form>'
+            + self._token_field("claim_creator_token")
+            + '<button type="submit" id="claim">Claim database</button></form>'
         )
         if not self.service.settings.open_signup:
             return claim
@@ -217,9 +225,25 @@ class ClaimPages:
             f'<form method="post" action="/claim/{rid}/account" id="signup-form">'
             '<label for="email">Email</label>'
             '<input id="email" name="email" type="email" autocomplete="email" required>'
-            '<button type="submit" id="signup">Create account and claim</button></form>'
+            + self._token_field("signup_creator_token")
+            + '<button type="submit" id="signup">Create account and claim</button></form>'
         )
         return claim + signup
+
+    def _token_field(self, element_id: str) -> str:
+        """With INSTAPG_CLAIM_REQUIRES_TOKEN, the forms ask for the creator token too."""
+        if not self.service.settings.claim_requires_token:
+            return ""
+        return (
+            f'<label for="{element_id}">Creator token (returned when the database was created)</label>'
+            f'<input id="{element_id}" name="creator_token" type="password" autocomplete="off" required '
+            'placeholder="ipgc_…" spellcheck="false">'
+        )
+
+    def _limited(self, exc: TooManyRequests) -> Page:
+        """Too many failed keys from this address: a short page, with no work behind it."""
+        body = _card(f'<h1 id="headline">{escape(exc.error)}</h1><p id="notice">{escape(exc.hint or "")}</p>', "error")
+        return Page(exc.status, exc.error, body, extra_headers=dict(exc.headers))
 
     def _not_found(self) -> Page:
         body = _card(
@@ -247,24 +271,37 @@ class ClaimPages:
 
     def claim_with_key(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
         try:
-            account = auth.check_key(_form(raw_body).get("api_key"))
+            form = _form(raw_body)
+            account = auth.check_key(form.get("api_key"), self.service.guard, requester.ip)
+        except TooManyRequests as exc:
+            return self._limited(exc)
         except ApiError as exc:
             return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
-        return self._claim(raw_id, account.id, requester)
+        return self._claim(raw_id, account.id, requester, form.get("creator_token"))
 
     def signup_and_claim(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
         database_id = parse_database_id(raw_id)
         record = self.service.find(database_id) if database_id else None
         if record is None:
             return self._not_found()
+        try:
+            # A form without a usable email is a 400 whatever the database's state.
+            email = accounts.parse_email(_form(raw_body).get("email"))
+        except ApiError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
         if not self.service.claimable(record):
             # Claimed or gone meanwhile: say so, and make no account for nothing.
             return self.show(database_id)
         try:
-            new = accounts.signup(self.service.settings, _form(raw_body).get("email"))
+            token = _form(raw_body).get("creator_token")
+            # Check the token before making an account that could not claim.
+            self.service.check_claim_token(record, token, requester)
+            new = accounts.signup(self.service.settings, email)
+        except TooManyRequests as exc:
+            return self._limited(exc)
         except ApiError as exc:
             return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
-        result = self._claim(raw_id, new.account.id, requester)
+        result = self._claim(raw_id, new.account.id, requester, token)
         key = _card(
             "<h2>Your API key</h2>"
             "<p><strong>Copy it now: it is shown only once.</strong> It is how you manage your databases.</p>"
@@ -274,12 +311,14 @@ class ClaimPages:
         result.body = key + result.body
         return result
 
-    def _claim(self, raw_id: str, account_id: str, requester: Requester) -> Page:
+    def _claim(self, raw_id: str, account_id: str, requester: Requester, creator_token: str | None = None) -> Page:
         database_id = parse_database_id(raw_id)
         if database_id is None:
             return self._not_found()
         try:
-            self.service.claim(database_id, account_id, requester)
+            self.service.claim(database_id, account_id, requester, creator_token)
+        except TooManyRequests as exc:
+            return self._limited(exc)
         except NotFound:
             return self._not_found()
         except Gone as gone:

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from chalicelib.errors import BadRequest, PayloadTooLarge
 
 MAX_REF_LENGTH = 128
+# Text a person can read: no control characters (C0, DEL, C1). openapi.yaml
+# states the same patterns (tests/test_openapi.py keeps them equal), so the
+# document and the checks agree. Lone surrogates (JSON can escape them; they
+# are not text and DynamoDB refuses them) are refused apart: see `is_text`.
+TEXT_CHAR = r"[^\x00-\x1f\x7f-\x9f]"
+REF_PATTERN = rf"^{TEXT_CHAR}*[^\s\x00-\x1f\x7f-\x9f]{TEXT_CHAR}*$"
+_REF = re.compile(REF_PATTERN)
+# No documented body nests deeper than 2; json.loads recurses once a level and
+# raises RecursionError (a 500) near 1,000, so depth is checked before parsing.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
 class CreateDatabase:
     ref: str
     enable_logical_replication: bool = False
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the request in canonical form: what an Idempotency-Key is bound to.
+
+        Built from the parsed fields, so key order, spacing, ignored fields and
+        whether `ref` came in the body or as ?referrer= make no difference.
+        """
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
@@ -23,6 +45,11 @@ def json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
         raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes", hint="Send only the documented fields.")
     if not raw or not raw.strip():
         return {}
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequest(
+            f"Request body is nested deeper than {MAX_JSON_DEPTH} levels",
+            hint='Send a flat JSON object, e.g. {"ref": "my-app"}.',
+        )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -32,37 +59,94 @@ def json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest(
-            f"Request body must be a JSON object, not {_json_type(body)}", hint='Send e.g. {"ref": "my-app"}.'
+            f"Request body must be a JSON object, not {json_type(body)}", hint='Send e.g. {"ref": "my-app"}.'
         )
     return body
 
 
-def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in `raw`, brackets inside strings not counted.
+
+    One pass over at most INSTAPG_MAX_BODY_BYTES; it needs no valid JSON (the
+    parser judges the rest).
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == 0x5C:  # backslash
+                escaped = True
+            elif char == 0x22:  # quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in b"]}":
+            depth -= 1
+    return deepest
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type as an error message names it ("a number", "null", ...)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def create_database(body: dict[str, Any], referrer: str | None = None) -> CreateDatabase:
-    """`ref` may come in the body or as ?referrer= (what get-db sends)."""
-    ref = body.get("ref", referrer)
-    if ref is not None and not isinstance(ref, str):
-        raise BadRequest(f"Field 'ref' must be a string, not {_json_type(ref)}", hint='Send e.g. {"ref": "my-app"}.')
-    ref = (ref or referrer or "").strip()
-    if not ref:
-        raise BadRequest(
-            "Missing referrer",
-            hint='Say who is asking: send {"ref": "my-app"} in the body, or ?referrer=my-app in the URL.',
-        )
-    if len(ref) > MAX_REF_LENGTH or not ref.isprintable():
-        raise BadRequest(
-            f"Field 'ref' must be at most {MAX_REF_LENGTH} printable characters",
-            hint="Use a short name for your app or tool.",
-        )
+    """`ref` may come in the body or as ?referrer= (what get-db sends); the body's wins.
+
+    A ?referrer= that is sent is checked even when the body has `ref`, so a bad
+    value is never silently ignored (openapi.yaml describes each on its own).
+    """
+    ref = None
+    if "ref" in body:
+        if not isinstance(body["ref"], str):
+            raise BadRequest(
+                f"Field 'ref' must be a string, not {json_type(body['ref'])}", hint='Send e.g. {"ref": "my-app"}.'
+            )
+        ref = _checked_ref(body["ref"], "Field 'ref'")
+    if referrer is not None:
+        referrer = _checked_ref(referrer, "Parameter 'referrer'")
+    ref = ref or referrer
+    if ref is None:
+        raise _missing_referrer()
     logical = body.get("enable_logical_replication", False)
     if logical is None:
         logical = False
     if not isinstance(logical, bool):
         raise BadRequest(
-            f"Field 'enable_logical_replication' must be a boolean, not {_json_type(logical)}",
+            f"Field 'enable_logical_replication' must be a boolean, not {json_type(logical)}",
             hint="Send true or false.",
         )
     return CreateDatabase(ref=ref, enable_logical_replication=logical)
+
+
+def is_text(value: str) -> bool:
+    """False when `value` holds a lone surrogate (a JSON escape like "\\ud800" makes one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _missing_referrer() -> BadRequest:
+    return BadRequest(
+        "Missing referrer",
+        hint='Say who is asking: send {"ref": "my-app"} in the body, or ?referrer=my-app in the URL.',
+    )
+
+
+def _checked_ref(value: str, label: str) -> str:
+    if not value.strip():
+        raise _missing_referrer()
+    if len(value) > MAX_REF_LENGTH or not _REF.fullmatch(value) or not is_text(value):
+        raise BadRequest(
+            f"{label} must be at most {MAX_REF_LENGTH} printable characters",
+            hint="Use a short name for your app or tool.",
+        )
+    return value.strip()

@@ -72,6 +72,14 @@ class Settings:
     host_retry_s: int = 30
     # TLS to the hosts (chalicelib.hosts.target): a CA bundle means verify-full.
     pg_sslrootcert: str | None = None
+    # Web hardening (chalicelib.web): origins whose browser requests pass the
+    # cross-site check, failed authentications per IP and hour, and whether
+    # a claim needs the creator token (not only the id).
+    allowed_origins: tuple[str, ...] = ()
+    auth_failures_per_hour: int = 30
+    claim_requires_token: bool = False
+    # Running in Lambda (AWS_LAMBDA_FUNCTION_NAME): INSTAPG_PUBLIC_URL is required.
+    deployed: bool = False
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -91,7 +99,18 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "Prefix of the DynamoDB table names (`<prefix>-databases`, `-hosts`, `-counters`, `-idempotency`).",
     ),
     ("INSTAPG_DYNAMODB_ENDPOINT", "", "DynamoDB endpoint URL; empty for AWS, moto's server locally."),
-    ("INSTAPG_PUBLIC_URL", "", "Public base URL for `claim_url`; empty: taken from the request's Host header."),
+    (
+        "INSTAPG_PUBLIC_URL",
+        "",
+        "Public base URL (`https://host[:port][/path]`) for `claim_url` and the cross-site check; required when deployed "
+        "(in Lambda every request answers 503 without it); empty locally: a sane `Host` header, else `http://localhost`.",
+    ),
+    (
+        "INSTAPG_ALLOWED_ORIGINS",
+        "",
+        "Comma-separated origins (`https://app.example.com`) whose browser requests pass the cross-site check "
+        "and get `Access-Control-Allow-Origin`; every other site's browser POST/DELETE is a 403.",
+    ),
     (
         "INSTAPG_KEYRING",
         "",
@@ -151,6 +170,17 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "INSTAPG_MAX_UNCLAIMED_PER_HOST",
         "500",
         "Live unclaimed databases one host may carry; creates beyond it on every host get 503 No capacity.",
+    ),
+    (
+        "INSTAPG_AUTH_FAILURES_PER_HOUR",
+        "30",
+        "Failed authentications (API key or creator token) allowed per client IP per clock hour; then 429 with Retry-After.",
+    ),
+    (
+        "INSTAPG_CLAIM_REQUIRES_TOKEN",
+        "false",
+        "`true`: claiming an unclaimed database needs its creator token besides an API key (the id alone no longer "
+        "claims; breaks Neon's get-db, whose claim link carries only the id).",
     ),
     ("INSTAPG_IDEMPOTENCY_TTL_SECONDS", "86400", "How long an Idempotency-Key returns the first result (24 hours)."),
     (
@@ -222,6 +252,28 @@ def _fraction(env: Mapping[str, str], name: str) -> float:
     return value
 
 
+def _public_url(env: Mapping[str, str]) -> str | None:
+    from urllib.parse import urlsplit
+
+    raw = (env.get("INSTAPG_PUBLIC_URL") or "").strip().rstrip("/")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"INSTAPG_PUBLIC_URL must be an http(s) URL like https://db.example.com, got {raw!r}")
+    return raw
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    origins = tuple(
+        o.strip().rstrip("/").lower() for o in (env.get("INSTAPG_ALLOWED_ORIGINS") or "").split(",") if o.strip()
+    )
+    for origin in origins:
+        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise ValueError(f"INSTAPG_ALLOWED_ORIGINS holds origins like https://app.example.com, got {origin!r}")
+    return origins
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from an environment mapping (os.environ by default)."""
     env = os.environ if env is None else env
@@ -254,7 +306,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _DEFAULTS["AWS_REGION"],
         table_prefix=get("INSTAPG_TABLE_PREFIX"),
         dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
-        public_url=(env.get("INSTAPG_PUBLIC_URL") or "").rstrip("/") or None,
+        public_url=_public_url(env),
         keyring=env.get("INSTAPG_KEYRING", ""),
         keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
         name_prefix=get("INSTAPG_NAME_PREFIX"),
@@ -276,6 +328,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
         pg_sslrootcert=_app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
+        allowed_origins=_origins(env),
+        auth_failures_per_hour=_int(env, "INSTAPG_AUTH_FAILURES_PER_HOUR"),
+        claim_requires_token=_bool(env, "INSTAPG_CLAIM_REQUIRES_TOKEN"),
+        deployed=bool(env.get("AWS_LAMBDA_FUNCTION_NAME")),
     )
 
 

@@ -33,12 +33,16 @@ def database(
     claim_base: str,
     host: HostRecord | None = None,
     password: str | None = None,
+    creator_token: str | None = None,
 ) -> dict[str, Any]:
-    """The public view of a database; connection strings only when a password is given."""
+    """The public view of a database; connection strings only when a password is given.
+
+    `creator_token` only in the answer that created it (it is stored hashed).
+    """
     pooled_url = direct_url = None
     if host is not None and password is not None:
         pooled_url, direct_url = connection_urls(record, host, password)
-    return {
+    body = {
         "id": record.id,
         "status": record.status,
         "connection_string": pooled_url,
@@ -50,6 +54,9 @@ def database(
         "limits": plan.public(),
         "quota": quota(record, plan),
     }
+    if creator_token is not None:
+        body["creator_token"] = creator_token
+    return body
 
 
 def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:

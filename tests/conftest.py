@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +43,10 @@ class PgServer:
 
 
 def _tmp_root() -> Path:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="instapg-tests-", dir=base))
+    """On tmpfs where there is one, owned by the server's user (never a folder of ours opened up)."""
+    from tools import pgserver
+
+    return pgserver.private_dir("instapg-tests-")
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +68,13 @@ def pg():
                     sql.Identifier(ADMIN_ROLE), sql.Literal(password)
                 )
             )
-            info = conn.info
-        yield PgServer(info.host, info.port, external, ADMIN_ROLE, password)
+            host, port = conn.info.host, conn.info.port  # read while open: closed, they raise
+        with psycopg.connect(external, dbname="template1", autocommit=True) as conn:
+            from chalicelib.extensions import PREINSTALLED_EXTENSIONS  # as the local server's start does
+
+            for name in PREINSTALLED_EXTENSIONS:
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
+        yield PgServer(host, port, external, ADMIN_ROLE, password)
         return
 
     from tools import pgserver

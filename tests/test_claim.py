@@ -342,6 +342,19 @@ def test_list_and_details(client):
     }
 
 
+def test_list_is_oldest_first_whatever_the_ids(client):
+    key = signup(client)
+    # A client-chosen v4 id that sorts after every server-made (v7, time-ordered) id.
+    first_id = "f" + str(uuid.uuid4())[1:]
+    first = post_json(client, f"/api/v1/database/{first_id}?referrer=order", {})
+    assert first.status_code == 201, first.json_body
+    second = create(client)
+    for database_id in (second["id"], first_id):  # claimed newest first, so claim order proves nothing either
+        assert claim(client, database_id, key).status_code == 200
+    listed = client.http.get("/api/v1/databases", headers=bearer(key)).json_body["databases"]
+    assert [d["id"] for d in listed] == [first_id, second["id"]]
+
+
 def test_connection_string_is_audited(client):
     database = create(client)
     key = signup(client)

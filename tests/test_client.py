@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import psycopg
@@ -172,7 +173,7 @@ def test_a_failing_seed_statement_is_reported_with_its_line(run, tmp_path, bad, 
 def test_server_errors_are_one_line_with_the_hint(run, tmp_path, host):
     host.update(actions=[type(host).allocated.set(int(host.capacity))])
     code, out, err = run("--yes")
-    assert code == 1
+    assert code == 4  # temporary: retry later
     assert err.count("\n") == 1
     assert err.startswith("instapg: No capacity (HTTP 503). Every database host is full")
     assert "Retry-After: 60s" in err
@@ -189,7 +190,7 @@ def test_unreachable_server(run, monkeypatch):
     from tools.pgserver import free_port
 
     code, _, err = run("--yes", "--url", f"http://127.0.0.1:{free_port()}")
-    assert code == 1
+    assert code == 4
     assert err.startswith("instapg: cannot reach http://127.0.0.1:") and "make dev" in err
     assert err.count("\n") == 1
 
@@ -198,8 +199,10 @@ def test_status_and_claim(run, tmp_path):
     run("--yes")
     code, out, _ = run("status")
     assert code == 0
-    assert "status    UNCLAIMED" in out
-    assert "expires   at 20" in out and "(in 71h" in out
+    assert "status       UNCLAIMED" in out
+    assert "expires      at 20" in out and "(in 71h" in out
+    assert "size         not measured yet (limit 100 MB)" in out
+    assert "transfer     not metered by this server" in out
     claim_url = envfile.read(tmp_path / ".env")["PUBLIC_POSTGRES_CLAIM_URL"]
     code, out, _ = run("claim")  # no display: prints instead of opening
     assert code == 0
@@ -208,8 +211,10 @@ def test_status_and_claim(run, tmp_path):
 
 def test_status_without_env_says_what_to_do(run):
     code, _, err = run("status")
-    assert code == 1
-    assert err == "instapg: no PUBLIC_POSTGRES_CLAIM_URL in .env: run `instapg` first (or pass --env/--prefix)\n"
+    assert code == 2
+    assert err == (
+        "instapg: no PUBLIC_POSTGRES_CLAIM_URL in .env: run `instapg` first (or pass --env/--prefix, or a database id)\n"
+    )
 
 
 def test_seed_without_psycopg_says_how_to_install_it(run, tmp_path, monkeypatch):
@@ -219,7 +224,7 @@ def test_seed_without_psycopg_says_how_to_install_it(run, tmp_path, monkeypatch)
     run("--yes")
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
     code, _, err = run("seed", "schema.sql")
-    assert code == 1
+    assert code == 3
     assert "pip install 'instapg[seed]'" in err
 
 
@@ -235,3 +240,129 @@ def test_logical_replication_is_asked_for(run, tmp_path):
     assert code == 1
     assert err.startswith("instapg: Logical replication is not available on this deployment (HTTP 422). ")
     assert not (tmp_path / ".env").exists()
+
+
+# -- issue 17: the complete CLI ---------------------------------------------------------
+
+
+def test_seed_without_psycopg_creates_nothing(run, tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "schema.sql").write_text("SELECT 1;")
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    code, _, err = run("--yes", "--seed", "schema.sql")
+    assert code == 3
+    assert "pip install 'instapg[seed]'" in err
+    assert not (tmp_path / ".env").exists()
+    assert _records() == 0  # checked before the database was asked for
+
+
+def test_status_shows_the_size_the_server_measured(run, tmp_path):
+    from datetime import UTC, datetime
+
+    from chalicelib.models import DatabaseRecord
+
+    run("--yes")
+    database_id = envfile.read(tmp_path / ".env")["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    record = DatabaseRecord.get(database_id)
+    record.update(
+        actions=[DatabaseRecord.size_bytes.set(1572864), DatabaseRecord.size_checked_at.set(datetime.now(UTC))]
+    )
+    code, out, _ = run("status")
+    assert code == 0
+    assert "size         1.5 MB at 20" in out and "(limit 100 MB)" in out
+    code, out, _ = run("status", "--json")
+    assert code == 0 and json.loads(out)["quota"]["size_bytes"] == 1572864
+
+
+def _api_key(server: str) -> str:
+    from instapg_cli.api import _request
+
+    return _request("POST", f"{server}/api/v1/accounts", {"email": "cli@example.com"}, 30)[1]["api_key"]
+
+
+def test_account_commands_status_list_rotate_delete(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import _request
+
+    key = _api_key(server)
+    (tmp_path / ".env").write_text("# mine\nOTHER=1\n")
+    assert run("--yes")[0] == 0
+    before = envfile.read(tmp_path / ".env")
+    database_id = before["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    _request("POST", f"{server}/api/v1/database/{database_id}/claim", {}, 30, key)
+
+    monkeypatch.setenv("INSTAPG_API_KEY", key)
+    with psycopg.connect(before["DATABASE_URL_DIRECT"]):  # one open session, seen by status
+        code, out, _ = run("status")
+    assert code == 0, out
+    assert "status       CLAIMED" in out and "expires      never (claimed)" in out
+    assert "connections  1 open (limit " in out
+    assert " now (limit " in out  # the owner's live size
+
+    code, out, _ = run("list")
+    assert code == 0 and database_id in out and "CLAIMED" in out
+    code, out, _ = run("list", "--json")
+    assert [d["id"] for d in json.loads(out)["databases"]] == [database_id]
+
+    code, out, _ = run("rotate")
+    assert code == 0 and "updated DATABASE_URL and DATABASE_URL_DIRECT in .env" in out
+    after = envfile.read(tmp_path / ".env")
+    assert after["DATABASE_URL"] != before["DATABASE_URL"] and after["OTHER"] == "1"
+    assert (tmp_path / ".env").read_text().startswith("# mine\nOTHER=1\n")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(before["DATABASE_URL_DIRECT"], connect_timeout=5).close()
+    with psycopg.connect(after["DATABASE_URL_DIRECT"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    code, out, _ = run("delete", "--yes")
+    assert code == 0 and out.startswith(f"Deleted database {database_id}.")
+    code, _, err = run("status")
+    assert code == 1 and "Database deleted (HTTP 410)" in err
+    code, out, _ = run("delete", database_id, "--yes", "--json")
+    assert code == 1 and json.loads(out)["http_status"] == 410
+
+
+def test_account_commands_need_a_key(run, monkeypatch):
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    for command in (["list"], ["rotate", "2b929341-cbab-40c2-bdaa-8880ffbe4ac4"], ["delete", "--yes"]):
+        code, _, err = run(*command)
+        assert code == 2, command
+        assert "--api-key" in err or "run `instapg` first" in err
+
+
+def test_json_on_every_command(run, tmp_path):
+    (tmp_path / "schema.sql").write_text("CREATE TABLE t (id int);")
+    code, out, _ = run("--yes", "--json", "--seed", "schema.sql")
+    body = json.loads(out)
+    assert code == 0 and body["seed"] == {"file": "schema.sql", "statements": 1}
+    assert body["connection_string"].startswith("postgresql://")
+    envfile.append(tmp_path / ".env", [f"PUBLIC_POSTGRES_CLAIM_URL={body['claim_url']}"])
+    envfile.append(tmp_path / ".env", [f"DATABASE_URL={body['connection_string']}"])
+
+    code, out, _ = run("status", "--json")
+    assert code == 0 and json.loads(out)["id"] == body["id"]
+    code, out, _ = run("claim", "--json")
+    assert code == 0 and json.loads(out) == {"claim_url": body["claim_url"], "opened": False}
+    code, out, _ = run("claim", body["id"], "--no-browser")
+    assert code == 0 and out.strip().endswith(body["claim_url"])
+    code, out, _ = run("seed", "schema.sql", "--json")  # the table exists now: a failure, as JSON
+    failure = json.loads(out)
+    assert code == 1 and failure["exit_code"] == 1 and "SQLSTATE 42P07" in failure["error"]
+    code, out, _ = run("status", "not-an-id", "--json")
+    assert code == 2 and "is not a database id" in json.loads(out)["error"]
+
+
+def test_a_large_seed_shows_a_progress_line(run, tmp_path):
+    big = tmp_path / "big.sql"
+    rows = ",".join(f"({i}, '{'x' * 100}')" for i in range(11000))  # about 1.2 MB
+    big.write_text(f"CREATE TABLE big (id int, pad text);\nINSERT INTO big VALUES {rows};\n")
+    small = tmp_path / "small.sql"
+    small.write_text("SELECT 1;")
+    code, out, err = run("--yes", "--seed", "small.sql")
+    assert code == 0 and "Seeding" not in err
+    code, out, err = run("seed", "big.sql")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == "Seeding big.sql (1.2 MB): started"
+    assert lines[1].startswith("Seeding big.sql (1.2 MB): done in ")
+    assert out == "Seeded from big.sql: 2 statements.\n"

@@ -141,3 +141,21 @@ def _alive(pid: int) -> bool:
 def _is_postgres_on(proc, port: int) -> bool:
     cmdline = proc.info.get("cmdline") or []
     return proc.info.get("name") == "postgres" and f"port={port}" in " ".join(cmdline)
+
+
+def test_a_second_make_dev_on_the_same_folder_stops_and_wipes_nothing(tmp_path):
+    from tools.devstack import _lock
+
+    data_dir = tmp_path / "dev"
+    held = _lock(data_dir)  # what a running `make dev` holds
+    assert held is not None
+    data_dir.mkdir()
+    (data_dir / "keep").write_text("the first stack's data")
+    env = {**os.environ, "INSTAPG_DEV_DIR": str(data_dir), "PORT": str(free_port())}
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.devstack"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    assert "another `make dev` is using" in run.stderr
+    assert (data_dir / "keep").read_text() == "the first stack's data"
+    held.close()

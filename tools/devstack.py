@@ -6,7 +6,9 @@ host, and serves the API with chalice's local server. Ctrl-C (or SIGTERM)
 stops everything it started.
 
 moto keeps no state between runs, so each run starts empty: the data folder
-(INSTAPG_DEV_DIR, default .local/) is wiped at start.
+(INSTAPG_DEV_DIR, default .local/) is wiped at start. A second `make dev` on
+the same folder while the first runs stops at once instead (a lock file beside
+the folder says who holds it); give it another INSTAPG_DEV_DIR and PORT.
 
 Environment: PORT (API port, default 8000), INSTAPG_DEV_DIR. Any INSTAPG_*
 variable set before `make dev` is passed on to the app.
@@ -162,12 +164,37 @@ class DevStack:
         _say("stopped.")
 
 
+def _lock(data_dir: Path):
+    """An exclusive lock on `<data_dir>.lock`, held until the process ends; None when another holds it.
+
+    The lock lives beside the folder, not in it, because start() wipes the folder.
+    """
+    import fcntl
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir.with_name(data_dir.name + ".lock"), "a")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="[instapg] %(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     port = int(os.environ.get("PORT", "8000"))
     data_dir = Path(os.environ.get("INSTAPG_DEV_DIR", ROOT / ".local")).resolve()
+    lock = _lock(data_dir)
+    if lock is None:
+        print(
+            f"[instapg] another `make dev` is using {data_dir}: stop it, or run this one with "
+            "INSTAPG_DEV_DIR=<another folder> PORT=<another port>",
+            file=sys.stderr,
+        )
+        return 1
     stack = DevStack(data_dir, port)
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature

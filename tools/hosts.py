@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--credentials", required=True, help="secretsmanager:ARN (RDS master secret) or env:VAR")
     p_add.add_argument("--capacity", type=int, required=True, help="most databases on this host")
     p_add.add_argument("--sslmode", default="require")
-    p_add.add_argument("--pooler-hostname", help="e.g. an RDS Proxy endpoint, for the pooled connection string")
+    p_add.add_argument("--pooler-hostname", help="the host's PgBouncer endpoint, for the pooled connection string (RDS Proxy does not fit: see README)")
     p_add.add_argument("--pooler-port", type=int)
     p_add.add_argument("--admin-dbname", default="postgres")
     p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")

