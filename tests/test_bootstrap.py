@@ -226,6 +226,18 @@ def test_deploy_rehearsal_bootstrap_deploy_after_deploy(dynamodb, tmp_path):
     assert again["queue_arn"] == done["queue_arn"] and again["mappings"] == done["mappings"]
 
 
+def test_public_url_is_written_for_the_api(dynamodb, tmp_path):
+    """Deployed, the API answers 503 without INSTAPG_PUBLIC_URL; known after the first deploy, bootstrap sets it."""
+    from tools import bootstrap
+
+    config = tmp_path / "config.json"
+    shutil.copy(ROOT / ".chalice" / "config.json", config)
+    url = "https://abc123.execute-api.us-east-2.amazonaws.com/api/"
+    bootstrap.bootstrap("staging", "ipg-url", "us-east-2", config, public_url=url, log=lambda _: None)
+    env = json.loads(config.read_text())["stages"]["staging"]["environment_variables"]
+    assert env["INSTAPG_PUBLIC_URL"] == url.rstrip("/")
+
+
 def test_after_deploy_before_deploy_says_so(dynamodb):
     from tools import bootstrap
 

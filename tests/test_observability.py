@@ -41,6 +41,7 @@ def test_creates_claims_drops_and_host_metrics_are_emitted(client, instapg_env, 
     from tests.conftest import post_json
 
     instapg_env.setenv("AWS_LAMBDA_FUNCTION_NAME", "instapg-prod")  # EMF goes to stdout only in Lambda
+    instapg_env.setenv("INSTAPG_PUBLIC_URL", "https://db.example.com")  # which Lambda requires
     service = reconfigure(instapg_env, INSTAPG_POOL_SIZE=0)
     capsys.readouterr()
     (db,) = create(service)
@@ -97,6 +98,7 @@ def test_the_api_binds_each_request_id(client, monkeypatch, capsys):
     from chalicelib import logs
 
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "instapg-prod")
+    monkeypatch.setenv("INSTAPG_PUBLIC_URL", "https://db.example.com")  # which Lambda requires
     root = logging.getLogger()
     handler = logging.StreamHandler(io.StringIO())
     root.addHandler(handler)

@@ -390,6 +390,7 @@ def bootstrap(
     log_retention_days: int = 30,
     api_concurrency: int | None = None,
     domain: tuple[str, str] | None = None,
+    public_url: str | None = None,
     log=print,
 ) -> dict:
     import boto3
@@ -428,6 +429,8 @@ def bootstrap(
         settings["api_gateway_custom_domain"] = {"domain_name": domain[0], "certificate_arn": domain[1]}
         settings["api_gateway_endpoint_type"] = "REGIONAL"
         env["INSTAPG_PUBLIC_URL"] = f"https://{domain[0]}"
+    if public_url:
+        env["INSTAPG_PUBLIC_URL"] = public_url.rstrip("/")
     if subnet_ids and security_group_ids:
         settings.update(subnet_ids=subnet_ids, security_group_ids=security_group_ids)
     if write_stage(config_path, stage, env, settings):
@@ -453,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-retention-days", type=int, default=30)
     parser.add_argument("--domain-name", help="custom domain for the API (needs --certificate-arn)")
     parser.add_argument("--certificate-arn", help="ACM certificate for --domain-name (same region)")
+    parser.add_argument(
+        "--public-url", help="INSTAPG_PUBLIC_URL: the API's URL (in Lambda every request answers 503 without one)"
+    )
     parser.add_argument(
         "--after-deploy",
         action="store_true",
@@ -489,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         log_retention_days=args.log_retention_days,
         api_concurrency=args.api_concurrency,
         domain=(args.domain_name, args.certificate_arn) if args.domain_name else None,
+        public_url=args.public_url,
     )
     return 0
 
