@@ -138,7 +138,7 @@ def extend_database(database_id):
 @route("/healthz", methods=["GET"])
 def healthz():
     ok, checks = services.health().run()
-    return json_response({"ok": ok, **checks}, 200 if ok else 503)
+    return json_response({"ok": ok, **checks}, 200 if ok else 503, None if ok else {"Retry-After": "5"})
 
 
 # --- The scheduled job and the stream handler -----------------------------------

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import audit, metrics, pool, postgres
+from chalicelib import audit, metrics, pool, postgres, reliability
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
@@ -229,6 +229,7 @@ class DatabaseService:
                     headers={"Retry-After": "5"},
                 ) from None
             tried.add(host.id)
+            reliability.pause_point("after_reserve")  # the fault suite's kill -9 lands here
             if record is None:
                 record = self._new_record(
                     database_id or str(uuid7()), host, plan, request, requester, password, creator_hash
@@ -445,10 +446,53 @@ class DatabaseService:
     # or release twice. A run that dies mid-way leaves the record due again
     # when the lease ends.
 
-    LEASE_S = 900  # longer than any purge run (the Lambda timeout is at most 900 s)
+    # A lease covers one drop, not a whole run: a holder that died frees the
+    # record within a minute. Should a slow drop outlive it, a second drop
+    # runs beside it, harmlessly (drops are idempotent, and only one
+    # `finish_cleanup` wins the slot).
+    LEASE_S = 60
 
     def _lease_until(self, now: datetime) -> int:
         return int(now.timestamp()) + self.LEASE_S
+
+    def retry_later(self, record: DatabaseRecord, now: datetime | None = None) -> int | None:
+        """A drop under our lease failed: due again after a backoff (seconds, then up to minutes).
+
+        Returns the delay, or None when the lease was lost meanwhile.
+        """
+        from chalicelib import reliability
+
+        now = now or _now()
+        attempts = int(record.drop_attempts or 0)
+        delay = reliability.drop_backoff_s(attempts)
+        done = self._conditional(
+            record,
+            [
+                DatabaseRecord.due_at.set(int(now.timestamp()) + delay),
+                DatabaseRecord.drop_attempts.set(attempts + 1),
+                DatabaseRecord.updated_at.set(now),
+            ],
+            DatabaseRecord.status.is_in(EXPIRED, DELETED, FAILED) & (DatabaseRecord.due_at == record.due_at),
+        )
+        return delay if done else None
+
+    def hold_claimed(self, record: DatabaseRecord, now: datetime | None = None) -> bool:
+        """An automatic drop met a database Postgres marks claimed: stop retrying, keep it for a person.
+
+        The record leaves its due bucket but keeps its host slot (the database
+        lives on); reconciliation lists the name as a claimed orphan.
+        """
+        now = now or _now()
+        return self._conditional(
+            record,
+            [
+                DatabaseRecord.due_bucket.remove(),
+                DatabaseRecord.due_at.remove(),
+                DatabaseRecord.failure.set("kept: the host marks this database claimed"),
+                DatabaseRecord.updated_at.set(now),
+            ],
+            DatabaseRecord.status.is_in(EXPIRED, DELETED, FAILED) & (DatabaseRecord.due_at == record.due_at),
+        )
 
     def _tombstone_ttl(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.tombstone_ttl_s)
@@ -715,7 +759,7 @@ class DatabaseService:
         plan = self.settings.plan(CLAIMED_PLAN)
         host = self.hosts.get(record.host_id)
         try:
-            postgres.apply_plan(self._target(host), record.role_name, plan)
+            postgres.apply_plan(self._target(host), record.role_name, plan, claimed=True)
         except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
             log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
             raise ServiceUnavailable(
@@ -888,7 +932,8 @@ class DatabaseService:
         """Drop the tenant of a DELETING record and make it a tombstone (idempotent)."""
         host = self.hosts.get(record.host_id)
         try:
-            postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+            # The owner's own delete: the one drop that may remove a claimed database.
+            postgres.drop_tenant(self._target(host), record.role_name, record.db_name, keep_claimed=False)
         except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
             log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
             raise ServiceUnavailable(
@@ -1089,6 +1134,13 @@ class DatabaseService:
         )
         if not taken:
             return False
-        postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        try:
+            postgres.drop_tenant(self._target(host), record.role_name, record.db_name)
+        except postgres.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
+            from chalicelib import expiry
+
+            expiry.report_claimed_kept(record, str(exc), "pool")
+            self.hold_claimed(record)
+            return False
         self.finish_cleanup(record)
         return True

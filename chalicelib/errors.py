@@ -85,6 +85,10 @@ class TooManyRequests(ApiError):
 class ServiceUnavailable(ApiError):
     status = 503
 
+    def __init__(self, error: str, hint: str | None = None, headers: dict[str, str] | None = None, **extra: Any):
+        # Every 503 says when to come back; 5 s unless the raiser knows better.
+        super().__init__(error, hint, {"Retry-After": "5", **(headers or {})}, **extra)
+
 
 def json_response(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
     return Response(body=body, status_code=status, headers={"Content-Type": "application/json", **(headers or {})})
@@ -128,17 +132,27 @@ def store_outages(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        from chalicelib import reliability
+        from chalicelib.settings import get_settings
+
         try:
-            return view(*args, **kwargs)
+            # Every request under one deadline (chalicelib.reliability).
+            with reliability.request_deadline(get_settings().request_deadline_s):
+                return view(*args, **kwargs)
         except ApiError:
             raise
         except Exception as exc:
-            if not type(exc).__module__.startswith(("pynamodb", "botocore")):
-                raise
-            log.error("metadata store error: %s", exc.__class__.__name__)
-            raise ServiceUnavailable(
-                "Metadata store unavailable", hint="Retry in a few seconds.", headers={"Retry-After": "5"}
-            ) from None
+            module = type(exc).__module__
+            if module.startswith(("pynamodb", "botocore")):
+                log.error("metadata store error: %s", exc.__class__.__name__)
+                raise ServiceUnavailable(
+                    "Metadata store unavailable", hint="Retry in a few seconds.", headers={"Retry-After": "5"}
+                ) from None
+            # A Postgres host down or too slow for the deadline: a fault, not a bug.
+            if module.startswith("psycopg") or type(exc).__name__ == "HostUnavailable":
+                log.error("database host error: %s", exc.__class__.__name__)
+                raise ServiceUnavailable("Database host unavailable", hint="Retry in a few seconds.") from None
+            raise
 
     return guarded
 

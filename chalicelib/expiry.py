@@ -12,7 +12,12 @@ One scheduled run, bounded by a deadline, in this order:
   3. Tombstones whose drop is still pending (buckets FAILED, EXPIRED, DELETED): the drop retried.
      Then claims and deletes that stopped halfway (buckets CLAIMING, DELETING): finished.
   4. Reconciliation per host: prefixed roles/databases no live record references, seen
-     for longer than the grace period, dropped.
+     for longer than the grace period, dropped, unless Postgres marks them claimed: those
+     are reported and kept for a person. The host's slot count is recounted.
+Every drop here refuses a role that carries the claimed marker (postgres.ClaimedTenant),
+whatever the record says: a table restored from an older backup cannot make a
+claimed database look droppable. A failed drop is retried with a backoff
+(chalicelib.reliability.drop_backoff_s).
 Work left when the deadline comes stays due; the next run resumes it.
 """
 
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from chalicelib import audit, metrics, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.models import (
+    CLAIMED,
     DELETED,
     EXPIRED,
     FAILED,
@@ -87,6 +93,7 @@ class StreamSummary:
     skipped: int = 0
     ignored: int = 0
     failed: int = 0
+    claimed_kept: int = 0  # the record said droppable, Postgres said claimed
     # SequenceNumbers of the records to retry (Lambda's partial batch response).
     retry: list[str] = field(default_factory=list)
 
@@ -160,17 +167,47 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
             # tombstone leaves the rest to the purge.
             raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
         service.drop_database(old)
+    except postgres.ClaimedTenant as exc:
+        report_claimed_kept(old, str(exc), "stream")
+        if tombstone is not None:
+            service.hold_claimed(tombstone)
+        return "claimed_kept"
     except Exception as exc:
         if isinstance(exc, postgres.HostUnavailable):
             down.add(old.host_id)
         if tombstone is None:
             raise  # nothing left to retry from: let Lambda retry the batch
         log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
+        _retry_later_quietly(service, tombstone)
         return "failed"
     if tombstone is not None:
         service.finish_cleanup(tombstone)
     log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
     return "dropped"
+
+
+def report_claimed_kept(record: DatabaseRecord, why: str, path: str) -> None:
+    """One structured line a person can act on: an automatic path met a database Postgres marks claimed."""
+    log.error(
+        json.dumps(
+            {
+                "event": "claimed_database_kept",
+                "path": path,
+                "database_id": record.id,
+                "status": record.status,
+                "host_id": record.host_id,
+                "name": record.db_name,
+                "why": why,
+            }
+        )
+    )
+
+
+def _retry_later_quietly(service: DatabaseService, record: DatabaseRecord) -> None:
+    try:
+        service.retry_later(record)
+    except Exception as exc:  # the lease then ends by itself
+        log.warning("retry of %s not scheduled: %s", record.id, _describe(exc))
 
 
 # -- the scheduled run -------------------------------------------------------------
@@ -183,6 +220,11 @@ class PurgeSummary:
     leftovers_dropped: int = 0
     orphans_seen: int = 0
     orphans_dropped: int = 0
+    claimed_orphans: int = 0  # unreferenced names Postgres marks claimed: kept, listed by `tools.hosts orphans`
+    claimed_kept: int = 0  # records due for a drop whose database Postgres marks claimed: kept
+    claimed_marked: int = 0  # claimed databases from before markers existed, marked now
+    records_without_database: int = 0  # live records whose database is not on the host (see docs/expiry.md)
+    slots_corrected: int = 0  # hosts whose allocated count was recounted and fixed
     skipped: int = 0  # lost a conditional write: claimed meanwhile, or another run took it
     failed: int = 0
     hosts_unavailable: list[str] = field(default_factory=list)
@@ -232,10 +274,17 @@ class _Run:
         try:
             self.service.drop_database(record)
             return True
+        except postgres.ClaimedTenant as exc:
+            report_claimed_kept(record, str(exc), "purge")
+            self.service.hold_claimed(record)
+            self.summary.claimed_kept += 1
+            return False
         except postgres.HostUnavailable as exc:
             self.host_down(record.host_id, exc)
-        except Exception as exc:  # leased: the record is due again when the lease ends
+        except Exception as exc:
             log.error("drop of %s on %s failed: %s", record.id, record.host_id, _describe(exc))
+        # Due again after a backoff, not when the lease would have ended.
+        _retry_later_quietly(self.service, record)
         self.summary.failed += 1
         return False
 
@@ -250,21 +299,48 @@ class _Run:
     def reconcile(self, host: HostRecord) -> None:
         prefix = self.settings.name_prefix + "_"
         try:
+            # The slot count before anything else: the recount's write is
+            # conditional on it, so a create or drop meanwhile cancels it.
+            allocated = int(HostRecord.get(host.id, consistent_read=True).allocated or 0)
             target = hostlib.target(host, self.settings)
             # The catalog first, the records second: a create writes its record
             # before its DDL, so every name listed here already has its record.
-            names = postgres.tenant_names(target, prefix)
+            found = postgres.inventory(target, prefix)
         except Exception as exc:
             self.host_down(host.id, exc)
             self.summary.failed += 1
             return
+        names = found.names
         referenced: set[str] = set()
+        slot_holders = set(found.databases)
+        unmarked_claimed: list[str] = []
+        missing: list[DatabaseRecord] = []
         for item in DatabaseRecord.by_host.query(host.id, page_size=max(self.page_size, 100)):
             if not self.time_left():
                 return  # an incomplete picture: drop nothing on this host this run
             if references_name(item):
                 referenced.update((item.db_name, item.role_name))
-        candidates = names - referenced
+                slot_holders.add(item.db_name)  # a record holds its slot until its drop is finished
+            if item.status == CLAIMED and item.role_name not in found.claimed and item.role_name in names:
+                unmarked_claimed.append(item.role_name)
+            if item.status in (CLAIMED, UNCLAIMED) and item.db_name not in names:
+                missing.append(item)
+        self.recount(host, allocated, len(slot_holders))
+        self.report_missing(host, target, prefix, missing)
+        if unmarked_claimed:
+            # Claimed before the marker existed: mark them now, so Postgres alone can tell.
+            try:
+                postgres.mark_claimed(target, unmarked_claimed)
+                self.summary.claimed_marked += len(unmarked_claimed)
+            except Exception as exc:
+                log.error("marking claimed roles on host %s failed: %s", host.id, _describe(exc))
+        claimed_orphans = (names - referenced) & found.claimed
+        for name in sorted(claimed_orphans):
+            # Claimed, and no record knows it: the table lost it (a mistaken
+            # delete, a restore). Never dropped automatically; a person decides.
+            self.summary.claimed_orphans += 1
+            log.error(json.dumps({"event": "claimed_orphan", "host_id": host.id, "name": name}))
+        candidates = names - referenced - found.claimed
 
         now = _now()
         sightings = {s.name: s for s in OrphanSighting.query(host.id)}
@@ -286,7 +362,7 @@ class _Run:
             if now - sighting.first_seen < grace:
                 continue
             try:
-                existed = postgres.drop_tenant(target, name, name)
+                existed = postgres.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
                 if existed:
                     # Every tenant instapg makes holds a slot from `hosts.reserve`
                     # until its record's drop gives it back; an orphan's record
@@ -300,6 +376,49 @@ class _Run:
             self.summary.orphans_dropped += 1
             log.info("orphan %s on host %s dropped", name, host.id)
         self.summary.hosts_reconciled += 1
+
+    def report_missing(self, host: HostRecord, target: postgres.Target, prefix: str, missing: list) -> None:
+        """Live records whose database is not on the host: reported, never acted on (docs/expiry.md)."""
+        if not missing:
+            return
+        try:
+            # A create that finished after the catalog was read is no case: read it again.
+            now_there = postgres.inventory(target, prefix).databases
+        except Exception as exc:
+            log.error("host %s: recheck of missing databases failed: %s", host.id, _describe(exc))
+            return
+        for item in missing:
+            if item.db_name in now_there:
+                continue
+            self.summary.records_without_database += 1
+            log.error(
+                json.dumps(
+                    {
+                        "event": "record_without_database",
+                        "database_id": item.id,
+                        "host_id": host.id,
+                        "status": item.status,
+                        "name": item.db_name,
+                    }
+                )
+            )
+
+    def recount(self, host: HostRecord, seen: int, holders: int) -> None:
+        """Heal the host's slot count: one per database that exists or record that still holds one.
+
+        A process killed between reserving a slot and saving its record
+        leaves the count one too high; nothing else would ever give it back.
+        The write is conditional on the count read before the catalog, so a
+        create or drop that moved it meanwhile wins, and the next run recounts.
+        """
+        if holders == seen:
+            return
+        won = hostlib.set_allocated(host.id, holders, expected=seen)
+        if won:
+            self.summary.slots_corrected += 1
+        log.warning(
+            json.dumps({"event": "slot_recount", "host_id": host.id, "was": seen, "counted": holders, "corrected": won})
+        )
 
 
 def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import postgres
+from chalicelib import postgres, reliability
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
@@ -50,7 +50,8 @@ def _read_credentials(source: str) -> Credentials:
     elif kind == "secretsmanager":
         import boto3
 
-        raw = boto3.client("secretsmanager").get_secret_value(SecretId=ref)["SecretString"]
+        client = boto3.client("secretsmanager", config=reliability.botocore_config())
+        raw = client.get_secret_value(SecretId=ref)["SecretString"]
     else:
         raise CredentialsError(f"unknown credentials source kind {kind!r} (use env: or secretsmanager:)")
     try:
@@ -105,6 +106,7 @@ def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postg
         sslmode="verify-full" if settings.pg_sslrootcert else host.sslmode,
         sslrootcert=settings.pg_sslrootcert,
         connect_timeout=settings.pg_connect_timeout_s,
+        statement_timeout=settings.pg_statement_timeout_s,
         refresh=_refresher(host.credentials),
     )
 
@@ -204,6 +206,11 @@ def release(host_id: str) -> None:
     _update_if(host_id, [HostRecord.allocated.add(-1)], HostRecord.id.exists() & (HostRecord.allocated > 0))
 
 
+def set_allocated(host_id: str, count: int, expected: int) -> bool:
+    """Set the host's slot count to `count` if it is still `expected` (reconciliation's recount)."""
+    return _update_if(host_id, [HostRecord.allocated.set(count)], HostRecord.allocated == expected)
+
+
 def lease_refill(host_id: str, until: float) -> bool:
     """Take the host's pool-refill lease until `until` (epoch seconds); False when another refill holds it.
 
@@ -213,6 +220,11 @@ def lease_refill(host_id: str, until: float) -> bool:
     """
     free = HostRecord.refill_until.does_not_exist() | (HostRecord.refill_until < time.time())
     return _update_if(host_id, [HostRecord.refill_until.set(until)], HostRecord.id.exists() & free)
+
+
+def renew_refill(host_id: str, held: float, until: float) -> bool:
+    """Extend the refill lease taken (or last renewed) with `held` to `until`; False when it is not ours any more."""
+    return _update_if(host_id, [HostRecord.refill_until.set(until)], HostRecord.refill_until == held)
 
 
 def end_refill(host_id: str, until: float) -> None:

@@ -88,8 +88,12 @@ def _as_dict(summary: Any) -> Any:
 
 
 def budget_s(service: DatabaseService, context: Any) -> float:
-    """A Lambda's working time: a fraction of the invocation's remaining time, the rest to finish and log."""
-    return context.get_remaining_time_in_millis() / 1000 * service.settings.purge_time_fraction
+    """A Lambda's working time: a fraction of the invocation's remaining time, the rest to finish and log.
+
+    Never longer than the interval between runs, so runs do not pile up (the next one resumes).
+    """
+    remaining = context.get_remaining_time_in_millis() / 1000
+    return min(remaining, service.settings.purge_rate_minutes * 60) * service.settings.purge_time_fraction
 
 
 def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:

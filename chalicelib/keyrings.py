@@ -27,7 +27,10 @@ REFRESH_INTERVAL_S = 300.0
 def read_secret(secret_id: str) -> KeyRing:
     import boto3
 
-    raw = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"]
+    from chalicelib import reliability
+
+    client = boto3.client("secretsmanager", config=reliability.botocore_config())
+    raw = client.get_secret_value(SecretId=secret_id)["SecretString"]
     try:
         return KeyRing.parse(raw)
     except KeyRingError as exc:

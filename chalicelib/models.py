@@ -130,6 +130,8 @@ class DatabaseRecord(Model):
     # Issue 19: SHA-256 of the creator token handed out once at create time
     # (never the token itself); it proves the creator to claim and to delete early.
     creator_token_hash = UnicodeAttribute(null=True)
+    # Failed drops of a tombstone so far: the next retry's backoff (DatabaseService.retry_later).
+    drop_attempts = NumberAttribute(null=True)
 
 
 class HostRecord(Model):
@@ -297,12 +299,29 @@ def configure(settings: Settings) -> None:
     """Point every model at the tables and endpoint that `settings` name."""
     for model in MODELS:
         meta = model.Meta
-        wanted = (settings.table_name(_SUFFIXES[model]), settings.dynamodb_endpoint, settings.region)
-        if (getattr(meta, "table_name", None), getattr(meta, "host", None), getattr(meta, "region", None)) == wanted:
-            # Same table and endpoint: keep the connection (a new one builds a
-            # botocore session, ~0.1 s a model; tests configure once a test).
+        wanted = (
+            settings.table_name(_SUFFIXES[model]),
+            settings.dynamodb_endpoint,
+            settings.region,
+            # Bounded waits (chalicelib.reliability): pynamodb builds its botocore Config from these.
+            settings.aws_connect_timeout_s,
+            settings.aws_read_timeout_s,
+            settings.aws_max_attempts - 1,
+        )
+        fields = (
+            "table_name",
+            "host",
+            "region",
+            "connect_timeout_seconds",
+            "read_timeout_seconds",
+            "max_retry_attempts",
+        )
+        if tuple(getattr(meta, name, None) for name in fields) == wanted:
+            # Same table, endpoint and timeouts: keep the connection (a new one
+            # builds a botocore session, ~0.1 s a model; tests configure once a test).
             continue
-        meta.table_name, meta.host, meta.region = wanted
+        for name, value in zip(fields, wanted, strict=True):
+            setattr(meta, name, value)
         model._connection = None
 
 

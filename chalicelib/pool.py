@@ -35,9 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET_PREFIX = POOLED + "#"
-# A refill's lease outlives its deadline by this much: a database started just
-# before the deadline may still be in its CREATE DATABASE.
-LEASE_MARGIN_S = 120
+# A refill holds a host's lease for this long and renews it before each
+# database it adds or drops, so a holder that died (or lost DynamoDB and could
+# not give the lease back) blocks other refills for seconds, not minutes. One
+# CREATE DATABASE takes well under it; should one take longer, a second
+# refill may add one database too many, which the next refill discards.
+LEASE_S = 30
 # How many pooled records one take looks at. Concurrent creates each pick at
 # random among them, so they rarely race for the same record.
 CANDIDATES = 25
@@ -117,12 +120,12 @@ def refill(
         if time.time() >= deadline:
             summary.stopped_early = True
             break
-        until = deadline + LEASE_MARGIN_S
-        if not hostlib.lease_refill(host.id, until):
+        lease = _Lease(host.id)
+        if not lease.take():
             summary.hosts_busy.append(host.id)
             continue
         try:
-            _refill_host(service, host, size if host.status == HOST_ACTIVE else 0, deadline, summary)
+            _refill_host(service, host, size if host.status == HOST_ACTIVE else 0, deadline, summary, lease)
         except postgres.HostUnavailable as exc:
             log.error("pool refill: host %s unavailable: %s", host.id, exc)
             service.hosts.mark_down(host.id, service.settings.host_retry_s)
@@ -132,12 +135,36 @@ def refill(
             log.error("pool refill: host %s failed: %s", host.id, type(exc).__name__)
             summary.failed += 1
         finally:
-            _end_lease(host.id, until)
+            _end_lease(host.id, lease.until)
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     # The local stack refills every few seconds: say something only when something happened.
     level = logging.INFO if summary.added or summary.discarded or summary.failed else logging.DEBUG
     log.log(level, json.dumps({"event": "pool_refill", **asdict(summary)}))
     return summary
+
+
+class _Lease:
+    """One host's refill lease, renewed as the refill goes."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self.until = 0.0
+
+    def take(self) -> bool:
+        until = time.time() + LEASE_S
+        if hostlib.lease_refill(self.host_id, until):
+            self.until = until
+            return True
+        return False
+
+    def renew(self) -> bool:
+        """Push the lease LEASE_S ahead; False when it was lost (expired and taken by another refill)."""
+        until = time.time() + LEASE_S
+        if hostlib.renew_refill(self.host_id, self.until, until):
+            self.until = until
+            return True
+        log.warning("pool refill: lease on host %s lost, stopping", self.host_id)
+        return False
 
 
 def _end_lease(host_id: str, until: float) -> None:
@@ -177,18 +204,24 @@ def refill_after_takes(
         return None
 
 
-def _refill_host(service: DatabaseService, host, size: int, deadline: float, summary: RefillSummary) -> None:
+def _refill_host(
+    service: DatabaseService, host, size: int, deadline: float, summary: RefillSummary, lease: _Lease
+) -> None:
     current = pooled(host.id)
     # Too many (the size went down, or the host is draining): give slots back.
     for record in current[size:]:
         if time.time() >= deadline:
             summary.stopped_early = True
             return
+        if not lease.renew():
+            return
         if service.discard_pooled(record, host):
             summary.discarded += 1
     for _ in range(size - len(current)):
         if time.time() >= deadline:
             summary.stopped_early = True
+            return
+        if not lease.renew():
             return
         try:
             service.add_to_pool(host)

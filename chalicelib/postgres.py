@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +37,17 @@ _ADMIN_OPTIONS = (
 )
 
 
+def _bounded_options(options: str, statement_timeout_s: int) -> str:
+    """`options` with statement and lock timeouts no longer than the setting, nor the request's time left."""
+    from chalicelib import reliability
+
+    statement_ms = int(reliability.bounded(statement_timeout_s) * 1000)
+    lock_ms = min(10000, statement_ms)
+    return options.replace("statement_timeout=60000", f"statement_timeout={statement_ms}").replace(
+        "lock_timeout=10000", f"lock_timeout={lock_ms}"
+    )
+
+
 class HostUnavailable(Exception):
     """The host could not be reached or refused the admin (message is safe to log)."""
 
@@ -53,6 +64,7 @@ class Target:
     sslmode: str
     connect_timeout: int = 5
     sslrootcert: str | None = None  # with sslmode=verify-full: the CA bundle the server's certificate must chain to
+    statement_timeout: int = 60
     # Reads the admin credentials again, (user, password), or None when they
     # cannot be read. RDS rotates its master password; libpq reports a failed
     # login without a SQLSTATE, so any failed connect asks once for fresh
@@ -62,6 +74,11 @@ class Target:
     def _open(self, user: str, password: str, dbname: str | None, options: str = _ADMIN_OPTIONS) -> psycopg.Connection:
         import psycopg
 
+        from chalicelib import reliability
+
+        # Within a request, what is left of its deadline bounds the connect and every statement.
+        connect_timeout = max(1, int(reliability.bounded(self.connect_timeout)))
+        options = _bounded_options(options, self.statement_timeout)
         return psycopg.connect(
             host=self.host,
             port=self.port,
@@ -70,7 +87,7 @@ class Target:
             dbname=dbname or self.dbname,
             sslmode=self.sslmode,
             **({"sslrootcert": self.sslrootcert} if self.sslrootcert else {}),
-            connect_timeout=self.connect_timeout,
+            connect_timeout=connect_timeout,
             options=options,
             application_name="instapg",
             autocommit=True,
@@ -264,24 +281,75 @@ def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> Non
     # and a non-superuser admin may set it only with SET privilege on the
     # parameter (PostgreSQL 15+ GRANT SET ON PARAMETER). Without it, skip.
     try:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} SET temp_file_limit = {}").format(
-                role_id, sql.Literal(f"{plan.temp_file_limit_mb}MB")
+        # A savepoint when inside a transaction (apply_plan), so a refusal aborts only this.
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET temp_file_limit = {}").format(
+                    role_id, sql.Literal(f"{plan.temp_file_limit_mb}MB")
+                )
             )
-        )
     except psycopg.errors.InsufficientPrivilege:
         log.info("temp_file_limit not set for %s: the admin may not set it (needs GRANT SET ON PARAMETER)", role)
 
 
-def apply_plan(target: Target, role: str, plan: Plan) -> None:
-    """Give an existing tenant role the limits of `plan` (e.g. after a claim)."""
+# The claimed marker: a comment on the tenant's role, written in the same
+# transaction that gives it the claimed plan. A role may not comment on itself
+# (COMMENT ON ROLE needs CREATEROLE), so a tenant can neither forge nor remove
+# it, while the database's own comment and settings are the tenant's (it owns
+# the database). Anyone can read it (pg_shdescription): it says nothing personal.
+CLAIMED_MARKER = "instapg:claimed"
+
+
+class ClaimedTenant(Exception):
+    """An automatic drop refused: Postgres marks the tenant claimed (message is safe to log)."""
+
+
+def _lock_role(conn: psycopg.Connection, role: str) -> None:
+    """Serialize the service's changes to one role, until the transaction ends.
+
+    Two ALTER ROLE on one role at once fail with 'tuple concurrently updated'
+    (a claim retried in parallel); a drop must not pass the marker check while
+    a claim writes the marker.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('instapg-role:' || %s))", (role,))
+
+
+def _is_marked_claimed(conn: psycopg.Connection, role: str) -> bool:
+    row = conn.execute(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", (role,)
+    ).fetchone()
+    return row is not None and row[0] == CLAIMED_MARKER
+
+
+def apply_plan(target: Target, role: str, plan: Plan, claimed: bool = False) -> None:
+    """Give an existing tenant role the limits of `plan` (e.g. after a claim).
+
+    `claimed`: also write the claimed marker, in the same transaction as the
+    new limits. Safe to run many times at once for one role.
+    """
+    from psycopg import sql
+
+    role_id = sql.Identifier(role)
+    with target.connect() as conn, conn.transaction():
+        _lock_role(conn, role)
+        conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(role_id, sql.Literal(plan.connections)))
+        if claimed:
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role_id, sql.Literal(CLAIMED_MARKER)))
+        _apply_role_defaults(conn, role, plan)
+
+
+def mark_claimed(target: Target, roles: Iterable[str]) -> None:
+    """Write the claimed marker on roles claimed before markers existed (reconciliation backfills)."""
     from psycopg import sql
 
     with target.connect() as conn:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(role), sql.Literal(plan.connections))
-        )
-        _apply_role_defaults(conn, role, plan)
+        for role in roles:
+            with conn.transaction():
+                _lock_role(conn, role)
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    conn.execute(
+                        sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(CLAIMED_MARKER))
+                    )
 
 
 def database_sizes(target: Target, prefix: str) -> dict[str, int]:
@@ -465,7 +533,7 @@ def _terminate_role(conn: psycopg.Connection, role: str) -> int:
     return cur.fetchone()[0]
 
 
-def drop_tenant(target: Target, role: str, dbname: str) -> bool:
+def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = True) -> bool:
     """Drop a tenant's database and role, whatever the tenant did to them.
 
     Idempotent: dropping what is already gone succeeds. Returns whether
@@ -473,14 +541,23 @@ def drop_tenant(target: Target, role: str, dbname: str) -> bool:
     session appears, then clear what would block DROP DATABASE (template
     flag, sessions, prepared transactions), then the role's privileges in
     every database that records them, then the role.
+
+    `keep_claimed` (every automatic path): raise ClaimedTenant, touching
+    nothing, when the role carries the claimed marker, whatever DynamoDB
+    says. Only the owner's delete passes False.
     """
     from psycopg import sql
 
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
-        role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+        with conn.transaction():
+            _lock_role(conn, role)  # no claim writes its marker between the check and the lockout
+            role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+            if role_exists and keep_claimed and _is_marked_claimed(conn, role):
+                raise ClaimedTenant(f"role {role} is marked claimed on {target.host}:{target.port}: not dropped")
+            if role_exists:
+                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
         if role_exists:
-            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
             _terminate_role(conn, role)
         # Read after the lockout, so the tenant cannot set the flag behind us.
         row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
@@ -559,6 +636,31 @@ def tenant_names(target: Target, prefix: str) -> set[str]:
         ).fetchall()
     # Belt and braces: nothing outside the prefix, whatever LIKE thought.
     return {name for (name,) in rows if name.startswith(prefix)}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What reconciliation reads from one host in one go."""
+
+    names: set[str]  # prefixed roles and databases
+    databases: set[str]  # prefixed databases only (each holds a host slot)
+    claimed: set[str]  # prefixed roles carrying the claimed marker
+
+
+def inventory(target: Target, prefix: str) -> Inventory:
+    """Prefixed roles and databases on the host, and which roles are marked claimed."""
+    pattern = like_prefix(prefix)
+    with target.connect() as conn:
+        roles = conn.execute(
+            "SELECT rolname, shobj_description(oid, 'pg_authid') = %s FROM pg_roles "
+            "WHERE rolname LIKE %s AND rolname <> current_user",
+            (CLAIMED_MARKER, pattern),
+        ).fetchall()
+        dbs = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,)).fetchall()
+    role_names = {name for name, _ in roles if name.startswith(prefix)}
+    databases = {name for (name,) in dbs if name.startswith(prefix)}
+    claimed = {name for name, marked in roles if marked and name.startswith(prefix)}
+    return Inventory(names=role_names | databases, databases=databases, claimed=claimed)
 
 
 def harden_host(target: Target) -> list[str]:

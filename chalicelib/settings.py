@@ -62,7 +62,7 @@ class Settings:
     idempotency_ttl_s: int
     # Expiry and cleanup (chalicelib.expiry).
     stream_arn: str = ""
-    purge_rate_minutes: int = 5
+    purge_rate_minutes: int = 1
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
@@ -80,6 +80,12 @@ class Settings:
     claim_requires_token: bool = False
     # Running in Lambda (AWS_LAMBDA_FUNCTION_NAME): INSTAPG_PUBLIC_URL is required.
     deployed: bool = False
+    # Timeouts and deadlines (chalicelib.reliability).
+    request_deadline_s: int = 10
+    pg_statement_timeout_s: int = 60
+    aws_connect_timeout_s: int = 2
+    aws_read_timeout_s: int = 2
+    aws_max_attempts: int = 2
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -164,6 +170,19 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "with sslmode=verify-full: `chalicelib/certs/rds-ca-bundle.pem` in production (`make rds-ca`). "
         "Empty: each host's own sslmode. Tenants' connection strings keep the host's sslmode either way.",
     ),
+    (
+        "INSTAPG_PG_STATEMENT_TIMEOUT_SECONDS",
+        "60",
+        "statement_timeout of the service's own Postgres sessions; during an API request cut to the time left before its deadline.",
+    ),
+    (
+        "INSTAPG_REQUEST_DEADLINE_SECONDS",
+        "10",
+        "Every API request answers within this (503 with Retry-After when a dependency is down); keep it below the API function's timeout.",
+    ),
+    ("INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS", "2", "Connect timeout of every DynamoDB and Secrets Manager call."),
+    ("INSTAPG_AWS_READ_TIMEOUT_SECONDS", "2", "Read timeout of every DynamoDB and Secrets Manager call."),
+    ("INSTAPG_AWS_MAX_ATTEMPTS", "2", "Attempts per AWS call, the first included (standard retry mode)."),
     ("INSTAPG_CREATES_PER_MINUTE", "10", "Creates allowed per client IP per minute (429 above)."),
     ("INSTAPG_CREATES_PER_DAY", "100", "Creates allowed per client IP per UTC day (429 above)."),
     (
@@ -188,7 +207,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         STREAM_ARN_PLACEHOLDER,
         "Stream ARN of the databases table; read at `chalice package` time for the REMOVE handler.",
     ),
-    ("INSTAPG_PURGE_RATE_MINUTES", "5", "How often the scheduled purge runs (EventBridge rate, minutes)."),
+    (
+        "INSTAPG_PURGE_RATE_MINUTES",
+        "1",
+        "How often the scheduled job runs (EventBridge rate, minutes); a run works at most this long. "
+        "With the drop backoff's 90 s cap, leftovers go within 2.5 minutes of their host's return.",
+    ),
     (
         "INSTAPG_PURGE_TIME_FRACTION",
         "0.8",
@@ -197,7 +221,8 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_ORPHAN_GRACE_SECONDS",
         "3600",
-        "A prefixed database or role no record references is dropped once reconciliation has seen it this long.",
+        "A prefixed database or role no record references is dropped once reconciliation has seen it this long "
+        "(never one marked claimed); keep it above the table's worst replication or restore lag.",
     ),
     (
         "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS",
@@ -332,6 +357,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         auth_failures_per_hour=_int(env, "INSTAPG_AUTH_FAILURES_PER_HOUR"),
         claim_requires_token=_bool(env, "INSTAPG_CLAIM_REQUIRES_TOKEN"),
         deployed=bool(env.get("AWS_LAMBDA_FUNCTION_NAME")),
+        request_deadline_s=_int(env, "INSTAPG_REQUEST_DEADLINE_SECONDS"),
+        pg_statement_timeout_s=_int(env, "INSTAPG_PG_STATEMENT_TIMEOUT_SECONDS"),
+        aws_connect_timeout_s=_int(env, "INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS"),
+        aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
+        aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
     )
 
 

@@ -365,7 +365,7 @@ def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service,
             return 300_000
 
     jobs.run_lambda(service, Context())
-    assert budgets == [pytest.approx(240.0)]
+    assert budgets == [pytest.approx(48.0)]  # 0.8 of the 60 s between runs, not of the 300 s left
 
 
 def test_a_run_that_fails_still_logs_its_summary(service, monkeypatch, caplog):
@@ -680,7 +680,7 @@ def test_purge_settings_are_validated():
     from chalicelib.settings import load
 
     settings = load({})
-    assert (settings.purge_rate_minutes, settings.purge_time_fraction, settings.orphan_grace_s) == (5, 0.8, 3600)
+    assert (settings.purge_rate_minutes, settings.purge_time_fraction, settings.orphan_grace_s) == (1, 0.8, 3600)
     assert load({"INSTAPG_PURGE_TIME_FRACTION": "0.5"}).purge_time_fraction == 0.5
     for bad in ("0", "1.5", "most"):
         with pytest.raises(ValueError, match="INSTAPG_PURGE_TIME_FRACTION"):

@@ -6,6 +6,7 @@
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts drain --id rds-1   # no new databases there
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts activate --id rds-1   # new databases again
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts remove --id rds-1   # a drained, empty host
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.hosts orphans   # claimed databases no record knows
 
 `add` connects to the host as its admin first (checks CREATEROLE/CREATEDB,
 revokes PUBLIC's CONNECT on postgres/template1), so run it from somewhere that
@@ -158,6 +159,37 @@ def remove(args) -> int:
     return 0
 
 
+def orphans(args) -> int:
+    """Databases Postgres marks claimed that no record references: kept by reconciliation, for a person.
+
+    Connects to each host (run from inside the VPC). Exit status 0 when there
+    are none, 3 when some need a decision (restore their records, or drop them
+    by hand after asking the owner).
+    """
+    from chalicelib import hosts, postgres
+    from chalicelib.expiry import references_name
+    from chalicelib.models import DatabaseRecord, HostRecord
+
+    settings = _settings()
+    prefix = settings.name_prefix + "_"
+    found = 0
+    for host in sorted(HostRecord.scan(), key=lambda h: h.id):
+        if args.id and host.id != args.id:
+            continue
+        try:
+            inventory = postgres.inventory(hosts.target(host, settings), prefix)
+        except (hosts.CredentialsError, postgres.HostUnavailable) as exc:
+            print(f"host {host.id}: not reachable: {exc}", file=sys.stderr)
+            continue
+        referenced = {r.role_name for r in DatabaseRecord.by_host.query(host.id) if references_name(r)}
+        for name in sorted(inventory.claimed - referenced):
+            found += 1
+            print(f"{host.id}\t{name}\tclaimed, no record (kept; see docs/expiry.md)")
+    if not found:
+        print("no claimed orphans")
+    return 3 if found else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Manage instapg's Postgres hosts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,8 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p_activate.add_argument("--id", required=True)
     p_remove = sub.add_parser("remove", help="forget a drained host with no database left")
     p_remove.add_argument("--id", required=True)
+    p_orphans = sub.add_parser("orphans", help="list claimed databases that no record references")
+    p_orphans.add_argument("--id", help="only this host")
     args = parser.parse_args(argv)
-    commands = {"add": add, "list": list_hosts, "drain": drain, "activate": activate, "remove": remove}
+    commands = {
+        "add": add,
+        "list": list_hosts,
+        "drain": drain,
+        "activate": activate,
+        "remove": remove,
+        "orphans": orphans,
+    }
     return commands[args.command](args)
 
 
