@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import audit, pool, postgres, reliability
+from chalicelib import audit, metrics, pool, postgres, reliability
 from chalicelib import hosts as hostlib
 from chalicelib.abuse import Guard
 from chalicelib.crypto import KeyRing, Sealed
@@ -172,12 +172,14 @@ class DatabaseService:
         if database_id is None and not request.enable_logical_replication:
             taken = self._take_pooled(hosts, plan, request, requester, password, verifier, token_hash(token))
             if taken is not None:
+                metrics.emit({"Creates": 1, "PoolTakes": 1})
                 return dataclasses.replace(taken, creator_token=token)
         result = self._create_on_demand(
             hosts, database_id, plan, request, requester, password, verifier, token_hash(token)
         )
         if result.created:
             self._note_created(result.record, requester)
+            metrics.emit({"Creates": 1, "OnDemandCreates": 1})
             return dataclasses.replace(result, creator_token=token)
         return result
 
@@ -667,7 +669,9 @@ class DatabaseService:
                     raise
                 record = self._require(database_id)  # someone else moved it: answer from what it is now
         if record.status == CLAIMING and record.owner_id == account_id:
-            return self.finish_claim(record, requester)
+            claimed = self.finish_claim(record, requester)
+            metrics.count("Claims")
+            return claimed
         if record.status == CLAIMED and record.owner_id == account_id:
             return self._owned_view(record)
         if record.status in (CLAIMING, CLAIMED, DELETING):

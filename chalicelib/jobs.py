@@ -26,10 +26,61 @@ def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
     from chalicelib import expiry, pool, quotas
 
     deadline = time.time() + budget_s
+    harden_hosts(service, deadline)
     purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
     enforcement = quotas.enforce(service, deadline=deadline)
     refill = pool.refill(service, deadline=deadline)
+    report_metrics(service, purge, refill)
     return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
+
+
+# Hosts this process has hardened. A host registered with `tools.ops.hostctl add
+# --no-check` (from outside a VPC nothing else reaches) is hardened here, by
+# the first scheduled run that reaches it; REVOKE is idempotent, so once per
+# cold start is cheap.
+_hardened: set[str] = set()
+
+
+def harden_hosts(service: DatabaseService, deadline: float) -> list[str]:
+    """Revoke PUBLIC's CONNECT/TEMPORARY on each active host's maintenance databases; returns the hosts done."""
+    import logging
+
+    from chalicelib import hosts as hostlib
+    from chalicelib import postgres
+    from chalicelib.models import HOST_ACTIVE
+
+    log = logging.getLogger(__name__)
+    done: list[str] = []
+    for host in service.hosts.all(fresh=True):
+        if host.id in _hardened or host.status != HOST_ACTIVE or time.time() > deadline:
+            continue
+        try:
+            warnings = postgres.harden_host(hostlib.target(host, service.settings))
+        except Exception as exc:  # unreachable now: the next run tries again
+            log.warning("hardening host %s failed: %s", host.id, type(exc).__name__)
+            continue
+        _hardened.add(host.id)
+        done.append(host.id)
+        for warning in warnings:
+            log.warning("host %s: %s", host.id, warning)
+    return done
+
+
+def report_metrics(service: DatabaseService, purge: Any, refill: Any) -> None:
+    """Drops and failures of this run; each host's ready pool and fill (what the alarms watch)."""
+    from chalicelib import metrics, pool
+    from chalicelib.models import HOST_ACTIVE
+
+    drops = purge.expired_dropped + purge.leftovers_dropped + purge.orphans_dropped
+    metrics.emit({"Drops": drops, "Failures": purge.failed + getattr(refill, "failed", 0)})
+    for host in service.hosts.all():
+        if host.status != HOST_ACTIVE:
+            continue
+        fill = 100.0 * int(host.allocated or 0) / max(int(host.capacity or 0), 1)
+        values = {"HostFillPercent": round(fill, 1)}
+        if service.settings.pool_size > 0:
+            values["PoolReady"] = len(pool.pooled(host.id))
+        metrics.emit(values, host=host.id)
 
 
 def _as_dict(summary: Any) -> Any:
