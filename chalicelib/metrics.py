@@ -2,7 +2,7 @@
 
 In Lambda, stdout goes to the function's log group and CloudWatch turns these
 lines into metrics: no PutMetricData call, no client, nothing on the request's
-path but a print. The alarms in the template (tools/deployspec.py ALARMS)
+path but a print. The alarms in the template (tools/deploy/deployspec.py ALARMS)
 watch these names in namespace `instapg`.
 """
 

@@ -1,4 +1,4 @@
-"""tools/bootstrap.py: the `chalice deploy` path creates the tables idempotently against moto."""
+"""tools/deploy/bootstrap.py: the `chalice deploy` path creates the tables idempotently against moto."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def dynamodb():
 
 
 def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
-    from tools import bootstrap
+    from tools.deploy import bootstrap
 
     config = tmp_path / "config.json"
     shutil.copy(ROOT / ".chalice" / "config.json", config)
@@ -77,9 +77,10 @@ def test_bootstrap_twice_creates_everything_once(dynamodb, tmp_path):
 
 def test_bootstrap_completes_a_table_made_without_index_stream_and_ttl(dynamodb, tmp_path):
     from chalicelib import models
-    from tools import bootstrap
+    from tools.deploy import bootstrap
+    from tools.deploy.tables import table_spec
 
-    spec = bootstrap.table_spec(models.DatabaseRecord)
+    spec = table_spec(models.DatabaseRecord)
     dynamodb.create_table(
         TableName="ipg-part-databases",
         BillingMode="PAY_PER_REQUEST",
@@ -106,14 +107,14 @@ def test_bootstrap_completes_a_table_made_without_index_stream_and_ttl(dynamodb,
 
 
 def test_bootstrap_refuses_the_local_stage(tmp_path):
-    from tools import bootstrap
+    from tools.deploy import bootstrap
 
     with pytest.raises(SystemExit, match="local stack"):
         bootstrap.bootstrap("dev", "x", "us-east-2", tmp_path / "config.json")
 
 
 def test_policy_lets_every_function_write_its_logs_including_the_api_itself(dynamodb, tmp_path):
-    from tools import bootstrap
+    from tools.deploy import bootstrap
 
     config = tmp_path / "config.json"
     shutil.copy(ROOT / ".chalice" / "config.json", config)
@@ -167,7 +168,7 @@ def test_deploy_rehearsal_bootstrap_deploy_after_deploy(dynamodb, tmp_path):
     """The whole chalice path against moto: bootstrap, (what) chalice deploy (creates), bootstrap --after-deploy."""
     import boto3
 
-    from tools import bootstrap, deployspec
+    from tools.deploy import bootstrap, deployspec
 
     config = tmp_path / "config.json"
     shutil.copy(ROOT / ".chalice" / "config.json", config)
@@ -228,7 +229,7 @@ def test_deploy_rehearsal_bootstrap_deploy_after_deploy(dynamodb, tmp_path):
 
 def test_public_url_is_written_for_the_api(dynamodb, tmp_path):
     """Deployed, the API answers 503 without INSTAPG_PUBLIC_URL; known after the first deploy, bootstrap sets it."""
-    from tools import bootstrap
+    from tools.deploy import bootstrap
 
     config = tmp_path / "config.json"
     shutil.copy(ROOT / ".chalice" / "config.json", config)
@@ -239,7 +240,7 @@ def test_public_url_is_written_for_the_api(dynamodb, tmp_path):
 
 
 def test_after_deploy_before_deploy_says_so(dynamodb):
-    from tools import bootstrap
+    from tools.deploy import bootstrap
 
     with pytest.raises(SystemExit, match="chalice deploy"):
         bootstrap.finish("nodeploy", "ipg-x", "us-east-2", log=lambda _: None)

@@ -35,7 +35,7 @@ def packaged(tmp_path_factory):
     """The project packaged as `make package` does, into a temp dir: (template dict, path)."""
     from chalice.app import DynamoDBEventConfig, ScheduledEventConfig
 
-    from tools import package
+    from tools.deploy import package
 
     project = tmp_path_factory.mktemp("project")
     for name in ("app.py", "requirements.txt"):
@@ -172,9 +172,9 @@ def test_unknown_routes_answer_404_json(packaged):
 
 
 def test_tables_match_the_models(packaged):
-    """The template's tables are exactly what chalicelib/models.py (and tools/bootstrap.py) define."""
+    """The template's tables are exactly what chalicelib/models.py define, as tools/deploy/bootstrap.py creates them."""
     from chalicelib import models
-    from tools import bootstrap
+    from tools.deploy.tables import table_spec, ttl_attribute  # the one description both deploy paths use
 
     template, _ = packaged
     tables = {
@@ -185,7 +185,7 @@ def test_tables_match_the_models(packaged):
     assert set(tables) == {f"${{TablePrefix}}-{suffix}" for suffix in models._SUFFIXES.values()}
     for model in models.MODELS:
         props = tables[f"${{TablePrefix}}-{models._SUFFIXES[model]}"]
-        spec = bootstrap.table_spec(model)
+        spec = table_spec(model)
         assert sorted(props["AttributeDefinitions"], key=str) == sorted(spec["AttributeDefinitions"], key=str)
         assert props["KeySchema"] == spec["KeySchema"]
         gsis = [
@@ -194,13 +194,13 @@ def test_tables_match_the_models(packaged):
         ]
         assert gsis == spec.get("GlobalSecondaryIndexes", [])
         assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
-        ttl = bootstrap.ttl_attribute(model)
+        ttl = ttl_attribute(model)
         if ttl:
             assert props["TimeToLiveSpecification"] == {"AttributeName": ttl, "Enabled": True}
         stream = getattr(model.Meta, "stream_view_type", None)
         if stream:
             assert props["StreamSpecification"] == {"StreamViewType": stream}
-    assert bootstrap.ttl_attribute(models.DatabaseRecord) == "expires_at"
+    assert ttl_attribute(models.DatabaseRecord) == "expires_at"
 
 
 # -- issue 16: production on AWS ------------------------------------------------------
@@ -227,7 +227,7 @@ def _sg_rules(template: dict, group: str, direction: str) -> list[dict]:
 
 def test_timeouts_nest_gateway_function_statement(packaged):
     from chalicelib import postgres
-    from tools import deployspec
+    from tools.deploy import deployspec
 
     template, _ = packaged
     fns = _functions(template)
@@ -246,7 +246,7 @@ def test_timeouts_nest_gateway_function_statement(packaged):
 
 
 def test_stream_mapping_gives_up_on_a_poison_record_into_sqs(packaged):
-    from tools import deployspec
+    from tools.deploy import deployspec
 
     template, _ = packaged
     stream_fn = _functions(template)[_by_kind(template)["stream"]]
@@ -351,7 +351,7 @@ def test_optional_rds_host_is_private_encrypted_backed_up_with_a_managed_secret(
 
 
 def test_reserved_concurrency_and_stage_throttling_are_parameters(packaged):
-    from tools import deployspec
+    from tools.deploy import deployspec
 
     template, _ = packaged
     fns, kinds = _functions(template), _by_kind(template)
@@ -371,7 +371,7 @@ def test_reserved_concurrency_and_stage_throttling_are_parameters(packaged):
 
 
 def test_alarms_cover_stream_age_failures_errors_throttles_pool_and_fill(packaged):
-    from tools import deployspec
+    from tools.deploy import deployspec
 
     template, _ = packaged
     alarms = {k: r["Properties"] for k, r in template["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"}
@@ -416,8 +416,8 @@ def test_custom_domain_is_optional_and_sets_the_claim_url(packaged):
 
 
 def test_readme_deploy_section_states_what_deployspec_sets():
-    """README's deploy numbers are the ones both paths apply (tools/deployspec.py)."""
-    from tools import deployspec as d
+    """README's deploy numbers are the ones both paths apply (tools/deploy/deployspec.py)."""
+    from tools.deploy import deployspec as d
 
     text = (ROOT / "README.md").read_text()
     t = d.FUNCTION_TIMEOUT_S

