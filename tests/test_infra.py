@@ -13,28 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Handlers of the shapes the expiry issue adds to app.py, appended to a copy of
-# the project only when app.py has none of that kind yet, so the stream wiring
-# and the per-function policies are checked either way.
-STUB_STREAM = """
-
-@app.on_dynamodb_record(stream_arn="arn:aws:dynamodb:us-east-2:000000000000:table/placeholder/stream/x")
-def packaging_stub_stream(event):
-    return None
-"""
-STUB_SCHEDULE = """
-
-@app.schedule("rate(5 minutes)")
-def packaging_stub_schedule(event):
-    return None
-"""
-
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
     """The project packaged as `make package` does, into a temp dir: (template dict, path)."""
-    from chalice.app import DynamoDBEventConfig, ScheduledEventConfig
-
     from tools.deploy import package
 
     project = tmp_path_factory.mktemp("project")
@@ -46,13 +28,6 @@ def packaged(tmp_path_factory):
     # does), and the copy's app.py must not stand in for the real one later.
     saved_env, saved_path, saved_app = dict(os.environ), list(sys.path), sys.modules.get("app")
     try:
-        app = package.load_app(ROOT, "prod")
-        kinds = {type(s) for s in app.event_sources}
-        with open(project / "app.py", "a") as fh:
-            if DynamoDBEventConfig not in kinds:
-                fh.write(STUB_STREAM)
-            if ScheduledEventConfig not in kinds:
-                fh.write(STUB_SCHEDULE)
         # The template does not depend on the CA bundle's content (tests/test_tls.py covers verify-full).
         template_path = package.package(project / "build", "prod", project_dir=project, require_ca=False)
     finally:
@@ -109,6 +84,28 @@ def test_schedule_is_an_eventbridge_rule(packaged):
         if event["Type"] == "Schedule"
     ]
     assert schedules and all(s.startswith(("rate(", "cron(")) for s in schedules)
+
+
+def test_the_real_purge_and_drop_handlers_are_packaged_with_their_event_sources(packaged):
+    """app.py's own `purge` (the schedule) and `drop_removed` (the stream): no stand-in is packaged in their place."""
+    from app import app
+
+    template, _ = packaged
+    by_handler = {
+        fn["Properties"]["Handler"]: fn["Properties"].get("Events", {}) for fn in _functions(template).values()
+    }
+    assert set(by_handler) == {"app.app", "app.purge", "app.drop_removed"}
+    [schedule] = by_handler["app.purge"].values()
+    [source] = [s for s in app.event_sources if s.handler_string == "app.purge"]
+    expression = source.schedule_expression
+    assert schedule == {
+        "Type": "Schedule",
+        "Properties": {"Schedule": expression if isinstance(expression, str) else expression.to_string()},
+    }
+    [stream] = by_handler["app.drop_removed"].values()
+    assert stream["Type"] == "DynamoDB"
+    assert stream["Properties"]["Stream"] == {"Fn::GetAtt": ["DatabasesTable", "StreamArn"]}
+    assert stream["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 def _statements(template: dict, function: str) -> list[dict]:
