@@ -22,7 +22,9 @@ def structured_logs(event, get_response):
 
     if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # the local stack keeps plain lines
         logs.configure()
-    logs.bind_event(app.lambda_context, event)
+    # An HTTP request carries its Lambda context; a stream or schedule event has it as `context`.
+    # (`app.lambda_context` is set by HTTP requests only: unset in the stream and schedule functions.)
+    logs.bind_event(getattr(event, "lambda_context", None) or getattr(event, "context", None), event)
     return get_response(event)
 
 

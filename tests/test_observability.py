@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from tests.test_expiry import create, reconfigure
 
 
@@ -156,3 +158,34 @@ def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, hos
                     sql.SQL("GRANT {} ON DATABASE postgres TO {}").format(sql.SQL(privilege), sql.Identifier(grantee))
                 )
             assert sorted(conn.execute(acl_query).fetchall()) == sorted(grants)
+
+
+@pytest.mark.parametrize("function", ["drop_removed", "purge"])
+def test_event_handlers_bind_their_own_invocation_id_in_a_process_that_served_no_request(client, monkeypatch, function):
+    """The stream and schedule functions are their own Lambda processes: no HTTP request ever sets
+    `app.lambda_context` there, so the logging middleware takes the id from the event's own context."""
+    from app import app
+    from chalicelib import logs
+
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", f"instapg-prod-{function}")
+    monkeypatch.setenv("INSTAPG_PUBLIC_URL", "https://db.example.com")  # which Lambda requires
+    monkeypatch.delattr(app, "lambda_context", raising=False)  # as in a fresh stream or schedule process
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    root.addHandler(handler)
+    level = root.level
+    try:
+        if function == "drop_removed":
+            event = {"Records": []}
+        else:
+            event = client.events.generate_cw_event(
+                source="aws.events", detail_type="Scheduled Event", detail={}, resources=[]
+            )
+        client.lambda_.invoke(function, event)
+        assert isinstance(handler.formatter, logs.JsonFormatter)
+        logging.getLogger("chalicelib.observability_test").warning("after the invocation")
+        line = json.loads(handler.stream.getvalue().splitlines()[-1])
+        assert line["message"] == "after the invocation" and len(line["request_id"]) == 36
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
