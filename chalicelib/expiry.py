@@ -1,6 +1,6 @@
 """Making databases go away: the stream handler, the scheduled purge, reconciliation.
 
-Status changes happen in `DatabaseService` (conditional writes); this module
+Status changes happen in chalicelib.records (conditional writes); this module
 decides what is due and orchestrates. Every automatic path here obeys one
 rule: a database is dropped only after a conditional write proved its record
 is not CLAIMED (or a CLAIMING in flight), or, for orphans, when no record that
@@ -23,6 +23,7 @@ Work left when the deadline comes stays due; the next run resumes it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import audit, postgres
+from chalicelib import audit, ownership, postgres, records
 from chalicelib import hosts as hostlib
 from chalicelib.models import (
     CLAIMED,
@@ -49,12 +50,12 @@ from chalicelib.models import (
 )
 
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
-# Buckets of tombstones whose drop is still pending (see DatabaseService.lease).
+# Buckets of tombstones whose drop is still pending (see records.lease).
 LEFTOVER_BUCKETS = (FAILED, EXPIRED, DELETED)
 _TTL_PRINCIPAL = "dynamodb.amazonaws.com"
 
@@ -96,7 +97,7 @@ class StreamSummary:
     claimed_kept: int = 0  # the record said droppable, Postgres said claimed
 
 
-def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) -> StreamSummary:
+def handle_stream(ctx: Context, events: Iterable[dict[str, Any]]) -> StreamSummary:
     """Drop the databases of REMOVEd records that still had one (a TTL deletion or any other delete).
 
     `events` are the raw stream records (`{"eventName", "dynamodb": {"OldImage", ...}, "userIdentity"?}`).
@@ -108,7 +109,7 @@ def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) ->
     down: set[str] = set()  # hosts that refused a connection in this batch
     for event in events:
         try:
-            outcome = _handle_remove(service, event, down)
+            outcome = _handle_remove(ctx, event, down)
         except Exception as exc:  # one bad record must not hide the others
             log.error("stream record %s failed: %s", event.get("eventID"), _describe(exc))
             summary.failed += 1
@@ -121,7 +122,7 @@ def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) ->
     return summary
 
 
-def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[str]) -> str:
+def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
     event_id = event.get("eventID")
     if event.get("eventName") != "REMOVE":
         return "ignored"
@@ -143,7 +144,7 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
     # A replayed or odd event must not drop a database its record still holds
     # (CLAIMED, or UNCLAIMED and left to the purge). Only our own tombstone
     # with the drop pending (an earlier delivery of this event) lets it through.
-    current = service.find(old.id)
+    current = records.find(old.id)
     if current is not None and current.db_name == old.db_name:
         if not (current.status in TOMBSTONES and current.due_bucket is not None):
             log.info("REMOVE (%s) of %s skipped: the record still exists, status %s", how, old.id, current.status)
@@ -151,7 +152,7 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
 
     tombstone = None
     try:
-        tombstone = service.write_back_tombstone(old)
+        tombstone = records.write_back_tombstone(ctx, old)
     except Exception as exc:
         log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
     try:
@@ -159,11 +160,11 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
             # One connect timeout per host per batch is enough; the
             # tombstone leaves the rest to the purge.
             raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
-        service.drop_database(old)
+        drop_database(ctx, old)
     except postgres.ClaimedTenant as exc:
         report_claimed_kept(old, str(exc), "stream")
         if tombstone is not None:
-            service.hold_claimed(tombstone)
+            records.hold_claimed(ctx, tombstone)
         return "claimed_kept"
     except Exception as exc:
         if isinstance(exc, postgres.HostUnavailable):
@@ -171,10 +172,10 @@ def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[st
         if tombstone is None:
             raise  # nothing left to retry from: let Lambda retry the batch
         log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
-        _retry_later_quietly(service, tombstone)
+        _retry_later_quietly(ctx, tombstone)
         return "failed"
     if tombstone is not None:
-        service.finish_cleanup(tombstone)
+        records.finish_cleanup(ctx, tombstone)
     log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
     return "dropped"
 
@@ -196,9 +197,18 @@ def report_claimed_kept(record: DatabaseRecord, why: str, path: str) -> None:
     )
 
 
-def _retry_later_quietly(service: DatabaseService, record: DatabaseRecord) -> None:
+def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
+    """Drop the record's database and role (idempotent); True when something existed."""
     try:
-        service.retry_later(record)
+        host = ctx.hosts.get(record.host_id)
+    except KeyError:
+        raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
+    return postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+
+
+def _retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
+    try:
+        records.retry_later(ctx, record)
     except Exception as exc:  # the lease then ends by itself
         log.warning("retry of %s not scheduled: %s", record.id, _describe(exc))
 
@@ -228,9 +238,9 @@ class PurgeSummary:
 
 
 class _Run:
-    def __init__(self, service: DatabaseService, budget_s: float, page_size: int) -> None:
-        self.service = service
-        self.settings = service.settings
+    def __init__(self, ctx: Context, budget_s: float, page_size: int) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
         self.deadline = time.monotonic() + budget_s
         self.page_size = page_size
         self.summary = PurgeSummary()
@@ -258,18 +268,18 @@ class _Run:
                 self.summary.skipped += 1
                 continue
             if self.drop(record):
-                self.service.finish_cleanup(record)
+                records.finish_cleanup(self.ctx, record)
                 setattr(self.summary, counter, getattr(self.summary, counter) + 1)
                 if counter == "expired_dropped":
                     audit.record_quietly(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
 
     def drop(self, record: DatabaseRecord) -> bool:
         try:
-            self.service.drop_database(record)
+            drop_database(self.ctx, record)
             return True
         except postgres.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
-            self.service.hold_claimed(record)
+            records.hold_claimed(self.ctx, record)
             self.summary.claimed_kept += 1
             return False
         except postgres.HostUnavailable as exc:
@@ -277,7 +287,7 @@ class _Run:
         except Exception as exc:
             log.error("drop of %s on %s failed: %s", record.id, record.host_id, _describe(exc))
         # Due again after a backoff, not when the lease would have ended.
-        _retry_later_quietly(self.service, record)
+        _retry_later_quietly(self.ctx, record)
         self.summary.failed += 1
         return False
 
@@ -414,25 +424,25 @@ class _Run:
         )
 
 
-def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:
+def run_scheduled(ctx: Context, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:
     """One purge run that takes no new work after `budget_s` seconds; logs one JSON summary line.
 
     The local stack calls this on a timer (`chalice local` runs no schedules).
     """
     started = time.monotonic()
-    run = _Run(service, budget_s, page_size)
+    run = _Run(ctx, budget_s, page_size)
     error = None
     try:
         # A warm Lambda keeps its host cache; a run works from the registry as it is now.
-        hosts = service.hosts.all(fresh=True)
-        run.process(UNCLAIMED, service.expire, "expired_dropped")
+        hosts = ctx.hosts.all(fresh=True)
+        run.process(UNCLAIMED, functools.partial(records.expire, ctx), "expired_dropped")
         if run.time_left():
-            run.process(PROVISIONING, service.fail_stuck, "stuck_failed")
+            run.process(PROVISIONING, functools.partial(records.fail_stuck, ctx), "stuck_failed")
         for bucket in LEFTOVER_BUCKETS:
             if run.time_left():
-                run.process(bucket, service.lease, "leftovers_dropped")
+                run.process(bucket, functools.partial(records.lease, ctx), "leftovers_dropped")
         if run.time_left():
-            run.summary.stalled_finished = service.finish_stalled(run.deadline, limit=page_size)
+            run.summary.stalled_finished = ownership.finish_stalled(ctx, run.deadline, limit=page_size)
         if run.time_left():
             for host in hosts:
                 if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:

@@ -15,20 +15,20 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
+from chalicelib import expiry, pool, quotas
+
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 PURGE_SHARE = 0.6
 
 
-def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
+def run(ctx: Context, budget_s: float) -> dict[str, Any]:
     """One run taking no new work after `budget_s` seconds; returns each part's summary."""
-    from chalicelib import expiry, pool, quotas
-
     deadline = time.time() + budget_s
-    purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
-    enforcement = quotas.enforce(service, deadline=deadline)
-    refill = pool.refill(service, deadline=deadline)
+    purge = expiry.run_scheduled(ctx, budget_s=budget_s * PURGE_SHARE)
+    enforcement = quotas.enforce(ctx, deadline=deadline)
+    refill = pool.refill(ctx, deadline=deadline)
     return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
 
 
@@ -36,15 +36,15 @@ def _as_dict(summary: Any) -> Any:
     return dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else summary
 
 
-def budget_s(service: DatabaseService, context: Any) -> float:
+def budget_s(ctx: Context, context: Any) -> float:
     """A Lambda's working time: a fraction of the invocation's remaining time, the rest to finish and log.
 
     Never longer than the interval between runs, so runs do not pile up (the next one resumes).
     """
     remaining = context.get_remaining_time_in_millis() / 1000
-    return min(remaining, service.settings.purge_rate_minutes * 60) * service.settings.purge_time_fraction
+    return min(remaining, ctx.settings.purge_rate_minutes * 60) * ctx.settings.purge_time_fraction
 
 
-def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:
+def run_lambda(ctx: Context, context: Any) -> dict[str, Any]:
     """The scheduled Lambda."""
-    return run(service, budget_s(service, context))
+    return run(ctx, budget_s(ctx, context))

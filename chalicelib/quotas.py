@@ -32,7 +32,7 @@ from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
 from chalicelib.settings import Plan
 
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,16 @@ def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
 
 
 def _enforce_storage(
-    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
-    sizes = postgres.database_sizes(target, service.settings.name_prefix)
+    sizes = postgres.database_sizes(target, ctx.settings.name_prefix)
     now = datetime.now(UTC)
     for record in records:
         size = sizes.get(record.db_name)
         if size is None:
             continue  # not on this host (yet, or any more)
         summary["measured"] += 1
-        plan = service.settings.plan(record.plan)
+        plan = ctx.settings.plan(record.plan)
         over = size > plan.storage_bytes
         if over and not record.locked_reason:
             _lock(target, record, size, plan)
@@ -128,13 +128,13 @@ def _enforce_storage(
 
 
 def _enforce_time(
-    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
-    plans = {r.role_name: service.settings.plan(r.plan) for r in records}
+    plans = {r.role_name: ctx.settings.plan(r.plan) for r in records}
     # A role with no live record (being created, or an orphan) gets the strictest plan.
-    default = service.settings.plan(UNCLAIMED_PLAN)
+    default = ctx.settings.plan(UNCLAIMED_PLAN)
     doomed = []
-    for backend in postgres.tenant_backends(target, service.settings.name_prefix):
+    for backend in postgres.tenant_backends(target, ctx.settings.name_prefix):
         plan = plans.get(backend.role, default)
         limit = plan.statement_timeout_s if backend.state == "active" else plan.idle_in_transaction_s
         if backend.seconds > limit:
@@ -147,8 +147,8 @@ def _enforce_time(
                 backend.seconds,
                 limit,
             )
-    summary["terminated"] += postgres.terminate(target, doomed, service.settings.name_prefix)
-    for prepared in postgres.tenant_prepared(target, service.settings.name_prefix):
+    summary["terminated"] += postgres.terminate(target, doomed, ctx.settings.name_prefix)
+    for prepared in postgres.tenant_prepared(target, ctx.settings.name_prefix):
         plan = plans.get(prepared.owner, default)
         if prepared.seconds > plan.idle_in_transaction_s:
             log.info("rolling back prepared transaction of %s after %.0fs", prepared.owner, prepared.seconds)
@@ -156,7 +156,7 @@ def _enforce_time(
             summary["rolled_back"] += 1
 
 
-def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
+def enforce(ctx: Context, deadline: float) -> dict[str, Any]:
     """One pass over every host, stopping at `deadline` (a `time.time()` epoch).
 
     Every step is idempotent, so a pass cut short is finished by the next one.
@@ -174,15 +174,15 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
     }
     by_host, complete = _live_records(deadline)
     summary["complete"] = complete
-    for host in service.hosts.all(fresh=True):
+    for host in ctx.hosts.all(fresh=True):
         if time.time() > deadline:
             summary["complete"] = False
             break
         records = by_host.get(host.id, [])
         try:
-            target = hostlib.target(host, service.settings)
-            _enforce_time(service, target, records, summary)
-            _enforce_storage(service, target, records, summary)
+            target = hostlib.target(host, ctx.settings)
+            _enforce_time(ctx, target, records, summary)
+            _enforce_storage(ctx, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")
@@ -194,7 +194,7 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
     return summary
 
 
-def unlock_if_fits(service: DatabaseService, record: DatabaseRecord, plan: Plan) -> bool:
+def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     """Lift a storage lock when the database fits `plan` (the claim calls this with the claimed plan).
 
     Returns whether the database is unlocked now (True when it was not locked).
@@ -203,8 +203,8 @@ def unlock_if_fits(service: DatabaseService, record: DatabaseRecord, plan: Plan)
         return True
     if record.locked_reason != STORAGE:
         return False
-    host: HostRecord = service.hosts.get(record.host_id)
-    target = hostlib.target(host, service.settings)
+    host: HostRecord = ctx.hosts.get(record.host_id)
+    target = hostlib.target(host, ctx.settings)
     size = postgres.database_size(target, record.db_name)
     if size is None:
         return False

@@ -24,19 +24,20 @@ from tests.streams import TTL_IDENTITY, image, stream_event
 
 def reconfigure(instapg_env, **env):
     """New settings for this test; returns the rebuilt service."""
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in env.items():
         instapg_env.setenv(name, str(value))
-    services.reset()
-    return services.databases()
+    context.reset()
+    return context.get()
 
 
 def create(service, n: int = 1):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return [service.create(CreateDatabase(ref="test"), Requester()) for _ in range(n)]
+    return [creation.create(service, CreateDatabase(ref="test"), Requester()) for _ in range(n)]
 
 
 def age(record, seconds: int = 60) -> None:
@@ -462,11 +463,9 @@ def _superuser(pg):
 
 def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_env, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
-    from chalicelib.databases import Requester
+    from chalicelib import postgres, records
     from chalicelib.identifiers import tenant_name
     from chalicelib.models import DatabaseRecord
-    from chalicelib.schemas import CreateDatabase
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
     prefix = service.settings.name_prefix
@@ -475,7 +474,7 @@ def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_
 
     # 1. A create that crashed after CREATE DATABASE, before the record became UNCLAIMED.
     crashed_host = hostlib.reserve(service.hosts.all(fresh=True))
-    crashed = service._new_record(str(uuid.uuid4()), crashed_host, plan, CreateDatabase(ref="x"), Requester(), "pw")
+    crashed = records.new(service, str(uuid.uuid4()), crashed_host, plan, "pw", ref="x")
     crashed.due_at = int(time.time()) - 1  # the provisioning timeout has passed
     crashed.save()
     postgres.create_tenant(target, crashed.role_name, crashed.db_name, "a-password-for-the-crash", plan)
@@ -607,7 +606,7 @@ def test_failed_record_with_leftovers_is_cleaned_and_releases_its_slot(service, 
     from chalicelib.models import FAILED, DatabaseRecord
 
     (db,) = create(service)
-    # What DatabaseService._fail leaves when the host was down during cleanup.
+    # What records.fail leaves when the host was down during cleanup.
     db.record.update(
         actions=[
             DatabaseRecord.status.set(FAILED),
@@ -657,12 +656,13 @@ def test_reconciliation_never_drops_a_claimed_database(instapg_env, host, pg):
 
 
 def test_a_claim_that_wins_the_race_keeps_its_database(service, host, pg):
+    from chalicelib import records
     # The purge read the record while UNCLAIMED; the claim lands before its conditional write.
     (db,) = create(service)
     age(db.record)
     seen = fresh(db.record)
     claim(db.record)
-    assert service.expire(seen) is False
+    assert records.expire(service, seen) is False
     assert works(url(service, db))
 
 

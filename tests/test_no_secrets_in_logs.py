@@ -185,14 +185,14 @@ def step_account_keys(client, state):
 
 @step()
 def step_lock_and_unlock(client, state):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
 
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
-    services.reset()
-    assert quotas.enforce(services.databases(), time.time() + 30)["locked"]
+    context.reset()
+    assert quotas.enforce(context.get(), time.time() + 30)["locked"]
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "100")
-    services.reset()
-    assert quotas.enforce(services.databases(), time.time() + 30)["unlocked"]
+    context.reset()
+    assert quotas.enforce(context.get(), time.time() + 30)["unlocked"]
 
 
 @step("GET /healthz", "GET /api/v1/openapi.yaml")

@@ -13,11 +13,11 @@ from tests.pgwire import login_sqlstate
 
 
 def _settings(env, **values) -> None:
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in values.items():
         env.setenv(name, str(value))
-    services.reset()
+    context.reset()
 
 
 def _create(client) -> dict:
@@ -33,9 +33,9 @@ def _record(database_id: str):
 
 
 def _enforce() -> dict:
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
 
-    return quotas.enforce(services.databases(), deadline=time.time() + 30)
+    return quotas.enforce(context.get(), deadline=time.time() + 30)
 
 
 def _pid_alive(pg, pid: int) -> bool:
@@ -78,13 +78,13 @@ def test_database_over_its_plan_is_locked_and_its_sessions_end(client, instapg_e
 
 
 def test_unlock_if_fits_lifts_the_lock_only_when_the_plan_fits(client, instapg_env):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
     from chalicelib.settings import CLAIMED, Plan
 
     body = _create(client)
     _settings(instapg_env, INSTAPG_UNCLAIMED_STORAGE_MB=1)
     _enforce()
-    service = services.databases()
+    service = context.get()
     too_small = Plan("tiny", storage_mb=1, connections=5, statement_timeout_s=1, lifetime_s=None,
                      idle_in_transaction_s=1, temp_file_limit_mb=1)  # fmt: skip
     assert quotas.unlock_if_fits(service, _record(body["id"]), too_small) is False
@@ -96,11 +96,11 @@ def test_unlock_if_fits_lifts_the_lock_only_when_the_plan_fits(client, instapg_e
 
 
 def test_unlock_if_fits_on_an_unlocked_database_is_a_no_op(client):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
     from chalicelib.settings import CLAIMED
 
     body = _create(client)
-    service = services.databases()
+    service = context.get()
     assert quotas.unlock_if_fits(service, _record(body["id"]), service.settings.plan(CLAIMED)) is True
 
 
@@ -213,10 +213,10 @@ def test_enforce_reports_an_unreachable_host_and_goes_on(client, host, service):
 
 
 def test_enforce_stops_at_its_deadline(client):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
 
     _create(client)
-    summary = quotas.enforce(services.databases(), deadline=time.time() - 1)
+    summary = quotas.enforce(context.get(), deadline=time.time() - 1)
     assert summary["complete"] is False and summary["hosts"] == 0
 
 

@@ -121,10 +121,10 @@ class Bench:
         self.mock = mock_aws()
         self.mock.start()
 
-        from chalicelib import models, services
+        from chalicelib import context, models
 
-        services.reset()
-        self.service = services.databases()
+        context.reset()
+        self.service = context.get()
         models.configure(self.service.settings)
         models.create_tables()
         self.register(1)
@@ -207,9 +207,8 @@ class Bench:
                     assert response.status_code == 201, response.body
             return times
 
-        from chalicelib import postgres
+        from chalicelib import creation, postgres, records
         from chalicelib.abuse import Guard
-        from chalicelib.databases import DatabaseService
 
         parts: dict[str, list[float]] = {
             name: [] for name in ("ddl", "take_write", "verifier", "alter_role", "audit", "rate", "cap")
@@ -222,10 +221,10 @@ class Bench:
             for _ in range(3):
                 client.http.post("/api/v1/database", body=body, headers=headers)
         with (
-            _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
+            _timed(records, "take_pooled", parts["take_write"]),
             _timed(postgres, "scram_verifier", parts["verifier"]),
             _timed(postgres, "open_tenant", parts["alter_role"]),
-            _timed(DatabaseService, "_note_created", parts["audit"]),
+            _timed(creation, "note_created", parts["audit"]),
             _timed(Guard, "check_rate", parts["rate"]),
             _timed(Guard, "open_hosts", parts["cap"]),
         ):
@@ -388,13 +387,14 @@ class Bench:
         except ImportError:
             self.add("purge_500_expired", None, "s", 0, "not measured: the purge (chalicelib.expiry) is not merged")
             return
-        from chalicelib.databases import Requester
+        from chalicelib import creation
         from chalicelib.models import UNCLAIMED, DatabaseRecord
+        from chalicelib.records import Requester
         from chalicelib.schemas import CreateDatabase
 
         self.refill(0)
         with ThreadPoolExecutor(max_workers=8) as executor:
-            made = list(executor.map(lambda i: self.service.create(CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
+            made = list(executor.map(lambda i: creation.create(self.service, CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
         past = datetime.now(UTC) - timedelta(minutes=5)
         for result in made:
             result.record.update(

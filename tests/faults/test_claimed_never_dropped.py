@@ -22,27 +22,29 @@ ACCOUNT = "acct-owner"
 
 
 def reconfigure(instapg_env, **env):
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in env.items():
         instapg_env.setenv(name, str(value))
-    services.reset()
-    return services.databases()
+    context.reset()
+    return context.get()
 
 
 def create(service):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return service.create(CreateDatabase(ref="faults"), Requester())
+    return creation.create(service, CreateDatabase(ref="faults"), Requester())
 
 
 def claimed(service):
     """A database claimed through the service (the marker written as a claim writes it)."""
-    from chalicelib.databases import Requester
+    from chalicelib import ownership
+    from chalicelib.records import Requester
 
     db = create(service)
-    service.claim(db.record.id, ACCOUNT, Requester())
+    ownership.claim(service, db.record.id, ACCOUNT, Requester())
     return db
 
 
@@ -131,10 +133,11 @@ def test_a_claim_marks_the_role_and_no_tenant_can_remove_or_forge_the_marker(ser
 
 
 def test_the_owners_delete_still_drops_a_claimed_database(client, service, host, pg):
-    from chalicelib.databases import Requester
+    from chalicelib import ownership
+    from chalicelib.records import Requester
 
     db = claimed(service)
-    service.delete(db.record.id, ACCOUNT, Requester())
+    ownership.delete(service, db.record.id, ACCOUNT, Requester())
     assert not exists(pg, db.record.db_name)
 
 

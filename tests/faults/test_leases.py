@@ -15,10 +15,11 @@ import psycopg
 
 
 def _create(service):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return service.create(CreateDatabase(ref="leases"), Requester())
+    return creation.create(service, CreateDatabase(ref="leases"), Requester())
 
 
 def _expire(record) -> None:

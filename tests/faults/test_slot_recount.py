@@ -14,10 +14,11 @@ import psycopg
 from tests.conftest import ADMIN_ENV
 
 CHILD = """
-from chalicelib import services
-from chalicelib.databases import Requester
+from chalicelib import context, creation, ownership, records
+from chalicelib import creation, ownership, records
+from chalicelib.records import Requester
 from chalicelib.schemas import CreateDatabase
-services.databases().create(CreateDatabase(ref="killed"), Requester())
+creation.create(context.get(), CreateDatabase(ref="killed"), Requester())
 print("created", flush=True)
 """
 
@@ -62,14 +63,14 @@ def _kill_at(point: str, timeout_s: float = 120) -> None:
 
 
 def test_a_create_killed_after_reserving_its_slot_is_recounted(moto_http, pg, instapg_env):
-    from chalicelib import expiry, hosts, services
-    from chalicelib.databases import Requester
+    from chalicelib import context, creation, expiry, hosts
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    service = services.databases()
+    service = context.get()
     hosts.register(service.settings, "local-1", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=50, sslmode="disable")
     for _ in range(2):
-        service.create(CreateDatabase(ref="live"), Requester())
+        creation.create(service, CreateDatabase(ref="live"), Requester())
     assert _allocated("local-1") == 2
 
     _kill_at("after_reserve")

@@ -1,0 +1,71 @@
+"""The one Context of a process: what every domain function is handed.
+
+Built once, on the first request or job that needs it (nothing touches AWS
+or Postgres at import), through the cached getter `get()`, in the style of
+Chalice's todo sample. Domain functions take it as their first argument
+instead of reaching for module state. Tests call `reset()` after changing
+the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chalicelib.abuse import Guard
+    from chalicelib.crypto import KeyRing
+    from chalicelib.hosts import HostCache
+    from chalicelib.keyring import SecretKeyRing
+    from chalicelib.models import HostRecord
+    from chalicelib.pool import Candidates
+    from chalicelib.postgres import Target
+    from chalicelib.settings import Plan, Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    keyring: KeyRing | SecretKeyRing
+    hosts: HostCache  # the host registry, cached
+    guard: Guard  # abuse limits (rate, failed keys, idempotency keys)
+    pool: Candidates  # warm-pool records this process has seen and not taken yet
+
+    def plan(self, name: str) -> Plan:
+        return self.settings.plan(name)
+
+    def target(self, host: HostRecord) -> Target:
+        """How the service's admin session reaches `host`."""
+        from chalicelib import hosts
+
+        return hosts.target(host, self.settings)
+
+
+def build(settings: Settings) -> Context:
+    """A Context from `settings` (tests may build their own)."""
+    # Imported here, not at the top: pynamodb, botocore and cryptography cost a
+    # cold start, and app.py imports this module on every invocation.
+    from chalicelib import keyring, models
+    from chalicelib.abuse import Guard
+    from chalicelib.hosts import HostCache
+    from chalicelib.pool import Candidates
+
+    models.configure(settings)
+    return Context(settings, keyring.load(settings), HostCache(), Guard(settings), Candidates())
+
+
+@functools.lru_cache(maxsize=1)
+def get() -> Context:
+    """The process's Context."""
+    from chalicelib.settings import get_settings
+
+    return build(get_settings())
+
+
+def reset() -> None:
+    """Forget the Context and the settings it was built from (tests, after changing the environment)."""
+    from chalicelib.settings import get_settings
+
+    get_settings.cache_clear()
+    get.cache_clear()
