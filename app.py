@@ -3,7 +3,8 @@
 from chalice import Chalice, Rate, Response
 
 from chalicelib import context
-from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
+from chalicelib.errors import Invalid
+from chalicelib.http import json_errors, json_response, store_outages
 from chalicelib.settings import load as load_settings
 from chalicelib.web import http_policy
 
@@ -27,7 +28,7 @@ def _database_id(raw: str) -> str:
 
     database_id = parse_database_id(raw)
     if database_id is None:
-        raise BadRequest(
+        raise Invalid(
             "Invalid database id", hint="A database id is a UUID, e.g. 0190a2b4-6c1e-7d3f-8a9b-0c1d2e3f4a5b."
         )
     return database_id
@@ -40,7 +41,7 @@ def _client_id(raw: str) -> str:
     database_id = parse_client_id(raw)
     if database_id is None:
         _database_id(raw)  # not a UUID at all: that error
-        raise BadRequest(
+        raise Invalid(
             "Database id is not a random UUID",
             hint="Anyone who knows the id can read the database's password, so choose a random version 4 or 7 UUID "
             "(e.g. crypto.randomUUID(), uuid.uuid4()), or let the server choose: POST /api/v1/database.",

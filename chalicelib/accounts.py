@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib.errors import BadRequest, Forbidden
+from chalicelib.errors import Forbidden, Invalid
 from chalicelib.identifiers import uuid7
 from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
 from chalicelib.schemas import is_text, json_type
@@ -61,14 +61,14 @@ def well_formed(api_key: str) -> bool:
 
 def parse_email(raw: object) -> str:
     if raw is not None and not isinstance(raw, str):
-        raise BadRequest(
+        raise Invalid(
             f"Field 'email' must be a string, not {json_type(raw)}", hint='Send {"email": "you@example.com"}.'
         )
     if not raw or not raw.strip():
-        raise BadRequest("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
+        raise Invalid("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
     email = raw.strip()
     if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.fullmatch(email) or not is_text(email):
-        raise BadRequest("Field 'email' is not an email address", hint="Send an address like you@example.com.")
+        raise Invalid("Field 'email' is not an email address", hint="Send an address like you@example.com.")
     return email
 
 
@@ -151,7 +151,7 @@ def parse_grace(raw: object) -> int:
     if raw is None:
         return 0
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_GRACE_S:
-        raise BadRequest(
+        raise Invalid(
             f"Field 'grace_seconds' must be an integer from 0 to {MAX_GRACE_S}",
             hint="0 stops the old key at once; e.g. 3600 keeps it working for an hour while you roll out the new one.",
         )

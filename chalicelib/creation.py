@@ -5,7 +5,7 @@
     Idempotency-Key                  same key from the same IP: the first database
 
 A host that fails is skipped and the create goes to the next one: the caller
-gets ServiceUnavailable only when no host with room answers.
+gets Unavailable only when no host with room answers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pynamodb.exceptions import PutError
 
 from chalicelib import audit, clock, pool, postgres, records, reliability
 from chalicelib import hosts as hostlib
-from chalicelib.errors import Conflict, ServiceUnavailable, Unprocessable
+from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
 from chalicelib.models import FAILED, PROVISIONING, DatabaseRecord, HostRecord
 from chalicelib.records import Provisioned, Requester
@@ -44,7 +44,7 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
             return records.existing(ctx, found)
     hosts = ctx.hosts.all()
     if request.enable_logical_replication and not hostlib.offers_logical_replication(hosts):
-        raise Unprocessable(
+        raise Refused(
             "Logical replication is not available on this deployment",
             hint="Create the database without enable_logical_replication, or ask the operator for a host that offers it.",
         )
@@ -102,17 +102,17 @@ def _create_on_demand(
         except hostlib.NoCapacity:
             ctx.hosts.invalidate()
             if record is None:
-                raise ServiceUnavailable(
+                raise Unavailable(
                     "No capacity",
                     hint="Every database host is full; try again in a few minutes.",
-                    headers={"Retry-After": "60"},
+                    retry_after=60,
                 ) from None
             # Every host failed; each attempt already cleaned up after itself.
             records.fail(ctx, record, "no host answered", was=PROVISIONING, dropped=True)
-            raise ServiceUnavailable(
+            raise Unavailable(
                 "Database host unavailable",
                 hint="Nothing was created; retry in a few seconds.",
-                headers={"Retry-After": "5"},
+                retry_after=5,
             ) from None
         tried.add(host.id)
         reliability.pause_point("after_reserve")  # the fault suite's kill -9 lands here
@@ -186,7 +186,7 @@ def _create_idempotent(ctx: Context, request: CreateDatabase, requester: Request
             raise Conflict(
                 "A request with this Idempotency-Key is still being processed",
                 hint="Retry in a second.",
-                headers={"Retry-After": "1"},
+                retry_after=1,
             )
         # Its first create failed or died before writing a record: start over.
         guard.forget_key(requester.ip, key, database_id)

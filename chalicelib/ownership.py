@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from chalicelib import audit, postgres, quotas, records
 from chalicelib import hosts as hostlib
-from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, ServiceUnavailable, Unauthorized
+from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
 from chalicelib.identifiers import tenant_password, token_hash
 from chalicelib.models import (
     CLAIMED,
@@ -90,12 +90,12 @@ def check_claim_token(ctx: Context, record: DatabaseRecord, token: str | None, r
 
 
 def check_creator(ctx: Context, record: DatabaseRecord, token: str | None, requester: Requester) -> None:
-    """Unauthorized/Forbidden unless `token` is the record's creator token; failures count against the IP."""
+    """Unauthenticated/Forbidden unless `token` is the record's creator token; failures count against the IP."""
     if not token:
-        raise Unauthorized(
+        raise Unauthenticated(
             "Missing creator token",
             hint="Send 'Authorization: Bearer <creator_token>', the token the create returned once.",
-            headers={"WWW-Authenticate": 'Bearer realm="instapg"'},
+            challenge='Bearer realm="instapg"',
         )
     ctx.guard.check_auth(requester.ip)
     expected = record.creator_token_hash or ""
@@ -115,10 +115,10 @@ def finish_claim(ctx: Context, record: DatabaseRecord, requester: Requester | No
         postgres.apply_plan(ctx.target(host), record.role_name, plan, claimed=True)
     except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
         log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
-        raise ServiceUnavailable(
+        raise Unavailable(
             "Database host unavailable",
             hint="The claim is recorded and nothing will expire; retry the claim to finish it.",
-            headers={"Retry-After": "5"},
+            retry_after=5,
         ) from None
     if not records.end_claim(record, plan):
         # A concurrent retry of the same claim finished first.
@@ -220,7 +220,7 @@ def usage(ctx: Context, record: DatabaseRecord) -> postgres.Usage:
     try:
         return postgres.usage(ctx.target(ctx.hosts.get(record.host_id)), record.role_name, record.db_name)
     except postgres.HostUnavailable:
-        raise ServiceUnavailable("Database host unavailable", hint="Retry in a few seconds.") from None
+        raise Unavailable("Database host unavailable", hint="Retry in a few seconds.") from None
 
 
 def connection(ctx: Context, record: DatabaseRecord, requester: Requester) -> Provisioned:
@@ -229,7 +229,7 @@ def connection(ctx: Context, record: DatabaseRecord, requester: Requester) -> Pr
         audit.record(record.id, audit.CONNECTION_STRING_VIEWED, record.owner_id, requester.ip)
     except Exception as exc:  # no unaudited disclosure
         log.error("audit write for %s failed, connection string withheld: %s", record.id, type(exc).__name__)
-        raise ServiceUnavailable("Audit log unavailable", hint="Retry in a few seconds.") from None
+        raise Unavailable("Audit log unavailable", hint="Retry in a few seconds.") from None
     plan = ctx.plan(record.plan)
     return Provisioned(record, plan, ctx.hosts.get(record.host_id), records.password(ctx, record), created=False)
 
@@ -246,7 +246,7 @@ def rotate_password(ctx: Context, record: DatabaseRecord, requester: Requester) 
     try:
         postgres.set_password(ctx.target(host), record.role_name, password)
     except postgres.HostUnavailable:
-        raise ServiceUnavailable(
+        raise Unavailable(
             "Database host unavailable", hint="The password was not changed; retry in a few seconds."
         ) from None
     if not records.new_secret(ctx, record, password):
@@ -276,7 +276,7 @@ def finish_delete(ctx: Context, record: DatabaseRecord, actor: str, ip: str | No
         postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name, keep_claimed=False)
     except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
         log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
-        raise ServiceUnavailable(
+        raise Unavailable(
             "Database host unavailable", hint="The database is being deleted; retry the DELETE to finish it."
         ) from None
     if not records.mark_deleted(ctx, record):
@@ -305,6 +305,6 @@ def finish_stalled(ctx: Context, deadline: float, limit: int = 25) -> int:
                 elif record.status == DELETING:
                     finish_delete(ctx, record, actor=audit.SYSTEM)
                 finished += 1
-            except ServiceUnavailable:
+            except Unavailable:
                 log.warning("stalled %s %s: host still unavailable", record.status, record.id)
     return finished

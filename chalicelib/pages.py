@@ -20,9 +20,9 @@ from html import escape
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from chalicelib import accounts, auth, ownership, records
+from chalicelib import accounts, auth, http, ownership, records
 from chalicelib.clock import iso
-from chalicelib.errors import ApiError, BadRequest, Gone, NotFound, TooManyRequests
+from chalicelib.errors import DomainError, Gone, Invalid, NotFound, RateLimited
 from chalicelib.identifiers import parse_database_id
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord
 from chalicelib.records import Requester
@@ -205,7 +205,7 @@ class ClaimPages:
     def _size(self, record: DatabaseRecord) -> str:
         try:
             return _size(ownership.usage(self.ctx, record).size_bytes)
-        except ApiError:
+        except DomainError:
             return "unknown"
 
     def _forms(self, record: DatabaseRecord) -> str:
@@ -244,10 +244,10 @@ class ClaimPages:
             'placeholder="ipgc_…" spellcheck="false">'
         )
 
-    def _limited(self, exc: TooManyRequests) -> Page:
+    def _limited(self, exc: RateLimited) -> Page:
         """Too many failed keys from this address: a short page, with no work behind it."""
         body = _card(f'<h1 id="headline">{escape(exc.error)}</h1><p id="notice">{escape(exc.hint or "")}</p>', "error")
-        return Page(exc.status, exc.error, body, extra_headers=dict(exc.headers))
+        return Page(http.status(exc), exc.error, body, extra_headers=http.headers(exc))
 
     def _not_found(self) -> Page:
         body = _card(
@@ -277,10 +277,10 @@ class ClaimPages:
         try:
             form = _form(raw_body)
             account = auth.check_key(form.get("api_key"), self.ctx.guard, requester.ip)
-        except TooManyRequests as exc:
+        except RateLimited as exc:
             return self._limited(exc)
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         return self._claim(raw_id, account.id, requester, form.get("creator_token"))
 
     def signup_and_claim(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
@@ -291,8 +291,8 @@ class ClaimPages:
         try:
             # A form without a usable email is a 400 whatever the database's state.
             email = accounts.parse_email(_form(raw_body).get("email"))
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         if not records.claimable(record):
             # Claimed or gone meanwhile: say so, and make no account for nothing.
             return self.show(database_id)
@@ -301,10 +301,10 @@ class ClaimPages:
             # Check the token before making an account that could not claim.
             ownership.check_claim_token(self.ctx, record, token, requester)
             new = accounts.signup(self.ctx.settings, email)
-        except TooManyRequests as exc:
+        except RateLimited as exc:
             return self._limited(exc)
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         result = self._claim(raw_id, new.account.id, requester, token)
         key = _card(
             "<h2>Your API key</h2>"
@@ -321,14 +321,14 @@ class ClaimPages:
             return self._not_found()
         try:
             ownership.claim(self.ctx, database_id, account_id, requester, creator_token)
-        except TooManyRequests as exc:
+        except RateLimited as exc:
             return self._limited(exc)
         except NotFound:
             return self._not_found()
         except Gone as gone:
             return self._gone(database_id, gone)
-        except ApiError as exc:
-            return self.show(database_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(database_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         base = escape(self.api_base)
         rid = escape(database_id)
         done = _card(
@@ -348,9 +348,9 @@ class ClaimPages:
 def _form(raw_body: bytes | None) -> dict[str, str]:
     """A url-encoded form as {name: first value}."""
     if raw_body and len(raw_body) > MAX_FORM_BYTES:
-        raise BadRequest("Form too large", hint="Send only the form's fields.")
+        raise Invalid("Form too large", hint="Send only the form's fields.")
     try:
         fields = parse_qs((raw_body or b"").decode(), max_num_fields=10)
     except (UnicodeDecodeError, ValueError):
-        raise BadRequest("The form could not be read", hint="Submit the form on this page.") from None
+        raise Invalid("The form could not be read", hint="Submit the form on this page.") from None
     return {k: v[0] for k, v in fields.items()}

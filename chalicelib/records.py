@@ -137,7 +137,7 @@ def existing(ctx: Context, record: DatabaseRecord) -> Provisioned:
 
 
 def still_creating() -> Conflict:
-    return Conflict("Database is still being created", hint="Retry in a second.", headers={"Retry-After": "1"})
+    return Conflict("Database is still being created", hint="Retry in a second.", retry_after=1)
 
 
 def past_expiry(record: DatabaseRecord) -> bool:
