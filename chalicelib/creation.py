@@ -25,8 +25,7 @@ from chalicelib.identifiers import creator_token, tenant_password, token_hash, u
 from chalicelib.models import FAILED, PROVISIONING, DatabaseRecord, HostRecord
 from chalicelib.records import Provisioned, Requester
 from chalicelib.schemas import CreateDatabase
-from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
-from chalicelib.settings import Plan
+from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -51,7 +50,7 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
     # Abuse limits (chalicelib.abuse): a request that gets this far counts.
     ctx.guard.check_rate(requester.ip)
     hosts = ctx.guard.open_hosts(hosts)
-    plan = ctx.plan(UNCLAIMED_PLAN)
+    plan = ctx.plan(TRIAL_PLAN)
     password = tenant_password()
     verifier = postgres.scram_verifier(password)  # once, for whichever way the database comes
     token = creator_token()  # handed out once; the record keeps its hash

@@ -29,8 +29,7 @@ from chalicelib.models import (
     DatabaseRecord,
 )
 from chalicelib.records import Provisioned, Requester
-from chalicelib.settings import CLAIMED as CLAIMED_PLAN
-from chalicelib.settings import Plan
+from chalicelib.settings import FREE_PLAN, Plan
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -109,7 +108,7 @@ def check_creator(ctx: Context, record: DatabaseRecord, token: str | None, reque
 
 def finish_claim(ctx: Context, record: DatabaseRecord, requester: Requester | None = None) -> Provisioned:
     """Steps 2 and 3 of a claim whose record is CLAIMING (a retry or a sweep calls this)."""
-    plan = ctx.plan(CLAIMED_PLAN)
+    plan = ctx.plan(FREE_PLAN)
     host = ctx.hosts.get(record.host_id)
     try:
         postgres.apply_plan(ctx.target(host), record.role_name, plan, claimed=True)

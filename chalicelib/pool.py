@@ -35,8 +35,7 @@ from chalicelib import hosts as hostlib
 from chalicelib.identifiers import tenant_password, uuid7
 from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord, HostRecord
 from chalicelib.records import Provisioned, Requester
-from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
-from chalicelib.settings import Plan
+from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -307,7 +306,7 @@ def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
     (after marking the record FAILED) when the host fails.
     """
     hostlib.reserve([host])
-    plan = ctx.plan(UNCLAIMED_PLAN)
+    plan = ctx.plan(TRIAL_PLAN)
     # A password nobody will ever use: the role is NOLOGIN until taken, and
     # the take replaces it. It is sealed like any secret, never logged.
     password = tenant_password()

@@ -28,8 +28,7 @@ from pynamodb.exceptions import UpdateError
 from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
-from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
-from chalicelib.settings import Plan
+from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -132,7 +131,7 @@ def _enforce_time(
 ) -> None:
     plans = {r.role_name: ctx.settings.plan(r.plan) for r in records}
     # A role with no live record (being created, or an orphan) gets the strictest plan.
-    default = ctx.settings.plan(UNCLAIMED_PLAN)
+    default = ctx.settings.plan(TRIAL_PLAN)
     doomed = []
     for backend in postgres.tenant_backends(target, ctx.settings.name_prefix):
         plan = plans.get(backend.role, default)

@@ -43,9 +43,9 @@ class Host:
 
 
 def _plan():
-    from chalicelib.settings import UNCLAIMED, load
+    from chalicelib.settings import TRIAL_PLAN, load
 
-    return load({}).plan(UNCLAIMED)
+    return load({}).plan(TRIAL_PLAN)
 
 
 def _new_tenant(target, prefix: str, pg) -> Tenant:
