@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from chalicelib.abuse import Guard
     from chalicelib.crypto import KeyRing
-    from chalicelib.hosts import HostCache
+    from chalicelib.hosts import AdminCredentials, HostCache
     from chalicelib.keyring import SecretKeyRing
     from chalicelib.models import HostRecord
     from chalicelib.pool import Candidates
-    from chalicelib.postgres import Target
+    from chalicelib.postgres import Sessions, Target
     from chalicelib.settings import Plan, Settings
 
 
@@ -31,6 +31,8 @@ class Context:
     hosts: HostCache  # the host registry, cached
     guard: Guard  # abuse limits (rate, failed keys, idempotency keys)
     pool: Candidates  # warm-pool records this process has seen and not taken yet
+    credentials: AdminCredentials  # hosts' admin credentials, re-read on rotation
+    sessions: Sessions  # kept-open admin connections for the create's hot path
 
     def plan(self, name: str) -> Plan:
         return self.settings.plan(name)
@@ -39,7 +41,7 @@ class Context:
         """How the service's admin session reaches `host`."""
         from chalicelib import hosts
 
-        return hosts.target(host, self.settings)
+        return hosts.target(host, self.settings, self.credentials, self.sessions)
 
 
 def build(settings: Settings) -> Context:
@@ -48,24 +50,38 @@ def build(settings: Settings) -> Context:
     # cold start, and app.py imports this module on every invocation.
     from chalicelib import keyring, models
     from chalicelib.abuse import Guard
-    from chalicelib.hosts import HostCache
+    from chalicelib.hosts import AdminCredentials, HostCache
     from chalicelib.pool import Candidates
+    from chalicelib.postgres import Sessions
 
     models.configure(settings)
-    return Context(settings, keyring.load(settings), HostCache(), Guard(settings), Candidates())
+    return Context(
+        settings, keyring.load(settings), HostCache(), Guard(settings), Candidates(), AdminCredentials(settings), Sessions()
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The process's settings, read from the environment once (a malformed one raises ValueError)."""
+    from chalicelib.settings import load
+
+    return load()
 
 
 @functools.lru_cache(maxsize=1)
 def get() -> Context:
     """The process's Context."""
-    from chalicelib.settings import get_settings
-
-    return build(get_settings())
+    return build(settings())
 
 
 def reset() -> None:
     """Forget the Context and the settings it was built from (tests, after changing the environment)."""
-    from chalicelib.settings import get_settings
-
-    get_settings.cache_clear()
+    close_sessions()
+    settings.cache_clear()
     get.cache_clear()
+
+
+def close_sessions() -> None:
+    """Close the process Context's kept-open admin connections, if it was built (tests and tools stopping a server)."""
+    if get.cache_info().currsize:
+        get().sessions.clear()

@@ -305,7 +305,7 @@ class _Run:
             # The slot count before anything else: the recount's write is
             # conditional on it, so a create or drop meanwhile cancels it.
             allocated = int(HostRecord.get(host.id, consistent_read=True).allocated or 0)
-            target = hostlib.target(host, self.settings)
+            target = self.ctx.target(host)
             # The catalog first, the records second: a create writes its record
             # before its DDL, so every name listed here already has its record.
             found = postgres.inventory(target, prefix)

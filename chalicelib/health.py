@@ -6,7 +6,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import hosts as hostlib
 from chalicelib import postgres
 from chalicelib.models import HOST_ACTIVE, DatabaseRecord
 
@@ -29,7 +28,7 @@ def run(ctx: Context) -> tuple[bool, dict[str, Any]]:
 
     def probe(host) -> str:
         try:
-            postgres.ping(hostlib.target(host, ctx.settings))
+            postgres.ping(ctx.target(host))
             return "ok"
         except Exception as exc:  # reported, never raised; details stay in the log
             log.warning(

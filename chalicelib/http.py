@@ -104,12 +104,11 @@ def store_outages(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        from chalicelib import reliability
-        from chalicelib.settings import get_settings
+        from chalicelib import context, reliability
 
         try:
             # Every request under one deadline (chalicelib.reliability).
-            with reliability.request_deadline(get_settings().request_deadline_s):
+            with reliability.request_deadline(context.settings().request_deadline_s):
                 return view(*args, **kwargs)
         except errors.DomainError as exc:
             return http_error(exc)

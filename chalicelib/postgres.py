@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class Target:
     # login without a SQLSTATE, so any failed connect asks once for fresh
     # credentials and retries only if they changed.
     refresh: Callable[[], tuple[str, str] | None] | None = field(default=None, repr=False, compare=False)
+    # Kept-open admin connections for the hot path (the Context's); None: one connection per use.
+    sessions: Sessions | None = field(default=None, repr=False, compare=False)
 
     def _open(self, user: str, password: str, dbname: str | None, options: str = _ADMIN_OPTIONS) -> psycopg.Connection:
         import psycopg
@@ -113,8 +116,15 @@ class Target:
 
     @contextmanager
     def session(self) -> Iterator[psycopg.Connection]:
-        """A kept-open admin connection for the create's hot path (see `_Sessions`)."""
-        with _sessions.use(self) as conn:
+        """A kept-open admin connection for the create's hot path (see `Sessions`)."""
+        if self.sessions is None:
+            conn = _open_hot(self)
+            try:
+                yield conn
+            finally:
+                conn.close()
+            return
+        with self.sessions.use(self) as conn:
             yield conn
 
 
@@ -125,7 +135,16 @@ class Target:
 _HOT_OPTIONS = _ADMIN_OPTIONS + " -c synchronous_commit=off"
 
 
-class _Sessions:
+def _open_hot(target: Target) -> psycopg.Connection:
+    import psycopg
+
+    try:
+        return target._open(target.user, target.password, None, options=_HOT_OPTIONS)
+    except psycopg.OperationalError as exc:
+        raise HostUnavailable(f"cannot connect to {target.host}:{target.port}: {_first_line(exc)}") from None
+
+
+class Sessions:
     """Idle admin connections per target, reused across requests (and warm Lambda invocations).
 
     Opening a connection (TCP, SCRAM, a new backend) costs more than the
@@ -137,18 +156,8 @@ class _Sessions:
     MAX_IDLE = 4
 
     def __init__(self) -> None:
-        import threading
-
         self._idle: dict[Target, list[psycopg.Connection]] = {}
         self._lock = threading.Lock()
-
-    def _open(self, target: Target) -> psycopg.Connection:
-        import psycopg
-
-        try:
-            return target._open(target.user, target.password, None, options=_HOT_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise HostUnavailable(f"cannot connect to {target.host}:{target.port}: {_first_line(exc)}") from None
 
     @contextmanager
     def use(self, target: Target) -> Iterator[psycopg.Connection]:
@@ -156,7 +165,7 @@ class _Sessions:
             idle = self._idle.setdefault(target, [])
             conn = idle.pop() if idle else None
         if conn is None or conn.closed or conn.broken:
-            conn = self._open(target)
+            conn = _open_hot(target)
         try:
             yield conn
         except BaseException:
@@ -175,14 +184,6 @@ class _Sessions:
             self._idle.clear()
         for conn in conns:
             conn.close()
-
-
-_sessions = _Sessions()
-
-
-def close_sessions() -> None:
-    """Close the kept-open admin connections (tests and tools that stop their servers)."""
-    _sessions.clear()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -179,7 +179,7 @@ def enforce(ctx: Context, deadline: float) -> dict[str, Any]:
             break
         records = by_host.get(host.id, [])
         try:
-            target = hostlib.target(host, ctx.settings)
+            target = ctx.target(host)
             _enforce_time(ctx, target, records, summary)
             _enforce_storage(ctx, target, records, summary)
             summary["hosts"] += 1
@@ -203,7 +203,7 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     if record.locked_reason != STORAGE:
         return False
     host: HostRecord = ctx.hosts.get(record.host_id)
-    target = hostlib.target(host, ctx.settings)
+    target = ctx.target(host)
     size = postgres.database_size(target, record.db_name)
     if size is None:
         return False

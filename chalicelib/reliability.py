@@ -36,13 +36,10 @@ def drop_backoff_s(attempts: int) -> int:
     return min(DROP_BACKOFF_BASE_S * 2 ** min(attempts, 10), DROP_BACKOFF_CAP_S)
 
 
-def botocore_config(settings: Settings | None = None) -> Config:
+def botocore_config(settings: Settings) -> Config:
     """Timeouts and bounded retries for every boto3 client the service makes."""
     from botocore.config import Config
 
-    from chalicelib.settings import get_settings
-
-    settings = settings or get_settings()
     return Config(
         connect_timeout=settings.aws_connect_timeout_s,
         read_timeout=settings.aws_read_timeout_s,

@@ -7,7 +7,6 @@ read `os.environ` themselves. The README's configuration table mirrors
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -357,9 +356,3 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
         aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
     )
-
-
-@functools.lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings; tests call `get_settings.cache_clear()`."""
-    return load()

@@ -31,9 +31,10 @@ from typing import Any
 
 from chalice import Response
 
+from chalicelib import context
 from chalicelib.errors import DomainError, Forbidden, Unavailable, UnsupportedMediaType
 from chalicelib.http import http_error
-from chalicelib.settings import Settings, get_settings
+from chalicelib.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def http_policy(event: Any, get_response: Callable[[Any], Response]) -> Response
     """Chalice HTTP middleware: the checks before a route, the headers after it."""
     headers = event.headers
     try:
-        settings = get_settings()
+        settings = context.settings()
     except ValueError as exc:  # a malformed setting: say which, never serve half-configured
         log.error("configuration error: %s", exc)
         error = Unavailable(

@@ -57,13 +57,13 @@ def test_create_still_works_after_the_admin_password_is_rotated(service, pg, sec
             SecretId=arn, SecretString=json.dumps({"username": pg.admin_user, "password": new_password})
         )
         # The cache still holds the old password, which the server now refuses.
-        assert hosts.admin_credentials(f"secretsmanager:{arn}").password == pg.admin_password
+        assert service.credentials.get(f"secretsmanager:{arn}").password == pg.admin_password
 
         response = post_json(client, "/api/v1/database", {"ref": "after"})
         assert response.status_code == 201, response.json_body
         with psycopg.connect(response.json_body["connection_string"]) as conn:
             assert conn.execute("SELECT current_database()").fetchone()[0]
-        assert hosts.admin_credentials(f"secretsmanager:{arn}").password == new_password
+        assert service.credentials.get(f"secretsmanager:{arn}").password == new_password
 
 
 def test_a_wrong_password_in_the_secret_is_a_503_not_a_retry_loop(service, pg, secrets):
@@ -75,7 +75,7 @@ def test_a_wrong_password_in_the_secret_is_a_503_not_a_retry_loop(service, pg, s
     )
     service.hosts.invalidate()
     secrets.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": pg.admin_user, "password": "nope"}))
-    hosts._credentials.pop(f"secretsmanager:{arn}")
+    service.credentials.forget(f"secretsmanager:{arn}")
     with _client() as client:
         response = post_json(client, "/api/v1/database", {"ref": "bad-secret"})
     assert response.status_code == 503, response.json_body
@@ -124,11 +124,10 @@ def test_rotating_the_primary_key_keeps_existing_databases_readable(instapg_env,
 
 def test_a_warm_instance_reads_the_secret_again_for_a_key_it_has_not_seen(instapg_env, host, secrets):
     from chalicelib import context, records
-    from chalicelib.settings import get_settings
     from tools import keyring
 
     arn = _use_keyring_secret(instapg_env, secrets, keyring.rotated("", "old"))
-    settings = get_settings()
+    settings = context.settings()
     warm = context.build(settings)
     assert warm.keyring.primary_id == "old"
 

@@ -158,9 +158,9 @@ class Bench:
     def stop(self) -> None:
         if self.http is not None:
             self.http.shutdown()
-        from chalicelib import postgres
+        from chalicelib import context
 
-        postgres.close_sessions()
+        context.close_sessions()
         for server in self.servers:
             server.stop(mode="immediate")  # the data is thrown away: no shutdown checkpoint
             shutil.rmtree(server.data_dir, ignore_errors=True)

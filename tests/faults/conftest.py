@@ -33,10 +33,10 @@ class StoppablePg:
         return json.dumps({"username": self.admin_user, "password": self.admin_password})
 
     def stop(self) -> None:
-        from chalicelib import postgres
+        from chalicelib import context
 
         self.server.stop(mode="immediate")
-        postgres.close_sessions()
+        context.close_sessions()
 
     def start(self) -> None:
         from tools import pgserver

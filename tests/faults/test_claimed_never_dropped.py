@@ -257,14 +257,14 @@ def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, h
 
 
 def test_a_live_record_whose_database_is_missing_is_reported_and_left(instapg_env, host, pg, caplog):
-    from chalicelib import postgres
+    from chalicelib import context
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
     db = claimed(service)
     with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:  # Postgres restored from before the create
         conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(db.record.db_name)))
         conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(db.record.role_name)))
-    postgres.close_sessions()
+    context.close_sessions()
     with caplog.at_level(logging.INFO):
         summary = purge(service)
     assert summary.records_without_database == 1
