@@ -47,7 +47,7 @@ def test_twenty_concurrent_retries_of_one_claim_all_succeed(service, host, pg):
 
 
 def test_concurrent_claims_by_two_accounts_give_one_winner_and_409s(service, host, pg):
-    from chalicelib import creation
+    from chalicelib import creation, http
     from chalicelib.errors import Conflict, DomainError
     from chalicelib.records import Provisioned, Requester
     from chalicelib.schemas import CreateDatabase
@@ -63,4 +63,4 @@ def test_concurrent_claims_by_two_accounts_give_one_winner_and_409s(service, hos
             assert isinstance(result, Provisioned), repr(result)
         else:
             assert isinstance(result, Conflict), repr(result)
-    assert not [r for r in results if isinstance(r, DomainError) and r.status >= 500]
+    assert not [r for r in results if isinstance(r, DomainError) and http.status(r) >= 500]
