@@ -157,14 +157,13 @@ def purge(event):
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
 def drop_removed(event):
     """The databases table's stream: drop what TTL removed, then top up the pools creates took from."""
-    import time
-
     from chalicelib import expiry, jobs, pool
+    from chalicelib.clock import Deadline
 
     records = [record.to_dict() for record in event]
     ctx = context.get()
     expiry.handle_stream(ctx, records)
-    pool.refill_after_takes(ctx, records, deadline=time.time() + jobs.budget_s(ctx, event.context))
+    pool.refill_after_takes(ctx, records, Deadline.after(jobs.budget_s(ctx, event.context)))
 
 
 # --- The OpenAPI document ----------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from chalicelib import audit, ownership, postgres, records
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.models import (
     CLAIMED,
     DELETED,
@@ -238,16 +239,16 @@ class PurgeSummary:
 
 
 class _Run:
-    def __init__(self, ctx: Context, budget_s: float, page_size: int) -> None:
+    def __init__(self, ctx: Context, deadline: Deadline, page_size: int) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
-        self.deadline = time.monotonic() + budget_s
+        self.deadline = deadline
         self.page_size = page_size
         self.summary = PurgeSummary()
         self.down: set[str] = set()
 
     def time_left(self) -> bool:
-        if time.monotonic() >= self.deadline:
+        if self.deadline.passed():
             self.summary.stopped_early = True
             return False
         return True
@@ -424,13 +425,13 @@ class _Run:
         )
 
 
-def run_scheduled(ctx: Context, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:
-    """One purge run that takes no new work after `budget_s` seconds; logs one JSON summary line.
+def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) -> PurgeSummary:
+    """One purge run that takes no new work after `deadline`; logs one JSON summary line.
 
     The local stack calls this on a timer (`chalice local` runs no schedules).
     """
     started = time.monotonic()
-    run = _Run(ctx, budget_s, page_size)
+    run = _Run(ctx, deadline, page_size)
     error = None
     try:
         # A warm Lambda keeps its host cache; a run works from the registry as it is now.

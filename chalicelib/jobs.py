@@ -12,10 +12,10 @@ cannot starve quota enforcement; the quota pass runs until the run's deadline.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import TYPE_CHECKING, Any
 
 from chalicelib import expiry, pool, quotas
+from chalicelib.clock import Deadline
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -23,12 +23,11 @@ if TYPE_CHECKING:
 PURGE_SHARE = 0.6
 
 
-def run(ctx: Context, budget_s: float) -> dict[str, Any]:
-    """One run taking no new work after `budget_s` seconds; returns each part's summary."""
-    deadline = time.time() + budget_s
-    purge = expiry.run_scheduled(ctx, budget_s=budget_s * PURGE_SHARE)
-    enforcement = quotas.enforce(ctx, deadline=deadline)
-    refill = pool.refill(ctx, deadline=deadline)
+def run(ctx: Context, deadline: Deadline) -> dict[str, Any]:
+    """One run taking no new work after `deadline`; returns each part's summary."""
+    purge = expiry.run_scheduled(ctx, Deadline.after(deadline.left() * PURGE_SHARE))
+    enforcement = quotas.enforce(ctx, deadline)
+    refill = pool.refill(ctx, deadline)
     return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
 
 
@@ -47,4 +46,4 @@ def budget_s(ctx: Context, context: Any) -> float:
 
 def run_lambda(ctx: Context, context: Any) -> dict[str, Any]:
     """The scheduled Lambda."""
-    return run(ctx, budget_s(ctx, context))
+    return run(ctx, Deadline.after(budget_s(ctx, context)))

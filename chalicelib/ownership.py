@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from chalicelib import audit, postgres, quotas, records
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
 from chalicelib.identifiers import tenant_password, token_hash
 from chalicelib.models import (
@@ -285,18 +286,18 @@ def finish_delete(ctx: Context, record: DatabaseRecord, actor: str, ip: str | No
     audit.record_quietly(record.id, audit.DELETED, actor, ip)
 
 
-def finish_stalled(ctx: Context, deadline: float, limit: int = 25) -> int:
+def finish_stalled(ctx: Context, deadline: Deadline, limit: int = 25) -> int:
     """Finish claims and deletes that stopped halfway (host down, Lambda killed).
 
     For the scheduled job: bounded by `limit` records and by `deadline`
-    (a time.monotonic() value), and resumable since each record is finished
+    and resumable since each record is finished
     with the same idempotent steps a retry uses. Returns how many it finished.
     """
     finished = 0
     now = int(time.time())
     for bucket in (CLAIMING, DELETING):
         for record in DatabaseRecord.by_due.query(bucket, DatabaseRecord.due_at <= now, limit=limit):
-            if finished >= limit or time.monotonic() >= deadline:
+            if finished >= limit or deadline.passed():
                 return finished
             try:
                 if record.status == CLAIMING:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from chalicelib import expiry, postgres, records
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.identifiers import tenant_password, uuid7
 from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord, HostRecord
 from chalicelib.records import Provisioned, Requester
@@ -109,13 +110,12 @@ class RefillSummary:
 
 
 def refill(
-    ctx: Context, deadline: float, size: int | None = None, host_ids: Collection[str] | None = None
+    ctx: Context, deadline: Deadline, size: int | None = None, host_ids: Collection[str] | None = None
 ) -> RefillSummary:
     """Top up every active host's pool (or those in `host_ids`) to `size` (settings.pool_size); empty DRAINING hosts' pools.
 
-    `deadline` is a `time.time()` value, as for `quotas.enforce`: no new database is started
-    after it. A host that fails is skipped; the others still get their pool. A host whose
-    lease another refill holds is skipped too (`hosts_busy`).
+    No new database is started after `deadline`. A host that fails is skipped; the others still
+    get their pool. A host whose lease another refill holds is skipped too (`hosts_busy`).
     """
     started = time.monotonic()
     size = ctx.settings.pool_size if size is None else size
@@ -123,7 +123,7 @@ def refill(
     for host in ctx.hosts.all(fresh=True):
         if host_ids is not None and host.id not in host_ids:
             continue
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             break
         lease = _Lease(host.id)
@@ -192,7 +192,7 @@ def hosts_taken_from(events: Iterable[dict[str, Any]]) -> set[str]:
     return hosts
 
 
-def refill_after_takes(ctx: Context, events: Iterable[dict[str, Any]], deadline: float) -> RefillSummary | None:
+def refill_after_takes(ctx: Context, events: Iterable[dict[str, Any]], deadline: Deadline) -> RefillSummary | None:
     """The stream handler's part: top up the pools that these records show creates took from.
 
     Never raises: the batch's other work is done, and a pool left short is
@@ -208,11 +208,11 @@ def refill_after_takes(ctx: Context, events: Iterable[dict[str, Any]], deadline:
         return None
 
 
-def _refill_host(ctx: Context, host, size: int, deadline: float, summary: RefillSummary, lease: _Lease) -> None:
+def _refill_host(ctx: Context, host, size: int, deadline: Deadline, summary: RefillSummary, lease: _Lease) -> None:
     current = pooled(host.id)
     # Too many (the size went down, or the host is draining): give slots back.
     for record in current[size:]:
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             return
         if not lease.renew():
@@ -220,7 +220,7 @@ def _refill_host(ctx: Context, host, size: int, deadline: float, summary: Refill
         if discard(ctx, record, host):
             summary.discarded += 1
     for _ in range(size - len(current)):
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             return
         if not lease.renew():

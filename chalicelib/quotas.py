@@ -19,7 +19,6 @@ Run from the scheduled job (`enforce`), per host:
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from pynamodb.exceptions import UpdateError
 
 from chalicelib import audit, postgres
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
 from chalicelib.settings import TRIAL_PLAN, Plan
 
@@ -40,14 +40,14 @@ _LIVE = (UNCLAIMED, CLAIMED)
 _PROJECTION = ["id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason"]
 
 
-def _live_records(deadline: float) -> tuple[dict[str, list[DatabaseRecord]], bool]:
+def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], bool]:
     """Live records grouped by host (a projected scan; False if the deadline cut it short)."""
     by_host: dict[str, list[DatabaseRecord]] = {}
     for record in DatabaseRecord.scan(
         filter_condition=DatabaseRecord.status.is_in(*_LIVE), attributes_to_get=_PROJECTION, page_size=500
     ):
         by_host.setdefault(record.host_id, []).append(record)
-        if time.time() > deadline:
+        if deadline.passed():
             return by_host, False
     return by_host, True
 
@@ -155,8 +155,8 @@ def _enforce_time(
             summary["rolled_back"] += 1
 
 
-def enforce(ctx: Context, deadline: float) -> dict[str, Any]:
-    """One pass over every host, stopping at `deadline` (a `time.time()` epoch).
+def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
+    """One pass over every host, stopping at `deadline`.
 
     Every step is idempotent, so a pass cut short is finished by the next one.
     Returns a summary for the job's log line.
@@ -174,7 +174,7 @@ def enforce(ctx: Context, deadline: float) -> dict[str, Any]:
     by_host, complete = _live_records(deadline)
     summary["complete"] = complete
     for host in ctx.hosts.all(fresh=True):
-        if time.time() > deadline:
+        if deadline.passed():
             summary["complete"] = False
             break
         records = by_host.get(host.id, [])

@@ -501,9 +501,9 @@ def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, 
 
 
 def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service, host, instapg_env):
-    import time
 
     from chalicelib import context, ownership, records
+    from chalicelib.clock import Deadline
     from chalicelib.models import HostRecord
 
     # Stalled work is due at once here (default: after the provisioning timeout).
@@ -521,11 +521,11 @@ def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service,
     assert records.find(to_claim["id"]).status == "CLAIMING"
     assert records.find(to_delete["id"]).status == "DELETING"
     # Host still down: nothing finished, nothing lost.
-    assert ownership.finish_stalled(service, deadline=time.monotonic() + 30) == 0
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 0
 
     host.update(actions=[HostRecord.port.set(pg.port)])
     service.hosts.all(fresh=True)
-    assert ownership.finish_stalled(service, deadline=time.monotonic() + 30) == 2
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 2
     assert records.find(to_claim["id"]).status == "CLAIMED"
     assert records.find(to_delete["id"]).status == "DELETED"
     with psycopg.connect(pg.superuser_dsn) as conn:
@@ -534,7 +534,7 @@ def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service,
             (role_of(to_claim), role_of(to_delete)),
         ).fetchall()
     assert rows == [(role_of(to_claim), 20)]
-    assert ownership.finish_stalled(service, deadline=time.monotonic() + 30) == 0
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 0
 
 
 def test_connection_string_is_withheld_when_the_audit_log_is_down(client):
@@ -554,6 +554,7 @@ def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, p
     import time
 
     from chalicelib import context, expiry, records
+    from chalicelib.clock import Deadline
     from chalicelib.models import AuditEvent, DatabaseRecord, HostRecord
 
     instapg_env.setenv("INSTAPG_PROVISIONING_TIMEOUT_SECONDS", "0")
@@ -571,7 +572,7 @@ def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, p
     host.update(actions=[HostRecord.port.set(pg.port)])
     time.sleep(1)  # due_at is in whole seconds
 
-    summary = expiry.run_scheduled(service, budget_s=30)
+    summary = expiry.run_scheduled(service, Deadline.after(30))
     assert summary.expired_dropped == 1 and summary.stalled_finished == 1
     assert records.find(stalled["id"]).status == "CLAIMED"
     purged = [e for e in AuditEvent.query(doomed["id"]) if e.action == "purged"]
@@ -580,16 +581,16 @@ def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, p
 
 
 def test_claim_lifts_a_storage_lock_the_claimed_plan_fits(client, instapg_env):
-    import time
 
     from chalicelib import context, quotas, records
+    from chalicelib.clock import Deadline
 
     database = create(client)
     key = signup(client)
     # Every database is bigger than 1 MB: the quota pass locks this one.
     instapg_env.setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
     context.reset()
-    assert quotas.enforce(context.get(), deadline=time.time() + 30)["locked"] == [database["id"]]
+    assert quotas.enforce(context.get(), Deadline.after(30))["locked"] == [database["id"]]
     assert refused_login(**psycopg.conninfo.conninfo_to_dict(database["connection_string"])) == "28000"
 
     assert claim(client, database["id"], key).status_code == 200

@@ -114,8 +114,9 @@ def invoke_stream(client, *events):
 
 def purge(service, **kwargs):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
-    return expiry.run_scheduled(service, budget_s=kwargs.pop("budget_s", 120), **kwargs)
+    return expiry.run_scheduled(service, Deadline.after(kwargs.pop("budget_s", 120)), **kwargs)
 
 
 # -- the stream handler ----------------------------------------------------------
@@ -359,25 +360,26 @@ def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service,
     from chalicelib import jobs
 
     budgets = []
-    monkeypatch.setattr(jobs, "run", lambda svc, budget_s: budgets.append(budget_s))
+    monkeypatch.setattr(jobs, "run", lambda ctx, deadline: budgets.append(deadline.left()))
 
     class Context:
         def get_remaining_time_in_millis(self):
             return 300_000
 
     jobs.run_lambda(service, Context())
-    assert budgets == [pytest.approx(48.0)]  # 0.8 of the 60 s between runs, not of the 300 s left
+    assert budgets == [pytest.approx(48.0, abs=1)]  # 0.8 of the 60 s between runs, not of the 300 s left
 
 
 def test_a_run_that_fails_still_logs_its_summary(service, monkeypatch, caplog):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
     def unavailable(fresh=False):
         raise RuntimeError("metadata store unavailable")
 
     monkeypatch.setattr(service.hosts, "all", unavailable)
     with pytest.raises(RuntimeError):
-        expiry.run_scheduled(service, budget_s=10)
+        expiry.run_scheduled(service, Deadline.after(10))
     (line,) = [json.loads(m) for m in caplog.messages if m.startswith('{"event": "purge"')]
     assert line["error"].startswith("RuntimeError") and "duration_ms" in line
 

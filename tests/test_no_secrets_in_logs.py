@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import time
 import uuid
 from collections.abc import Callable
 
@@ -186,13 +185,14 @@ def step_account_keys(client, state):
 @step()
 def step_lock_and_unlock(client, state):
     from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
     context.reset()
-    assert quotas.enforce(context.get(), time.time() + 30)["locked"]
+    assert quotas.enforce(context.get(), Deadline.after(30))["locked"]
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "100")
     context.reset()
-    assert quotas.enforce(context.get(), time.time() + 30)["unlocked"]
+    assert quotas.enforce(context.get(), Deadline.after(30))["unlocked"]
 
 
 @step("GET /healthz", "GET /api/v1/openapi.yaml")

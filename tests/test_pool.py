@@ -14,8 +14,9 @@ from tests.pgerrors import refused_login
 
 def _refill(service, size: int):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
 
-    return pool.refill(service, time.time() + 120, size=size)
+    return pool.refill(service, Deadline.after(120), size=size)
 
 
 def _pooled(host_id: str = "local-1"):
@@ -187,6 +188,7 @@ def test_pool_size_zero_keeps_no_pool(service, host, size):
 def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg_env):
     from chalicelib import context, expiry, postgres
     from chalicelib import hosts as hostlib
+    from chalicelib.clock import Deadline
 
     _refill(service, 2)
     pooled_roles = {r.role_name for r in _pooled()}
@@ -199,7 +201,7 @@ def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg
     context.reset()
     fresh = context.get()
     for _ in range(2):  # first sighting, then the drop once the (zero) grace has passed
-        summary = expiry.run_scheduled(fresh, budget_s=60)
+        summary = expiry.run_scheduled(fresh, Deadline.after(60))
         assert summary.hosts_reconciled == 1
     with psycopg.connect(pg.superuser_dsn) as conn:
         left = {

@@ -34,8 +34,9 @@ def _record(database_id: str):
 
 def _enforce() -> dict:
     from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
-    return quotas.enforce(context.get(), deadline=time.time() + 30)
+    return quotas.enforce(context.get(), Deadline.after(30))
 
 
 def _pid_alive(pg, pid: int) -> bool:
@@ -214,9 +215,10 @@ def test_enforce_reports_an_unreachable_host_and_goes_on(client, host, service):
 
 def test_enforce_stops_at_its_deadline(client):
     from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
     _create(client)
-    summary = quotas.enforce(context.get(), deadline=time.time() - 1)
+    summary = quotas.enforce(context.get(), Deadline.after(-1))
     assert summary["complete"] is False and summary["hosts"] == 0
 
 

@@ -169,9 +169,10 @@ class Bench:
 
     def refill(self, size: int) -> None:
         from chalicelib import pool
+        from chalicelib.clock import Deadline
 
         started = time.monotonic()
-        summary = pool.refill(self.service, time.time() + 600, size=size)
+        summary = pool.refill(self.service, Deadline.after(600), size=size)
         _say(f"pool refilled: {summary.added} added in {time.monotonic() - started:.1f}s")
 
     # -- measurements ---------------------------------------------------------------
@@ -381,6 +382,7 @@ class Bench:
         )
 
     def purge(self) -> None:
+        from chalicelib.clock import Deadline
         n = self.args.purge
         try:
             from chalicelib import expiry
@@ -402,7 +404,7 @@ class Bench:
                 condition=DatabaseRecord.status == UNCLAIMED,
             )
         t = time.perf_counter()
-        summary = expiry.run_scheduled(self.service, 600)
+        summary = expiry.run_scheduled(self.service, Deadline.after(600))
         elapsed = time.perf_counter() - t
         dropped = getattr(summary, "expired_dropped", None)
         self.add(

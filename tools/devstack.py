@@ -122,19 +122,21 @@ class DevStack:
 
     def _scheduled_loop(self) -> None:
         from chalicelib import context, jobs
+        from chalicelib.clock import Deadline
 
         while not self.stopping.wait(self.interval):
             try:
-                jobs.run(context.get(), budget_s=self.interval * 0.8)
+                jobs.run(context.get(), Deadline.after(self.interval * 0.8))
             except Exception as exc:  # keep the timer alive; each part logged its summary
                 _say(f"scheduled run failed: {type(exc).__name__}")
 
     def _refill_pool(self, every_s: float = 5.0, budget_s: float = 20.0) -> None:
         from chalicelib import context, pool
+        from chalicelib.clock import Deadline
 
         while not self.stopping.is_set():
             try:
-                pool.refill(context.get(), time.time() + budget_s)
+                pool.refill(context.get(), Deadline.after(budget_s))
             except Exception as exc:  # keep the timer alive; the next round retries
                 _say(f"pool refill failed: {type(exc).__name__}")
             self.stopping.wait(every_s)

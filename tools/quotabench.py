@@ -59,11 +59,12 @@ def main(count: int) -> None:
             print(f"created {count} databases in {time.perf_counter() - started:.1f} s")
 
             def timed(label: str) -> None:
+                from chalicelib.clock import Deadline
                 context.reset()
                 service = context.get()
                 logging.getLogger("chalicelib").setLevel(logging.WARNING)
                 started = time.perf_counter()
-                summary = quotas.enforce(service, deadline=time.time() + 600)
+                summary = quotas.enforce(service, Deadline.after(600))
                 elapsed = time.perf_counter() - started
                 brief = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
                 print(f"{label:<28} {elapsed * 1000:7.0f} ms  {json.dumps(brief)}")

@@ -92,8 +92,9 @@ def restore_as_unclaimed(record) -> None:
 
 def purge(service):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
-    return expiry.run_scheduled(service, budget_s=60)
+    return expiry.run_scheduled(service, Deadline.after(60))
 
 
 def events(caplog, name: str) -> list[dict]:
@@ -220,18 +221,20 @@ def test_unclaimed_orphans_wait_out_the_grace_before_they_are_dropped(instapg_en
 
 def test_the_quota_job_never_drops_a_claimed_database(instapg_env, host, pg):
     from chalicelib import jobs
+    from chalicelib.clock import Deadline
 
     # Every database is over this limit; the record restored as UNCLAIMED puts it under it.
     service = reconfigure(instapg_env, INSTAPG_UNCLAIMED_STORAGE_MB=0)
     db = claimed(service)
     restore_as_unclaimed(fresh(db.record))
-    result = jobs.run(service, budget_s=60)  # purge, quotas, pool: the whole scheduled job
+    result = jobs.run(service, Deadline.after(60))  # purge, quotas, pool: the whole scheduled job
     assert result["purge"]["claimed_kept"] == 1
     assert exists(pg, db.record.db_name)
 
 
 def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, host, pg, caplog):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import POOLED, DatabaseRecord
     from tools import hosts as hosts_tool
 
@@ -247,7 +250,7 @@ def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, h
     )
     assert hosts_tool.main(["drain", "--id", host.id]) == 0
     with caplog.at_level(logging.INFO):
-        pool.refill(service, deadline=time.time() + 60)  # a draining host's pool is emptied
+        pool.refill(service, Deadline.after(60))  # a draining host's pool is emptied
     assert lives(pg, db)
     assert events(caplog, "claimed_database_kept")[0]["path"] == "pool"
     assert fresh(db.record).due_bucket is None
