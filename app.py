@@ -2,11 +2,13 @@
 
 from chalice import Chalice, Rate, Response
 
-from chalicelib import context
+from chalicelib import apidoc, context, schemas
+from chalicelib.clock import Deadline
 from chalicelib.errors import Invalid
 from chalicelib.http import json_errors, json_response, store_outages
+from chalicelib.identifiers import parse_client_id, parse_database_id
 from chalicelib.settings import load as load_settings
-from chalicelib.web import http_policy
+from chalicelib.web import base_url, http_policy
 
 app = Chalice(app_name="instapg")
 # Registered first, so outermost: origin checks before, security headers after everything.
@@ -24,8 +26,6 @@ BODY_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/pla
 
 
 def _database_id(raw: str) -> str:
-    from chalicelib.identifiers import parse_database_id
-
     database_id = parse_database_id(raw)
     if database_id is None:
         raise Invalid(
@@ -36,8 +36,6 @@ def _database_id(raw: str) -> str:
 
 def _client_id(raw: str) -> str:
     """A client-chosen id for a new database: a random v4/v7 UUID, since the id is a capability."""
-    from chalicelib.identifiers import parse_client_id
-
     database_id = parse_client_id(raw)
     if database_id is None:
         _database_id(raw)  # not a UUID at all: that error
@@ -67,15 +65,11 @@ def _requester():
 
 
 def _claim_base() -> str:
-    from chalicelib.web import base_url
-
     request = app.current_request
     return base_url(context.get().settings, request.headers, request.context)
 
 
 def _create_request(referrer: str | None = None):
-    from chalicelib import schemas
-
     settings = context.get().settings
     body = schemas.json_object(app.current_request.raw_body, settings.max_body_bytes)
     return schemas.create_database(body, referrer=referrer)
@@ -158,7 +152,6 @@ def purge(event):
 def drop_removed(event):
     """The databases table's stream: drop what TTL removed, then top up the pools creates took from."""
     from chalicelib import expiry, jobs, pool
-    from chalicelib.clock import Deadline
 
     records = [record.to_dict() for record in event]
     ctx = context.get()
@@ -171,8 +164,6 @@ def drop_removed(event):
 
 @route("/api/v1/openapi.yaml", methods=["GET"])
 def openapi_document():
-    from chalicelib import apidoc
-
     return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
 
 
@@ -192,8 +183,6 @@ def _account():
 
 def _no_fields() -> None:
     """A body is optional here; one that is sent must be a JSON object (its fields are ignored)."""
-    from chalicelib import schemas
-
     schemas.json_object(app.current_request.raw_body, context.get().settings.max_body_bytes)
 
 
@@ -206,7 +195,7 @@ def _owned(database_id: str, ended_ok: bool = False):
 
 @route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
 def create_account():
-    from chalicelib import accounts, schemas, views
+    from chalicelib import accounts, views
 
     settings = context.get().settings
     body = schemas.json_object(app.current_request.raw_body, settings.max_body_bytes)
@@ -223,7 +212,7 @@ def get_account():
 
 @route("/api/v1/account/rotate-key", methods=["POST"], content_types=BODY_TYPES)
 def rotate_api_key():
-    from chalicelib import accounts, auth, schemas, views
+    from chalicelib import accounts, auth, views
 
     account = _account()
     body = schemas.json_object(app.current_request.raw_body, context.get().settings.max_body_bytes)

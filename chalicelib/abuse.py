@@ -32,11 +32,11 @@ from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import DeleteError, PutError
 from pynamodb.expressions.operand import Path, Value
 
+from chalicelib.clock import iso
 from chalicelib.errors import Invalid, RateLimited, Refused
 from chalicelib.identifiers import uuid7
 from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord, IdempotencyRecord, RateCounter
 from chalicelib.settings import Settings
-from chalicelib.views import iso
 
 log = logging.getLogger(__name__)
 

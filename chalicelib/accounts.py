@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import UpdateError
 
+from chalicelib import audit
 from chalicelib.errors import Forbidden, Invalid
 from chalicelib.identifiers import uuid7
 from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
@@ -163,8 +164,6 @@ def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = Non
 
     Audited before it happens: a key change nobody can trace is worse than a 503.
     """
-    from chalicelib import audit
-
     audit.record(audit.account_subject(account_id), audit.API_KEY_ROTATED, account_id, ip, f"grace_s={grace_s}")
     new_key = add_key(account_id)
     until = datetime.now(UTC) + timedelta(seconds=grace_s)
@@ -184,7 +183,5 @@ def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = Non
 
 def revoke_own_key(account_id: str, api_key: str, ip: str | None = None) -> None:
     """The account holder stops the key they called with, at once; audited first."""
-    from chalicelib import audit
-
     audit.record(audit.account_subject(account_id), audit.API_KEY_REVOKED, account_id, ip)
     revoke_key(api_key)

@@ -5,6 +5,11 @@ or Postgres at import), through the cached getter `get()`, in the style of
 Chalice's todo sample. Domain functions take it as their first argument
 instead of reaching for module state. Tests call `reset()` after changing
 the environment.
+
+The two caches here are the process's only module-level state, with two
+exceptions that belong elsewhere: a request's deadline is per request and
+per thread (chalicelib.reliability), and apidoc keeps the parsed OpenAPI
+document, which never changes in a process.
 """
 
 from __future__ import annotations
@@ -13,21 +18,24 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chalicelib import keyring
+from chalicelib.postgres import Sessions
+from chalicelib.settings import Plan, Settings
+from chalicelib.settings import load as load_settings
+
 if TYPE_CHECKING:
     from chalicelib.abuse import Guard
     from chalicelib.crypto import KeyRing
     from chalicelib.hosts import AdminCredentials, HostCache
-    from chalicelib.keyring import SecretKeyRing
     from chalicelib.models import HostRecord
-    from chalicelib.pool import Candidates
-    from chalicelib.postgres import Sessions, Target
-    from chalicelib.settings import Plan, Settings
+    from chalicelib.pooled import Candidates
+    from chalicelib.postgres import Target
 
 
 @dataclass
 class Context:
     settings: Settings
-    keyring: KeyRing | SecretKeyRing
+    keyring: KeyRing | keyring.SecretKeyRing
     hosts: HostCache  # the host registry, cached
     guard: Guard  # abuse limits (rate, failed keys, idempotency keys)
     pool: Candidates  # warm-pool records this process has seen and not taken yet
@@ -46,13 +54,12 @@ class Context:
 
 def build(settings: Settings) -> Context:
     """A Context from `settings` (tests may build their own)."""
-    # Imported here, not at the top: pynamodb, botocore and cryptography cost a
-    # cold start, and app.py imports this module on every invocation.
-    from chalicelib import keyring, models
+    # Imported here, not at the top: they import pynamodb (and botocore), which
+    # costs a cold start, and app.py imports this module on every invocation.
+    from chalicelib import models
     from chalicelib.abuse import Guard
     from chalicelib.hosts import AdminCredentials, HostCache
-    from chalicelib.pool import Candidates
-    from chalicelib.postgres import Sessions
+    from chalicelib.pooled import Candidates
 
     models.configure(settings)
     return Context(
@@ -63,9 +70,7 @@ def build(settings: Settings) -> Context:
 @functools.lru_cache(maxsize=1)
 def settings() -> Settings:
     """The process's settings, read from the environment once (a malformed one raises ValueError)."""
-    from chalicelib.settings import load
-
-    return load()
+    return load_settings()
 
 
 @functools.lru_cache(maxsize=1)

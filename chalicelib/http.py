@@ -17,7 +17,7 @@ from typing import Any
 
 from chalice import Response
 
-from chalicelib import errors
+from chalicelib import context, errors, reliability
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ def store_outages(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        from chalicelib import context, reliability
-
         try:
             # Every request under one deadline (chalicelib.reliability).
             with reliability.request_deadline(context.settings().request_deadline_s):

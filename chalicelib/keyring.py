@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from chalicelib import reliability
 from chalicelib.crypto import KeyRing, KeyRingError, Sealed
 from chalicelib.settings import Settings
 
@@ -26,8 +27,6 @@ REFRESH_INTERVAL_S = 300.0
 
 def read_secret(secret_id: str, settings: Settings) -> KeyRing:
     import boto3
-
-    from chalicelib import reliability
 
     client = boto3.client("secretsmanager", config=reliability.botocore_config(settings))
     raw = client.get_secret_value(SecretId=secret_id)["SecretString"]

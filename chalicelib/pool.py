@@ -23,8 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import random
-import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +33,7 @@ from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.identifiers import tenant_password, uuid7
 from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord, HostRecord
+from chalicelib.pooled import bucket, pooled
 from chalicelib.records import Provisioned, Requester
 from chalicelib.settings import TRIAL_PLAN, Plan
 
@@ -43,58 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUCKET_PREFIX = POOLED + "#"
 # A refill holds a host's lease for this long and renews it before each
 # database it adds or drops, so a holder that died (or lost DynamoDB and could
 # not give the lease back) blocks other refills for seconds, not minutes. One
 # CREATE DATABASE takes well under it; should one take longer, a second
 # refill may add one database too many, which the next refill discards.
 LEASE_S = 30
-# How many pooled records one take looks at. Concurrent creates each pick at
-# random among them, so they rarely race for the same record.
-CANDIDATES = 25
-
-
-def bucket(host_id: str) -> str:
-    return BUCKET_PREFIX + host_id
-
-
-def candidates(host_id: str, limit: int = CANDIDATES) -> list[DatabaseRecord]:
-    """Up to `limit` pooled records of a host, shuffled (the index may lag: the take's condition decides)."""
-    found = list(DatabaseRecord.by_due.query(bucket(host_id), limit=limit))
-    random.shuffle(found)
-    return found
-
-
-class Candidates:
-    """Pooled records this process has seen but not tried yet, per host.
-
-    A take pops one instead of querying the index each time, so a warm
-    process's pooled create is a single conditional write. Entries go stale
-    when another process takes them; the take's condition catches that and
-    the next one is tried.
-    """
-
-    def __init__(self) -> None:
-        self._by_host: dict[str, list[DatabaseRecord]] = {}
-        self._lock = threading.Lock()
-
-    def pop(self, host_id: str) -> DatabaseRecord | None:
-        with self._lock:
-            found = self._by_host.get(host_id)
-            return found.pop() if found else None
-
-    def load(self, host_id: str) -> bool:
-        """Read the host's pooled records again; False when it has none."""
-        found = candidates(host_id)
-        with self._lock:
-            self._by_host[host_id] = found
-        return bool(found)
-
-
-def pooled(host_id: str) -> list[DatabaseRecord]:
-    """Every pooled record of a host (the pool is small: a handful per host)."""
-    return list(DatabaseRecord.by_due.query(bucket(host_id)))
 
 
 @dataclass

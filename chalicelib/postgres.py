@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from chalicelib import reliability
+
 if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
     import psycopg
 
@@ -40,8 +42,6 @@ _ADMIN_OPTIONS = (
 
 def _bounded_options(options: str, statement_timeout_s: int) -> str:
     """`options` with statement and lock timeouts no longer than the setting, nor the request's time left."""
-    from chalicelib import reliability
-
     statement_ms = int(reliability.bounded(statement_timeout_s) * 1000)
     lock_ms = min(10000, statement_ms)
     return options.replace("statement_timeout=60000", f"statement_timeout={statement_ms}").replace(
@@ -76,9 +76,7 @@ class Target:
     def _open(self, user: str, password: str, dbname: str | None, options: str = _ADMIN_OPTIONS) -> psycopg.Connection:
         import psycopg
 
-        from chalicelib import reliability
-
-        # Within a request, what is left of its deadline bounds the connect and every statement.
+            # Within a request, what is left of its deadline bounds the connect and every statement.
         connect_timeout = max(1, int(reliability.bounded(self.connect_timeout)))
         options = _bounded_options(options, self.statement_timeout)
         return psycopg.connect(

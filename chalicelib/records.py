@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError, UpdateError
 
-from chalicelib import clock, reliability
+from chalicelib import clock, hosts, reliability
 from chalicelib.crypto import Sealed
 from chalicelib.errors import Conflict, Gone, NotFound
 from chalicelib.identifiers import tenant_name, uuid7
@@ -408,8 +408,6 @@ def hold_claimed(ctx: Context, record: DatabaseRecord, now: datetime | None = No
 
 def finish_cleanup(ctx: Context, record: DatabaseRecord, now: datetime | None = None) -> bool:
     """After the drop: leave the due bucket, and give the host slot back if this run held the lease."""
-    from chalicelib import hosts
-
     now = now or clock.now()
     won = conditional(
         record,

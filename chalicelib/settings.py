@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 # Plans (tiers of limits), named for what they are, not for the statuses that
 # use them. Their values are what records store in `plan`, what the API shows,
@@ -272,8 +273,6 @@ def _fraction(env: Mapping[str, str], name: str) -> float:
 
 
 def _public_url(env: Mapping[str, str]) -> str | None:
-    from urllib.parse import urlsplit
-
     raw = (env.get("INSTAPG_PUBLIC_URL") or "").strip().rstrip("/")
     if not raw:
         return None
