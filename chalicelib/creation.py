@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError
 
-from chalicelib import audit, clock, pool, postgres, records, reliability
+from chalicelib import audit, clock, pool, postgres, provisioning, records, reliability
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
@@ -138,7 +138,7 @@ def _create_on_demand(
         else:
             records.move(ctx, record, host)
         try:
-            postgres.create_tenant(
+            provisioning.create_tenant(
                 ctx.target(host), record.role_name, record.db_name, password, plan, verifier=verifier
             )
             break
@@ -158,7 +158,7 @@ def _attempt_failed(ctx: Context, record: DatabaseRecord, host: HostRecord, caus
         hostlib.release(host.id)
         return
     try:
-        postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
     except Exception as exc:  # the host may be down now: the purge drops it later
         log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(exc).__name__)
         records.leftovers(ctx, record, host, cause)

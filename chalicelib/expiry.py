@@ -14,7 +14,7 @@ One scheduled run, bounded by a deadline, in this order:
   4. Reconciliation per host: prefixed roles/databases no live record references, seen
      for longer than the grace period, dropped, unless Postgres marks them claimed: those
      are reported and kept for a person. The host's slot count is recounted.
-Every drop here refuses a role that carries the claimed marker (postgres.ClaimedTenant),
+Every drop here refuses a role that carries the claimed marker (provisioning.ClaimedTenant),
 whatever the record says: a table restored from an older backup cannot make a
 claimed database look droppable. A failed drop is retried with a backoff
 (chalicelib.reliability.drop_backoff_s).
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import audit, ownership, postgres, records
+from chalicelib import audit, ownership, postgres, provisioning, records
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import (
@@ -162,7 +162,7 @@ def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
             # tombstone leaves the rest to the purge.
             raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
         drop_database(ctx, old)
-    except postgres.ClaimedTenant as exc:
+    except provisioning.ClaimedTenant as exc:
         report_claimed_kept(old, str(exc), "stream")
         if tombstone is not None:
             records.hold_claimed(ctx, tombstone)
@@ -204,7 +204,7 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
         host = ctx.hosts.get(record.host_id)
     except KeyError:
         raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
-    return postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    return provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
 
 
 def _retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
@@ -278,7 +278,7 @@ class _Run:
         try:
             drop_database(self.ctx, record)
             return True
-        except postgres.ClaimedTenant as exc:
+        except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
             records.hold_claimed(self.ctx, record)
             self.summary.claimed_kept += 1
@@ -334,7 +334,7 @@ class _Run:
         if unmarked_claimed:
             # Claimed before the marker existed: mark them now, so Postgres alone can tell.
             try:
-                postgres.mark_claimed(target, unmarked_claimed)
+                provisioning.mark_claimed(target, unmarked_claimed)
                 self.summary.claimed_marked += len(unmarked_claimed)
             except Exception as exc:
                 log.error("marking claimed roles on host %s failed: %s", host.id, _describe(exc))
@@ -366,7 +366,7 @@ class _Run:
             if now - sighting.first_seen < grace:
                 continue
             try:
-                existed = postgres.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
+                existed = provisioning.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
                 if existed:
                     # Every tenant instapg makes holds a slot from `hosts.reserve`
                     # until its record's drop gives it back; an orphan's record

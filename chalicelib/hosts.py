@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import postgres, reliability
+from chalicelib import postgres, provisioning, reliability
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
@@ -284,7 +284,7 @@ def register(
         created_at=existing.created_at if existing else datetime.now(UTC),
     )
     tgt = target(host, settings)  # fresh credentials, never a cached copy
-    postgres.check_admin(tgt)
-    warnings = postgres.harden_host(tgt)
+    provisioning.check_admin(tgt)
+    warnings = provisioning.harden_host(tgt)
     host.save()
     return host, warnings

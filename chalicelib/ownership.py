@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, postgres, quotas, records
+from chalicelib import audit, postgres, provisioning, quotas, records
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
@@ -112,7 +112,7 @@ def finish_claim(ctx: Context, record: DatabaseRecord, requester: Requester | No
     plan = ctx.plan(FREE_PLAN)
     host = ctx.hosts.get(record.host_id)
     try:
-        postgres.apply_plan(ctx.target(host), record.role_name, plan, claimed=True)
+        provisioning.apply_plan(ctx.target(host), record.role_name, plan, claimed=True)
     except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
         log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
         raise Unavailable(
@@ -244,7 +244,7 @@ def rotate_password(ctx: Context, record: DatabaseRecord, requester: Requester) 
     host = ctx.hosts.get(record.host_id)
     password = tenant_password()
     try:
-        postgres.set_password(ctx.target(host), record.role_name, password)
+        provisioning.set_password(ctx.target(host), record.role_name, password)
     except postgres.HostUnavailable:
         raise Unavailable(
             "Database host unavailable", hint="The password was not changed; retry in a few seconds."
@@ -273,7 +273,7 @@ def finish_delete(ctx: Context, record: DatabaseRecord, actor: str, ip: str | No
     host = ctx.hosts.get(record.host_id)
     try:
         # The owner's own delete: the one drop that may remove a claimed database.
-        postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name, keep_claimed=False)
+        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name, keep_claimed=False)
     except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
         log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
         raise Unavailable(

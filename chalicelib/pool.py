@@ -6,7 +6,7 @@ role is NOLOGIN. It counts against the host's `allocated` like any database.
 
 A create *takes* one (`take`) with one conditional write, POOLED -> UNCLAIMED
 (`records.take_pooled`), so two creates can never get the same one; the
-record id becomes the public id, and `postgres.open_tenant` then gives the
+record id becomes the public id, and `provisioning.open_tenant` then gives the
 role LOGIN and the new password. ("Claim" is something else: an account
 making an unclaimed database its own, chalicelib.ownership.)
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import expiry, postgres, records
+from chalicelib import expiry, postgres, provisioning, records
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.identifiers import tenant_password, uuid7
@@ -214,7 +214,7 @@ def take(
         # Should the ALTER fail, the event stays with a record that turns
         # FAILED: an unclaimed database's log has no reader.
         try:
-            postgres.open_tenant(
+            provisioning.open_tenant(
                 ctx.target(host), record.role_name, verifier, meanwhile=functools.partial(noted, record)
             )
         except Exception as exc:
@@ -266,12 +266,12 @@ def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
     record = records.new(ctx, str(uuid7()), host, plan, password)
     record.save(condition=DatabaseRecord.id.does_not_exist())
     try:
-        postgres.create_tenant(ctx.target(host), record.role_name, record.db_name, password, plan, login=False)
+        provisioning.create_tenant(ctx.target(host), record.role_name, record.db_name, password, plan, login=False)
     except Exception as exc:
         log.error("provisioning %s on host %s failed: %s", record.id, host.id, records.reason(exc))
         dropped = False
         try:
-            postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+            provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
             dropped = True
         except Exception as cleanup:  # the host may be down: the purge retries later
             log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(cleanup).__name__)
@@ -293,8 +293,8 @@ def discard(ctx: Context, record: DatabaseRecord, host: HostRecord) -> bool:
     if not records.discard_pooled(ctx, record):
         return False
     try:
-        postgres.drop_tenant(ctx.target(host), record.role_name, record.db_name)
-    except postgres.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
+        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    except provisioning.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
         expiry.report_claimed_kept(record, str(exc), "pool")
         records.hold_claimed(ctx, record)
         return False

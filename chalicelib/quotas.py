@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import audit, postgres
+from chalicelib import audit, postgres, provisioning
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
@@ -64,7 +64,7 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
 
 
 def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
-    ended = postgres.lock_role(target, record.role_name)
+    ended = provisioning.lock_role(target, record.role_name)
     now = datetime.now(UTC)
     _update(
         record,
@@ -89,7 +89,7 @@ def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan
 
 
 def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
-    postgres.unlock_role(target, record.role_name)
+    provisioning.unlock_role(target, record.role_name)
     now = datetime.now(UTC)
     _update(
         record,

@@ -465,7 +465,7 @@ def _superuser(pg):
 
 def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_env, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres, records
+    from chalicelib import postgres, provisioning, records
     from chalicelib.identifiers import tenant_name
     from chalicelib.models import DatabaseRecord
 
@@ -479,17 +479,17 @@ def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_
     crashed = records.new(service, str(uuid.uuid4()), crashed_host, plan, "pw", ref="x")
     crashed.due_at = int(time.time()) - 1  # the provisioning timeout has passed
     crashed.save()
-    postgres.create_tenant(target, crashed.role_name, crashed.db_name, "a-password-for-the-crash", plan)
+    provisioning.create_tenant(target, crashed.role_name, crashed.db_name, "a-password-for-the-crash", plan)
 
     # 2. An expired record whose database an operator already dropped by hand.
     (by_hand,) = create(service)
     age(by_hand.record)
-    postgres.drop_tenant(target, by_hand.record.role_name, by_hand.record.db_name)
+    provisioning.drop_tenant(target, by_hand.record.role_name, by_hand.record.db_name)
 
     # 3. An orphan with the prefix: a role and database whose record was lost (its slot still taken).
     orphan = tenant_name(prefix)
     hostlib.reserve(service.hosts.all(fresh=True))
-    postgres.create_tenant(target, orphan, orphan, "orphan-password-123", plan)
+    provisioning.create_tenant(target, orphan, orphan, "orphan-password-123", plan)
 
     # 4. Hostile tenants: A grants SELECT to B, sets IS_TEMPLATE, leaves a session and a
     #    prepared transaction behind; both expire.
@@ -567,13 +567,13 @@ def test_a_grantee_expiring_leaves_the_granting_tenant_intact(service, host, pg)
 
 def test_orphans_wait_for_the_grace_period(instapg_env, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
+    from chalicelib import provisioning
     from chalicelib.identifiers import tenant_name
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=2)
     (live,) = create(service)
     orphan = tenant_name(service.settings.name_prefix)
-    postgres.create_tenant(
+    provisioning.create_tenant(
         hostlib.target(host, service.settings),
         orphan,
         orphan,
@@ -691,11 +691,11 @@ def test_purge_settings_are_validated():
 
 def test_drop_removes_a_database_an_interrupted_drop_left_invalid(service, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
+    from chalicelib import provisioning
 
     (db,) = create(service)
     with _superuser(pg) as su:
         # What PostgreSQL 16+ leaves when DROP DATABASE is interrupted: datconnlimit = -2.
         su.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (db.record.db_name,))
-    postgres.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
+    provisioning.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
     assert catalog(pg, db.record.db_name) == (False, False)

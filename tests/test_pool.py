@@ -186,7 +186,7 @@ def test_pool_size_zero_keeps_no_pool(service, host, size):
 
 
 def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg_env):
-    from chalicelib import context, expiry, postgres
+    from chalicelib import context, expiry, provisioning
     from chalicelib import hosts as hostlib
     from chalicelib.clock import Deadline
 
@@ -194,7 +194,7 @@ def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg
     pooled_roles = {r.role_name for r in _pooled()}
     # A prefixed tenant no record references: reconciliation must drop it, and only it.
     stray = service.settings.name_prefix + "_stray"
-    postgres.create_tenant(
+    provisioning.create_tenant(
         hostlib.target(host, service.settings), stray, stray, "unused-password", service.settings.plan("unclaimed")
     )
     instapg_env.setenv("INSTAPG_ORPHAN_GRACE_SECONDS", "0")

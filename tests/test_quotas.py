@@ -250,12 +250,12 @@ def test_the_scheduled_job_enforces_quotas(client):
 
 
 def test_apply_plan_gives_an_existing_role_the_claimed_limits(client, service, host, pg):
-    from chalicelib import hosts, postgres
+    from chalicelib import hosts, provisioning
     from chalicelib.settings import FREE_PLAN
 
     body = _create(client)
     role = psycopg.conninfo.conninfo_to_dict(body["connection_string"])["user"]
-    postgres.apply_plan(hosts.target(host, service.settings), role, service.settings.plan(FREE_PLAN))
+    provisioning.apply_plan(hosts.target(host, service.settings), role, service.settings.plan(FREE_PLAN))
     with psycopg.connect(pg.superuser_dsn) as conn:
         config, connlimit = conn.execute(
             "SELECT s.setconfig, r.rolconnlimit FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "

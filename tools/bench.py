@@ -208,14 +208,14 @@ class Bench:
                     assert response.status_code == 201, response.body
             return times
 
-        from chalicelib import creation, postgres, records
+        from chalicelib import creation, postgres, provisioning, records
         from chalicelib.abuse import Guard
 
         parts: dict[str, list[float]] = {
             name: [] for name in ("ddl", "take_write", "verifier", "alter_role", "audit", "rate", "cap")
         }
         self.refill(0)
-        with _timed(postgres, "create_tenant", parts["ddl"]):
+        with _timed(provisioning, "create_tenant", parts["ddl"]):
             on_demand = run("on demand")
         self.refill(n + 3)
         with Client(app) as client:  # warm-up: opens the kept admin session, fills the candidate cache
@@ -224,7 +224,7 @@ class Bench:
         with (
             _timed(records, "take_pooled", parts["take_write"]),
             _timed(postgres, "scram_verifier", parts["verifier"]),
-            _timed(postgres, "open_tenant", parts["alter_role"]),
+            _timed(provisioning, "open_tenant", parts["alter_role"]),
             _timed(creation, "note_created", parts["audit"]),
             _timed(Guard, "check_rate", parts["rate"]),
             _timed(Guard, "open_hosts", parts["cap"]),
@@ -243,7 +243,7 @@ class Bench:
             _ms(_pct(parts["ddl"], 50)),
             "ms",
             len(parts["ddl"]),
-            "on demand: postgres.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
+            "on demand: provisioning.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
         )
         self.add(
             "part_take_write_p50",
@@ -264,7 +264,7 @@ class Bench:
             _ms(_pct(parts["alter_role"], 50)),
             "ms",
             len(parts["alter_role"]),
-            "pooled: postgres.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
+            "pooled: provisioning.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
         )
         self.add(
             "part_audit_p50",
