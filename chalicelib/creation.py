@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError
 
-from chalicelib import audit, clock, pool, postgres, provisioning, records, reliability
+from chalicelib import audit, clock, pool, postgres, provisioning, records, reliability, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
@@ -107,7 +107,7 @@ def _create_on_demand(
                     retry_after=60,
                 ) from None
             # Every host failed; each attempt already cleaned up after itself.
-            records.fail(ctx, record, "no host answered", was=PROVISIONING, dropped=True)
+            tombstones.fail(ctx, record, "no host answered", was=PROVISIONING, dropped=True)
             raise Unavailable(
                 "Database host unavailable",
                 hint="Nothing was created; retry in a few seconds.",
@@ -161,7 +161,7 @@ def _attempt_failed(ctx: Context, record: DatabaseRecord, host: HostRecord, caus
         provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
     except Exception as exc:  # the host may be down now: the purge drops it later
         log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(exc).__name__)
-        records.leftovers(ctx, record, host, cause)
+        tombstones.leftovers(ctx, record, host, cause)
         return
     hostlib.release(host.id)
 

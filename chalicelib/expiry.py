@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import audit, ownership, postgres, provisioning, records
+from chalicelib import audit, ownership, postgres, provisioning, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import (
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
-# Buckets of tombstones whose drop is still pending (see records.lease).
+# Buckets of tombstones whose drop is still pending (see tombstones.lease).
 LEFTOVER_BUCKETS = (FAILED, EXPIRED, DELETED)
 _TTL_PRINCIPAL = "dynamodb.amazonaws.com"
 
@@ -153,7 +153,7 @@ def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
 
     tombstone = None
     try:
-        tombstone = records.write_back_tombstone(ctx, old)
+        tombstone = tombstones.write_back_tombstone(ctx, old)
     except Exception as exc:
         log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
     try:
@@ -165,7 +165,7 @@ def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
     except provisioning.ClaimedTenant as exc:
         report_claimed_kept(old, str(exc), "stream")
         if tombstone is not None:
-            records.hold_claimed(ctx, tombstone)
+            tombstones.hold_claimed(ctx, tombstone)
         return "claimed_kept"
     except Exception as exc:
         if isinstance(exc, postgres.HostUnavailable):
@@ -176,7 +176,7 @@ def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
         _retry_later_quietly(ctx, tombstone)
         return "failed"
     if tombstone is not None:
-        records.finish_cleanup(ctx, tombstone)
+        tombstones.finish_cleanup(ctx, tombstone)
     log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
     return "dropped"
 
@@ -209,7 +209,7 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
 
 def _retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
     try:
-        records.retry_later(ctx, record)
+        tombstones.retry_later(ctx, record)
     except Exception as exc:  # the lease then ends by itself
         log.warning("retry of %s not scheduled: %s", record.id, _describe(exc))
 
@@ -269,7 +269,7 @@ class _Run:
                 self.summary.skipped += 1
                 continue
             if self.drop(record):
-                records.finish_cleanup(self.ctx, record)
+                tombstones.finish_cleanup(self.ctx, record)
                 setattr(self.summary, counter, getattr(self.summary, counter) + 1)
                 if counter == "expired_dropped":
                     audit.record_quietly(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
@@ -280,7 +280,7 @@ class _Run:
             return True
         except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
-            records.hold_claimed(self.ctx, record)
+            tombstones.hold_claimed(self.ctx, record)
             self.summary.claimed_kept += 1
             return False
         except postgres.HostUnavailable as exc:
@@ -436,12 +436,12 @@ def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) 
     try:
         # A warm Lambda keeps its host cache; a run works from the registry as it is now.
         hosts = ctx.hosts.all(fresh=True)
-        run.process(UNCLAIMED, functools.partial(records.expire, ctx), "expired_dropped")
+        run.process(UNCLAIMED, functools.partial(tombstones.expire, ctx), "expired_dropped")
         if run.time_left():
-            run.process(PROVISIONING, functools.partial(records.fail_stuck, ctx), "stuck_failed")
+            run.process(PROVISIONING, functools.partial(tombstones.fail_stuck, ctx), "stuck_failed")
         for bucket in LEFTOVER_BUCKETS:
             if run.time_left():
-                run.process(bucket, functools.partial(records.lease, ctx), "leftovers_dropped")
+                run.process(bucket, functools.partial(tombstones.lease, ctx), "leftovers_dropped")
         if run.time_left():
             run.summary.stalled_finished = ownership.finish_stalled(ctx, run.deadline, limit=page_size)
         if run.time_left():

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, postgres, provisioning, quotas, records
+from chalicelib import audit, postgres, provisioning, quotas, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
@@ -279,7 +279,7 @@ def finish_delete(ctx: Context, record: DatabaseRecord, actor: str, ip: str | No
         raise Unavailable(
             "Database host unavailable", hint="The database is being deleted; retry the DELETE to finish it."
         ) from None
-    if not records.mark_deleted(ctx, record):
+    if not tombstones.mark_deleted(ctx, record):
         return  # a racing DELETE wrote the tombstone (and released the slot)
     hostlib.release(host.id)
     log.info("database %s deleted by %s", record.id, actor)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import expiry, postgres, provisioning, records
+from chalicelib import expiry, postgres, provisioning, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.identifiers import tenant_password, uuid7
@@ -222,7 +222,7 @@ def take(
             if isinstance(exc, postgres.HostUnavailable):
                 ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
             # FAILED and due: the purge drops it.
-            records.fail(ctx, record, records.reason(exc), was=records.UNCLAIMED, dropped=False)
+            tombstones.fail(ctx, record, records.reason(exc), was=records.UNCLAIMED, dropped=False)
             continue
         log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
         return Provisioned(record, plan, host, password, created=True)
@@ -275,7 +275,7 @@ def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
             dropped = True
         except Exception as cleanup:  # the host may be down: the purge retries later
             log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(cleanup).__name__)
-        records.fail(ctx, record, records.reason(exc), was=records.PROVISIONING, dropped=dropped)
+        tombstones.fail(ctx, record, records.reason(exc), was=records.PROVISIONING, dropped=dropped)
         if dropped:
             hostlib.release(host.id)
         raise
@@ -287,16 +287,16 @@ def discard(ctx: Context, record: DatabaseRecord, host: HostRecord) -> bool:
     """Drop a pooled database nobody took (its host drains, or the pool shrank); False if it was taken.
 
     The conditional write POOLED -> FAILED is also the purge's lease
-    (see `records.lease`): if the drop fails or this process dies, the record
+    (see `tombstones.lease`): if the drop fails or this process dies, the record
     is due again when the lease ends and the purge drops it and frees the slot.
     """
-    if not records.discard_pooled(ctx, record):
+    if not tombstones.discard_pooled(ctx, record):
         return False
     try:
         provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
     except provisioning.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
         expiry.report_claimed_kept(record, str(exc), "pool")
-        records.hold_claimed(ctx, record)
+        tombstones.hold_claimed(ctx, record)
         return False
-    records.finish_cleanup(ctx, record)
+    tombstones.finish_cleanup(ctx, record)
     return True

@@ -608,7 +608,7 @@ def test_failed_record_with_leftovers_is_cleaned_and_releases_its_slot(service, 
     from chalicelib.models import FAILED, DatabaseRecord
 
     (db,) = create(service)
-    # What records.fail leaves when the host was down during cleanup.
+    # What tombstones.fail leaves when the host was down during cleanup.
     db.record.update(
         actions=[
             DatabaseRecord.status.set(FAILED),
@@ -658,13 +658,13 @@ def test_reconciliation_never_drops_a_claimed_database(instapg_env, host, pg):
 
 
 def test_a_claim_that_wins_the_race_keeps_its_database(service, host, pg):
-    from chalicelib import records
+    from chalicelib import tombstones
     # The purge read the record while UNCLAIMED; the claim lands before its conditional write.
     (db,) = create(service)
     age(db.record)
     seen = fresh(db.record)
     claim(db.record)
-    assert records.expire(service, seen) is False
+    assert tombstones.expire(service, seen) is False
     assert works(url(service, db))
 
 
