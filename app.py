@@ -151,11 +151,11 @@ def purge(event):
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
 def drop_removed(event):
     """The databases table's stream: drop what TTL removed, then top up the pools creates took from."""
-    from chalicelib import expiry, jobs, pool
+    from chalicelib import jobs, pool, stream
 
     records = [record.to_dict() for record in event]
     ctx = context.get()
-    expiry.handle_stream(ctx, records)
+    stream.handle_stream(ctx, records)
     pool.refill_after_takes(ctx, records, Deadline.after(jobs.budget_s(ctx, event.context)))
 
 

@@ -1,6 +1,6 @@
-"""Making databases go away: the stream handler, the scheduled purge, reconciliation.
+"""Making databases go away: the scheduled purge and reconciliation (the stream handler is chalicelib.stream).
 
-Status changes happen in chalicelib.records (conditional writes); this module
+Status changes happen in chalicelib.tombstones (conditional writes); this module
 decides what is due and orchestrates. Every automatic path here obeys one
 rule: a database is dropped only after a conditional write proved its record
 is not CLAIMED (or a CLAIMING in flight), or, for orphans, when no record that
@@ -27,12 +27,12 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from chalicelib import audit, ownership, postgres, provisioning, records, tombstones
+from chalicelib import audit, ownership, postgres, provisioning, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import (
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 100
 # Buckets of tombstones whose drop is still pending (see tombstones.lease).
 LEFTOVER_BUCKETS = (FAILED, EXPIRED, DELETED)
-_TTL_PRINCIPAL = "dynamodb.amazonaws.com"
 
 
 def _now() -> datetime:
@@ -84,101 +83,6 @@ def references_name(record: DatabaseRecord) -> bool:
     other status, including ones added later, keeps them.
     """
     return not (record.status in TOMBSTONES and record.due_bucket is None)
-
-
-# -- the stream handler ------------------------------------------------------------
-
-
-@dataclass
-class StreamSummary:
-    dropped: int = 0
-    skipped: int = 0
-    ignored: int = 0
-    failed: int = 0
-    claimed_kept: int = 0  # the record said droppable, Postgres said claimed
-
-
-def handle_stream(ctx: Context, events: Iterable[dict[str, Any]]) -> StreamSummary:
-    """Drop the databases of REMOVEd records that still had one (a TTL deletion or any other delete).
-
-    `events` are the raw stream records (`{"eventName", "dynamodb": {"OldImage", ...}, "userIdentity"?}`).
-    A drop that fails is left to the purge through a tombstone written back;
-    only when even that write failed does this raise, so Lambda retries the batch.
-    """
-    summary = StreamSummary()
-    errors: list[Exception] = []
-    down: set[str] = set()  # hosts that refused a connection in this batch
-    for event in events:
-        try:
-            outcome = _handle_remove(ctx, event, down)
-        except Exception as exc:  # one bad record must not hide the others
-            log.error("stream record %s failed: %s", event.get("eventID"), _describe(exc))
-            summary.failed += 1
-            errors.append(exc)
-            continue
-        setattr(summary, outcome, getattr(summary, outcome) + 1)
-    log.info(json.dumps({"event": "stream", **asdict(summary)}))
-    if errors:
-        raise errors[0]
-    return summary
-
-
-def _handle_remove(ctx: Context, event: dict[str, Any], down: set[str]) -> str:
-    event_id = event.get("eventID")
-    if event.get("eventName") != "REMOVE":
-        return "ignored"
-    image = (event.get("dynamodb") or {}).get("OldImage")
-    if not image:
-        log.warning("stream record %s: REMOVE without an old image, cannot tell what it held: skipped", event_id)
-        return "skipped"
-    try:
-        old = DatabaseRecord.from_raw_data(image)
-    except Exception as exc:
-        log.warning("stream record %s: old image unreadable (%s): skipped", event_id, type(exc).__name__)
-        return "skipped"
-    identity = event.get("userIdentity") or {}
-    how = "TTL" if identity.get("principalId") == _TTL_PRINCIPAL else "delete"
-    if not has_live_database(old):
-        why = "claimed" if old.status not in TOMBSTONES else "a tombstone whose database is already dropped"
-        log.info("REMOVE (%s) of %s skipped: status %s, %s", how, old.id, old.status, why)
-        return "skipped"
-    # A replayed or odd event must not drop a database its record still holds
-    # (CLAIMED, or UNCLAIMED and left to the purge). Only our own tombstone
-    # with the drop pending (an earlier delivery of this event) lets it through.
-    current = records.find(old.id)
-    if current is not None and current.db_name == old.db_name:
-        if not (current.status in TOMBSTONES and current.due_bucket is not None):
-            log.info("REMOVE (%s) of %s skipped: the record still exists, status %s", how, old.id, current.status)
-            return "skipped"
-
-    tombstone = None
-    try:
-        tombstone = tombstones.write_back_tombstone(ctx, old)
-    except Exception as exc:
-        log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
-    try:
-        if old.host_id in down:
-            # One connect timeout per host per batch is enough; the
-            # tombstone leaves the rest to the purge.
-            raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
-        drop_database(ctx, old)
-    except provisioning.ClaimedTenant as exc:
-        report_claimed_kept(old, str(exc), "stream")
-        if tombstone is not None:
-            tombstones.hold_claimed(ctx, tombstone)
-        return "claimed_kept"
-    except Exception as exc:
-        if isinstance(exc, postgres.HostUnavailable):
-            down.add(old.host_id)
-        if tombstone is None:
-            raise  # nothing left to retry from: let Lambda retry the batch
-        log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
-        _retry_later_quietly(ctx, tombstone)
-        return "failed"
-    if tombstone is not None:
-        tombstones.finish_cleanup(ctx, tombstone)
-    log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
-    return "dropped"
 
 
 def report_claimed_kept(record: DatabaseRecord, why: str, path: str) -> None:
@@ -207,11 +111,11 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
     return provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
 
 
-def _retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
+def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
     try:
         tombstones.retry_later(ctx, record)
     except Exception as exc:  # the lease then ends by itself
-        log.warning("retry of %s not scheduled: %s", record.id, _describe(exc))
+        log.warning("retry of %s not scheduled: %s", record.id, describe(exc))
 
 
 # -- the scheduled run -------------------------------------------------------------
@@ -286,15 +190,15 @@ class _Run:
         except postgres.HostUnavailable as exc:
             self.host_down(record.host_id, exc)
         except Exception as exc:
-            log.error("drop of %s on %s failed: %s", record.id, record.host_id, _describe(exc))
+            log.error("drop of %s on %s failed: %s", record.id, record.host_id, describe(exc))
         # Due again after a backoff, not when the lease would have ended.
-        _retry_later_quietly(self.ctx, record)
+        retry_later_quietly(self.ctx, record)
         self.summary.failed += 1
         return False
 
     def host_down(self, host_id: str, exc: Exception) -> None:
         if host_id not in self.down:
-            log.error("host %s unavailable, skipped for this run: %s", host_id, _describe(exc))
+            log.error("host %s unavailable, skipped for this run: %s", host_id, describe(exc))
             self.down.add(host_id)
             self.summary.hosts_unavailable.append(host_id)
 
@@ -337,7 +241,7 @@ class _Run:
                 provisioning.mark_claimed(target, unmarked_claimed)
                 self.summary.claimed_marked += len(unmarked_claimed)
             except Exception as exc:
-                log.error("marking claimed roles on host %s failed: %s", host.id, _describe(exc))
+                log.error("marking claimed roles on host %s failed: %s", host.id, describe(exc))
         claimed_orphans = (names - referenced) & found.claimed
         for name in sorted(claimed_orphans):
             # Claimed, and no record knows it: the table lost it (a mistaken
@@ -373,7 +277,7 @@ class _Run:
                     # was lost before that, so its slot comes back here.
                     hostlib.release(host.id)
             except Exception as exc:
-                log.error("orphan %s on host %s not dropped: %s", name, host.id, _describe(exc))
+                log.error("orphan %s on host %s not dropped: %s", name, host.id, describe(exc))
                 self.summary.failed += 1
                 continue
             sighting.delete()
@@ -389,7 +293,7 @@ class _Run:
             # A create that finished after the catalog was read is no case: read it again.
             now_there = postgres.inventory(target, prefix).databases
         except Exception as exc:
-            log.error("host %s: recheck of missing databases failed: %s", host.id, _describe(exc))
+            log.error("host %s: recheck of missing databases failed: %s", host.id, describe(exc))
             return
         for item in missing:
             if item.db_name in now_there:
@@ -452,7 +356,7 @@ def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) 
                     break
                 run.reconcile(host)
     except Exception as exc:  # DynamoDB unavailable, say: still one summary line, then fail the run
-        error = _describe(exc)
+        error = describe(exc)
         raise
     finally:
         run.summary.duration_ms = int((time.monotonic() - started) * 1000)
@@ -463,7 +367,7 @@ def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) 
     return run.summary
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """Type, SQLSTATE and first line: enough to act on, nothing secret (no DSNs or passwords here)."""
     sqlstate = getattr(exc, "sqlstate", None)
     first = (str(exc).strip().splitlines() or [""])[0][:200]

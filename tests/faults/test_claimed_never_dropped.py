@@ -146,7 +146,7 @@ def test_the_owners_delete_still_drops_a_claimed_database(client, service, host,
 
 
 def test_stream_remove_of_a_record_restored_as_unclaimed_keeps_the_claimed_database(service, host, pg, caplog):
-    from chalicelib import expiry
+    from chalicelib import stream
 
     db = claimed(service)
     record = fresh(db.record)
@@ -157,7 +157,7 @@ def test_stream_remove_of_a_record_restored_as_unclaimed_keeps_the_claimed_datab
     event["userIdentity"] = TTL_IDENTITY
 
     with caplog.at_level(logging.INFO):
-        summary = expiry.handle_stream(service, [event])
+        summary = stream.handle_stream(service, [event])
 
     assert summary.claimed_kept == 1 and summary.dropped == 0
     assert lives(pg, db)

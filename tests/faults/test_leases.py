@@ -100,7 +100,7 @@ def test_a_refill_lease_whose_holder_is_gone_ends_within_seconds(service, flaky_
 
 
 def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(service, flaky_host, stoppable_pg):
-    from chalicelib import expiry
+    from chalicelib import expiry, stream
     from chalicelib.clock import Deadline
     from tests.streams import TTL_IDENTITY, image, stream_event
 
@@ -113,7 +113,7 @@ def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(servi
     event["userIdentity"] = TTL_IDENTITY
     stoppable_pg.stop()
 
-    assert expiry.handle_stream(service, [event]).failed == 1
+    assert stream.handle_stream(service, [event]).failed == 1
     tombstone = _fresh(db.record)
     assert tombstone.status == "EXPIRED" and tombstone.drop_attempts == 1
     assert 0 < tombstone.due_at - time.time() <= 5
