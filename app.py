@@ -1,5 +1,7 @@
 """instapg: routes and event handlers only. The logic lives in chalicelib/."""
 
+import os
+
 from chalice import Chalice, Rate, Response
 
 from chalicelib import apidoc, context, schemas
@@ -14,6 +16,17 @@ app = Chalice(app_name="instapg")
 # Registered first, so outermost: origin checks before, security headers after everything.
 app.register_middleware(http_policy, "http")
 app.register_middleware(json_errors, "http")
+
+
+@app.middleware("all")
+def structured_logs(event, get_response):
+    """JSON log lines carrying this invocation's request ids (chalicelib/logs.py)."""
+    from chalicelib import logs
+
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # the local stack keeps plain lines
+        logs.configure()
+    logs.bind_event(app.lambda_context, event)
+    return get_response(event)
 
 
 def route(path: str, **options):
@@ -155,8 +168,9 @@ def drop_removed(event):
 
     records = [record.to_dict() for record in event]
     ctx = context.get()
-    stream.handle_stream(ctx, records)
+    summary = stream.handle_stream(ctx, records)
     pool.refill_after_takes(ctx, records, Deadline.after(jobs.budget_s(ctx, event.context)))
+    return summary.batch_item_failures()  # the mapping reports partial batch failures
 
 
 # --- The OpenAPI document ----------------------------------------------------------

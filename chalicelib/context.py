@@ -6,16 +6,17 @@ Chalice's todo sample. Domain functions take it as their first argument
 instead of reaching for module state. Tests call `reset()` after changing
 the environment.
 
-The two caches here are the process's only module-level state, with two
-exceptions that belong elsewhere: a request's deadline is per request and
-per thread (chalicelib.reliability), and apidoc keeps the parsed OpenAPI
-document, which never changes in a process.
+The two caches here are the process's only module-level state, with three
+exceptions that belong elsewhere: a request's deadline (chalicelib.reliability)
+and the request ids its log lines carry (chalicelib.logs) are per request,
+not per process; apidoc keeps the parsed OpenAPI document, which never
+changes in a process.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chalicelib import keyring
@@ -41,6 +42,7 @@ class Context:
     pool: Candidates  # warm-pool records this process has seen and not taken yet
     credentials: AdminCredentials  # hosts' admin credentials, re-read on rotation
     sessions: Sessions  # kept-open admin connections for the create's hot path
+    hardened: set[str] = field(default_factory=set)  # hosts this process hardened (chalicelib.jobs)
 
     def plan(self, name: str) -> Plan:
         return self.settings.plan(name)

@@ -117,7 +117,10 @@ def target(
         user=creds.username,
         password=creds.password,
         dbname=host.admin_dbname,
-        sslmode=host.sslmode,
+        # With a CA bundle the service checks the host's certificate and name
+        # (an impostor on the path learns no admin password); without, the host's own mode.
+        sslmode="verify-full" if settings.pg_sslrootcert else host.sslmode,
+        sslrootcert=settings.pg_sslrootcert,
         connect_timeout=settings.pg_connect_timeout_s,
         statement_timeout=settings.pg_statement_timeout_s,
         refresh=credentials.refresher(host.credentials),

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, postgres, provisioning, quotas, records, tombstones
+from chalicelib import audit, metrics, postgres, provisioning, quotas, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
@@ -66,7 +66,9 @@ def claim(
         if not records.start_claim(ctx, record, account_id):
             record = records.require(database_id)  # someone else moved it: answer from what it is now
     if record.status == CLAIMING and record.owner_id == account_id:
-        return finish_claim(ctx, record, requester)
+        claimed = finish_claim(ctx, record, requester)
+        metrics.count("Claims")
+        return claimed
     if record.status == CLAIMED and record.owner_id == account_id:
         return _owned_view(ctx, record)
     if record.status in (CLAIMING, CLAIMED, DELETING):

@@ -66,6 +66,7 @@ class Target:
     dbname: str
     sslmode: str
     connect_timeout: int = 5
+    sslrootcert: str | None = None  # with sslmode=verify-full: the CA bundle the server's certificate must chain to
     statement_timeout: int = 60
     # Reads the admin credentials again, (user, password), or None when they
     # cannot be read. RDS rotates its master password; libpq reports a failed
@@ -88,6 +89,7 @@ class Target:
             password=password,
             dbname=dbname or self.dbname,
             sslmode=self.sslmode,
+            **({"sslrootcert": self.sslrootcert} if self.sslrootcert else {}),
             connect_timeout=connect_timeout,
             options=options,
             application_name="instapg",

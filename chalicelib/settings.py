@@ -74,6 +74,8 @@ class Settings:
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
     host_retry_s: int = 30
+    # TLS to the hosts (chalicelib.hosts.target): a CA bundle means verify-full.
+    pg_sslrootcert: str | None = None
     # Web hardening (chalicelib.web): origins whose browser requests pass the
     # cross-site check, failed authentications per IP and hour, and whether
     # a claim needs the creator token (not only the id).
@@ -165,6 +167,13 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     ("INSTAPG_MAX_BODY_BYTES", "16384", "Largest request body accepted (413 above)."),
     ("INSTAPG_PG_CONNECT_TIMEOUT_SECONDS", "5", "Connect timeout for the service's connections to Postgres hosts."),
+    (
+        "INSTAPG_PG_SSLROOTCERT",
+        "",
+        "CA bundle (a path; relative to the app's folder) the service's own connections to hosts verify against "
+        "with sslmode=verify-full: `chalicelib/certs/rds-ca-bundle.pem` in production (`make rds-ca`). "
+        "Empty: each host's own sslmode. Tenants' connection strings keep the host's sslmode either way.",
+    ),
     (
         "INSTAPG_PG_STATEMENT_TIMEOUT_SECONDS",
         "60",
@@ -345,6 +354,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
+        pg_sslrootcert=_app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
         allowed_origins=_origins(env),
         auth_failures_per_hour=_int(env, "INSTAPG_AUTH_FAILURES_PER_HOUR"),
         claim_requires_token=_bool(env, "INSTAPG_CLAIM_REQUIRES_TOKEN"),
@@ -355,3 +365,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
         aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
     )
+
+
+def _app_path(raw: str) -> str | None:
+    """An absolute path; a relative one is taken from the folder app.py is in (Lambda: /var/task)."""
+    if not raw:
+        return None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), raw)
+    return os.path.normpath(path)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import expiry, postgres, provisioning, records, tombstones
+from chalicelib import expiry, metrics, postgres, provisioning, records, tombstones
 from chalicelib.models import TOMBSTONES, DatabaseRecord
 
 if TYPE_CHECKING:
@@ -32,6 +32,12 @@ class StreamSummary:
     ignored: int = 0
     failed: int = 0
     claimed_kept: int = 0  # the record said droppable, Postgres said claimed
+    # SequenceNumbers of the records to retry (Lambda's partial batch response).
+    retry: list[str] = field(default_factory=list)
+
+    def batch_item_failures(self) -> dict[str, list[dict[str, str]]]:
+        """The handler's answer under ReportBatchItemFailures: Lambda retries from the first of these."""
+        return {"batchItemFailures": [{"itemIdentifier": seq} for seq in self.retry]}
 
 
 def handle_stream(ctx: Context, events: Iterable[dict[str, Any]]) -> StreamSummary:
@@ -39,10 +45,11 @@ def handle_stream(ctx: Context, events: Iterable[dict[str, Any]]) -> StreamSumma
 
     `events` are the raw stream records (`{"eventName", "dynamodb": {"OldImage", ...}, "userIdentity"?}`).
     A drop that fails is left to the purge through a tombstone written back;
-    only when even that write failed does this raise, so Lambda retries the batch.
+    a record for which even that write failed is listed in `retry`, never
+    raised: the mapping retries it a bounded number of times, then sends it to
+    the failure queue, and reconciliation drops its database as an orphan.
     """
     summary = StreamSummary()
-    errors: list[Exception] = []
     down: set[str] = set()  # hosts that refused a connection in this batch
     for event in events:
         try:
@@ -50,12 +57,12 @@ def handle_stream(ctx: Context, events: Iterable[dict[str, Any]]) -> StreamSumma
         except Exception as exc:  # one bad record must not hide the others
             log.error("stream record %s failed: %s", event.get("eventID"), expiry.describe(exc))
             summary.failed += 1
-            errors.append(exc)
+            summary.retry.append(str((event.get("dynamodb") or {}).get("SequenceNumber")))
             continue
         setattr(summary, outcome, getattr(summary, outcome) + 1)
     log.info(json.dumps({"event": "stream", **asdict(summary)}))
-    if errors:
-        raise errors[0]
+    if summary.dropped or summary.failed:
+        metrics.emit({"Drops": summary.dropped, "Failures": summary.failed})
     return summary
 
 

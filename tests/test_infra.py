@@ -53,7 +53,8 @@ def packaged(tmp_path_factory):
                 fh.write(STUB_STREAM)
             if ScheduledEventConfig not in kinds:
                 fh.write(STUB_SCHEDULE)
-        template_path = package.package(project / "build", "prod", project_dir=project)
+        # The template does not depend on the CA bundle's content (tests/test_tls.py covers verify-full).
+        template_path = package.package(project / "build", "prod", project_dir=project, require_ca=False)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -68,10 +69,24 @@ def _functions(template: dict) -> dict[str, dict]:
     return {k: v for k, v in template["Resources"].items() if v["Type"] == "AWS::Serverless::Function"}
 
 
+# The only warnings cfn-lint may give, each explained: the functions' SubnetIds
+# is the parameter's "" default when Network is not `existing` (then the
+# template uses its own subnets or no VPC, and its Rules require SubnetIds
+# when it is); SAM drops resource Metadata, so it cannot be silenced there.
+EXPLAINED_WARNINGS = {("W1030", ("Parameters", "SubnetIds", "Default"))}
+
+
 def test_cfn_lint_passes_on_the_packaged_template(packaged):
     _, path = packaged
-    result = subprocess.run([str(Path(sys.executable).parent / "cfn-lint"), str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "json", str(path)], capture_output=True, text=True
+    )
+    found = json.loads(result.stdout or "[]")
+    unexplained = [
+        f for f in found if (f["Rule"]["Id"], tuple(f["Location"]["Path"] or ())) not in EXPLAINED_WARNINGS
+    ]
+    assert not unexplained, json.dumps(unexplained, indent=1)
+    assert all(f["Level"] == "Warning" for f in found)
 
 
 def test_stream_handler_reads_the_databases_table_stream(packaged):
@@ -134,6 +149,7 @@ def test_functions_get_the_key_ring_secret_and_table_prefix(packaged):
     template, _ = packaged
     for name, fn in _functions(template).items():
         env = fn["Properties"]["Environment"]["Variables"]
+        assert env["INSTAPG_PG_SSLROOTCERT"] == "chalicelib/certs/rds-ca-bundle.pem", name  # verify-full
         assert env["INSTAPG_KEYRING_SECRET_ARN"] == {"Ref": "KeyRingSecret"}, name
         assert env["INSTAPG_TABLE_PREFIX"] == {"Ref": "TablePrefix"}, name
         assert "INSTAPG_KEYRING" not in env, name
@@ -185,3 +201,237 @@ def test_tables_match_the_models(packaged):
         if stream:
             assert props["StreamSpecification"] == {"StreamViewType": stream}
     assert bootstrap.ttl_attribute(models.DatabaseRecord) == "expires_at"
+
+
+# -- issue 16: production on AWS ------------------------------------------------------
+
+
+def _by_kind(template: dict) -> dict[str, str]:
+    """Logical id of the api, stream and schedule function."""
+    out = {}
+    for name, fn in _functions(template).items():
+        events = [e["Type"] for e in fn["Properties"].get("Events", {}).values()]
+        out["stream" if "DynamoDB" in events else "schedule" if "Schedule" in events else "api"] = name
+    return out
+
+
+def _sg_rules(template: dict, group: str, direction: str) -> list[dict]:
+    """Inline and separate ingress/egress rules of one security group."""
+    res = template["Resources"]
+    key = "SecurityGroupIngress" if direction == "in" else "SecurityGroupEgress"
+    rules = list(res[group]["Properties"].get(key, []))
+    kind = "AWS::EC2::SecurityGroupIngress" if direction == "in" else "AWS::EC2::SecurityGroupEgress"
+    rules += [r["Properties"] for r in res.values() if r["Type"] == kind and r["Properties"]["GroupId"] == {"Ref": group}]
+    return rules
+
+
+def test_timeouts_nest_gateway_function_statement(packaged):
+    from chalicelib import postgres
+    from tools import deployspec
+
+    template, _ = packaged
+    fns = _functions(template)
+    kinds = _by_kind(template)
+    api_timeout = fns[kinds["api"]]["Properties"]["Timeout"]
+    assert api_timeout == deployspec.FUNCTION_TIMEOUT_S["api"] < deployspec.API_GATEWAY_LIMIT_S
+    # The admin sessions' statement_timeout (jobs and stream) ends before their functions do.
+    assert f"statement_timeout={deployspec.ADMIN_STATEMENT_TIMEOUT_S * 1000} " in postgres._ADMIN_OPTIONS
+    for kind in ("schedule", "stream"):
+        assert fns[kinds[kind]]["Properties"]["Timeout"] > deployspec.ADMIN_STATEMENT_TIMEOUT_S
+    # The chalice path's config says the same.
+    stage = json.loads((ROOT / ".chalice" / "config.json").read_text())["stages"]["prod"]
+    assert stage["lambda_timeout"] == api_timeout
+    for handler in stage["lambda_functions"]:
+        assert stage["lambda_functions"][handler]["lambda_timeout"] > deployspec.ADMIN_STATEMENT_TIMEOUT_S
+
+
+def test_stream_mapping_gives_up_on_a_poison_record_into_sqs(packaged):
+    from tools import deployspec
+
+    template, _ = packaged
+    stream_fn = _functions(template)[_by_kind(template)["stream"]]
+    (event,) = stream_fn["Properties"]["Events"].values()
+    props = event["Properties"]
+    assert props["MaximumRetryAttempts"] == deployspec.STREAM_MAPPING["MaximumRetryAttempts"] <= 10
+    assert props["BisectBatchOnFunctionError"] is True
+    assert 0 < props["MaximumRecordAgeInSeconds"] < 24 * 3600  # under the stream's own 24 h
+    assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert props["DestinationConfig"] == {
+        "OnFailure": {"Type": "SQS", "Destination": {"Fn::GetAtt": ["StreamFailureQueue", "Arn"]}}
+    }
+    queue = template["Resources"]["StreamFailureQueue"]["Properties"]
+    assert queue["SqsManagedSseEnabled"] is True and queue["MessageRetentionPeriod"] == 1209600
+    sends = [st for st in _statements(template, _by_kind(template)["stream"]) if st["Sid"] == "StreamFailures"]
+    assert sends == [
+        {
+            "Sid": "StreamFailures",
+            "Effect": "Allow",
+            "Action": ["sqs:SendMessage"],
+            "Resource": {"Fn::GetAtt": ["StreamFailureQueue", "Arn"]},
+        }
+    ]
+
+
+def test_every_function_has_a_log_group_with_retention_that_its_policy_covers(packaged):
+    template, _ = packaged
+    groups = {
+        r["Properties"]["LogGroupName"]["Fn::Sub"]: r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Logs::LogGroup"
+    }
+    for name in _functions(template):
+        assert groups[f"/aws/lambda/${{{name}}}"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}, name
+        (logs,) = [st for st in _statements(template, name) if st["Sid"] == "Logs"]
+        # CloudFormation names a function <stack>-<logical id>-<suffix>; the policy covers that group.
+        assert logs["Resource"]["Fn::Sub"].endswith(":log-group:/aws/lambda/${AWS::StackName}-*")
+        assert "logs:CreateLogGroup" not in logs["Action"]  # the group exists, with its retention
+
+
+def test_network_functions_reach_postgres_on_5432_only_and_nothing_public_reaches_postgres(packaged):
+    template, _ = packaged
+    res = template["Resources"]
+    for name in _functions(template):
+        vpc = res[name]["Properties"]["VpcConfig"]["Fn::If"]
+        assert vpc[0] == "InVpc"
+        assert vpc[1]["SecurityGroupIds"] == [{"Ref": "FunctionSecurityGroup"}]
+    ingress = _sg_rules(template, "PostgresSecurityGroup", "in")
+    assert sorted(r["SourceSecurityGroupId"]["Ref"] for r in ingress) == ["FunctionSecurityGroup", "PoolerSecurityGroup"]
+    assert all((r["FromPort"], r["ToPort"], r["IpProtocol"]) == (5432, 5432, "tcp") for r in ingress)
+    assert not any("CidrIp" in r or "CidrIpv6" in r for r in ingress)
+    egress = _sg_rules(template, "FunctionSecurityGroup", "out")
+    to_pg = [r for r in egress if r.get("DestinationSecurityGroupId") == {"Ref": "PostgresSecurityGroup"}]
+    assert [(r["FromPort"], r["ToPort"]) for r in to_pg] == [(5432, 5432)]
+    assert all(r["FromPort"] == r["ToPort"] and r["FromPort"] in (443, 5432) for r in egress)
+    pooler = _sg_rules(template, "PoolerSecurityGroup", "out")
+    assert pooler == [
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 5432,
+            "ToPort": 5432,
+            "DestinationSecurityGroupId": {"Ref": "PostgresSecurityGroup"},
+            "Description": "to the Postgres hosts",
+        }
+    ]
+    # Endpoints instead of a NAT gateway; the subnets made here have no route out.
+    ddb, sm = res["DynamoDbEndpoint"]["Properties"], res["SecretsManagerEndpoint"]["Properties"]
+    assert ddb["VpcEndpointType"] == "Gateway" and ddb["ServiceName"]["Fn::Sub"].endswith(".dynamodb")
+    assert sm["VpcEndpointType"] == "Interface" and sm["ServiceName"]["Fn::Sub"].endswith(".secretsmanager")
+    assert sm["PrivateDnsEnabled"] is True
+    assert [r["SourceSecurityGroupId"] for r in _sg_rules(template, "EndpointSecurityGroup", "in")] == [
+        {"Ref": "FunctionSecurityGroup"}
+    ]
+    kinds = {r["Type"] for r in res.values()}
+    assert not kinds & {"AWS::EC2::NatGateway", "AWS::EC2::InternetGateway", "AWS::EC2::EIP"}
+    assert res["Vpc"]["Condition"] == "CreateNetwork"
+    assert all(res[s]["Properties"]["MapPublicIpOnLaunch"] is False for s in ("PrivateSubnetA", "PrivateSubnetB"))
+    assert set(template["Parameters"]["Network"]["AllowedValues"]) == {"create", "existing", "none"}
+
+
+def test_optional_rds_host_is_private_encrypted_backed_up_with_a_managed_secret(packaged):
+    template, _ = packaged
+    host = template["Resources"]["Host"]
+    props = host["Properties"]
+    assert host["Condition"] == "MakeHost" and host["DeletionPolicy"] == "Snapshot"
+    assert props["PubliclyAccessible"] is False and props["StorageEncrypted"] is True
+    assert props["ManageMasterUserPassword"] is True and "MasterUserPassword" not in props
+    assert props["VPCSecurityGroups"] == [{"Ref": "PostgresSecurityGroup"}]
+    assert props["DBInstanceClass"] == {"Ref": "HostInstanceClass"}
+    assert props["AllocatedStorage"] == {"Ref": "HostStorageGb"}
+    assert props["MaxAllocatedStorage"] == {"Ref": "HostMaxStorageGb"} and props["StorageType"] == "gp3"
+    assert props["BackupRetentionPeriod"] == {"Ref": "HostBackupRetentionDays"}
+    assert props["DeletionProtection"] == {"Ref": "HostDeletionProtection"}
+    # Every function may read the created host's secret (and the key ring), nothing broader.
+    for name in _functions(template):
+        (secrets,) = [st for st in _statements(template, name) if st["Sid"] == "Secrets"]
+        assert secrets["Resource"] == [
+            {"Ref": "KeyRingSecret"},
+            {"Fn::If": ["MakeHost", {"Fn::GetAtt": ["Host", "MasterUserSecret.SecretArn"]}, {"Ref": "AWS::NoValue"}]},
+        ]
+    assert "tools.hosts add" in template["Outputs"]["RegisterHost"]["Value"]["Fn::Sub"]
+
+
+def test_reserved_concurrency_and_stage_throttling_are_parameters(packaged):
+    from tools import deployspec
+
+    template, _ = packaged
+    fns, kinds = _functions(template), _by_kind(template)
+    assert fns[kinds["api"]]["Properties"]["ReservedConcurrentExecutions"] == {"Ref": "ApiReservedConcurrency"}
+    assert fns[kinds["schedule"]]["Properties"]["ReservedConcurrentExecutions"] == 1
+    assert fns[kinds["stream"]]["Properties"]["ReservedConcurrentExecutions"] == deployspec.DEFAULT_STREAM_CONCURRENCY
+    assert template["Parameters"]["ApiReservedConcurrency"]["Default"] == deployspec.DEFAULT_API_CONCURRENCY
+    # db.t4g.medium grants ~410 connections; the default leaves room for the tenants' own.
+    assert deployspec.api_concurrency(410) == 95 and deployspec.api_concurrency(10) == 1
+    (method,) = template["Resources"]["RestAPI"]["Properties"]["MethodSettings"]
+    assert method == {
+        "ResourcePath": "/*",
+        "HttpMethod": "*",
+        "ThrottlingRateLimit": {"Ref": "ApiThrottleRate"},
+        "ThrottlingBurstLimit": {"Ref": "ApiThrottleBurst"},
+    }
+
+
+def test_alarms_cover_stream_age_failures_errors_throttles_pool_and_fill(packaged):
+    from tools import deployspec
+
+    template, _ = packaged
+    alarms = {k: r["Properties"] for k, r in template["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert set(alarms) == {f"{spec['id']}Alarm" for spec in deployspec.ALARMS}
+    metrics = {(a["Namespace"], a["MetricName"]) for a in alarms.values()}
+    assert {
+        ("AWS/Lambda", "IteratorAge"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+        ("AWS/Lambda", "Errors"),
+        ("AWS/Lambda", "Throttles"),
+        ("instapg", "PoolReady"),
+        ("instapg", "HostFillPercent"),
+    } <= metrics
+    for alarm in alarms.values():
+        assert alarm["AlarmActions"] == [{"Fn::If": ["MakeAlarmTopic", {"Ref": "AlarmTopic"}, {"Ref": "AlarmTopicArn"}]}]
+    kinds = _by_kind(template)
+    assert alarms["StreamIteratorAgeAlarm"]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": kinds["stream"]}}]
+    assert alarms["ApiErrorsAlarm"]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": kinds["api"]}}]
+    # The metrics the app emits are the ones the alarms watch.
+    from chalicelib import metrics as app_metrics
+
+    assert app_metrics.NAMESPACE == "instapg"
+    assert {"PoolReady", "HostFillPercent"} <= set(app_metrics.NAMES)
+
+
+def test_custom_domain_is_optional_and_sets_the_claim_url(packaged):
+    template, _ = packaged
+    res = template["Resources"]
+    assert res["ApiDomain"]["Condition"] == "HasDomain"
+    assert res["ApiDomain"]["Properties"]["EndpointConfiguration"] == {"Types": ["REGIONAL"]}
+    assert res["ApiDomain"]["Properties"]["RegionalCertificateArn"] == {"Ref": "CertificateArn"}
+    assert res["ApiDomainMapping"]["Properties"]["RestApiId"] == {"Ref": "RestAPI"}
+    for name, fn in _functions(template).items():
+        url = fn["Properties"]["Environment"]["Variables"]["INSTAPG_PUBLIC_URL"]
+        assert url == {
+            "Fn::If": [
+                "HasPublicUrl",
+                {"Ref": "PublicUrl"},
+                {"Fn::If": ["HasDomain", {"Fn::Sub": "https://${DomainName}"}, ""]},
+            ]
+        }, name
+
+
+def test_readme_deploy_section_states_what_deployspec_sets():
+    """README's deploy numbers are the ones both paths apply (tools/deployspec.py)."""
+    from tools import deployspec as d
+
+    text = (ROOT / "README.md").read_text()
+    t = d.FUNCTION_TIMEOUT_S
+    m = d.STREAM_MAPPING
+    for phrase in (
+        f"The API function stops at {t['api']} s",
+        f"scheduled job ({t['schedule']} s) and the stream handler ({t['stream']} s)",
+        f"`statement_timeout` ({d.ADMIN_STATEMENT_TIMEOUT_S} s)",
+        f"at most {m['MaximumRetryAttempts']} times",
+        f"skips it once it is {m['MaximumRecordAgeInSeconds'] // 3600} hours old",
+        f"(230 - {d.RESERVED_FOR_OTHERS}) / {d.SESSIONS_PER_INSTANCE} = **{d.api_concurrency(230)}**, the default",
+        f"reserves {d.DEFAULT_API_CONCURRENCY} + {d.DEFAULT_STREAM_CONCURRENCY} + 1 concurrent",
+        f"| {len(d.ALARMS)} CloudWatch alarms + SNS topic |",
+        f"retention `LogRetentionDays` ({d.LOG_RETENTION_DAYS})",
+    ):
+        assert phrase in text, phrase
+    assert d.api_concurrency(230) == d.DEFAULT_API_CONCURRENCY

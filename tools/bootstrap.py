@@ -150,6 +150,38 @@ def write_stage(config_path: Path, stage: str, env: dict[str, str], settings: di
     return True
 
 
+def stage_settings(
+    config: dict[str, Any], stage: str, api_concurrency: int | None, log_retention_days: int
+) -> dict[str, Any]:
+    """Timeouts, reserved concurrency and log retention for the stage, per function kind (tools/deployspec.py).
+
+    chalice applies these on deploy: a stage-wide value is the API function's,
+    `lambda_functions.<handler>` the others'; `log_retention_in_days` makes
+    each function's log group with that retention.
+    """
+    from tools import deployspec, package
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app as application
+
+    functions = dict(config.get("stages", {}).get(stage, {}).get("lambda_functions", {}))
+    for handler, kind in package.functions(application.app):
+        if kind == "api":
+            continue
+        per = dict(functions.get(handler, {}))
+        per["lambda_timeout"] = deployspec.FUNCTION_TIMEOUT_S[kind]
+        # One purge at a time; the stream handler's few keep a backlog's connections bounded.
+        per["reserved_concurrency"] = 1 if kind == "schedule" else deployspec.DEFAULT_STREAM_CONCURRENCY
+        functions[handler] = per
+    return {
+        "lambda_timeout": deployspec.FUNCTION_TIMEOUT_S["api"],
+        "reserved_concurrency": api_concurrency or deployspec.DEFAULT_API_CONCURRENCY,
+        "log_retention_in_days": log_retention_days,
+        "lambda_functions": functions,
+    }
+
+
 def ensure_keyring_secret(client, name: str, log=print) -> str:
     """The key ring secret's ARN; a new secret gets one fresh key, made here and sent only to Secrets Manager."""
     from chalicelib.crypto import new_key_spec
@@ -166,7 +198,7 @@ def ensure_keyring_secret(client, name: str, log=print) -> str:
 
 
 def policy(
-    region: str, account: str, stage: str, tables: list[dict[str, Any]], secret_arns: list[str]
+    region: str, account: str, stage: str, tables: list[dict[str, Any]], secret_arns: list[str], queue_arn: str
 ) -> dict[str, Any]:
     """The functions' IAM policy for `chalice deploy`: these tables, this stream, these secrets."""
     table_arns = [f"arn:aws:dynamodb:{region}:{account}:table/{t['table']}" for t in tables]
@@ -175,10 +207,14 @@ def policy(
         "Version": "2012-10-17",
         "Statement": [
             {
+                # The API function is `<app>-<stage>` itself, the others `<app>-<stage>-<handler>`.
+                # No CreateLogGroup: the groups exist (ensure_log_groups) with their retention.
                 "Sid": "Logs",
                 "Effect": "Allow",
-                "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
-                "Resource": f"arn:aws:logs:{region}:{account}:log-group:/aws/lambda/instapg-{stage}-*",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": [
+                    f"arn:aws:logs:{region}:{account}:log-group:{group}:*" for group in log_groups(stage)
+                ],
             },
             {
                 "Sid": "Metadata",
@@ -190,6 +226,13 @@ def policy(
             {"Sid": "ListStreams", "Effect": "Allow", "Action": ["dynamodb:ListStreams"], "Resource": "*"},
             {"Sid": "Secrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret_arns},
             {
+                # The stream's on-failure destination: Lambda sends with the function's role.
+                "Sid": "StreamFailures",
+                "Effect": "Allow",
+                "Action": ["sqs:SendMessage"],
+                "Resource": [queue_arn],
+            },
+            {
                 # Lambda in a VPC; AWS has no resource-level permissions for these.
                 "Sid": "VpcNetworking",
                 "Effect": "Allow",
@@ -200,10 +243,139 @@ def policy(
     }
 
 
-def _package_actions(name: str) -> list[str]:
-    from tools import package  # one list of actions for both deployment paths
+def function_names(stage: str) -> dict[str, list[str]]:
+    """Names chalice gives the stage's functions, by kind (api, stream, schedule)."""
+    from tools import package
+    from tools.deployspec import APP_NAME
 
-    return list(getattr(package, name))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app as application  # registers the handlers; touches no AWS
+
+    names: dict[str, list[str]] = {}
+    for handler, kind in package.functions(application.app):
+        name = f"{APP_NAME}-{stage}" if kind == "api" else f"{APP_NAME}-{stage}-{handler}"
+        names.setdefault(kind, []).append(name)
+    return names
+
+
+def log_groups(stage: str) -> list[str]:
+    return [f"/aws/lambda/{name}" for names in function_names(stage).values() for name in names]
+
+
+def ensure_failure_queue(client, prefix: str, log=print) -> str:
+    """The SQS queue that receives stream records the handler gave up on; returns its ARN."""
+    from tools.deployspec import STREAM_FAILURE_QUEUE_RETENTION_S
+
+    name = f"{prefix}-stream-failures"
+    try:
+        url = client.get_queue_url(QueueName=name)["QueueUrl"]
+    except client.exceptions.QueueDoesNotExist:
+        url = client.create_queue(
+            QueueName=name,
+            Attributes={
+                "MessageRetentionPeriod": str(STREAM_FAILURE_QUEUE_RETENTION_S),
+                "SqsManagedSseEnabled": "true",
+            },
+        )["QueueUrl"]
+        log(f"{name}: created failure queue")
+    return client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def alarm_dimensions(kind: str, names: dict[str, list[str]], queue_name: str) -> list[dict[str, str]]:
+    if kind.startswith("function:"):
+        return [{"Name": "FunctionName", "Value": names[kind.split(":", 1)[1]][0]}]
+    if kind == "queue":
+        return [{"Name": "QueueName", "Value": queue_name}]
+    return []
+
+
+def finish(
+    stage: str,
+    prefix: str,
+    region: str,
+    endpoint: str | None = None,
+    alarm_topic_arn: str | None = None,
+    throttle_rate: float | None = None,
+    throttle_burst: int | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """After `chalice deploy`: what chalice cannot set. Idempotent.
+
+    The stream mapping's retries, bisect, record age, failure queue and
+    partial batch responses; the stage's throttling; the alarms (to
+    `alarm_topic_arn`). Timeouts, reserved concurrency and log retention are
+    chalice settings, which `bootstrap` writes into the stage.
+    """
+    import boto3
+
+    from tools import deployspec
+
+    names = function_names(stage)
+    lam = boto3.client("lambda", region_name=region, endpoint_url=endpoint)
+    sqs = boto3.client("sqs", region_name=region, endpoint_url=endpoint)
+    queue_name = f"{prefix}-stream-failures"
+    queue_arn = ensure_failure_queue(sqs, prefix, log)
+    mappings = []
+    for function in names.get("stream", []):
+        for mapping in lam.list_event_source_mappings(FunctionName=function)["EventSourceMappings"]:
+            lam.update_event_source_mapping(
+                UUID=mapping["UUID"],
+                DestinationConfig={"OnFailure": {"Destination": queue_arn}},
+                **deployspec.STREAM_MAPPING,
+            )
+            mappings.append(mapping["UUID"])
+            log(f"{function}: stream mapping {mapping['UUID']} retries, bisects, reports failures to {queue_name}")
+    if names.get("stream") and not mappings:
+        raise SystemExit(f"{names['stream'][0]} has no event source mapping: run `chalice deploy` first")
+    if throttle_rate or throttle_burst:
+        _throttle_stage(boto3.client("apigateway", region_name=region, endpoint_url=endpoint), stage, throttle_rate, throttle_burst, log)
+    alarms = []
+    if alarm_topic_arn:
+        cw = boto3.client("cloudwatch", region_name=region, endpoint_url=endpoint)
+        for spec in deployspec.ALARMS:
+            name = f"{prefix}-{spec['id']}"
+            cw.put_metric_alarm(
+                AlarmName=name,
+                AlarmDescription=spec["description"],
+                Namespace=spec["namespace"],
+                MetricName=spec["metric"],
+                Dimensions=alarm_dimensions(spec["dimensions"], names, queue_name),
+                Statistic=spec["statistic"],
+                ComparisonOperator=spec["comparison"],
+                Threshold=spec["threshold"],
+                Period=spec["period"],
+                EvaluationPeriods=1,
+                TreatMissingData="notBreaching",
+                AlarmActions=[alarm_topic_arn],
+            )
+            alarms.append(name)
+        log(f"{len(alarms)} alarms notify {alarm_topic_arn}")
+    return {"queue_arn": queue_arn, "mappings": mappings, "alarms": alarms}
+
+
+def _throttle_stage(client, stage: str, rate: float | None, burst: int | None, log=print) -> None:
+    from tools.deployspec import APP_NAME
+
+    api_name = f"{APP_NAME}-{stage}"  # chalice names the REST API like the API function
+    apis = [a for a in client.get_rest_apis(limit=500)["items"] if a["name"] == api_name]
+    if not apis:
+        raise SystemExit(f"no REST API named {api_name}: run `chalice deploy` first")
+    ops = []
+    if rate:
+        ops.append({"op": "replace", "path": "/*/*/throttling/rateLimit", "value": str(rate)})
+    if burst:
+        ops.append({"op": "replace", "path": "/*/*/throttling/burstLimit", "value": str(burst)})
+    for stage_desc in client.get_stages(restApiId=apis[0]["id"])["item"]:
+        client.update_stage(restApiId=apis[0]["id"], stageName=stage_desc["stageName"], patchOperations=ops)
+        log(f"{api_name} stage {stage_desc['stageName']}: throttled to {rate}/s, burst {burst}")
+
+
+def _package_actions(name: str):
+    from tools import package  # one list of actions (and one bundle path) for both deployment paths
+
+    value = getattr(package, name)
+    return list(value) if isinstance(value, list) else value
 
 
 def bootstrap(
@@ -215,6 +387,10 @@ def bootstrap(
     host_secret_arns: list[str] | None = None,
     subnet_ids: list[str] | None = None,
     security_group_ids: list[str] | None = None,
+    log_retention_days: int = 30,
+    api_concurrency: int | None = None,
+    domain: tuple[str, str] | None = None,
+    public_url: str | None = None,
     log=print,
 ) -> dict:
     import boto3
@@ -230,25 +406,38 @@ def bootstrap(
         results[suffix] = ensure_table(client, model, f"{prefix}-{suffix}", log=log)
     secrets = boto3.client("secretsmanager", region_name=region, endpoint_url=endpoint)
     secret_arn = ensure_keyring_secret(secrets, f"{prefix}/keyring", log)
+    queue_arn = ensure_failure_queue(boto3.client("sqs", region_name=region, endpoint_url=endpoint), prefix, log)
     account = boto3.client("sts", region_name=region, endpoint_url=endpoint).get_caller_identity()["Account"]
     # Without host secret ARNs, any RDS-managed master secret of the account.
     hosts = host_secret_arns or [f"arn:aws:secretsmanager:{region}:{account}:secret:rds!*"]
     policy_file = f"policy-{stage}.json"
-    document = policy(region, account, stage, list(results.values()), [secret_arn, *hosts])
+    document = policy(region, account, stage, list(results.values()), [secret_arn, *hosts], queue_arn)
     (config_path.parent / policy_file).write_text(json.dumps(document, indent=2) + "\n")
     env = {
         "INSTAPG_TABLE_PREFIX": prefix,
         "INSTAPG_STREAM_ARN": results["databases"]["stream_arn"],
         "INSTAPG_KEYRING_SECRET_ARN": secret_arn,
+        "INSTAPG_PG_SSLROOTCERT": _package_actions("RDS_CA_BUNDLE"),  # verify-full; `make rds-ca` before deploy
     }
-    settings: dict[str, Any] = {"autogen_policy": False, "iam_policy_file": policy_file}
+    settings: dict[str, Any] = {
+        "autogen_policy": False,
+        "iam_policy_file": policy_file,
+        **stage_settings(json.loads(config_path.read_text()), stage, api_concurrency, log_retention_days),
+    }
+    if domain:
+        # Claim links then stay on this name whatever happens to the API's own.
+        settings["api_gateway_custom_domain"] = {"domain_name": domain[0], "certificate_arn": domain[1]}
+        settings["api_gateway_endpoint_type"] = "REGIONAL"
+        env["INSTAPG_PUBLIC_URL"] = f"https://{domain[0]}"
+    if public_url:
+        env["INSTAPG_PUBLIC_URL"] = public_url.rstrip("/")
     if subnet_ids and security_group_ids:
         settings.update(subnet_ids=subnet_ids, security_group_ids=security_group_ids)
     if write_stage(config_path, stage, env, settings):
         log(f"{config_path}: stage {stage} now has {', '.join(f'{k}={v}' for k, v in env.items())}")
     else:
         log(f"{config_path}: stage {stage} already up to date")
-    return {**results, "keyring_secret_arn": secret_arn, "policy": document}
+    return {**results, "keyring_secret_arn": secret_arn, "queue_arn": queue_arn, "policy": document}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,17 +452,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-secret-arn", action="append", help="a host admin secret the functions may read")
     parser.add_argument("--subnet-ids", help="comma-separated private subnets for the functions")
     parser.add_argument("--security-group-ids", help="comma-separated security groups for the functions")
+    parser.add_argument("--api-concurrency", type=int, help="the API function's reserved concurrency (README)")
+    parser.add_argument("--log-retention-days", type=int, default=30)
+    parser.add_argument("--domain-name", help="custom domain for the API (needs --certificate-arn)")
+    parser.add_argument("--certificate-arn", help="ACM certificate for --domain-name (same region)")
+    parser.add_argument(
+        "--public-url", help="INSTAPG_PUBLIC_URL: the API's URL (in Lambda every request answers 503 without one)"
+    )
+    parser.add_argument(
+        "--after-deploy",
+        action="store_true",
+        help="run after `chalice deploy`: stream failure handling, stage throttling, alarms",
+    )
+    parser.add_argument("--alarm-topic-arn", help="SNS topic the alarms notify (--after-deploy)")
+    parser.add_argument("--throttle-rate", type=float, help="API stage requests/s (--after-deploy)")
+    parser.add_argument("--throttle-burst", type=int, help="API stage burst (--after-deploy)")
     args = parser.parse_args(argv)
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    prefix = args.prefix or f"instapg-{args.stage}"
+    if args.after_deploy:
+        finish(
+            args.stage,
+            prefix,
+            args.region,
+            args.endpoint_url,
+            alarm_topic_arn=args.alarm_topic_arn,
+            throttle_rate=args.throttle_rate,
+            throttle_burst=args.throttle_burst,
+        )
+        return 0
+    if bool(args.domain_name) != bool(args.certificate_arn):
+        parser.error("--domain-name and --certificate-arn go together")
     bootstrap(
         args.stage,
-        args.prefix or f"instapg-{args.stage}",
+        prefix,
         args.region,
         args.config,
         args.endpoint_url,
         host_secret_arns=args.host_secret_arn,
         subnet_ids=split(args.subnet_ids),
         security_group_ids=split(args.security_group_ids),
+        log_retention_days=args.log_retention_days,
+        api_concurrency=args.api_concurrency,
+        domain=(args.domain_name, args.certificate_arn) if args.domain_name else None,
+        public_url=args.public_url,
     )
     return 0
 

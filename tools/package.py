@@ -29,8 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tools.deployspec import ALARMS, DEFAULT_STREAM_CONCURRENCY, FUNCTION_TIMEOUT_S, STREAM_MAPPING
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra" / "resources.yaml"
+RDS_CA_BUNDLE = "chalicelib/certs/rds-ca-bundle.pem"  # tools/rdsca.py writes it
 STREAM_TABLE = "DatabasesTable"  # the only table with a stream handler (models: "databases")
 
 # What every function may do on every table (one per model, see table_resources).
@@ -47,6 +50,12 @@ TABLE_ACTIONS = [
 STREAM_ACTIONS = ["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"]
 # Lambda in a VPC manages its network interfaces; AWS does not support
 # resource-level permissions for these, hence "*" with three named actions.
+# The API's from the parameter (README, "Concurrency and connections"); one purge at a time.
+RESERVED_CONCURRENCY: dict[str, Any] = {
+    "api": {"Ref": "ApiReservedConcurrency"},
+    "schedule": 1,
+    "stream": DEFAULT_STREAM_CONCURRENCY,
+}
 VPC_ACTIONS = ["ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface", "ec2:DescribeNetworkInterfaces"]
 
 
@@ -82,9 +91,10 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
         table_arns += [{"Fn::GetAtt": [table, "Arn"]}, {"Fn::Sub": f"${{{table}.Arn}}/index/*"}]
     statements: list[dict[str, Any]] = [
         {
+            # Every function's group exists (with retention) before it runs: no CreateLogGroup.
             "Sid": "Logs",
             "Effect": "Allow",
-            "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+            "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
             "Resource": {
                 "Fn::Sub": "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:/aws/lambda/${AWS::StackName}-*"
             },
@@ -94,17 +104,22 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
             "Sid": "Secrets",
             "Effect": "Allow",
             "Action": ["secretsmanager:GetSecretValue"],
-            "Resource": {
-                "Fn::Split": [
-                    ",",
-                    {
-                        "Fn::Join": [
-                            ",",
-                            [{"Ref": "KeyRingSecret"}, {"Fn::Join": [",", {"Ref": "HostAdminSecretArns"}]}],
-                        ]
-                    },
-                ]
-            },
+            "Resource": [
+                {"Ref": "KeyRingSecret"},
+                {"Fn::If": ["MakeHost", {"Fn::GetAtt": ["Host", "MasterUserSecret.SecretArn"]}, {"Ref": "AWS::NoValue"}]},
+            ],
+        },
+        {
+            "Fn::If": [
+                "HasHostSecrets",
+                {
+                    "Sid": "HostSecrets",
+                    "Effect": "Allow",
+                    "Action": ["secretsmanager:GetSecretValue"],
+                    "Resource": {"Ref": "HostAdminSecretArns"},
+                },
+                {"Ref": "AWS::NoValue"},
+            ]
         },
     ]
     if kind == "stream":
@@ -118,6 +133,15 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
         )
         statements.append(
             {"Sid": "ListStreams", "Effect": "Allow", "Action": ["dynamodb:ListStreams"], "Resource": "*"}
+        )
+        # The mapping's on-failure destination sends with the function's role.
+        statements.append(
+            {
+                "Sid": "StreamFailures",
+                "Effect": "Allow",
+                "Action": ["sqs:SendMessage"],
+                "Resource": {"Fn::GetAtt": ["StreamFailureQueue", "Arn"]},
+            }
         )
     statements.append(
         {
@@ -176,6 +200,7 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
 
     resources: dict[str, Any] = table_resources()
     tables = list(resources)
+    functions_by_kind: dict[str, str] = {}
     for name, kind in functions(app):
         function = "APIHandler" if kind == "api" else to_cfn_resource_name(name)
         role = to_cfn_resource_name(f"{name}_role")
@@ -183,17 +208,35 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
             "Properties": {"Policies": [{"PolicyName": f"{role}Policy", "PolicyDocument": _policy(kind, tables)}]}
         }
         props: dict[str, Any] = {
+            "Timeout": FUNCTION_TIMEOUT_S[kind],
+            "ReservedConcurrentExecutions": RESERVED_CONCURRENCY[kind],
             "Environment": {
                 "Variables": {
                     "INSTAPG_TABLE_PREFIX": {"Ref": "TablePrefix"},
                     "INSTAPG_KEYRING_SECRET_ARN": {"Ref": "KeyRingSecret"},
-                    "INSTAPG_PUBLIC_URL": {"Ref": "PublicUrl"},
+                    "INSTAPG_PG_SSLROOTCERT": RDS_CA_BUNDLE,  # verify-full to the hosts (make rds-ca)
+                    "INSTAPG_PUBLIC_URL": {
+                        "Fn::If": [
+                            "HasPublicUrl",
+                            {"Ref": "PublicUrl"},
+                            {"Fn::If": ["HasDomain", {"Fn::Sub": "https://${DomainName}"}, ""]},
+                        ]
+                    },
                 }
             },
             "VpcConfig": {
                 "Fn::If": [
                     "InVpc",
-                    {"SubnetIds": {"Ref": "SubnetIds"}, "SecurityGroupIds": {"Ref": "SecurityGroupIds"}},
+                    {
+                        "SubnetIds": {
+                            "Fn::If": [
+                                "CreateNetwork",
+                                [{"Ref": "PrivateSubnetA"}, {"Ref": "PrivateSubnetB"}],
+                                {"Ref": "SubnetIds"},  # cfn-lint W1030 on its "" default: tests/test_infra.py
+                            ]
+                        },
+                        "SecurityGroupIds": [{"Ref": "FunctionSecurityGroup"}],
+                    },
                     {"Ref": "AWS::NoValue"},
                 ]
             },
@@ -206,13 +249,59 @@ def overlay(app, infra: dict[str, Any]) -> dict[str, Any]:
                         "Stream": {"Fn::GetAtt": [STREAM_TABLE, "StreamArn"]},
                         # A poison record must not stall the stream; the
                         # scheduled purge and reconciliation catch what is skipped.
-                        "MaximumRetryAttempts": 10,
-                        "BisectBatchOnFunctionError": True,
+                        **STREAM_MAPPING,
+                        "DestinationConfig": {
+                            "OnFailure": {"Type": "SQS", "Destination": {"Fn::GetAtt": ["StreamFailureQueue", "Arn"]}}
+                        },
                     }
                 }
             }
         resources[function] = {"Properties": props}
+        # chalice's log group per function (log_retention_in_days): the
+        # parameter's retention, and the API's named after the right resource
+        # (chalice writes ${ApiHandler}, which does not exist).
+        resources[to_cfn_resource_name(f"{name}_log_group")] = {
+            "Properties": {
+                "LogGroupName": {"Fn::Sub": f"/aws/lambda/${{{function}}}"},
+                "RetentionInDays": {"Ref": "LogRetentionDays"},
+            }
+        }
+        functions_by_kind[kind] = function
+    resources.update(alarm_resources(functions_by_kind))
     return {"Resources": resources}
+
+
+def alarm_resources(functions_by_kind: dict[str, str]) -> dict[str, Any]:
+    """One AWS::CloudWatch::Alarm per tools/deployspec.ALARMS entry, notifying the alarm topic."""
+    out: dict[str, Any] = {}
+    for spec in ALARMS:
+        kind = spec["dimensions"]
+        if kind.startswith("function:"):
+            function = functions_by_kind.get(kind.split(":", 1)[1])
+            if function is None:
+                continue
+            dimensions = [{"Name": "FunctionName", "Value": {"Ref": function}}]
+        elif kind == "queue":
+            dimensions = [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["StreamFailureQueue", "QueueName"]}}]
+        else:
+            dimensions = []
+        props: dict[str, Any] = {
+            "AlarmName": {"Fn::Sub": f"${{AWS::StackName}}-{spec['id']}"},
+            "AlarmDescription": spec["description"],
+            "Namespace": spec["namespace"],
+            "MetricName": spec["metric"],
+            "Statistic": spec["statistic"],
+            "ComparisonOperator": spec["comparison"],
+            "Threshold": spec["threshold"],
+            "Period": spec["period"],
+            "EvaluationPeriods": 1,
+            "TreatMissingData": "notBreaching",
+            "AlarmActions": [{"Fn::If": ["MakeAlarmTopic", {"Ref": "AlarmTopic"}, {"Ref": "AlarmTopicArn"}]}],
+        }
+        if dimensions:
+            props["Dimensions"] = dimensions
+        out[f"{spec['id']}Alarm"] = {"Type": "AWS::CloudWatch::Alarm", "Properties": props}
+    return out
 
 
 def merge_template(app, infra_path: Path = INFRA) -> dict[str, Any]:
@@ -233,8 +322,14 @@ def load_app(project_dir: Path, stage: str):
     return cli.load_chalice_app(config.environment_variables)
 
 
-def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT) -> Path:
-    """Write deployment.zip and sam.json (the one template) into `outdir`; returns the template's path."""
+def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT, require_ca: bool = True) -> Path:
+    """Write deployment.zip and sam.json (the one template) into `outdir`; returns the template's path.
+
+    The functions verify their hosts against the RDS CA bundle: without it in
+    the zip they could reach no host, so packaging stops (`make rds-ca`).
+    """
+    if require_ca and not (project_dir / RDS_CA_BUNDLE).exists():
+        raise SystemExit(f"{RDS_CA_BUNDLE} is missing: run `make rds-ca` (or `make package`, which does)")
     env = {**os.environ, "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-2")}
     app = load_app(project_dir, stage)
     outdir.mkdir(parents=True, exist_ok=True)
