@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -267,3 +268,40 @@ def test_config_refuses_names_that_are_not_generated(pg):
             pooler.Tenant(role, "ok", verifier, 5, pg.host, pg.port)
     with pytest.raises(ValueError):
         pooler.Tenant("ok", "ok", "plaintext", 5, pg.host, pg.port)
+
+
+def test_publishing_again_applies_a_new_pool_size(make_tenant, pgbouncer):
+    t = make_tenant(connections=2)
+    bouncer = pgbouncer.pooler()
+    with _pooled(t.pooled) as conn:
+        conn.execute("SELECT 1")
+    bouncer.publish(dataclasses.replace(t.tenant, pool_size=7))  # a claim: the claimed plan's connections
+    entries = {row["name"]: row for row in bouncer.admin("SHOW DATABASES")}
+    assert (entries[t.tenant.dbname]["pool_size"], entries[t.tenant.dbname]["max_connections"]) == (7, 7)
+    with _pooled(t.pooled) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_clients_beyond_max_client_conn_are_refused_at_once(make_tenant):
+    from tools import pgserver
+    from tools.dev import pgbouncer as local_pgbouncer
+
+    root = pgserver.private_dir("instapg-pgbouncer-limit-")
+    small = local_pgbouncer.start(root / "pgbouncer", settings={"max_client_conn": "3"})
+    try:
+        t = make_tenant(publish=False)
+        bouncer = small.pooler()
+        bouncer.publish(t.tenant)
+        url = bouncer.pooled_url(t.tenant.role, t.password, t.tenant.dbname)
+        held = [_pooled(url) for _ in range(3)]
+        try:
+            started = time.monotonic()
+            assert login_sqlstate(url) == POOLER_REFUSED
+            assert time.monotonic() - started < 10  # refused, not queued
+        finally:
+            for conn in held:
+                conn.close()
+        bouncer.revoke(t.tenant.role, t.tenant.dbname)
+    finally:
+        small.stop()
+        shutil.rmtree(root, ignore_errors=True)
