@@ -90,11 +90,15 @@ class Pooler:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def publish(self, tenant: Tenant) -> None:
-        """Add (or replace) the tenant's auth and database entries; it can connect once this returns."""
+    def publish(self, *tenants: Tenant) -> None:
+        """Add (or replace) tenants' auth and database entries; they can connect once this returns.
+
+        Several at once for a restarted PgBouncer or a reconciliation: one RELOAD.
+        """
         with self._edit() as (auth, dbs):
-            auth[tenant.role] = tenant.verifier
-            dbs[tenant.dbname] = tenant
+            for tenant in tenants:
+                auth[tenant.role] = tenant.verifier
+                dbs[tenant.dbname] = tenant
         self.admin("RELOAD")
 
     def revoke(self, role: str, dbname: str) -> None:
