@@ -107,16 +107,22 @@ class Pooler:
         For a lock, expiry, delete or drain: a warm server connection would
         otherwise let a NOLOGIN role in. Idempotent.
         """
+        if not (_NAME.match(role) and _NAME.match(dbname)) or role == self.admin_user:
+            raise ValueError("pooler: tenant names must be generated names")
         with self._edit() as (auth, dbs):
             auth.pop(role, None)
             dbs.pop(dbname, None)
         self._reload_and_kill(dbname, resume=False)
 
     def rotate(self, tenant: Tenant) -> None:
-        """The tenant's new verifier (set on Postgres too): the old password is refused, sessions ended."""
+        """The tenant's new verifier (set on Postgres too): the old password is refused, sessions ended.
+
+        A tenant that is not published (revoked: locked, expired) stays out.
+        """
         with self._edit() as (auth, dbs):
-            auth[tenant.role] = tenant.verifier
-            dbs[tenant.dbname] = tenant
+            if tenant.dbname in dbs:
+                auth[tenant.role] = tenant.verifier
+                dbs[tenant.dbname] = tenant
         self._reload_and_kill(tenant.dbname, resume=True)
 
     def stats(self) -> dict[str, tuple[int, int]]:

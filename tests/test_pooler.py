@@ -219,6 +219,15 @@ def test_rotate_refuses_the_old_password_and_ends_sessions(make_tenant, pgbounce
     with pytest.raises(psycopg.OperationalError):
         held.execute("SELECT 1")
     held.close()
+    # Rotating a revoked (locked) tenant does not let it back into the pooler.
+    bouncer.revoke(t.tenant.role, t.tenant.dbname)
+    bouncer.rotate(dataclasses.replace(t.tenant, verifier=verifier))
+    assert t.tenant.dbname not in bouncer.published()
+    assert login_sqlstate(bouncer.pooled_url(t.tenant.role, new_password, t.tenant.dbname)) == POOLER_REFUSED
+    with pytest.raises(ValueError):  # never the pooler's own admin, never a name that is not generated
+        bouncer.revoke(bouncer.admin_user, t.tenant.dbname)
+    with pytest.raises(ValueError):
+        bouncer.revoke(t.tenant.role, "x; SHUTDOWN")
 
 
 def test_transfer_bytes_grow_after_a_query(make_tenant, pgbouncer):
