@@ -184,3 +184,23 @@ def second_host(host, service, pg2, instapg_env):
     )
     service.hosts.invalidate()
     return record
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg):
+    """One real PgBouncer (Debian's, tools/install-pgbouncer.sh) in front of `pg` for the session.
+
+    A short query_wait_timeout so the test of a saturated pool waits seconds, not the default 30.
+    """
+    from tools import pgserver
+    from tools.dev import pgbouncer as local_pgbouncer
+
+    if local_pgbouncer.binary() is None:
+        pytest.skip("pgbouncer is not installed (make test installs it: tools/install-pgbouncer.sh)")
+    root = pgserver.private_dir("instapg-pgbouncer-")
+    bouncer = local_pgbouncer.start(root / "pgbouncer", settings={"query_wait_timeout": "3"})
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+        shutil.rmtree(root, ignore_errors=True)
