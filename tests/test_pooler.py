@@ -38,9 +38,9 @@ class Made:
 
 
 def _plan(connections: int = 5):
-    from chalicelib.settings import UNCLAIMED, load
+    from chalicelib.settings import TRIAL_PLAN, load
 
-    return dataclasses.replace(load({}).plan(UNCLAIMED), connections=connections)
+    return dataclasses.replace(load({}).plan(TRIAL_PLAN), connections=connections)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def target(pg):
 @pytest.fixture
 def make_tenant(pg, pgbouncer, target):
     """Create a tenant as the service does and publish it to the pooler; dropped afterwards."""
-    from chalicelib import pooler, postgres
+    from chalicelib import pooler, postgres, provisioning
     from chalicelib.identifiers import tenant_name, tenant_password
 
     made: list[Made] = []
@@ -62,7 +62,7 @@ def make_tenant(pg, pgbouncer, target):
     def make(connections: int = 5, publish: bool = True) -> Made:
         name, password = tenant_name(prefix), tenant_password()
         verifier = postgres.scram_verifier(password)
-        postgres.create_tenant(target, name, name, password, _plan(connections), verifier=verifier)
+        provisioning.create_tenant(target, name, name, password, _plan(connections), verifier=verifier)
         tenant = pooler.Tenant(name, name, verifier, connections, pg.host, pg.port)
         bouncer = pgbouncer.pooler()
         if publish:
@@ -81,7 +81,7 @@ def make_tenant(pg, pgbouncer, target):
     bouncer = pgbouncer.pooler()
     for item in made:
         bouncer.revoke(item.tenant.role, item.tenant.dbname)
-        postgres.drop_tenant(target, item.tenant.role, item.tenant.dbname, keep_claimed=False)
+        provisioning.drop_tenant(target, item.tenant.role, item.tenant.dbname, keep_claimed=False)
 
 
 def _pooled(url: str, **kwargs) -> psycopg.Connection:
@@ -168,7 +168,7 @@ def test_listen_notify_and_prepared_statements_on_the_session_paths(make_tenant,
 
 
 def test_revoke_refuses_a_locked_tenant_despite_a_warm_server_connection(make_tenant, pgbouncer, target):
-    from chalicelib import postgres
+    from chalicelib import provisioning
 
     t = make_tenant()
     bouncer = pgbouncer.pooler()
@@ -188,10 +188,10 @@ def test_revoke_refuses_a_locked_tenant_despite_a_warm_server_connection(make_te
         held.execute("SELECT 1")
     held.close()
     assert t.tenant.dbname not in bouncer.published()
-    postgres.lock_role(target, t.tenant.role)  # idempotent: a second revoke too
+    provisioning.lock_role(target, t.tenant.role)  # idempotent: a second revoke too
     bouncer.revoke(t.tenant.role, t.tenant.dbname)
     # Unlocked (quota back under the limit): published again, it connects, not waits on a killed entry.
-    postgres.unlock_role(target, t.tenant.role)
+    provisioning.unlock_role(target, t.tenant.role)
     bouncer.publish(t.tenant)
     with _pooled(t.pooled) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (t.tenant.role,)

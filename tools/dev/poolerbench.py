@@ -18,9 +18,9 @@ from pathlib import Path
 
 import psycopg
 
-from chalicelib import pooler, postgres
+from chalicelib import pooler, postgres, provisioning
 from chalicelib.identifiers import tenant_name, tenant_password
-from chalicelib.settings import UNCLAIMED, load
+from chalicelib.settings import TRIAL_PLAN, load
 from tools import pgserver
 from tools.dev import pgbouncer
 
@@ -56,10 +56,10 @@ def main() -> None:
         target = postgres.Target(
             "127.0.0.1", server.port, pgserver.ADMIN_ROLE, server.admin_password, "postgres", "disable"
         )
-        plan = load({}).plan(UNCLAIMED)
+        plan = load({}).plan(TRIAL_PLAN)
         name, password = tenant_name("ipgbench"), tenant_password()
         verifier = postgres.scram_verifier(password)
-        postgres.create_tenant(target, name, name, password, plan, verifier=verifier)
+        provisioning.create_tenant(target, name, name, password, plan, verifier=verifier)
         pool = bouncer.pooler()
         pool.publish(pooler.Tenant(name, name, verifier, plan.connections, "127.0.0.1", server.port))
         direct = postgres.connection_url("127.0.0.1", server.port, name, password, name, "disable")
