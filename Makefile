@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint bench clean package browser-tools pg-extras rds-ca
+.PHONY: dev test lint bench clean package browser-tools pg-extras pgbouncer rds-ca
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,13 +13,17 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-dev: $(STAMP) pg-extras
+dev: $(STAMP) pg-extras pgbouncer
 	$(PY) -m tools.dev.devstack
 
 # pgcrypto and uuid-ossp for the embedded Postgres (its wheel has neither), and the library uuid-ossp links.
 pg-extras: $(STAMP)
 	sh tools/dev/install-pg-libs.sh
 	$(PY) -m tools.dev.pgserver extras
+
+# Debian's pgbouncer for the pooler (tools/dev/pgbouncer.py, tests/test_pooler.py; skipped when present).
+pgbouncer:
+	sh tools/dev/install-pgbouncer.sh
 
 # Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
 browser-tools:
@@ -32,7 +36,7 @@ bench: $(STAMP) pg-extras
 # Two workers, each with its own embedded Postgres and moto; a test file stays on one worker, so its
 # module fixtures (the packaged template, the e2e stack) run once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP) browser-tools pg-extras
+test: $(STAMP) browser-tools pg-extras pgbouncer
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 

@@ -4,10 +4,13 @@ import os
 
 from chalice import Chalice, Rate, Response
 
-from chalicelib import services
-from chalicelib.errors import BadRequest, json_errors, json_response, store_outages
+from chalicelib import apidoc, context, schemas
+from chalicelib.clock import Deadline
+from chalicelib.errors import Invalid
+from chalicelib.http import json_errors, json_response, store_outages
+from chalicelib.identifiers import parse_client_id, parse_database_id
 from chalicelib.settings import load as load_settings
-from chalicelib.web import http_policy
+from chalicelib.web import base_url, http_policy
 
 app = Chalice(app_name="instapg")
 # Registered first, so outermost: origin checks before, security headers after everything.
@@ -38,11 +41,9 @@ BODY_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/pla
 
 
 def _database_id(raw: str) -> str:
-    from chalicelib.identifiers import parse_database_id
-
     database_id = parse_database_id(raw)
     if database_id is None:
-        raise BadRequest(
+        raise Invalid(
             "Invalid database id", hint="A database id is a UUID, e.g. 0190a2b4-6c1e-7d3f-8a9b-0c1d2e3f4a5b."
         )
     return database_id
@@ -50,12 +51,10 @@ def _database_id(raw: str) -> str:
 
 def _client_id(raw: str) -> str:
     """A client-chosen id for a new database: a random v4/v7 UUID, since the id is a capability."""
-    from chalicelib.identifiers import parse_client_id
-
     database_id = parse_client_id(raw)
     if database_id is None:
         _database_id(raw)  # not a UUID at all: that error
-        raise BadRequest(
+        raise Invalid(
             "Database id is not a random UUID",
             hint="Anyone who knows the id can read the database's password, so choose a random version 4 or 7 UUID "
             "(e.g. crypto.randomUUID(), uuid.uuid4()), or let the server choose: POST /api/v1/database.",
@@ -69,7 +68,7 @@ def _client_ip() -> str | None:
 
 def _requester():
     from chalicelib.abuse import parse_idempotency_key
-    from chalicelib.databases import Requester
+    from chalicelib.records import Requester
 
     request = app.current_request
     identity = (request.context or {}).get("identity") or {}
@@ -81,16 +80,12 @@ def _requester():
 
 
 def _claim_base() -> str:
-    from chalicelib.web import base_url
-
     request = app.current_request
-    return base_url(services.databases().settings, request.headers, request.context)
+    return base_url(context.get().settings, request.headers, request.context)
 
 
 def _create_request(referrer: str | None = None):
-    from chalicelib import schemas
-
-    settings = services.databases().settings
+    settings = context.get().settings
     body = schemas.json_object(app.current_request.raw_body, settings.max_body_bytes)
     return schemas.create_database(body, referrer=referrer)
 
@@ -104,42 +99,52 @@ def _database_response(result) -> Response:
 
 @route("/api/v1/database", methods=["POST"], content_types=BODY_TYPES)
 def create_database():
+    from chalicelib import creation
+
     request = _create_request((app.current_request.query_params or {}).get("referrer"))
-    return _database_response(services.databases().create(request, _requester()))
+    return _database_response(creation.create(context.get(), request, _requester()))
 
 
 @route("/api/v1/database/{database_id}", methods=["POST"], content_types=BODY_TYPES)
 def create_database_with_id(database_id):
+    from chalicelib import creation
+
     database_id = _client_id(database_id)
     request = _create_request((app.current_request.query_params or {}).get("referrer"))
-    return _database_response(services.databases().create(request, _requester(), database_id=database_id))
+    return _database_response(creation.create(context.get(), request, _requester(), database_id=database_id))
 
 
 @route("/api/v1/database/{database_id}", methods=["GET"])
 def get_database(database_id):
-    return _database_response(services.databases().get(_database_id(database_id)))
+    from chalicelib import records
+
+    return _database_response(records.get(context.get(), _database_id(database_id)))
 
 
 @route("/api/v1/database/{database_id}", methods=["DELETE"])
 def delete_unclaimed_database(database_id):
     """The creator deletes an unclaimed database early, with the creator token (issue 17, point 5)."""
-    from chalicelib import auth
+    from chalicelib import auth, ownership
 
     database_id = _database_id(database_id)
     token = auth.bearer_token(app.current_request.headers)
-    services.databases().delete_unclaimed(database_id, token, _requester())
+    ownership.delete_unclaimed(context.get(), database_id, token, _requester())
     return Response(body="", status_code=204)
 
 
 @route("/api/v1/database/{database_id}/extend", methods=["POST"], content_types=BODY_TYPES)
 def extend_database(database_id):
+    from chalicelib import ownership
+
     _no_fields()
-    services.databases().extend(_database_id(database_id))  # always refused: claiming is the way
+    ownership.extend(context.get(), _database_id(database_id))  # always refused: claiming is the way
 
 
 @route("/healthz", methods=["GET"])
 def healthz():
-    ok, checks = services.health().run()
+    from chalicelib import health
+
+    ok, checks = health.run(context.get())
     return json_response({"ok": ok, **checks}, 200 if ok else 503, None if ok else {"Retry-After": "5"})
 
 
@@ -155,20 +160,18 @@ def purge(event):
     """The scheduled job: expiry, reconciliation and quota enforcement (chalicelib.jobs)."""
     from chalicelib import jobs
 
-    return jobs.run_lambda(services.databases(), event.context)
+    return jobs.run_lambda(context.get(), event.context)
 
 
 @app.on_dynamodb_record(stream_arn=_DEPLOY.stream_arn, batch_size=100, name="drop_removed")
 def drop_removed(event):
     """The databases table's stream: drop what TTL removed, then top up the pools creates took from."""
-    import time
-
-    from chalicelib import expiry, jobs, pool
+    from chalicelib import jobs, pool, stream
 
     records = [record.to_dict() for record in event]
-    service = services.databases()
-    summary = expiry.handle_stream(service, records)
-    pool.refill_after_takes(service, records, deadline=time.time() + jobs.budget_s(service, event.context))
+    ctx = context.get()
+    summary = stream.handle_stream(ctx, records)
+    pool.refill_after_takes(ctx, records, Deadline.after(jobs.budget_s(ctx, event.context)))
     return summary.batch_item_failures()  # the mapping reports partial batch failures
 
 
@@ -177,8 +180,6 @@ def drop_removed(event):
 
 @route("/api/v1/openapi.yaml", methods=["GET"])
 def openapi_document():
-    from chalicelib import apidoc
-
     return Response(body=apidoc.text(), status_code=200, headers={"Content-Type": "application/yaml"})
 
 
@@ -193,26 +194,26 @@ def _account():
     from chalicelib import auth
 
     # Failed keys count against the caller's IP (429 after too many), before any Postgres work.
-    return auth.require_account(app.current_request.headers, services.databases().guard, _client_ip())
+    return auth.require_account(app.current_request.headers, context.get().guard, _client_ip())
 
 
 def _no_fields() -> None:
     """A body is optional here; one that is sent must be a JSON object (its fields are ignored)."""
-    from chalicelib import schemas
-
-    schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
+    schemas.json_object(app.current_request.raw_body, context.get().settings.max_body_bytes)
 
 
 def _owned(database_id: str, ended_ok: bool = False):
+    from chalicelib import ownership
+
     account = _account()  # 401 before anything about the id
-    return services.databases().owned(_database_id(database_id), account.id, ended_ok=ended_ok)
+    return ownership.owned(context.get(), _database_id(database_id), account.id, ended_ok=ended_ok)
 
 
 @route("/api/v1/accounts", methods=["POST"], content_types=BODY_TYPES)
 def create_account():
-    from chalicelib import accounts, schemas, views
+    from chalicelib import accounts, views
 
-    settings = services.databases().settings
+    settings = context.get().settings
     body = schemas.json_object(app.current_request.raw_body, settings.max_body_bytes)
     new = accounts.signup(settings, body.get("email"))
     return json_response(views.account(new.account, new.api_key), 201)
@@ -227,10 +228,10 @@ def get_account():
 
 @route("/api/v1/account/rotate-key", methods=["POST"], content_types=BODY_TYPES)
 def rotate_api_key():
-    from chalicelib import accounts, auth, schemas, views
+    from chalicelib import accounts, auth, views
 
     account = _account()
-    body = schemas.json_object(app.current_request.raw_body, services.databases().settings.max_body_bytes)
+    body = schemas.json_object(app.current_request.raw_body, context.get().settings.max_body_bytes)
     grace = accounts.parse_grace(body.get("grace_seconds"))
     key = auth.bearer_token(app.current_request.headers)
     new_key, old_until = accounts.rotate_key(account.id, key, grace, ip=_client_ip())
@@ -259,53 +260,57 @@ def get_account_audit():
 
 @route("/api/v1/database/{database_id}/claim", methods=["POST"], content_types=BODY_TYPES)
 def claim_database(database_id):
+    from chalicelib import ownership
+
     account = _account()
     _no_fields()
     token = app.current_request.headers.get("instapg-creator-token")
-    result = services.databases().claim(_database_id(database_id), account.id, _requester(), creator_token=token)
+    result = ownership.claim(context.get(), _database_id(database_id), account.id, _requester(), creator_token=token)
     return _database_response(result)
 
 
 @route("/api/v1/databases", methods=["GET"])
 def list_databases():
-    from chalicelib import views
+    from chalicelib import ownership, views
 
-    service = services.databases()
-    records = service.list_owned(_account().id)
-    return json_response({"databases": [views.owned_database(r, service.settings.plan(r.plan)) for r in records]}, 200)
+    ctx = context.get()
+    owned = ownership.list_owned(_account().id)
+    return json_response({"databases": [views.owned_database(r, ctx.plan(r.plan)) for r in owned]}, 200)
 
 
 @route("/api/v1/databases/{database_id}", methods=["GET"])
 def get_owned_database(database_id):
-    from chalicelib import views
+    from chalicelib import ownership, views
 
-    service = services.databases()
+    ctx = context.get()
     record = _owned(database_id)
-    return json_response(views.owned_database(record, service.settings.plan(record.plan), service.usage(record)), 200)
+    return json_response(views.owned_database(record, ctx.plan(record.plan), ownership.usage(ctx, record)), 200)
 
 
 @route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])
 def get_connection_string(database_id):
-    from chalicelib import views
+    from chalicelib import ownership, views
 
-    result = services.databases().connection(_owned(database_id), _requester())
+    result = ownership.connection(context.get(), _owned(database_id), _requester())
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 
 @route("/api/v1/databases/{database_id}/rotate-password", methods=["POST"], content_types=BODY_TYPES)
 def rotate_password(database_id):
-    from chalicelib import views
+    from chalicelib import ownership, views
 
     record = _owned(database_id)
     _no_fields()
-    result = services.databases().rotate_password(record, _requester())
+    result = ownership.rotate_password(context.get(), record, _requester())
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 
 @route("/api/v1/databases/{database_id}", methods=["DELETE"])
 def delete_database(database_id):
+    from chalicelib import ownership
+
     account = _account()
-    services.databases().delete(_database_id(database_id), account.id, _requester())
+    ownership.delete(context.get(), _database_id(database_id), account.id, _requester())
     return Response(body="", status_code=204)
 
 
@@ -322,7 +327,7 @@ def get_audit(database_id):
 def _pages():
     from chalicelib.pages import ClaimPages
 
-    return ClaimPages(services.databases(), _claim_base())
+    return ClaimPages(context.get(), _claim_base())
 
 
 def _html(page) -> Response:

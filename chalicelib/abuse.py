@@ -32,11 +32,11 @@ from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import DeleteError, PutError
 from pynamodb.expressions.operand import Path, Value
 
-from chalicelib.errors import BadRequest, TooManyRequests, Unprocessable
+from chalicelib.clock import iso
+from chalicelib.errors import Invalid, RateLimited, Refused
 from chalicelib.identifiers import uuid7
 from chalicelib.models import PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord, IdempotencyRecord, RateCounter
 from chalicelib.settings import Settings
-from chalicelib.views import iso
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def parse_idempotency_key(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
     if len(raw) > MAX_KEY_LENGTH or not raw.isascii() or not raw.isprintable():
-        raise BadRequest(
+        raise Invalid(
             f"Header 'Idempotency-Key' must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
             hint="Send a random token, e.g. a UUID, and the same one when you retry.",
         )
@@ -104,10 +104,10 @@ class Guard:
             if count > limit:
                 retry_after = max(1, math.ceil(retry_at - now))
                 log.info("rate limit: %s over %d creates per %s", ip, limit, name)
-                raise TooManyRequests(
+                raise RateLimited(
                     f"Too many databases created from your address: at most {limit} per {name}",
                     hint=f"Retry after {retry_after} seconds, or reuse a database you created.",
-                    headers={"Retry-After": str(retry_after)},
+                    retry_after=retry_after,
                     retry_after_s=retry_after,
                     retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
                 )
@@ -153,12 +153,12 @@ class Guard:
             raise self._auth_limited(hour + 3600, now)
 
     @staticmethod
-    def _auth_limited(until: float, now: float) -> TooManyRequests:
+    def _auth_limited(until: float, now: float) -> RateLimited:
         retry_after = max(1, math.ceil(until - now))
-        return TooManyRequests(
+        return RateLimited(
             "Too many failed authentications from your address",
             hint=f"Retry after {retry_after} seconds with a valid key.",
-            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
             retry_after_s=retry_after,
             retry_at=iso(datetime.fromtimestamp(until, UTC)),
         )
@@ -216,8 +216,8 @@ class Guard:
         return first.database_id, False, first.created_at, first.body_hash in (None, body_hash)
 
     @staticmethod
-    def key_reused(key: str) -> Unprocessable:
-        return Unprocessable(
+    def key_reused(key: str) -> Refused:
+        return Refused(
             f"Idempotency-Key '{key}' was already used with a different request",
             hint="Send the same body and ?referrer= as the first request with this key, "
             "or use a new key for a new request.",

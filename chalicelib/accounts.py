@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib.errors import BadRequest, Forbidden
+from chalicelib import audit
+from chalicelib.errors import Forbidden, Invalid
 from chalicelib.identifiers import uuid7
 from chalicelib.models import ACCOUNT_ACTIVE, ACCOUNT_REVOKED, AccountRecord, ApiKeyRecord
 from chalicelib.schemas import is_text, json_type
@@ -61,14 +62,14 @@ def well_formed(api_key: str) -> bool:
 
 def parse_email(raw: object) -> str:
     if raw is not None and not isinstance(raw, str):
-        raise BadRequest(
+        raise Invalid(
             f"Field 'email' must be a string, not {json_type(raw)}", hint='Send {"email": "you@example.com"}.'
         )
     if not raw or not raw.strip():
-        raise BadRequest("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
+        raise Invalid("Field 'email' is required", hint='Send {"email": "you@example.com"}.')
     email = raw.strip()
     if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_SHAPE.fullmatch(email) or not is_text(email):
-        raise BadRequest("Field 'email' is not an email address", hint="Send an address like you@example.com.")
+        raise Invalid("Field 'email' is not an email address", hint="Send an address like you@example.com.")
     return email
 
 
@@ -151,7 +152,7 @@ def parse_grace(raw: object) -> int:
     if raw is None:
         return 0
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_GRACE_S:
-        raise BadRequest(
+        raise Invalid(
             f"Field 'grace_seconds' must be an integer from 0 to {MAX_GRACE_S}",
             hint="0 stops the old key at once; e.g. 3600 keeps it working for an hour while you roll out the new one.",
         )
@@ -163,8 +164,6 @@ def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = Non
 
     Audited before it happens: a key change nobody can trace is worse than a 503.
     """
-    from chalicelib import audit
-
     audit.record(audit.account_subject(account_id), audit.API_KEY_ROTATED, account_id, ip, f"grace_s={grace_s}")
     new_key = add_key(account_id)
     until = datetime.now(UTC) + timedelta(seconds=grace_s)
@@ -184,7 +183,5 @@ def rotate_key(account_id: str, old_key: str, grace_s: int, ip: str | None = Non
 
 def revoke_own_key(account_id: str, api_key: str, ip: str | None = None) -> None:
     """The account holder stops the key they called with, at once; audited first."""
-    from chalicelib import audit
-
     audit.record(audit.account_subject(account_id), audit.API_KEY_REVOKED, account_id, ip)
     revoke_key(api_key)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from chalicelib.errors import BadRequest
+from chalicelib.errors import Invalid
 from chalicelib.identifiers import parse_database_id, uuid7
 from chalicelib.models import AuditEvent
 
@@ -77,7 +77,7 @@ def _decode(cursor: str) -> str:
     # the document can say exactly which cursors are valid.
     event_id = parse_database_id(cursor)  # event ids are UUIDs too
     if event_id is None:
-        raise BadRequest("Invalid cursor", hint="Pass the 'next_cursor' of the previous page unchanged.")
+        raise Invalid("Invalid cursor", hint="Pass the 'next_cursor' of the previous page unchanged.")
     return event_id
 
 
@@ -85,7 +85,7 @@ def parse_limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_PAGE
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
-        raise BadRequest(f"Parameter 'limit' must be an integer from 1 to {MAX_PAGE}", hint="E.g. ?limit=25.")
+        raise Invalid(f"Parameter 'limit' must be an integer from 1 to {MAX_PAGE}", hint="E.g. ?limit=25.")
     return int(raw)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from chalicelib import accounts
-from chalicelib.errors import Unauthorized
+from chalicelib.errors import Unauthenticated
 from chalicelib.models import AccountRecord
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="instapg"'}
+_CHALLENGE = 'Bearer realm="instapg"'
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -49,10 +49,10 @@ def check_key(api_key: str | None, guard: Guard | None = None, ip: str | None = 
     before any lookup, and each failure is counted (chalicelib.abuse).
     """
     if not api_key:
-        raise Unauthorized(
+        raise Unauthenticated(
             "Missing API key",
             hint="Send 'Authorization: Bearer <api key>'. Create an account with POST /api/v1/accounts.",
-            headers=_CHALLENGE,
+            challenge=_CHALLENGE,
         )
     if guard is not None:
         guard.check_auth(ip)
@@ -63,10 +63,10 @@ def check_key(api_key: str | None, guard: Guard | None = None, ip: str | None = 
         log.info("rejected API key: %s", exc)
         if guard is not None:
             guard.auth_failed(ip)
-        raise Unauthorized(
+        raise Unauthenticated(
             "Invalid API key",
             hint="The key is malformed, unknown or revoked. Keys look like ipg_ followed by 43 characters.",
-            headers=_CHALLENGE,
+            challenge=_CHALLENGE,
         ) from None
 
 

@@ -1,6 +1,6 @@
-"""Making databases go away: the stream handler, the scheduled purge, reconciliation.
+"""Making databases go away: the scheduled purge and reconciliation (the stream handler is chalicelib.stream).
 
-Status changes happen in `DatabaseService` (conditional writes); this module
+Status changes happen in chalicelib.tombstones (conditional writes); this module
 decides what is due and orchestrates. Every automatic path here obeys one
 rule: a database is dropped only after a conditional write proved its record
 is not CLAIMED (or a CLAIMING in flight), or, for orphans, when no record that
@@ -14,7 +14,7 @@ One scheduled run, bounded by a deadline, in this order:
   4. Reconciliation per host: prefixed roles/databases no live record references, seen
      for longer than the grace period, dropped, unless Postgres marks them claimed: those
      are reported and kept for a person. The host's slot count is recounted.
-Every drop here refuses a role that carries the claimed marker (postgres.ClaimedTenant),
+Every drop here refuses a role that carries the claimed marker (provisioning.ClaimedTenant),
 whatever the record says: a table restored from an older backup cannot make a
 claimed database look droppable. A failed drop is retried with a backoff
 (chalicelib.reliability.drop_backoff_s).
@@ -23,16 +23,18 @@ Work left when the deadline comes stays due; the next run resumes it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from chalicelib import audit, metrics, postgres
+from chalicelib import audit, ownership, postgres, provisioning, tombstones
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.models import (
     CLAIMED,
     DELETED,
@@ -49,14 +51,13 @@ from chalicelib.models import (
 )
 
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
-# Buckets of tombstones whose drop is still pending (see DatabaseService.lease).
+# Buckets of tombstones whose drop is still pending (see tombstones.lease).
 LEFTOVER_BUCKETS = (FAILED, EXPIRED, DELETED)
-_TTL_PRINCIPAL = "dynamodb.amazonaws.com"
 
 
 def _now() -> datetime:
@@ -84,108 +85,6 @@ def references_name(record: DatabaseRecord) -> bool:
     return not (record.status in TOMBSTONES and record.due_bucket is None)
 
 
-# -- the stream handler ------------------------------------------------------------
-
-
-@dataclass
-class StreamSummary:
-    dropped: int = 0
-    skipped: int = 0
-    ignored: int = 0
-    failed: int = 0
-    claimed_kept: int = 0  # the record said droppable, Postgres said claimed
-    # SequenceNumbers of the records to retry (Lambda's partial batch response).
-    retry: list[str] = field(default_factory=list)
-
-    def batch_item_failures(self) -> dict[str, list[dict[str, str]]]:
-        """The handler's answer under ReportBatchItemFailures: Lambda retries from the first of these."""
-        return {"batchItemFailures": [{"itemIdentifier": seq} for seq in self.retry]}
-
-
-def handle_stream(service: DatabaseService, events: Iterable[dict[str, Any]]) -> StreamSummary:
-    """Drop the databases of REMOVEd records that still had one (a TTL deletion or any other delete).
-
-    `events` are the raw stream records (`{"eventName", "dynamodb": {"OldImage", ...}, "userIdentity"?}`).
-    A drop that fails is left to the purge through a tombstone written back;
-    a record for which even that write failed is listed in `retry`, never
-    raised: the mapping retries it a bounded number of times, then sends it to
-    the failure queue, and reconciliation drops its database as an orphan.
-    """
-    summary = StreamSummary()
-    down: set[str] = set()  # hosts that refused a connection in this batch
-    for event in events:
-        try:
-            outcome = _handle_remove(service, event, down)
-        except Exception as exc:  # one bad record must not hide the others
-            log.error("stream record %s failed: %s", event.get("eventID"), _describe(exc))
-            summary.failed += 1
-            summary.retry.append(str((event.get("dynamodb") or {}).get("SequenceNumber")))
-            continue
-        setattr(summary, outcome, getattr(summary, outcome) + 1)
-    log.info(json.dumps({"event": "stream", **asdict(summary)}))
-    if summary.dropped or summary.failed:
-        metrics.emit({"Drops": summary.dropped, "Failures": summary.failed})
-    return summary
-
-
-def _handle_remove(service: DatabaseService, event: dict[str, Any], down: set[str]) -> str:
-    event_id = event.get("eventID")
-    if event.get("eventName") != "REMOVE":
-        return "ignored"
-    image = (event.get("dynamodb") or {}).get("OldImage")
-    if not image:
-        log.warning("stream record %s: REMOVE without an old image, cannot tell what it held: skipped", event_id)
-        return "skipped"
-    try:
-        old = DatabaseRecord.from_raw_data(image)
-    except Exception as exc:
-        log.warning("stream record %s: old image unreadable (%s): skipped", event_id, type(exc).__name__)
-        return "skipped"
-    identity = event.get("userIdentity") or {}
-    how = "TTL" if identity.get("principalId") == _TTL_PRINCIPAL else "delete"
-    if not has_live_database(old):
-        why = "claimed" if old.status not in TOMBSTONES else "a tombstone whose database is already dropped"
-        log.info("REMOVE (%s) of %s skipped: status %s, %s", how, old.id, old.status, why)
-        return "skipped"
-    # A replayed or odd event must not drop a database its record still holds
-    # (CLAIMED, or UNCLAIMED and left to the purge). Only our own tombstone
-    # with the drop pending (an earlier delivery of this event) lets it through.
-    current = service.find(old.id)
-    if current is not None and current.db_name == old.db_name:
-        if not (current.status in TOMBSTONES and current.due_bucket is not None):
-            log.info("REMOVE (%s) of %s skipped: the record still exists, status %s", how, old.id, current.status)
-            return "skipped"
-
-    tombstone = None
-    try:
-        tombstone = service.write_back_tombstone(old)
-    except Exception as exc:
-        log.warning("REMOVE (%s) of %s: tombstone not written back: %s", how, old.id, _describe(exc))
-    try:
-        if old.host_id in down:
-            # One connect timeout per host per batch is enough; the
-            # tombstone leaves the rest to the purge.
-            raise postgres.HostUnavailable(f"host {old.host_id} unavailable earlier in this batch")
-        service.drop_database(old)
-    except postgres.ClaimedTenant as exc:
-        report_claimed_kept(old, str(exc), "stream")
-        if tombstone is not None:
-            service.hold_claimed(tombstone)
-        return "claimed_kept"
-    except Exception as exc:
-        if isinstance(exc, postgres.HostUnavailable):
-            down.add(old.host_id)
-        if tombstone is None:
-            raise  # nothing left to retry from: let Lambda retry the batch
-        log.warning("REMOVE (%s) of %s: drop failed (%s), left for the purge", how, old.id, _describe(exc))
-        _retry_later_quietly(service, tombstone)
-        return "failed"
-    if tombstone is not None:
-        service.finish_cleanup(tombstone)
-    log.info("REMOVE (%s) of %s (%s): database dropped", how, old.id, old.status)
-    return "dropped"
-
-
 def report_claimed_kept(record: DatabaseRecord, why: str, path: str) -> None:
     """One structured line a person can act on: an automatic path met a database Postgres marks claimed."""
     log.error(
@@ -203,11 +102,20 @@ def report_claimed_kept(record: DatabaseRecord, why: str, path: str) -> None:
     )
 
 
-def _retry_later_quietly(service: DatabaseService, record: DatabaseRecord) -> None:
+def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
+    """Drop the record's database and role (idempotent); True when something existed."""
     try:
-        service.retry_later(record)
+        host = ctx.hosts.get(record.host_id)
+    except KeyError:
+        raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
+    return provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+
+
+def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
+    try:
+        tombstones.retry_later(ctx, record)
     except Exception as exc:  # the lease then ends by itself
-        log.warning("retry of %s not scheduled: %s", record.id, _describe(exc))
+        log.warning("retry of %s not scheduled: %s", record.id, describe(exc))
 
 
 # -- the scheduled run -------------------------------------------------------------
@@ -235,16 +143,16 @@ class PurgeSummary:
 
 
 class _Run:
-    def __init__(self, service: DatabaseService, budget_s: float, page_size: int) -> None:
-        self.service = service
-        self.settings = service.settings
-        self.deadline = time.monotonic() + budget_s
+    def __init__(self, ctx: Context, deadline: Deadline, page_size: int) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.deadline = deadline
         self.page_size = page_size
         self.summary = PurgeSummary()
         self.down: set[str] = set()
 
     def time_left(self) -> bool:
-        if time.monotonic() >= self.deadline:
+        if self.deadline.passed():
             self.summary.stopped_early = True
             return False
         return True
@@ -265,32 +173,32 @@ class _Run:
                 self.summary.skipped += 1
                 continue
             if self.drop(record):
-                self.service.finish_cleanup(record)
+                tombstones.finish_cleanup(self.ctx, record)
                 setattr(self.summary, counter, getattr(self.summary, counter) + 1)
                 if counter == "expired_dropped":
                     audit.record_quietly(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
 
     def drop(self, record: DatabaseRecord) -> bool:
         try:
-            self.service.drop_database(record)
+            drop_database(self.ctx, record)
             return True
-        except postgres.ClaimedTenant as exc:
+        except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
-            self.service.hold_claimed(record)
+            tombstones.hold_claimed(self.ctx, record)
             self.summary.claimed_kept += 1
             return False
         except postgres.HostUnavailable as exc:
             self.host_down(record.host_id, exc)
         except Exception as exc:
-            log.error("drop of %s on %s failed: %s", record.id, record.host_id, _describe(exc))
+            log.error("drop of %s on %s failed: %s", record.id, record.host_id, describe(exc))
         # Due again after a backoff, not when the lease would have ended.
-        _retry_later_quietly(self.service, record)
+        retry_later_quietly(self.ctx, record)
         self.summary.failed += 1
         return False
 
     def host_down(self, host_id: str, exc: Exception) -> None:
         if host_id not in self.down:
-            log.error("host %s unavailable, skipped for this run: %s", host_id, _describe(exc))
+            log.error("host %s unavailable, skipped for this run: %s", host_id, describe(exc))
             self.down.add(host_id)
             self.summary.hosts_unavailable.append(host_id)
 
@@ -302,7 +210,7 @@ class _Run:
             # The slot count before anything else: the recount's write is
             # conditional on it, so a create or drop meanwhile cancels it.
             allocated = int(HostRecord.get(host.id, consistent_read=True).allocated or 0)
-            target = hostlib.target(host, self.settings)
+            target = self.ctx.target(host)
             # The catalog first, the records second: a create writes its record
             # before its DDL, so every name listed here already has its record.
             found = postgres.inventory(target, prefix)
@@ -330,10 +238,10 @@ class _Run:
         if unmarked_claimed:
             # Claimed before the marker existed: mark them now, so Postgres alone can tell.
             try:
-                postgres.mark_claimed(target, unmarked_claimed)
+                provisioning.mark_claimed(target, unmarked_claimed)
                 self.summary.claimed_marked += len(unmarked_claimed)
             except Exception as exc:
-                log.error("marking claimed roles on host %s failed: %s", host.id, _describe(exc))
+                log.error("marking claimed roles on host %s failed: %s", host.id, describe(exc))
         claimed_orphans = (names - referenced) & found.claimed
         for name in sorted(claimed_orphans):
             # Claimed, and no record knows it: the table lost it (a mistaken
@@ -362,14 +270,14 @@ class _Run:
             if now - sighting.first_seen < grace:
                 continue
             try:
-                existed = postgres.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
+                existed = provisioning.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
                 if existed:
                     # Every tenant instapg makes holds a slot from `hosts.reserve`
                     # until its record's drop gives it back; an orphan's record
                     # was lost before that, so its slot comes back here.
                     hostlib.release(host.id)
             except Exception as exc:
-                log.error("orphan %s on host %s not dropped: %s", name, host.id, _describe(exc))
+                log.error("orphan %s on host %s not dropped: %s", name, host.id, describe(exc))
                 self.summary.failed += 1
                 continue
             sighting.delete()
@@ -385,7 +293,7 @@ class _Run:
             # A create that finished after the catalog was read is no case: read it again.
             now_there = postgres.inventory(target, prefix).databases
         except Exception as exc:
-            log.error("host %s: recheck of missing databases failed: %s", host.id, _describe(exc))
+            log.error("host %s: recheck of missing databases failed: %s", host.id, describe(exc))
             return
         for item in missing:
             if item.db_name in now_there:
@@ -421,25 +329,25 @@ class _Run:
         )
 
 
-def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PAGE_SIZE) -> PurgeSummary:
-    """One purge run that takes no new work after `budget_s` seconds; logs one JSON summary line.
+def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) -> PurgeSummary:
+    """One purge run that takes no new work after `deadline`; logs one JSON summary line.
 
     The local stack calls this on a timer (`chalice local` runs no schedules).
     """
     started = time.monotonic()
-    run = _Run(service, budget_s, page_size)
+    run = _Run(ctx, deadline, page_size)
     error = None
     try:
         # A warm Lambda keeps its host cache; a run works from the registry as it is now.
-        hosts = service.hosts.all(fresh=True)
-        run.process(UNCLAIMED, service.expire, "expired_dropped")
+        hosts = ctx.hosts.all(fresh=True)
+        run.process(UNCLAIMED, functools.partial(tombstones.expire, ctx), "expired_dropped")
         if run.time_left():
-            run.process(PROVISIONING, service.fail_stuck, "stuck_failed")
+            run.process(PROVISIONING, functools.partial(tombstones.fail_stuck, ctx), "stuck_failed")
         for bucket in LEFTOVER_BUCKETS:
             if run.time_left():
-                run.process(bucket, service.lease, "leftovers_dropped")
+                run.process(bucket, functools.partial(tombstones.lease, ctx), "leftovers_dropped")
         if run.time_left():
-            run.summary.stalled_finished = service.finish_stalled(run.deadline, limit=page_size)
+            run.summary.stalled_finished = ownership.finish_stalled(ctx, run.deadline, limit=page_size)
         if run.time_left():
             for host in hosts:
                 if host.status not in (HOST_ACTIVE, HOST_DRAINING) or host.id in run.down:
@@ -448,7 +356,7 @@ def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PA
                     break
                 run.reconcile(host)
     except Exception as exc:  # DynamoDB unavailable, say: still one summary line, then fail the run
-        error = _describe(exc)
+        error = describe(exc)
         raise
     finally:
         run.summary.duration_ms = int((time.monotonic() - started) * 1000)
@@ -459,7 +367,7 @@ def run_scheduled(service: DatabaseService, budget_s: float, page_size: int = PA
     return run.summary
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """Type, SQLSTATE and first line: enough to act on, nothing secret (no DSNs or passwords here)."""
     sqlstate = getattr(exc, "sqlstate", None)
     first = (str(exc).strip().splitlines() or [""])[0][:200]

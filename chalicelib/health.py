@@ -4,49 +4,46 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chalicelib import hosts as hostlib
 from chalicelib import postgres
-from chalicelib.databases import DatabaseService
 from chalicelib.models import HOST_ACTIVE, DatabaseRecord
+
+if TYPE_CHECKING:
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
 
-class HealthCheck:
-    def __init__(self, service: DatabaseService) -> None:
-        self.service = service
+def run(ctx: Context) -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {}
+    try:
+        DatabaseRecord.describe_table()
+        checks["dynamodb"] = "ok"
+        hosts = [h for h in ctx.hosts.all(fresh=True) if h.status == HOST_ACTIVE]
+    except Exception as exc:
+        log.warning("health: dynamodb unavailable: %s", type(exc).__name__)
+        checks["dynamodb"] = "unavailable"
+        return False, checks
 
-    def run(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
+    def probe(host) -> str:
         try:
-            DatabaseRecord.describe_table()
-            checks["dynamodb"] = "ok"
-            hosts = [h for h in self.service.hosts.all(fresh=True) if h.status == HOST_ACTIVE]
-        except Exception as exc:
-            log.warning("health: dynamodb unavailable: %s", type(exc).__name__)
-            checks["dynamodb"] = "unavailable"
-            return False, checks
+            postgres.ping(ctx.target(host))
+            return "ok"
+        except Exception as exc:  # reported, never raised; details stay in the log
+            log.warning(
+                "health: host %s unavailable: %s",
+                host.id,
+                exc if isinstance(exc, postgres.HostUnavailable) else type(exc).__name__,
+            )
+            return "unavailable"
 
-        def probe(host) -> str:
-            try:
-                postgres.ping(hostlib.target(host, self.service.settings))
-                return "ok"
-            except Exception as exc:  # reported, never raised; details stay in the log
-                log.warning(
-                    "health: host %s unavailable: %s",
-                    host.id,
-                    exc if isinstance(exc, postgres.HostUnavailable) else type(exc).__name__,
-                )
-                return "unavailable"
-
-        if hosts:
-            with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
-                checks["hosts"] = dict(zip((h.id for h in hosts), pool.map(probe, hosts), strict=False))
-        else:
-            checks["hosts"] = {}
-        ok = any(v == "ok" for v in checks["hosts"].values())
-        if not ok and not hosts:
-            checks["hint"] = "No active host is registered."
-        return ok, checks
+    if hosts:
+        with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
+            checks["hosts"] = dict(zip((h.id for h in hosts), pool.map(probe, hosts), strict=False))
+    else:
+        checks["hosts"] = {}
+    ok = any(v == "ok" for v in checks["hosts"].values())
+    if not ok and not hosts:
+        checks["hint"] = "No active host is registered."
+    return ok, checks

@@ -11,12 +11,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import postgres, reliability
+from chalicelib import postgres, provisioning, reliability
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
@@ -37,11 +38,7 @@ class Credentials:
     password: str = field(repr=False)
 
 
-_credentials: dict[str, Credentials] = {}
-_lock = threading.Lock()
-
-
-def _read_credentials(source: str) -> Credentials:
+def _read_credentials(source: str, settings: Settings) -> Credentials:
     kind, _, ref = source.partition(":")
     if kind == "env":
         raw = os.environ.get(ref)
@@ -50,7 +47,7 @@ def _read_credentials(source: str) -> Credentials:
     elif kind == "secretsmanager":
         import boto3
 
-        client = boto3.client("secretsmanager", config=reliability.botocore_config())
+        client = boto3.client("secretsmanager", config=reliability.botocore_config(settings))
         raw = client.get_secret_value(SecretId=ref)["SecretString"]
     else:
         raise CredentialsError(f"unknown credentials source kind {kind!r} (use env: or secretsmanager:)")
@@ -61,40 +58,59 @@ def _read_credentials(source: str) -> Credentials:
         raise CredentialsError(f"credentials at {source} are not JSON with username and password") from None
 
 
-def admin_credentials(source: str, refresh: bool = False) -> Credentials:
-    """Cached per source; `refresh` reads it again (RDS rotates its master secret)."""
-    with _lock:
-        if refresh or source not in _credentials:
-            _credentials[source] = _read_credentials(source)
-        return _credentials[source]
-
-
 # At most one re-read per source in this many seconds, so a host that is down
 # does not turn every request into a Secrets Manager call.
 REFRESH_MIN_INTERVAL_S = 10.0
-_refreshed_at: dict[str, float] = {}
 
 
-def _refresher(source: str):
-    def refresh() -> tuple[str, str] | None:
-        with _lock:
-            now = time.monotonic()
-            due = now - _refreshed_at.get(source, float("-inf")) >= REFRESH_MIN_INTERVAL_S
-            if due:
-                _refreshed_at[source] = now
-        try:
-            # Not due: what the last re-read found (another request's, maybe).
-            creds = admin_credentials(source, refresh=due)
-        except Exception as exc:  # unreadable now: the caller reports its own connect failure
-            log.warning("re-reading admin credentials from %s failed: %s", source, type(exc).__name__)
-            return None
-        return creds.username, creds.password
+class AdminCredentials:
+    """Hosts' admin credentials, cached per source (a Context keeps one for the process)."""
 
-    return refresh
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings  # its AWS timeouts
+        self._cache: dict[str, Credentials] = {}
+        self._refreshed_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, source: str, refresh: bool = False) -> Credentials:
+        """Cached per source; `refresh` reads it again (RDS rotates its master secret)."""
+        with self._lock:
+            if refresh or source not in self._cache:
+                self._cache[source] = _read_credentials(source, self._settings)
+            return self._cache[source]
+
+    def forget(self, source: str) -> None:
+        with self._lock:
+            self._cache.pop(source, None)
+
+    def refresher(self, source: str) -> Callable[[], tuple[str, str] | None]:
+        def refresh() -> tuple[str, str] | None:
+            with self._lock:
+                now = time.monotonic()
+                due = now - self._refreshed_at.get(source, float("-inf")) >= REFRESH_MIN_INTERVAL_S
+                if due:
+                    self._refreshed_at[source] = now
+            try:
+                # Not due: what the last re-read found (another request's, maybe).
+                creds = self.get(source, refresh=due)
+            except Exception as exc:  # unreadable now: the caller reports its own connect failure
+                log.warning("re-reading admin credentials from %s failed: %s", source, type(exc).__name__)
+                return None
+            return creds.username, creds.password
+
+        return refresh
 
 
-def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postgres.Target:
-    creds = admin_credentials(host.credentials, refresh=refresh)
+def target(
+    host: HostRecord,
+    settings: Settings,
+    credentials: AdminCredentials | None = None,
+    sessions: postgres.Sessions | None = None,
+) -> postgres.Target:
+    """How the admin reaches `host`. Without `credentials` (a tool's one-off call) nothing is cached;
+    without `sessions` the hot path opens its own connection."""
+    credentials = credentials or AdminCredentials(settings)
+    creds = credentials.get(host.credentials)
     return postgres.Target(
         host=host.hostname,
         port=int(host.port),
@@ -107,7 +123,8 @@ def target(host: HostRecord, settings: Settings, refresh: bool = False) -> postg
         sslrootcert=settings.pg_sslrootcert,
         connect_timeout=settings.pg_connect_timeout_s,
         statement_timeout=settings.pg_statement_timeout_s,
-        refresh=_refresher(host.credentials),
+        refresh=credentials.refresher(host.credentials),
+        sessions=sessions,
     )
 
 
@@ -269,8 +286,8 @@ def register(
         logical_replication=logical_replication,
         created_at=existing.created_at if existing else datetime.now(UTC),
     )
-    tgt = target(host, settings, refresh=True)
-    postgres.check_admin(tgt)
-    warnings = postgres.harden_host(tgt)
+    tgt = target(host, settings)  # fresh credentials, never a cached copy
+    provisioning.check_admin(tgt)
+    warnings = provisioning.harden_host(tgt)
     host.save()
     return host, warnings

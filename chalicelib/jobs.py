@@ -12,73 +12,64 @@ cannot starve quota enforcement; the quota pass runs until the run's deadline.
 from __future__ import annotations
 
 import dataclasses
-import time
+import logging
 from typing import TYPE_CHECKING, Any
 
+from chalicelib import expiry, metrics, pool, provisioning, quotas
+from chalicelib.clock import Deadline
+from chalicelib.models import HOST_ACTIVE
+
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
+
+log = logging.getLogger(__name__)
 
 PURGE_SHARE = 0.6
 
 
-def run(service: DatabaseService, budget_s: float) -> dict[str, Any]:
-    """One run taking no new work after `budget_s` seconds; returns each part's summary."""
-    from chalicelib import expiry, pool, quotas
-
-    deadline = time.time() + budget_s
-    harden_hosts(service, deadline)
-    purge = expiry.run_scheduled(service, budget_s=budget_s * PURGE_SHARE)
-    enforcement = quotas.enforce(service, deadline=deadline)
-    refill = pool.refill(service, deadline=deadline)
-    report_metrics(service, purge, refill)
+def run(ctx: Context, deadline: Deadline) -> dict[str, Any]:
+    """One run taking no new work after `deadline`; returns each part's summary."""
+    harden_hosts(ctx, deadline)
+    purge = expiry.run_scheduled(ctx, Deadline.after(deadline.left() * PURGE_SHARE))
+    enforcement = quotas.enforce(ctx, deadline)
+    refill = pool.refill(ctx, deadline)
+    report_metrics(ctx, purge, refill)
     return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
 
 
-# Hosts this process has hardened. A host registered with `tools.ops.hostctl add
-# --no-check` (from outside a VPC nothing else reaches) is hardened here, by
-# the first scheduled run that reaches it; REVOKE is idempotent, so once per
-# cold start is cheap.
-_hardened: set[str] = set()
+def harden_hosts(ctx: Context, deadline: Deadline) -> list[str]:
+    """Revoke PUBLIC's CONNECT/TEMPORARY on each active host's maintenance databases; returns the hosts done.
 
-
-def harden_hosts(service: DatabaseService, deadline: float) -> list[str]:
-    """Revoke PUBLIC's CONNECT/TEMPORARY on each active host's maintenance databases; returns the hosts done."""
-    import logging
-
-    from chalicelib import hosts as hostlib
-    from chalicelib import postgres
-    from chalicelib.models import HOST_ACTIVE
-
-    log = logging.getLogger(__name__)
+    A host registered with `tools.ops.hostctl add --no-check` (from outside a VPC
+    nothing else reaches) is hardened here, by the first scheduled run that
+    reaches it; REVOKE is idempotent, so once per process (ctx.hardened) is cheap.
+    """
     done: list[str] = []
-    for host in service.hosts.all(fresh=True):
-        if host.id in _hardened or host.status != HOST_ACTIVE or time.time() > deadline:
+    for host in ctx.hosts.all(fresh=True):
+        if host.id in ctx.hardened or host.status != HOST_ACTIVE or deadline.passed():
             continue
         try:
-            warnings = postgres.harden_host(hostlib.target(host, service.settings))
+            warnings = provisioning.harden_host(ctx.target(host))
         except Exception as exc:  # unreachable now: the next run tries again
             log.warning("hardening host %s failed: %s", host.id, type(exc).__name__)
             continue
-        _hardened.add(host.id)
+        ctx.hardened.add(host.id)
         done.append(host.id)
         for warning in warnings:
             log.warning("host %s: %s", host.id, warning)
     return done
 
 
-def report_metrics(service: DatabaseService, purge: Any, refill: Any) -> None:
+def report_metrics(ctx: Context, purge: Any, refill: Any) -> None:
     """Drops and failures of this run; each host's ready pool and fill (what the alarms watch)."""
-    from chalicelib import metrics, pool
-    from chalicelib.models import HOST_ACTIVE
-
     drops = purge.expired_dropped + purge.leftovers_dropped + purge.orphans_dropped
     metrics.emit({"Drops": drops, "Failures": purge.failed + getattr(refill, "failed", 0)})
-    for host in service.hosts.all():
+    for host in ctx.hosts.all():
         if host.status != HOST_ACTIVE:
             continue
         fill = 100.0 * int(host.allocated or 0) / max(int(host.capacity or 0), 1)
         values = {"HostFillPercent": round(fill, 1)}
-        if service.settings.pool_size > 0:
+        if ctx.settings.pool_size > 0:
             values["PoolReady"] = len(pool.pooled(host.id))
         metrics.emit(values, host=host.id)
 
@@ -87,15 +78,15 @@ def _as_dict(summary: Any) -> Any:
     return dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else summary
 
 
-def budget_s(service: DatabaseService, context: Any) -> float:
+def budget_s(ctx: Context, context: Any) -> float:
     """A Lambda's working time: a fraction of the invocation's remaining time, the rest to finish and log.
 
     Never longer than the interval between runs, so runs do not pile up (the next one resumes).
     """
     remaining = context.get_remaining_time_in_millis() / 1000
-    return min(remaining, service.settings.purge_rate_minutes * 60) * service.settings.purge_time_fraction
+    return min(remaining, ctx.settings.purge_rate_minutes * 60) * ctx.settings.purge_time_fraction
 
 
-def run_lambda(service: DatabaseService, context: Any) -> dict[str, Any]:
+def run_lambda(ctx: Context, context: Any) -> dict[str, Any]:
     """The scheduled Lambda."""
-    return run(service, budget_s(service, context))
+    return run(ctx, Deadline.after(budget_s(ctx, context)))

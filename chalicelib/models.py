@@ -20,7 +20,7 @@ from pynamodb.models import Model
 
 from chalicelib.settings import Settings
 
-# Database statuses. Only chalicelib.databases and chalicelib.expiry change them.
+# Database statuses. Only chalicelib.records and chalicelib.tombstones change them.
 PROVISIONING = "PROVISIONING"
 UNCLAIMED = "UNCLAIMED"
 CLAIMED = "CLAIMED"
@@ -130,7 +130,7 @@ class DatabaseRecord(Model):
     # Issue 19: SHA-256 of the creator token handed out once at create time
     # (never the token itself); it proves the creator to claim and to delete early.
     creator_token_hash = UnicodeAttribute(null=True)
-    # Failed drops of a tombstone so far: the next retry's backoff (DatabaseService.retry_later).
+    # Failed drops of a tombstone so far: the next retry's backoff (tombstones.retry_later).
     drop_attempts = NumberAttribute(null=True)
 
 

@@ -17,14 +17,18 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from chalicelib import accounts, auth
-from chalicelib.databases import DatabaseService, Requester
-from chalicelib.errors import ApiError, BadRequest, Gone, NotFound, TooManyRequests
+from chalicelib import accounts, auth, http, ownership, records
+from chalicelib.clock import iso
+from chalicelib.errors import DomainError, Gone, Invalid, NotFound, RateLimited
 from chalicelib.identifiers import parse_database_id
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord
-from chalicelib.views import iso
+from chalicelib.records import Requester
+
+if TYPE_CHECKING:
+    from chalicelib.context import Context
 
 MAX_FORM_BYTES = 4096
 
@@ -143,8 +147,8 @@ class Notice:
 
 
 class ClaimPages:
-    def __init__(self, service: DatabaseService, api_base: str) -> None:
-        self.service = service
+    def __init__(self, ctx: Context, api_base: str) -> None:
+        self.ctx = ctx
         self.api_base = api_base  # e.g. https://db.example.com, for the curl examples
 
     # -- GET -------------------------------------------------------------------
@@ -153,17 +157,17 @@ class ClaimPages:
         database_id = parse_database_id(raw_id)
         if database_id is None:
             return self._not_found()
-        record = self.service.find(database_id)
+        record = records.find(database_id)
         if record is None:
             return self._not_found()
         try:
-            self.service.get(database_id)  # raises Gone for tombstones and past expiry
+            records.get(self.ctx, database_id)  # raises Gone for tombstones and past expiry
         except Gone as gone:
             return self._gone(database_id, gone)
         return self._database(record, notice, status)
 
     def _database(self, record: DatabaseRecord, notice: Notice | None, status: int) -> Page:
-        plan = self.service.settings.plan(record.plan)
+        plan = self.ctx.settings.plan(record.plan)
         rows = [("Database", f"<code>{escape(record.id)}</code>"), ("Status", _badge(record.status))]
         if record.status == UNCLAIMED and record.expires_at is not None:
             left = int((record.expires_at - datetime.now(UTC)).total_seconds())
@@ -200,8 +204,8 @@ class ClaimPages:
 
     def _size(self, record: DatabaseRecord) -> str:
         try:
-            return _size(self.service.usage(record).size_bytes)
-        except ApiError:
+            return _size(ownership.usage(self.ctx, record).size_bytes)
+        except DomainError:
             return "unknown"
 
     def _forms(self, record: DatabaseRecord) -> str:
@@ -216,7 +220,7 @@ class ClaimPages:
             + self._token_field("claim_creator_token")
             + '<button type="submit" id="claim">Claim database</button></form>'
         )
-        if not self.service.settings.open_signup:
+        if not self.ctx.settings.open_signup:
             return claim
         signup = _card(
             "<h2>No account yet?</h2>"
@@ -232,7 +236,7 @@ class ClaimPages:
 
     def _token_field(self, element_id: str) -> str:
         """With INSTAPG_CLAIM_REQUIRES_TOKEN, the forms ask for the creator token too."""
-        if not self.service.settings.claim_requires_token:
+        if not self.ctx.settings.claim_requires_token:
             return ""
         return (
             f'<label for="{element_id}">Creator token (returned when the database was created)</label>'
@@ -240,10 +244,10 @@ class ClaimPages:
             'placeholder="ipgc_…" spellcheck="false">'
         )
 
-    def _limited(self, exc: TooManyRequests) -> Page:
+    def _limited(self, exc: RateLimited) -> Page:
         """Too many failed keys from this address: a short page, with no work behind it."""
         body = _card(f'<h1 id="headline">{escape(exc.error)}</h1><p id="notice">{escape(exc.hint or "")}</p>', "error")
-        return Page(exc.status, exc.error, body, extra_headers=dict(exc.headers))
+        return Page(http.status(exc), exc.error, body, extra_headers=http.headers(exc))
 
     def _not_found(self) -> Page:
         body = _card(
@@ -272,35 +276,35 @@ class ClaimPages:
     def claim_with_key(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
         try:
             form = _form(raw_body)
-            account = auth.check_key(form.get("api_key"), self.service.guard, requester.ip)
-        except TooManyRequests as exc:
+            account = auth.check_key(form.get("api_key"), self.ctx.guard, requester.ip)
+        except RateLimited as exc:
             return self._limited(exc)
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         return self._claim(raw_id, account.id, requester, form.get("creator_token"))
 
     def signup_and_claim(self, raw_id: str, raw_body: bytes | None, requester: Requester) -> Page:
         database_id = parse_database_id(raw_id)
-        record = self.service.find(database_id) if database_id else None
+        record = records.find(database_id) if database_id else None
         if record is None:
             return self._not_found()
         try:
             # A form without a usable email is a 400 whatever the database's state.
             email = accounts.parse_email(_form(raw_body).get("email"))
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
-        if not self.service.claimable(record):
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
+        if not records.claimable(record):
             # Claimed or gone meanwhile: say so, and make no account for nothing.
             return self.show(database_id)
         try:
             token = _form(raw_body).get("creator_token")
             # Check the token before making an account that could not claim.
-            self.service.check_claim_token(record, token, requester)
-            new = accounts.signup(self.service.settings, email)
-        except TooManyRequests as exc:
+            ownership.check_claim_token(self.ctx, record, token, requester)
+            new = accounts.signup(self.ctx.settings, email)
+        except RateLimited as exc:
             return self._limited(exc)
-        except ApiError as exc:
-            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(raw_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         result = self._claim(raw_id, new.account.id, requester, token)
         key = _card(
             "<h2>Your API key</h2>"
@@ -316,15 +320,15 @@ class ClaimPages:
         if database_id is None:
             return self._not_found()
         try:
-            self.service.claim(database_id, account_id, requester, creator_token)
-        except TooManyRequests as exc:
+            ownership.claim(self.ctx, database_id, account_id, requester, creator_token)
+        except RateLimited as exc:
             return self._limited(exc)
         except NotFound:
             return self._not_found()
         except Gone as gone:
             return self._gone(database_id, gone)
-        except ApiError as exc:
-            return self.show(database_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=exc.status)
+        except DomainError as exc:
+            return self.show(database_id, Notice(f"{exc.error}. {exc.hint or ''}"), status=http.status(exc))
         base = escape(self.api_base)
         rid = escape(database_id)
         done = _card(
@@ -344,9 +348,9 @@ class ClaimPages:
 def _form(raw_body: bytes | None) -> dict[str, str]:
     """A url-encoded form as {name: first value}."""
     if raw_body and len(raw_body) > MAX_FORM_BYTES:
-        raise BadRequest("Form too large", hint="Send only the form's fields.")
+        raise Invalid("Form too large", hint="Send only the form's fields.")
     try:
         fields = parse_qs((raw_body or b"").decode(), max_num_fields=10)
     except (UnicodeDecodeError, ValueError):
-        raise BadRequest("The form could not be read", hint="Submit the form on this page.") from None
+        raise Invalid("The form could not be read", hint="Submit the form on this page.") from None
     return {k: v[0] for k, v in fields.items()}

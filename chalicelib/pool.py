@@ -3,91 +3,51 @@
 A pooled database is a DatabaseRecord with status POOLED, keyed by an id that
 has never been shown to anyone, in the `by_due` bucket `POOLED#<host>`. Its
 role is NOLOGIN. It counts against the host's `allocated` like any database.
-A create takes one with a conditional write (status POOLED -> PROVISIONING,
-see `DatabaseService.create`), so two creates can never get the same one; the
-record id becomes the public id, and `postgres.open_tenant` gives the role
-LOGIN and a fresh password.
 
-Status changes happen in `DatabaseService`; this module finds pooled records
-and tops the pool up within a deadline: the scheduled job, the stream handler
-right after creates took from a pool (so a burst finds it full again within
-seconds, not at the next scheduled run), and `make dev`. A per-host lease
-(`hosts.lease_refill`) keeps two of them from filling the same gap.
+A create *takes* one (`take`) with one conditional write, POOLED -> UNCLAIMED
+(`records.take_pooled`), so two creates can never get the same one; the
+record id becomes the public id, and `provisioning.open_tenant` then gives the
+role LOGIN and the new password. ("Claim" is something else: an account
+making an unclaimed database its own, chalicelib.ownership.)
+
+`refill` tops the pools up (`add`) and empties draining hosts' (`discard`)
+within a deadline: the scheduled job, the stream handler right after creates
+took from a pool (so a burst finds it full again within seconds, not at the
+next scheduled run), and `make dev`. A per-host lease (`hosts.lease_refill`)
+keeps two refills from filling the same gap. Status changes are written by
+chalicelib.records.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import random
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chalicelib import expiry, postgres, provisioning, records, tombstones
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
-from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord
+from chalicelib.clock import Deadline
+from chalicelib.identifiers import tenant_password, uuid7
+from chalicelib.models import HOST_ACTIVE, POOLED, DatabaseRecord, HostRecord
+from chalicelib.pooled import bucket, pooled
+from chalicelib.records import Provisioned, Requester
+from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
-BUCKET_PREFIX = POOLED + "#"
 # A refill holds a host's lease for this long and renews it before each
 # database it adds or drops, so a holder that died (or lost DynamoDB and could
 # not give the lease back) blocks other refills for seconds, not minutes. One
 # CREATE DATABASE takes well under it; should one take longer, a second
 # refill may add one database too many, which the next refill discards.
 LEASE_S = 30
-# How many pooled records one take looks at. Concurrent creates each pick at
-# random among them, so they rarely race for the same record.
-CANDIDATES = 25
-
-
-def bucket(host_id: str) -> str:
-    return BUCKET_PREFIX + host_id
-
-
-def candidates(host_id: str, limit: int = CANDIDATES) -> list[DatabaseRecord]:
-    """Up to `limit` pooled records of a host, shuffled (the index may lag: the take's condition decides)."""
-    found = list(DatabaseRecord.by_due.query(bucket(host_id), limit=limit))
-    random.shuffle(found)
-    return found
-
-
-class Candidates:
-    """Pooled records this process has seen but not tried yet, per host.
-
-    A take pops one instead of querying the index each time, so a warm
-    process's pooled create is a single conditional write. Entries go stale
-    when another process takes them; the take's condition catches that and
-    the next one is tried.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self._by_host: dict[str, list[DatabaseRecord]] = {}
-        self._lock = threading.Lock()
-
-    def pop(self, host_id: str) -> DatabaseRecord | None:
-        with self._lock:
-            found = self._by_host.get(host_id)
-            return found.pop() if found else None
-
-    def load(self, host_id: str) -> bool:
-        """Read the host's pooled records again; False when it has none."""
-        found = candidates(host_id)
-        with self._lock:
-            self._by_host[host_id] = found
-        return bool(found)
-
-
-def pooled(host_id: str) -> list[DatabaseRecord]:
-    """Every pooled record of a host (the pool is small: a handful per host)."""
-    return list(DatabaseRecord.by_due.query(bucket(host_id)))
 
 
 @dataclass
@@ -103,21 +63,20 @@ class RefillSummary:
 
 
 def refill(
-    service: DatabaseService, deadline: float, size: int | None = None, host_ids: Collection[str] | None = None
+    ctx: Context, deadline: Deadline, size: int | None = None, host_ids: Collection[str] | None = None
 ) -> RefillSummary:
     """Top up every active host's pool (or those in `host_ids`) to `size` (settings.pool_size); empty DRAINING hosts' pools.
 
-    `deadline` is a `time.time()` value, as for `quotas.enforce`: no new database is started
-    after it. A host that fails is skipped; the others still get their pool. A host whose
-    lease another refill holds is skipped too (`hosts_busy`).
+    No new database is started after `deadline`. A host that fails is skipped; the others still
+    get their pool. A host whose lease another refill holds is skipped too (`hosts_busy`).
     """
     started = time.monotonic()
-    size = service.settings.pool_size if size is None else size
+    size = ctx.settings.pool_size if size is None else size
     summary = RefillSummary()
-    for host in service.hosts.all(fresh=True):
+    for host in ctx.hosts.all(fresh=True):
         if host_ids is not None and host.id not in host_ids:
             continue
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             break
         lease = _Lease(host.id)
@@ -125,10 +84,10 @@ def refill(
             summary.hosts_busy.append(host.id)
             continue
         try:
-            _refill_host(service, host, size if host.status == HOST_ACTIVE else 0, deadline, summary, lease)
+            _refill_host(ctx, host, size if host.status == HOST_ACTIVE else 0, deadline, summary, lease)
         except postgres.HostUnavailable as exc:
             log.error("pool refill: host %s unavailable: %s", host.id, exc)
-            service.hosts.mark_down(host.id, service.settings.host_retry_s)
+            ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
             summary.hosts_unavailable.append(host.id)
             summary.failed += 1
         except Exception as exc:  # one host's trouble must not stop the others
@@ -186,9 +145,7 @@ def hosts_taken_from(events: Iterable[dict[str, Any]]) -> set[str]:
     return hosts
 
 
-def refill_after_takes(
-    service: DatabaseService, events: Iterable[dict[str, Any]], deadline: float
-) -> RefillSummary | None:
+def refill_after_takes(ctx: Context, events: Iterable[dict[str, Any]], deadline: Deadline) -> RefillSummary | None:
     """The stream handler's part: top up the pools that these records show creates took from.
 
     Never raises: the batch's other work is done, and a pool left short is
@@ -198,34 +155,148 @@ def refill_after_takes(
     if not hosts:
         return None
     try:
-        return refill(service, deadline, host_ids=hosts)
+        return refill(ctx, deadline, host_ids=hosts)
     except Exception as exc:
         log.error("pool refill after takes failed: %s", type(exc).__name__)
         return None
 
 
-def _refill_host(
-    service: DatabaseService, host, size: int, deadline: float, summary: RefillSummary, lease: _Lease
-) -> None:
+def _refill_host(ctx: Context, host, size: int, deadline: Deadline, summary: RefillSummary, lease: _Lease) -> None:
     current = pooled(host.id)
     # Too many (the size went down, or the host is draining): give slots back.
     for record in current[size:]:
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             return
         if not lease.renew():
             return
-        if service.discard_pooled(record, host):
+        if discard(ctx, record, host):
             summary.discarded += 1
     for _ in range(size - len(current)):
-        if time.time() >= deadline:
+        if deadline.passed():
             summary.stopped_early = True
             return
         if not lease.renew():
             return
         try:
-            service.add_to_pool(host)
+            add(ctx, host)
         except hostlib.NoCapacity:
             summary.hosts_full.append(host.id)
             return
         summary.added += 1
+
+
+# -- taking, adding, discarding ----------------------------------------------------
+
+
+def take(
+    ctx: Context,
+    hosts: list[HostRecord],
+    plan: Plan,
+    ref: str | None,
+    requester: Requester,
+    password: str,
+    verifier: str,
+    creator_hash: str | None,
+    noted: Callable[[DatabaseRecord], None],
+) -> Provisioned | None:
+    """Take a pooled database on the active host with the most room that has one; None when none is left.
+
+    `noted(record)` runs once the record is ours, while Postgres checks the new password.
+    """
+    for host in hostlib.by_free_capacity(hosts):
+        if ctx.hosts.is_down(host.id):
+            continue
+        record = _take_any(ctx, host, plan, ref, requester, password, creator_hash)
+        if record is None:
+            continue
+        # The audit event is written while Postgres checks the new password.
+        # Should the ALTER fail, the event stays with a record that turns
+        # FAILED: an unclaimed database's log has no reader.
+        try:
+            provisioning.open_tenant(
+                ctx.target(host), record.role_name, verifier, meanwhile=functools.partial(noted, record)
+            )
+        except Exception as exc:
+            log.error("taking pooled %s on host %s failed: %s", record.id, host.id, records.reason(exc))
+            if isinstance(exc, postgres.HostUnavailable):
+                ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
+            # FAILED and due: the purge drops it.
+            tombstones.fail(ctx, record, records.reason(exc), was=records.UNCLAIMED, dropped=False)
+            continue
+        log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
+        return Provisioned(record, plan, host, password, created=True)
+    return None
+
+
+def _take_any(
+    ctx: Context,
+    host: HostRecord,
+    plan: Plan,
+    ref: str | None,
+    requester: Requester,
+    password: str,
+    creator_hash: str | None,
+) -> DatabaseRecord | None:
+    queries = 0
+    while True:
+        candidate = ctx.pool.pop(host.id)
+        if candidate is None:
+            # Under many concurrent creates every candidate seen may go to
+            # others first; read the index a few times before giving up.
+            if queries == 3 or not ctx.pool.load(host.id):
+                return None
+            queries += 1
+            continue
+        if records.take_pooled(ctx, candidate, plan, password, ref, requester, creator_hash):
+            return candidate
+
+
+def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
+    """One ready database on `host`: PROVISIONING first (as any create), then POOLED.
+
+    Raises hostlib.NoCapacity when the host is full, and the DDL's error
+    (after marking the record FAILED) when the host fails.
+    """
+    hostlib.reserve([host])
+    plan = ctx.plan(TRIAL_PLAN)
+    # A password nobody will ever use: the role is NOLOGIN until taken, and
+    # the take replaces it. It is sealed like any secret, never logged.
+    password = tenant_password()
+    record = records.new(ctx, str(uuid7()), host, plan, password)
+    record.save(condition=DatabaseRecord.id.does_not_exist())
+    try:
+        provisioning.create_tenant(ctx.target(host), record.role_name, record.db_name, password, plan, login=False)
+    except Exception as exc:
+        log.error("provisioning %s on host %s failed: %s", record.id, host.id, records.reason(exc))
+        dropped = False
+        try:
+            provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+            dropped = True
+        except Exception as cleanup:  # the host may be down: the purge retries later
+            log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(cleanup).__name__)
+        tombstones.fail(ctx, record, records.reason(exc), was=records.PROVISIONING, dropped=dropped)
+        if dropped:
+            hostlib.release(host.id)
+        raise
+    records.mark_pooled(record, bucket(host.id))
+    return record
+
+
+def discard(ctx: Context, record: DatabaseRecord, host: HostRecord) -> bool:
+    """Drop a pooled database nobody took (its host drains, or the pool shrank); False if it was taken.
+
+    The conditional write POOLED -> FAILED is also the purge's lease
+    (see `tombstones.lease`): if the drop fails or this process dies, the record
+    is due again when the lease ends and the purge drops it and frees the slot.
+    """
+    if not tombstones.discard_pooled(ctx, record):
+        return False
+    try:
+        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    except provisioning.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
+        expiry.report_claimed_kept(record, str(exc), "pool")
+        tombstones.hold_claimed(ctx, record)
+        return False
+    tombstones.finish_cleanup(ctx, record)
+    return True

@@ -19,20 +19,19 @@ Run from the scheduled job (`enforce`), per host:
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import audit, postgres
+from chalicelib import audit, postgres, provisioning
 from chalicelib import hosts as hostlib
+from chalicelib.clock import Deadline
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
-from chalicelib.settings import UNCLAIMED as UNCLAIMED_PLAN
-from chalicelib.settings import Plan
+from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
-    from chalicelib.databases import DatabaseService
+    from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,14 @@ _LIVE = (UNCLAIMED, CLAIMED)
 _PROJECTION = ["id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason"]
 
 
-def _live_records(deadline: float) -> tuple[dict[str, list[DatabaseRecord]], bool]:
+def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], bool]:
     """Live records grouped by host (a projected scan; False if the deadline cut it short)."""
     by_host: dict[str, list[DatabaseRecord]] = {}
     for record in DatabaseRecord.scan(
         filter_condition=DatabaseRecord.status.is_in(*_LIVE), attributes_to_get=_PROJECTION, page_size=500
     ):
         by_host.setdefault(record.host_id, []).append(record)
-        if time.time() > deadline:
+        if deadline.passed():
             return by_host, False
     return by_host, True
 
@@ -65,7 +64,7 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
 
 
 def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
-    ended = postgres.lock_role(target, record.role_name)
+    ended = provisioning.lock_role(target, record.role_name)
     now = datetime.now(UTC)
     _update(
         record,
@@ -90,7 +89,7 @@ def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan
 
 
 def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
-    postgres.unlock_role(target, record.role_name)
+    provisioning.unlock_role(target, record.role_name)
     now = datetime.now(UTC)
     _update(
         record,
@@ -106,16 +105,16 @@ def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
 
 
 def _enforce_storage(
-    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
-    sizes = postgres.database_sizes(target, service.settings.name_prefix)
+    sizes = postgres.database_sizes(target, ctx.settings.name_prefix)
     now = datetime.now(UTC)
     for record in records:
         size = sizes.get(record.db_name)
         if size is None:
             continue  # not on this host (yet, or any more)
         summary["measured"] += 1
-        plan = service.settings.plan(record.plan)
+        plan = ctx.settings.plan(record.plan)
         over = size > plan.storage_bytes
         if over and not record.locked_reason:
             _lock(target, record, size, plan)
@@ -128,13 +127,13 @@ def _enforce_storage(
 
 
 def _enforce_time(
-    service: DatabaseService, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
-    plans = {r.role_name: service.settings.plan(r.plan) for r in records}
+    plans = {r.role_name: ctx.settings.plan(r.plan) for r in records}
     # A role with no live record (being created, or an orphan) gets the strictest plan.
-    default = service.settings.plan(UNCLAIMED_PLAN)
+    default = ctx.settings.plan(TRIAL_PLAN)
     doomed = []
-    for backend in postgres.tenant_backends(target, service.settings.name_prefix):
+    for backend in postgres.tenant_backends(target, ctx.settings.name_prefix):
         plan = plans.get(backend.role, default)
         limit = plan.statement_timeout_s if backend.state == "active" else plan.idle_in_transaction_s
         if backend.seconds > limit:
@@ -147,8 +146,8 @@ def _enforce_time(
                 backend.seconds,
                 limit,
             )
-    summary["terminated"] += postgres.terminate(target, doomed, service.settings.name_prefix)
-    for prepared in postgres.tenant_prepared(target, service.settings.name_prefix):
+    summary["terminated"] += postgres.terminate(target, doomed, ctx.settings.name_prefix)
+    for prepared in postgres.tenant_prepared(target, ctx.settings.name_prefix):
         plan = plans.get(prepared.owner, default)
         if prepared.seconds > plan.idle_in_transaction_s:
             log.info("rolling back prepared transaction of %s after %.0fs", prepared.owner, prepared.seconds)
@@ -156,8 +155,8 @@ def _enforce_time(
             summary["rolled_back"] += 1
 
 
-def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
-    """One pass over every host, stopping at `deadline` (a `time.time()` epoch).
+def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
+    """One pass over every host, stopping at `deadline`.
 
     Every step is idempotent, so a pass cut short is finished by the next one.
     Returns a summary for the job's log line.
@@ -174,15 +173,15 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
     }
     by_host, complete = _live_records(deadline)
     summary["complete"] = complete
-    for host in service.hosts.all(fresh=True):
-        if time.time() > deadline:
+    for host in ctx.hosts.all(fresh=True):
+        if deadline.passed():
             summary["complete"] = False
             break
         records = by_host.get(host.id, [])
         try:
-            target = hostlib.target(host, service.settings)
-            _enforce_time(service, target, records, summary)
-            _enforce_storage(service, target, records, summary)
+            target = ctx.target(host)
+            _enforce_time(ctx, target, records, summary)
+            _enforce_storage(ctx, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")
@@ -194,7 +193,7 @@ def enforce(service: DatabaseService, deadline: float) -> dict[str, Any]:
     return summary
 
 
-def unlock_if_fits(service: DatabaseService, record: DatabaseRecord, plan: Plan) -> bool:
+def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     """Lift a storage lock when the database fits `plan` (the claim calls this with the claimed plan).
 
     Returns whether the database is unlocked now (True when it was not locked).
@@ -203,8 +202,8 @@ def unlock_if_fits(service: DatabaseService, record: DatabaseRecord, plan: Plan)
         return True
     if record.locked_reason != STORAGE:
         return False
-    host: HostRecord = service.hosts.get(record.host_id)
-    target = hostlib.target(host, service.settings)
+    host: HostRecord = ctx.hosts.get(record.host_id)
+    target = ctx.target(host)
     size = postgres.database_size(target, record.db_name)
     if size is None:
         return False

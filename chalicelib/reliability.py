@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from chalicelib.clock import Deadline
+
 if TYPE_CHECKING:
     from botocore.config import Config
 
@@ -36,13 +38,10 @@ def drop_backoff_s(attempts: int) -> int:
     return min(DROP_BACKOFF_BASE_S * 2 ** min(attempts, 10), DROP_BACKOFF_CAP_S)
 
 
-def botocore_config(settings: Settings | None = None) -> Config:
+def botocore_config(settings: Settings) -> Config:
     """Timeouts and bounded retries for every boto3 client the service makes."""
     from botocore.config import Config
 
-    from chalicelib.settings import get_settings
-
-    settings = settings or get_settings()
     return Config(
         connect_timeout=settings.aws_connect_timeout_s,
         read_timeout=settings.aws_read_timeout_s,
@@ -51,25 +50,28 @@ def botocore_config(settings: Settings | None = None) -> Config:
 
 
 # -- the request deadline ----------------------------------------------------------
-
-_local = threading.local()  # chalice local serves requests on threads
+#
+# The one piece of state outside the Context: a request's deadline belongs to
+# the request, not the process, and `chalice local` serves requests on
+# threads; so it is kept per thread, like Chalice's own current_request.
+_local = threading.local()
 
 
 @contextmanager
-def request_deadline(seconds: float) -> Iterator[None]:
+def request_deadline(seconds: float) -> Iterator[Deadline]:
     """Run the block (one API request) under a deadline `seconds` from now."""
     previous = getattr(_local, "deadline", None)
-    _local.deadline = time.monotonic() + seconds
+    _local.deadline = Deadline.after(seconds)
     try:
-        yield
+        yield _local.deadline
     finally:
         _local.deadline = previous
 
 
 def time_left() -> float | None:
-    """Seconds the current request has left; None outside a request (jobs use their own budgets)."""
+    """Seconds the current request has left; None outside a request (jobs are handed their own Deadline)."""
     deadline = getattr(_local, "deadline", None)
-    return None if deadline is None else deadline - time.monotonic()
+    return None if deadline is None else deadline.left()
 
 
 def bounded(seconds: float) -> float:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from chalicelib.errors import BadRequest, PayloadTooLarge
+from chalicelib.errors import Invalid, TooLarge
 
 MAX_REF_LENGTH = 128
 # Text a person can read: no control characters (C0, DEL, C1). openapi.yaml
@@ -42,23 +42,23 @@ class CreateDatabase:
 def json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object; an empty body is an empty object."""
     if raw and len(raw) > max_bytes:
-        raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes", hint="Send only the documented fields.")
+        raise TooLarge(f"Request body is larger than {max_bytes} bytes", hint="Send only the documented fields.")
     if not raw or not raw.strip():
         return {}
     if json_depth(raw) > MAX_JSON_DEPTH:
-        raise BadRequest(
+        raise Invalid(
             f"Request body is nested deeper than {MAX_JSON_DEPTH} levels",
             hint='Send a flat JSON object, e.g. {"ref": "my-app"}.',
         )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest(
+        raise Invalid(
             "Request body is not valid JSON",
             hint='Send a JSON object, e.g. {"ref": "my-app"}, with Content-Type: application/json.',
         ) from None
     if not isinstance(body, dict):
-        raise BadRequest(
+        raise Invalid(
             f"Request body must be a JSON object, not {json_type(body)}", hint='Send e.g. {"ref": "my-app"}.'
         )
     return body
@@ -105,7 +105,7 @@ def create_database(body: dict[str, Any], referrer: str | None = None) -> Create
     ref = None
     if "ref" in body:
         if not isinstance(body["ref"], str):
-            raise BadRequest(
+            raise Invalid(
                 f"Field 'ref' must be a string, not {json_type(body['ref'])}", hint='Send e.g. {"ref": "my-app"}.'
             )
         ref = _checked_ref(body["ref"], "Field 'ref'")
@@ -118,7 +118,7 @@ def create_database(body: dict[str, Any], referrer: str | None = None) -> Create
     if logical is None:
         logical = False
     if not isinstance(logical, bool):
-        raise BadRequest(
+        raise Invalid(
             f"Field 'enable_logical_replication' must be a boolean, not {json_type(logical)}",
             hint="Send true or false.",
         )
@@ -134,8 +134,8 @@ def is_text(value: str) -> bool:
     return True
 
 
-def _missing_referrer() -> BadRequest:
-    return BadRequest(
+def _missing_referrer() -> Invalid:
+    return Invalid(
         "Missing referrer",
         hint='Say who is asking: send {"ref": "my-app"} in the body, or ?referrer=my-app in the URL.',
     )
@@ -145,7 +145,7 @@ def _checked_ref(value: str, label: str) -> str:
     if not value.strip():
         raise _missing_referrer()
     if len(value) > MAX_REF_LENGTH or not _REF.fullmatch(value) or not is_text(value):
-        raise BadRequest(
+        raise Invalid(
             f"{label} must be at most {MAX_REF_LENGTH} printable characters",
             hint="Use a short name for your app or tool.",
         )

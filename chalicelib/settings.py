@@ -7,15 +7,19 @@ read `os.environ` themselves. The README's configuration table mirrors
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-UNCLAIMED = "unclaimed"
+# Plans (tiers of limits), named for what they are, not for the statuses that
+# use them. Their values are what records store in `plan`, what the API shows,
+# and what INSTAPG_UNCLAIMED_*/INSTAPG_CLAIMED_* configure: tables already
+# hold them, so the values stay.
+TRIAL_PLAN = "unclaimed"  # a new database's plan, until it is claimed (models.UNCLAIMED is the status)
+FREE_PLAN = "claimed"  # a claimed database's plan (models.CLAIMED is the status)
 # `import app` must work without configuration; a deployment sets the real ARN.
 STREAM_ARN_PLACEHOLDER = "arn:aws:dynamodb:us-east-2:000000000000:table/instapg-databases/stream/unset"
-CLAIMED = "claimed"
 
 
 @dataclass(frozen=True)
@@ -278,8 +282,6 @@ def _fraction(env: Mapping[str, str], name: str) -> float:
 
 
 def _public_url(env: Mapping[str, str]) -> str | None:
-    from urllib.parse import urlsplit
-
     raw = (env.get("INSTAPG_PUBLIC_URL") or "").strip().rstrip("/")
     if not raw:
         return None
@@ -307,8 +309,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         return env.get(name) or _DEFAULTS[name]
 
     plans = {
-        UNCLAIMED: Plan(
-            UNCLAIMED,
+        TRIAL_PLAN: Plan(
+            TRIAL_PLAN,
             storage_mb=_int(env, "INSTAPG_UNCLAIMED_STORAGE_MB"),
             connections=_int(env, "INSTAPG_UNCLAIMED_CONNECTIONS"),
             statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
@@ -316,8 +318,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             temp_file_limit_mb=_int(env, "INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB"),
             lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
         ),
-        CLAIMED: Plan(
-            CLAIMED,
+        FREE_PLAN: Plan(
+            FREE_PLAN,
             storage_mb=_int(env, "INSTAPG_CLAIMED_STORAGE_MB"),
             connections=_int(env, "INSTAPG_CLAIMED_CONNECTIONS"),
             statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
@@ -371,9 +373,3 @@ def _app_path(raw: str) -> str | None:
         return None
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), raw)
     return os.path.normpath(path)
-
-
-@functools.lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings; tests call `get_settings.cache_clear()`."""
-    return load()

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from chalicelib import hosts as hostlib
 from chalicelib import postgres
+from chalicelib.clock import iso  # noqa: F401  (views.iso: the wire format, also for app.py)
 from chalicelib.models import DatabaseRecord, HostRecord
 from chalicelib.settings import Plan
-
-
-def iso(dt: datetime | None) -> str | None:
-    """ISO 8601 UTC with milliseconds, as Instagres writes it: 2026-02-01T12:00:00.000Z."""
-    if dt is None:
-        return None
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def connection_urls(record: DatabaseRecord, host: HostRecord, password: str) -> tuple[str, str]:

@@ -31,8 +31,10 @@ from typing import Any
 
 from chalice import Response
 
-from chalicelib.errors import ApiError, Forbidden, ServiceUnavailable, UnsupportedMediaType
-from chalicelib.settings import Settings, get_settings
+from chalicelib import context
+from chalicelib.errors import DomainError, Forbidden, Unavailable, UnsupportedMediaType
+from chalicelib.http import http_error
+from chalicelib.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,10 @@ def check_request(
     """Raise the error a request gets before any route runs (see the module docstring), or return."""
     if settings.deployed and not settings.public_url:
         log.error("INSTAPG_PUBLIC_URL is not set: refusing every request (links would be built from the Host header)")
-        raise ServiceUnavailable(
+        raise Unavailable(
             "Service not configured",
             hint="The operator must set INSTAPG_PUBLIC_URL; retry later.",
-            headers={"Retry-After": "300"},
+            retry_after=300,
         )
     if method.upper() not in UNSAFE_METHODS:
         return
@@ -144,17 +146,17 @@ def http_policy(event: Any, get_response: Callable[[Any], Response]) -> Response
     """Chalice HTTP middleware: the checks before a route, the headers after it."""
     headers = event.headers
     try:
-        settings = get_settings()
+        settings = context.settings()
     except ValueError as exc:  # a malformed setting: say which, never serve half-configured
         log.error("configuration error: %s", exc)
-        error = ServiceUnavailable(
+        error = Unavailable(
             "Service not configured",
             hint="The operator must fix its settings; retry later.",
-            headers={"Retry-After": "300"},
+            retry_after=300,
         )
-        return error.response()
+        return http_error(error)
     try:
         check_request(settings, event.method, event.path, headers, event.context)
-    except ApiError as exc:
-        return secure(exc.response(), headers, settings)
+    except DomainError as exc:
+        return secure(http_error(exc), headers, settings)
     return secure(get_response(event), headers, settings)

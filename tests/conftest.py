@@ -91,7 +91,7 @@ def pg():
 @pytest.fixture
 def instapg_env(pg, monkeypatch):
     """Environment of one test: fresh key ring, its own name prefix, host admin credentials."""
-    from chalicelib import services
+    from chalicelib import context
     from chalicelib.crypto import new_key_spec
 
     monkeypatch.setenv("INSTAPG_KEYRING", new_key_spec("test1"))
@@ -101,9 +101,9 @@ def instapg_env(pg, monkeypatch):
     monkeypatch.setenv("INSTAPG_NAME_PREFIX", "ipgt" + secrets.token_hex(3))
     monkeypatch.setenv(ADMIN_ENV, pg.admin_json())
     monkeypatch.delenv("INSTAPG_PUBLIC_URL", raising=False)
-    services.reset()
+    context.reset()
     yield monkeypatch
-    services.reset()
+    context.reset()
 
 
 @pytest.fixture
@@ -115,18 +115,18 @@ def aws(instapg_env):
 
     motoatomic.install()  # DynamoDB's conditional writes are atomic; moto's are not across threads
     with mock_aws():
-        from chalicelib import models, services
+        from chalicelib import context, models
 
-        models.configure(services.databases().settings)
+        models.configure(context.get().settings)
         models.create_tables()
         yield
 
 
 @pytest.fixture
 def service(aws):
-    from chalicelib import services
+    from chalicelib import context
 
-    return services.databases()
+    return context.get()
 
 
 @pytest.fixture
@@ -184,3 +184,23 @@ def second_host(host, service, pg2, instapg_env):
     )
     service.hosts.invalidate()
     return record
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg):
+    """One real PgBouncer (Debian's, tools/dev/install-pgbouncer.sh) in front of `pg` for the session.
+
+    A short query_wait_timeout so the test of a saturated pool waits seconds, not the default 30.
+    """
+    from tools.dev import pgbouncer as local_pgbouncer
+    from tools.dev import pgserver
+
+    if local_pgbouncer.binary() is None:
+        pytest.skip("pgbouncer is not installed (make test installs it: tools/dev/install-pgbouncer.sh)")
+    root = pgserver.private_dir("instapg-pgbouncer-")
+    bouncer = local_pgbouncer.start(root / "pgbouncer", settings={"query_wait_timeout": "3"})
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -43,27 +43,27 @@ class Host:
 
 
 def _plan():
-    from chalicelib.settings import UNCLAIMED, load
+    from chalicelib.settings import TRIAL_PLAN, load
 
-    return load({}).plan(UNCLAIMED)
+    return load({}).plan(TRIAL_PLAN)
 
 
 def _new_tenant(target, prefix: str, pg) -> Tenant:
-    from chalicelib import postgres
+    from chalicelib import postgres, provisioning
     from chalicelib.identifiers import tenant_name, tenant_password
 
     name, password = tenant_name(prefix), tenant_password()
-    postgres.create_tenant(target, name, name, password, _plan())
+    provisioning.create_tenant(target, name, name, password, _plan())
     url = postgres.connection_url(pg.host, pg.port, name, password, name, "disable")
     return Tenant(name, password, url)
 
 
 @pytest.fixture(scope="module")
 def tenants(pg) -> Iterator[Host]:
-    from chalicelib import postgres
+    from chalicelib import postgres, provisioning
 
     target = postgres.Target(pg.host, pg.port, pg.admin_user, pg.admin_password, "postgres", "disable")
-    postgres.harden_host(target)
+    provisioning.harden_host(target)
     prefix = "ipgadv" + secrets.token_hex(3)
     a, b = _new_tenant(target, prefix, pg), _new_tenant(target, prefix, pg)
     b_session = psycopg.connect(b.url, autocommit=True)
@@ -76,7 +76,7 @@ def tenants(pg) -> Iterator[Host]:
         b_session.close()
         admin_session.close()
         for tenant in (a, b):
-            postgres.drop_tenant(target, tenant.role, tenant.dbname)
+            provisioning.drop_tenant(target, tenant.role, tenant.dbname)
 
 
 @pytest.fixture
@@ -233,6 +233,7 @@ def test_own_login_works(tenants):
 
 def test_connection_limit_plus_one_is_refused_even_after_raising_the_database_limit(tenants, pg):
     """The role's limit holds: the tenant can raise its database's limit, not its role's."""
+    from chalicelib import provisioning
     tenant = _new_tenant(tenants.target, "ipgadv" + secrets.token_hex(3), pg)
     sessions = []
     try:
@@ -244,24 +245,23 @@ def test_connection_limit_plus_one_is_refused_even_after_raising_the_database_li
     finally:
         for session in sessions:
             session.close()
-        from chalicelib import postgres
 
-        postgres.drop_tenant(tenants.target, tenant.role, tenant.dbname)
+        provisioning.drop_tenant(tenants.target, tenant.role, tenant.dbname)
 
 
 def test_login_after_a_storage_lock_is_refused(tenants, pg):
-    from chalicelib import postgres
+    from chalicelib import provisioning
 
     tenant = _new_tenant(tenants.target, "ipgadv" + secrets.token_hex(3), pg)
     try:
         session = psycopg.connect(tenant.url, autocommit=True)
-        postgres.lock_role(tenants.target, tenant.role)
+        provisioning.lock_role(tenants.target, tenant.role)
         with pytest.raises(psycopg.OperationalError):
             session.execute("SELECT 1")  # its session was ended
         assert login_sqlstate(tenant.url) == "28000"
         session.close()
     finally:
-        postgres.drop_tenant(tenants.target, tenant.role, tenant.dbname)
+        provisioning.drop_tenant(tenants.target, tenant.role, tenant.dbname)
 
 
 # -- what a tenant can do: what ORMs need ----------------------------------------------
@@ -331,7 +331,7 @@ def test_tenant_cannot_keep_another_tenants_role_from_being_dropped(tenants, pg,
     `role=none` in the admin's connection options, `SET role` made the admin
     act as A there. Either way dropping B failed for good and B's role leaked.
     """
-    from chalicelib import postgres
+    from chalicelib import provisioning
 
     prefix = "ipgadv" + secrets.token_hex(3)
     a, b = _new_tenant(tenants.target, prefix, pg), _new_tenant(tenants.target, prefix, pg)
@@ -340,12 +340,12 @@ def test_tenant_cannot_keep_another_tenants_role_from_being_dropped(tenants, pg,
             session.execute("CREATE TABLE shared (x int)")
             session.execute(sql.SQL("GRANT SELECT ON shared TO {}").format(sql.Identifier(b.role)))
             session.execute(shut_out.format(db=_ident(a.dbname), role=_ident(a.role)))
-        assert postgres.drop_tenant(tenants.target, b.role, b.dbname) is True
+        assert provisioning.drop_tenant(tenants.target, b.role, b.dbname) is True
         with psycopg.connect(pg.superuser_dsn) as su:
             assert su.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (b.role,)).fetchone() == (0,)
     finally:
-        postgres.drop_tenant(tenants.target, b.role, b.dbname)
-        postgres.drop_tenant(tenants.target, a.role, a.dbname)
+        provisioning.drop_tenant(tenants.target, b.role, b.dbname)
+        provisioning.drop_tenant(tenants.target, a.role, a.dbname)
 
 
 def test_gap_tenant_can_raise_its_memory_settings(conn):

@@ -159,10 +159,10 @@ def test_no_capacity_is_503(client, host):
 
 
 def test_claim_url_uses_configured_public_url(client, instapg_env):
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_PUBLIC_URL", "https://db.example.com/")
-    services.reset()
+    context.reset()
     body = post_json(client, "/api/v1/database", {"ref": "x"}).json_body
     assert body["claim_url"] == f"https://db.example.com/claim/{body['id']}"
 
@@ -196,11 +196,11 @@ def test_healthz_503_when_no_host_answers(client, host, service):
 
 
 def test_dynamodb_outage_is_503_not_500(client, instapg_env):
-    from chalicelib import models, services
+    from chalicelib import context, models
 
     # A closed port: every DynamoDB call fails to connect.
     instapg_env.setenv("INSTAPG_DYNAMODB_ENDPOINT", "http://127.0.0.1:9")
-    services.reset()
+    context.reset()
     saved = {m: m.Meta.max_retry_attempts for m in models.MODELS}
     for model in models.MODELS:
         model.Meta.max_retry_attempts = 0

@@ -349,10 +349,10 @@ def test_oversized_and_malformed_content_length_are_refused_unread(port):
 
 
 def test_each_peer_address_has_its_own_rate_budget(host, instapg_env):
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_CREATES_PER_MINUTE", "2")
-    services.reset()
+    context.reset()
     with localhttp.serving() as port:
 
         def create(source: str, headers: dict | None = None) -> int:

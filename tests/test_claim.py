@@ -71,10 +71,10 @@ def test_signup_needs_an_email(client, body):
 
 
 def test_signup_can_be_closed(client, instapg_env):
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_OPEN_SIGNUP", "false")
-    services.reset()
+    context.reset()
     response = post_json(client, "/api/v1/accounts", {"email": "a@example.com"})
     assert response.status_code == 403
     assert response.json_body["error"] == "Signup is closed"
@@ -227,9 +227,9 @@ def atomic_dynamodb(monkeypatch):
 
 
 def test_concurrent_claims_have_exactly_one_winner(client, service, atomic_dynamodb):
-    from chalicelib import accounts
-    from chalicelib.databases import Requester
+    from chalicelib import accounts, ownership, records
     from chalicelib.errors import Conflict
+    from chalicelib.records import Requester
 
     database = create(client)
     contenders = [accounts.create(f"c{i}@example.com").account.id for i in range(4)]
@@ -239,7 +239,7 @@ def test_concurrent_claims_have_exactly_one_winner(client, service, atomic_dynam
     def run(account_id: str) -> None:
         barrier.wait()
         try:
-            service.claim(database["id"], account_id, Requester())
+            ownership.claim(service, database["id"], account_id, Requester())
             outcomes[account_id] = "won"
         except Conflict:
             outcomes[account_id] = "409"
@@ -253,10 +253,11 @@ def test_concurrent_claims_have_exactly_one_winner(client, service, atomic_dynam
         t.join()
     assert sorted(outcomes.values()) == ["409", "409", "409", "won"]
     winner = next(a for a, o in outcomes.items() if o == "won")
-    assert service.find(database["id"]).owner_id == winner
+    assert records.find(database["id"]).owner_id == winner
 
 
 def test_claim_of_unknown_malformed_expired_deleted(client, service):
+    from chalicelib import records
     from chalicelib.models import DatabaseRecord
 
     key = signup(client)
@@ -270,7 +271,7 @@ def test_claim_of_unknown_malformed_expired_deleted(client, service):
     response = claim(client, expired["id"], key)
     assert response.status_code == 410
     assert response.json_body["error"] == "Database expired"
-    assert service.find(expired["id"]).status == "UNCLAIMED"  # the claim changed nothing
+    assert records.find(expired["id"]).status == "UNCLAIMED"  # the claim changed nothing
 
     tombstone = create(client)
     DatabaseRecord(id=tombstone["id"]).update(actions=[DatabaseRecord.status.set("EXPIRED")])
@@ -286,6 +287,7 @@ def test_claim_of_unknown_malformed_expired_deleted(client, service):
 
 def test_claim_that_failed_halfway_is_finished_by_a_retry(client, pg, service, host):
     """The host is down after the CLAIMING write: 503, nothing expires, the retry finishes."""
+    from chalicelib import records
     from chalicelib.models import HostRecord
 
     database = create(client)
@@ -294,7 +296,7 @@ def test_claim_that_failed_halfway_is_finished_by_a_retry(client, pg, service, h
     service.hosts.all(fresh=True)
     response = claim(client, database["id"], key)
     assert response.status_code == 503
-    record = service.find(database["id"])
+    record = records.find(database["id"])
     assert record.status == "CLAIMING" and record.expires_at is None and record.due_bucket == "CLAIMING"
     # The purge's conditional expiry (status == UNCLAIMED) can no longer act on it.
     from pynamodb.exceptions import UpdateError
@@ -394,6 +396,7 @@ def test_rotate_password(client):
 
 
 def test_delete_drops_and_leaves_a_tombstone(client, pg, service):
+    from chalicelib import records
     database = create(client)
     key = signup(client)
     claim(client, database["id"], key)
@@ -403,7 +406,7 @@ def test_delete_drops_and_leaves_a_tombstone(client, pg, service):
     with psycopg.connect(pg.superuser_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (role,)).fetchone() == (0,)
-    record = service.find(database["id"])
+    record = records.find(database["id"])
     assert record.status == "DELETED" and record.secret is None and record.expires_at is not None
     assert record.due_bucket is None
     again = client.http.delete(f"/api/v1/databases/{database['id']}", headers=bearer(key))
@@ -470,11 +473,11 @@ def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, 
     import io
     import json
 
-    from chalicelib import services
+    from chalicelib import context
     from tools.ops import accountctl as cli
 
     instapg_env.setenv("INSTAPG_OPEN_SIGNUP", "false")
-    services.reset()
+    context.reset()
     assert post_json(client, "/api/v1/accounts", {"email": "a@example.com"}).status_code == 403
 
     assert cli.main(["create", "--email", "ops@example.com"]) == 0
@@ -498,15 +501,15 @@ def test_operator_cli_creates_and_revokes_accounts(client, instapg_env, capsys, 
 
 
 def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service, host, instapg_env):
-    import time
 
-    from chalicelib import services
+    from chalicelib import context, ownership, records
+    from chalicelib.clock import Deadline
     from chalicelib.models import HostRecord
 
     # Stalled work is due at once here (default: after the provisioning timeout).
     instapg_env.setenv("INSTAPG_PROVISIONING_TIMEOUT_SECONDS", "0")
-    services.reset()
-    service = services.databases()
+    context.reset()
+    service = context.get()
     to_claim, to_delete = create(client), create(client)
     key = signup(client)
     assert claim(client, to_delete["id"], key).status_code == 200
@@ -515,23 +518,23 @@ def test_stalled_claim_and_delete_are_finished_by_the_sweep(client, pg, service,
     service.hosts.all(fresh=True)
     assert claim(client, to_claim["id"], key).status_code == 503
     assert client.http.delete(f"/api/v1/databases/{to_delete['id']}", headers=bearer(key)).status_code == 503
-    assert service.find(to_claim["id"]).status == "CLAIMING"
-    assert service.find(to_delete["id"]).status == "DELETING"
+    assert records.find(to_claim["id"]).status == "CLAIMING"
+    assert records.find(to_delete["id"]).status == "DELETING"
     # Host still down: nothing finished, nothing lost.
-    assert service.finish_stalled(deadline=time.monotonic() + 30) == 0
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 0
 
     host.update(actions=[HostRecord.port.set(pg.port)])
     service.hosts.all(fresh=True)
-    assert service.finish_stalled(deadline=time.monotonic() + 30) == 2
-    assert service.find(to_claim["id"]).status == "CLAIMED"
-    assert service.find(to_delete["id"]).status == "DELETED"
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 2
+    assert records.find(to_claim["id"]).status == "CLAIMED"
+    assert records.find(to_delete["id"]).status == "DELETED"
     with psycopg.connect(pg.superuser_dsn) as conn:
         rows = conn.execute(
             "SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname IN (%s, %s)",
             (role_of(to_claim), role_of(to_delete)),
         ).fetchall()
     assert rows == [(role_of(to_claim), 20)]
-    assert service.finish_stalled(deadline=time.monotonic() + 30) == 0
+    assert ownership.finish_stalled(service, Deadline.after(30)) == 0
 
 
 def test_connection_string_is_withheld_when_the_audit_log_is_down(client):
@@ -550,12 +553,13 @@ def test_connection_string_is_withheld_when_the_audit_log_is_down(client):
 def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, pg, service, host, instapg_env):
     import time
 
-    from chalicelib import expiry, services
+    from chalicelib import context, expiry, records
+    from chalicelib.clock import Deadline
     from chalicelib.models import AuditEvent, DatabaseRecord, HostRecord
 
     instapg_env.setenv("INSTAPG_PROVISIONING_TIMEOUT_SECONDS", "0")
-    services.reset()
-    service = services.databases()
+    context.reset()
+    service = context.get()
     doomed, stalled = create(client), create(client)
     past = datetime.now(UTC) - timedelta(seconds=5)
     DatabaseRecord(id=doomed["id"]).update(
@@ -568,29 +572,29 @@ def test_the_scheduled_purge_audits_purges_and_finishes_stalled_claims(client, p
     host.update(actions=[HostRecord.port.set(pg.port)])
     time.sleep(1)  # due_at is in whole seconds
 
-    summary = expiry.run_scheduled(service, budget_s=30)
+    summary = expiry.run_scheduled(service, Deadline.after(30))
     assert summary.expired_dropped == 1 and summary.stalled_finished == 1
-    assert service.find(stalled["id"]).status == "CLAIMED"
+    assert records.find(stalled["id"]).status == "CLAIMED"
     purged = [e for e in AuditEvent.query(doomed["id"]) if e.action == "purged"]
     assert len(purged) == 1 and purged[0].actor == "system"
     assert "claimed" in actions(client, stalled["id"], key)
 
 
 def test_claim_lifts_a_storage_lock_the_claimed_plan_fits(client, instapg_env):
-    import time
 
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas, records
+    from chalicelib.clock import Deadline
 
     database = create(client)
     key = signup(client)
     # Every database is bigger than 1 MB: the quota pass locks this one.
     instapg_env.setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
-    services.reset()
-    assert quotas.enforce(services.databases(), deadline=time.time() + 30)["locked"] == [database["id"]]
+    context.reset()
+    assert quotas.enforce(context.get(), Deadline.after(30))["locked"] == [database["id"]]
     assert refused_login(**psycopg.conninfo.conninfo_to_dict(database["connection_string"])) == "28000"
 
     assert claim(client, database["id"], key).status_code == 200
-    assert services.databases().find(database["id"]).locked_reason is None
+    assert records.find(database["id"]).locked_reason is None
     with psycopg.connect(database["connection_string"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     log = actions(client, database["id"], key)

@@ -93,6 +93,7 @@ def test_page_of_expired_and_claimed_databases(client, service):
 
 
 def test_claim_with_a_key_by_form_post(client, service):
+    from chalicelib import records
     database = create(client)
     key = signup(client)
     response = client.http.post(f"/claim/{database['id']}", body=urlencode({"api_key": key}), headers=FORM)
@@ -100,10 +101,11 @@ def test_claim_with_a_key_by_form_post(client, service):
     page = html(response)
     assert "Claimed: this database is yours" in page
     assert key not in page  # a key the user typed is not echoed back
-    assert service.find(database["id"]).status == "CLAIMED"
+    assert records.find(database["id"]).status == "CLAIMED"
 
 
 def test_claim_form_with_a_bad_key_shows_the_error(client, service):
+    from chalicelib import records
     database = create(client)
     response = client.http.post(f"/claim/{database['id']}", body=urlencode({"api_key": "nope"}), headers=FORM)
     assert response.status_code == 401
@@ -111,11 +113,11 @@ def test_claim_form_with_a_bad_key_shows_the_error(client, service):
     assert "Invalid API key" in page and 'id="claim-form"' in page
     response = client.http.post(f"/claim/{database['id']}", body="", headers=FORM)
     assert response.status_code == 401 and "Missing API key" in html(response)
-    assert service.find(database["id"]).status == "UNCLAIMED"
+    assert records.find(database["id"]).status == "UNCLAIMED"
 
 
 def test_signup_form_creates_an_account_claims_and_shows_the_key_once(client, service):
-    from chalicelib import accounts
+    from chalicelib import accounts, records
 
     database = create(client)
     response = client.http.post(
@@ -126,7 +128,7 @@ def test_signup_form_creates_an_account_claims_and_shows_the_key_once(client, se
     key = page.split('<pre class="key" id="api-key">')[1].split("</pre>")[0]
     owner = accounts.authenticate(key)
     assert owner.email == "new@example.com"
-    assert service.find(database["id"]).owner_id == owner.id
+    assert records.find(database["id"]).owner_id == owner.id
     # Reloading the page does not show the key again.
     assert key not in html(client.http.get(f"/claim/{database['id']}"))
 
@@ -141,10 +143,10 @@ def test_signup_form_escapes_and_validates(client):
 
 
 def test_signup_form_is_hidden_when_signup_is_closed(client, instapg_env):
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_OPEN_SIGNUP", "false")
-    services.reset()
+    context.reset()
     database = create(client)
     page = html(client.http.get(f"/claim/{database['id']}"))
     assert 'id="claim-form"' in page and 'id="signup-form"' not in page
@@ -259,7 +261,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
 
     from selenium.webdriver.common.by import By
 
-    from chalicelib import accounts
+    from chalicelib import accounts, records
 
     javascript = request.node.callspec.id == "javascript"
     database = _create_over_http(live_server)
@@ -286,7 +288,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     assert browser.find_element(By.ID, "status").text == "CLAIMED"
     browser.save_screenshot(str(SCREENSHOT_DIR / f"claimed-{request.node.callspec.id}.png"))
     owner = accounts.authenticate(key)
-    assert service.find(database["id"]).owner_id == owner.id
+    assert records.find(database["id"]).owner_id == owner.id
 
     # A second database, claimed with the key just shown, through the key form.
     second = _create_over_http(live_server)
@@ -294,7 +296,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     browser.find_element(By.ID, "api_key").send_keys(key)
     browser.find_element(By.ID, "claim").click()
     assert "this database is yours" in _wait(browser, "claimed").text
-    assert service.find(second["id"]).owner_id == owner.id
+    assert records.find(second["id"]).owner_id == owner.id
 
     # Claiming it again with a wrong key shows an error on the page, not a JSON body.
     third = _create_over_http(live_server)
@@ -302,7 +304,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     browser.find_element(By.ID, "api_key").send_keys("ipg_wrong")
     browser.find_element(By.ID, "claim").click()
     assert "Invalid API key" in _wait(browser, "notice").text
-    assert service.find(third["id"]).status == "UNCLAIMED"
+    assert records.find(third["id"]).status == "UNCLAIMED"
 
 
 def test_claim_form_for_a_database_someone_else_claimed_is_409(client):

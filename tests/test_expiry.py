@@ -24,19 +24,20 @@ from tests.streams import TTL_IDENTITY, image, stream_event
 
 def reconfigure(instapg_env, **env):
     """New settings for this test; returns the rebuilt service."""
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in env.items():
         instapg_env.setenv(name, str(value))
-    services.reset()
-    return services.databases()
+    context.reset()
+    return context.get()
 
 
 def create(service, n: int = 1):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return [service.create(CreateDatabase(ref="test"), Requester()) for _ in range(n)]
+    return [creation.create(service, CreateDatabase(ref="test"), Requester()) for _ in range(n)]
 
 
 def age(record, seconds: int = 60) -> None:
@@ -113,8 +114,9 @@ def invoke_stream(client, *events):
 
 def purge(service, **kwargs):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
-    return expiry.run_scheduled(service, budget_s=kwargs.pop("budget_s", 120), **kwargs)
+    return expiry.run_scheduled(service, Deadline.after(kwargs.pop("budget_s", 120)), **kwargs)
 
 
 # -- the stream handler ----------------------------------------------------------
@@ -262,7 +264,7 @@ def test_stream_drop_on_an_unreachable_host_is_left_to_the_purge(client, service
 
 
 def test_purge_across_many_pages(client, service, pg):
-    from chalicelib.settings import UNCLAIMED
+    from chalicelib.settings import TRIAL_PLAN
 
     # Six pages of ten: the paging is what is tested; make bench times hundreds.
     batch = create(service, 60)
@@ -301,7 +303,7 @@ def test_purge_across_many_pages(client, service, pg):
         assert fresh(db.record).status == "UNCLAIMED"
         assert client.http.get(f"/api/v1/database/{db.record.id}").status_code == 200
     assert [fresh(db.record).status for db in claimed] == ["CLAIMED"] * 3
-    assert service.settings.plan(UNCLAIMED).lifetime_s == 259200
+    assert service.settings.plan(TRIAL_PLAN).lifetime_s == 259200
     print(f"purged 60 databases in {elapsed:.2f}s")
 
 
@@ -358,25 +360,26 @@ def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service,
     from chalicelib import jobs
 
     budgets = []
-    monkeypatch.setattr(jobs, "run", lambda svc, budget_s: budgets.append(budget_s))
+    monkeypatch.setattr(jobs, "run", lambda ctx, deadline: budgets.append(deadline.left()))
 
     class Context:
         def get_remaining_time_in_millis(self):
             return 300_000
 
     jobs.run_lambda(service, Context())
-    assert budgets == [pytest.approx(48.0)]  # 0.8 of the 60 s between runs, not of the 300 s left
+    assert budgets == [pytest.approx(48.0, abs=1)]  # 0.8 of the 60 s between runs, not of the 300 s left
 
 
 def test_a_run_that_fails_still_logs_its_summary(service, monkeypatch, caplog):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
     def unavailable(fresh=False):
         raise RuntimeError("metadata store unavailable")
 
     monkeypatch.setattr(service.hosts, "all", unavailable)
     with pytest.raises(RuntimeError):
-        expiry.run_scheduled(service, budget_s=10)
+        expiry.run_scheduled(service, Deadline.after(10))
     (line,) = [json.loads(m) for m in caplog.messages if m.startswith('{"event": "purge"')]
     assert line["error"].startswith("RuntimeError") and "duration_ms" in line
 
@@ -462,11 +465,9 @@ def _superuser(pg):
 
 def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_env, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
-    from chalicelib.databases import Requester
+    from chalicelib import postgres, provisioning, records
     from chalicelib.identifiers import tenant_name
     from chalicelib.models import DatabaseRecord
-    from chalicelib.schemas import CreateDatabase
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
     prefix = service.settings.name_prefix
@@ -475,20 +476,20 @@ def test_one_run_cleans_every_kind_of_leftover_and_touches_nothing_else(instapg_
 
     # 1. A create that crashed after CREATE DATABASE, before the record became UNCLAIMED.
     crashed_host = hostlib.reserve(service.hosts.all(fresh=True))
-    crashed = service._new_record(str(uuid.uuid4()), crashed_host, plan, CreateDatabase(ref="x"), Requester(), "pw")
+    crashed = records.new(service, str(uuid.uuid4()), crashed_host, plan, "pw", ref="x")
     crashed.due_at = int(time.time()) - 1  # the provisioning timeout has passed
     crashed.save()
-    postgres.create_tenant(target, crashed.role_name, crashed.db_name, "a-password-for-the-crash", plan)
+    provisioning.create_tenant(target, crashed.role_name, crashed.db_name, "a-password-for-the-crash", plan)
 
     # 2. An expired record whose database an operator already dropped by hand.
     (by_hand,) = create(service)
     age(by_hand.record)
-    postgres.drop_tenant(target, by_hand.record.role_name, by_hand.record.db_name)
+    provisioning.drop_tenant(target, by_hand.record.role_name, by_hand.record.db_name)
 
     # 3. An orphan with the prefix: a role and database whose record was lost (its slot still taken).
     orphan = tenant_name(prefix)
     hostlib.reserve(service.hosts.all(fresh=True))
-    postgres.create_tenant(target, orphan, orphan, "orphan-password-123", plan)
+    provisioning.create_tenant(target, orphan, orphan, "orphan-password-123", plan)
 
     # 4. Hostile tenants: A grants SELECT to B, sets IS_TEMPLATE, leaves a session and a
     #    prepared transaction behind; both expire.
@@ -566,13 +567,13 @@ def test_a_grantee_expiring_leaves_the_granting_tenant_intact(service, host, pg)
 
 def test_orphans_wait_for_the_grace_period(instapg_env, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
+    from chalicelib import provisioning
     from chalicelib.identifiers import tenant_name
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=2)
     (live,) = create(service)
     orphan = tenant_name(service.settings.name_prefix)
-    postgres.create_tenant(
+    provisioning.create_tenant(
         hostlib.target(host, service.settings),
         orphan,
         orphan,
@@ -607,7 +608,7 @@ def test_failed_record_with_leftovers_is_cleaned_and_releases_its_slot(service, 
     from chalicelib.models import FAILED, DatabaseRecord
 
     (db,) = create(service)
-    # What DatabaseService._fail leaves when the host was down during cleanup.
+    # What tombstones.fail leaves when the host was down during cleanup.
     db.record.update(
         actions=[
             DatabaseRecord.status.set(FAILED),
@@ -657,12 +658,13 @@ def test_reconciliation_never_drops_a_claimed_database(instapg_env, host, pg):
 
 
 def test_a_claim_that_wins_the_race_keeps_its_database(service, host, pg):
+    from chalicelib import tombstones
     # The purge read the record while UNCLAIMED; the claim lands before its conditional write.
     (db,) = create(service)
     age(db.record)
     seen = fresh(db.record)
     claim(db.record)
-    assert service.expire(seen) is False
+    assert tombstones.expire(service, seen) is False
     assert works(url(service, db))
 
 
@@ -689,11 +691,11 @@ def test_purge_settings_are_validated():
 
 def test_drop_removes_a_database_an_interrupted_drop_left_invalid(service, host, pg):
     from chalicelib import hosts as hostlib
-    from chalicelib import postgres
+    from chalicelib import provisioning
 
     (db,) = create(service)
     with _superuser(pg) as su:
         # What PostgreSQL 16+ leaves when DROP DATABASE is interrupted: datconnlimit = -2.
         su.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (db.record.db_name,))
-    postgres.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
+    provisioning.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
     assert catalog(pg, db.record.db_name) == (False, False)

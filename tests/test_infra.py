@@ -161,7 +161,7 @@ def test_unknown_routes_answer_404_json(packaged):
     missing = responses["MISSING_AUTHENTICATION_TOKEN"]
     assert missing["statusCode"] == "404"
     assert missing["responseParameters"]["gatewayresponse.header.Content-Type"] == "'application/json'"
-    from chalicelib.errors import NOT_FOUND_BODY
+    from chalicelib.http import NOT_FOUND_BODY
 
     assert json.loads(missing["responseTemplates"]["application/json"]) == NOT_FOUND_BODY
     # chalice's routes are still all there.

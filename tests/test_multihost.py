@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 
 from tests.conftest import post_json
@@ -93,9 +91,10 @@ def test_every_host_down_is_503_and_leaves_no_slot_taken(client, service, host):
 
 def test_pool_on_a_down_host_falls_over_to_the_other(client, service, second_host):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import FAILED, DatabaseRecord
 
-    pool.refill(service, time.time() + 60, size=2)
+    pool.refill(service, Deadline.after(60), size=2)
     local_1_pool = {r.id for r in pool.pooled("local-1")}
     # local-2 has the most room, so its pool is tried first; but it is down.
     _set_host(service, "local-2", port=free_port(), capacity=5000)
@@ -110,9 +109,10 @@ def test_pool_on_a_down_host_falls_over_to_the_other(client, service, second_hos
 
 def test_refill_walks_every_host_and_a_down_one_does_not_stop_it(service, second_host):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
 
     _set_host(service, "local-1", port=free_port())
-    summary = pool.refill(service, time.time() + 60, size=2)
+    summary = pool.refill(service, Deadline.after(60), size=2)
     assert summary.hosts_unavailable == ["local-1"]
     assert summary.added == 2
     assert len(pool.pooled("local-2")) == 2
@@ -121,12 +121,13 @@ def test_refill_walks_every_host_and_a_down_one_does_not_stop_it(service, second
 
 def test_draining_host_gives_its_pool_back(service, second_host, pg2):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import HOST_DRAINING
 
-    pool.refill(service, time.time() + 60, size=2)
+    pool.refill(service, Deadline.after(60), size=2)
     names = [r.role_name for r in pool.pooled("local-2")]
     _set_host(service, "local-2", status=HOST_DRAINING)
-    summary = pool.refill(service, time.time() + 60, size=2)
+    summary = pool.refill(service, Deadline.after(60), size=2)
     assert summary.discarded == 2
     assert pool.pooled("local-2") == []
     assert _allocated("local-2") == 0
@@ -167,11 +168,12 @@ def test_a_host_marked_down_is_still_tried_when_no_other_can_answer(client, serv
 
 def test_draining_a_down_host_leaves_its_pool_to_the_purge(service, second_host):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import HOST_DRAINING, DatabaseRecord
 
-    pool.refill(service, time.time() + 60, size=1)
+    pool.refill(service, Deadline.after(60), size=1)
     _set_host(service, "local-2", status=HOST_DRAINING, port=free_port())
-    summary = pool.refill(service, time.time() + 60, size=1)
+    summary = pool.refill(service, Deadline.after(60), size=1)
     assert summary.hosts_unavailable == ["local-2"]
     records = [r for r in DatabaseRecord.scan() if r.host_id == "local-2"]
     # Not lost: a FAILED record with the drop pending, and the slot kept until the purge drops it.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import time
 import uuid
 from collections.abc import Callable
 
@@ -185,14 +184,15 @@ def step_account_keys(client, state):
 
 @step()
 def step_lock_and_unlock(client, state):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "1")
-    services.reset()
-    assert quotas.enforce(services.databases(), time.time() + 30)["locked"]
+    context.reset()
+    assert quotas.enforce(context.get(), Deadline.after(30))["locked"]
     state["env"].setenv("INSTAPG_UNCLAIMED_STORAGE_MB", "100")
-    services.reset()
-    assert quotas.enforce(services.databases(), time.time() + 30)["unlocked"]
+    context.reset()
+    assert quotas.enforce(context.get(), Deadline.after(30))["unlocked"]
 
 
 @step("GET /healthz", "GET /api/v1/openapi.yaml")

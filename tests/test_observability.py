@@ -40,6 +40,7 @@ def test_emf_line_is_what_cloudwatch_extracts():
 
 def test_creates_claims_drops_and_host_metrics_are_emitted(client, instapg_env, host, pg, capsys):
     from chalicelib import jobs
+    from chalicelib.clock import Deadline
     from tests.conftest import post_json
 
     instapg_env.setenv("AWS_LAMBDA_FUNCTION_NAME", "instapg-prod")  # EMF goes to stdout only in Lambda
@@ -59,7 +60,7 @@ def test_creates_claims_drops_and_host_metrics_are_emitted(client, instapg_env, 
     assert claimed.status_code == 200, claimed.body
     assert [m.get("Claims") for m in _emf(capsys.readouterr().out)] == [1]
 
-    jobs.run(service, budget_s=30)
+    jobs.run(service, Deadline.after(30))
     lines = _emf(capsys.readouterr().out)
     per_host = [m for m in lines if m.get("Host") == host.id]
     assert per_host and per_host[0]["HostFillPercent"] > 0
@@ -124,6 +125,7 @@ def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, hos
     import psycopg
 
     from chalicelib import jobs
+    from chalicelib.clock import Deadline
 
     open_query = (
         "SELECT count(*) FROM pg_database WHERE datname = 'postgres' AND (datacl IS NULL OR EXISTS "
@@ -142,13 +144,13 @@ def test_the_scheduled_job_hardens_a_host_registered_without_checks(service, hos
         conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(pg.admin_user)))
         conn.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
         assert conn.execute(open_query).fetchone() == (1,)
-    jobs._hardened.clear()
+    service.hardened.clear()
     try:
-        jobs.run(service, budget_s=30)
+        jobs.run(service, Deadline.after(30))
         with psycopg.connect(pg.superuser_dsn) as conn:
             assert conn.execute(open_query).fetchone() == (0,)
-        assert host.id in jobs._hardened
-        assert jobs.harden_hosts(service, deadline=float("inf")) == []  # once per process
+        assert host.id in service.hardened
+        assert jobs.harden_hosts(service, Deadline(float("inf"))) == []  # once per process
     finally:
         with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(sql.Identifier(owner)))

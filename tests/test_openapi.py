@@ -115,12 +115,12 @@ def test_schemathesis_finds_no_server_error_and_no_contract_failure(host, instap
     import subprocess
     import sys
 
-    from chalicelib import services
+    from chalicelib import context
     from tests import localhttp
 
     for name, value in GENEROUS.items():
         instapg_env.setenv(name, value)
-    services.reset()
+    context.reset()
     with localhttp.serving() as port:
         signup = localhttp.request(port, "POST", "/api/v1/accounts", json.dumps({"email": "st@example.com"}))
         key = signup.json["api_key"]
@@ -165,12 +165,12 @@ bodies = st.one_of(
 
 
 def test_arbitrary_bodies_never_500_and_never_leave_a_database_without_a_record(client, instapg_env, pg):
-    from chalicelib import services
+    from chalicelib import context
     from chalicelib.models import DatabaseRecord
 
     for name, value in GENEROUS.items():
         instapg_env.setenv(name, value)
-    services.reset()
+    context.reset()
     statuses: list[int] = []
 
     @given(body=bodies)
@@ -184,7 +184,7 @@ def test_arbitrary_bodies_never_500_and_never_leave_a_database_without_a_record(
 
     post()
     assert 201 in statuses and 400 in statuses  # both paths were exercised
-    prefix = services.databases().settings.name_prefix + "_"
+    prefix = context.get().settings.name_prefix + "_"
     with psycopg.connect(pg.superuser_dsn) as conn:
         on_host = {
             row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,))

@@ -14,8 +14,9 @@ from tests.pgerrors import refused_login
 
 def _refill(service, size: int):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
 
-    return pool.refill(service, time.time() + 120, size=size)
+    return pool.refill(service, Deadline.after(120), size=size)
 
 
 def _pooled(host_id: str = "local-1"):
@@ -66,9 +67,10 @@ def test_create_takes_a_pooled_database(client, service, pg):
 
 
 def test_pooled_password_never_works(client, service, pg):
+    from chalicelib import records
     _refill(service, 1)
     [record] = _pooled()
-    old_password = service.password(record)
+    old_password = records.password(service, record)
     params = {"host": pg.host, "port": pg.port, "user": record.role_name, "dbname": record.db_name}
     # While pooled the role cannot log in at all, even with the right password.
     assert refused_login(**params, password=old_password) == "28000"
@@ -129,7 +131,8 @@ def test_client_chosen_id_never_takes_from_the_pool(client, service):
 
 
 def test_100_concurrent_creates_get_100_distinct_databases(service, host, pg):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
     _refill(service, 100)
@@ -137,7 +140,7 @@ def test_100_concurrent_creates_get_100_distinct_databases(service, host, pg):
     assert len(pooled_roles) == 100
 
     def create(i: int):
-        return service.create(CreateDatabase(ref=f"race-{i}"), Requester())
+        return creation.create(service, CreateDatabase(ref=f"race-{i}"), Requester())
 
     with ThreadPoolExecutor(max_workers=100) as executor:
         results = list(executor.map(create, range(100)))
@@ -183,21 +186,22 @@ def test_pool_size_zero_keeps_no_pool(service, host, size):
 
 
 def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg_env):
-    from chalicelib import expiry, postgres, services
+    from chalicelib import context, expiry, provisioning
     from chalicelib import hosts as hostlib
+    from chalicelib.clock import Deadline
 
     _refill(service, 2)
     pooled_roles = {r.role_name for r in _pooled()}
     # A prefixed tenant no record references: reconciliation must drop it, and only it.
     stray = service.settings.name_prefix + "_stray"
-    postgres.create_tenant(
+    provisioning.create_tenant(
         hostlib.target(host, service.settings), stray, stray, "unused-password", service.settings.plan("unclaimed")
     )
     instapg_env.setenv("INSTAPG_ORPHAN_GRACE_SECONDS", "0")
-    services.reset()
-    fresh = services.databases()
+    context.reset()
+    fresh = context.get()
     for _ in range(2):  # first sighting, then the drop once the (zero) grace has passed
-        summary = expiry.run_scheduled(fresh, budget_s=60)
+        summary = expiry.run_scheduled(fresh, Deadline.after(60))
         assert summary.hosts_reconciled == 1
     with psycopg.connect(pg.superuser_dsn) as conn:
         left = {
@@ -212,11 +216,11 @@ def test_pooled_databases_are_never_purged_as_orphans(service, host, pg, instapg
 
 
 def _pool_size(env, size: int):
-    from chalicelib import services
+    from chalicelib import context
 
     env.setenv("INSTAPG_POOL_SIZE", str(size))
-    services.reset()
-    return services.databases()
+    context.reset()
+    return context.get()
 
 
 def test_creates_that_take_from_the_pool_top_it_up_through_the_stream(client, instapg_env):

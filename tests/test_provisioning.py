@@ -105,12 +105,13 @@ def test_password_is_encrypted_at_rest(client, service):
 
 
 def test_record_keeps_ref_ip_and_user_agent(client, service):
+    from chalicelib import records
     response = client.http.post(
         "/api/v1/database",
         body='{"ref": "tracked"}',
         headers={"Content-Type": "application/json", "User-Agent": "get-db/1.0"},
     )
-    record = service.find(response.json_body["id"])
+    record = records.find(response.json_body["id"])
     assert (record.ref, record.created_ip, record.user_agent) == ("tracked", "127.0.0.1", "get-db/1.0")
 
 
@@ -165,15 +166,16 @@ def test_concurrent_creates_with_one_client_chosen_id_make_one_database(service,
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
-    from chalicelib.databases import Requester
+    from chalicelib import creation
     from chalicelib.errors import Conflict
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
     database_id = str(uuid.uuid4())
 
     def create(_):
         try:
-            return service.create(CreateDatabase(ref="race"), Requester(), database_id=database_id)
+            return creation.create(service, CreateDatabase(ref="race"), Requester(), database_id=database_id)
         except Conflict:
             return None  # the other request is still provisioning it
 

@@ -13,11 +13,11 @@ from tests.pgwire import login_sqlstate
 
 
 def _settings(env, **values) -> None:
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in values.items():
         env.setenv(name, str(value))
-    services.reset()
+    context.reset()
 
 
 def _create(client) -> dict:
@@ -33,9 +33,10 @@ def _record(database_id: str):
 
 
 def _enforce() -> dict:
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
-    return quotas.enforce(services.databases(), deadline=time.time() + 30)
+    return quotas.enforce(context.get(), Deadline.after(30))
 
 
 def _pid_alive(pg, pid: int) -> bool:
@@ -78,30 +79,30 @@ def test_database_over_its_plan_is_locked_and_its_sessions_end(client, instapg_e
 
 
 def test_unlock_if_fits_lifts_the_lock_only_when_the_plan_fits(client, instapg_env):
-    from chalicelib import quotas, services
-    from chalicelib.settings import CLAIMED, Plan
+    from chalicelib import context, quotas
+    from chalicelib.settings import FREE_PLAN, Plan
 
     body = _create(client)
     _settings(instapg_env, INSTAPG_UNCLAIMED_STORAGE_MB=1)
     _enforce()
-    service = services.databases()
+    service = context.get()
     too_small = Plan("tiny", storage_mb=1, connections=5, statement_timeout_s=1, lifetime_s=None,
                      idle_in_transaction_s=1, temp_file_limit_mb=1)  # fmt: skip
     assert quotas.unlock_if_fits(service, _record(body["id"]), too_small) is False
     assert login_sqlstate(body["connection_string"]) == "28000"
-    assert quotas.unlock_if_fits(service, _record(body["id"]), service.settings.plan(CLAIMED)) is True
+    assert quotas.unlock_if_fits(service, _record(body["id"]), service.settings.plan(FREE_PLAN)) is True
     with psycopg.connect(body["connection_string"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert _record(body["id"]).locked_reason is None
 
 
 def test_unlock_if_fits_on_an_unlocked_database_is_a_no_op(client):
-    from chalicelib import quotas, services
-    from chalicelib.settings import CLAIMED
+    from chalicelib import context, quotas
+    from chalicelib.settings import FREE_PLAN
 
     body = _create(client)
-    service = services.databases()
-    assert quotas.unlock_if_fits(service, _record(body["id"]), service.settings.plan(CLAIMED)) is True
+    service = context.get()
+    assert quotas.unlock_if_fits(service, _record(body["id"]), service.settings.plan(FREE_PLAN)) is True
 
 
 def test_a_raised_limit_unlocks_on_the_next_pass(client, instapg_env):
@@ -213,10 +214,11 @@ def test_enforce_reports_an_unreachable_host_and_goes_on(client, host, service):
 
 
 def test_enforce_stops_at_its_deadline(client):
-    from chalicelib import quotas, services
+    from chalicelib import context, quotas
+    from chalicelib.clock import Deadline
 
     _create(client)
-    summary = quotas.enforce(services.databases(), deadline=time.time() - 1)
+    summary = quotas.enforce(context.get(), Deadline.after(-1))
     assert summary["complete"] is False and summary["hosts"] == 0
 
 
@@ -248,12 +250,12 @@ def test_the_scheduled_job_enforces_quotas(client):
 
 
 def test_apply_plan_gives_an_existing_role_the_claimed_limits(client, service, host, pg):
-    from chalicelib import hosts, postgres
-    from chalicelib.settings import CLAIMED
+    from chalicelib import hosts, provisioning
+    from chalicelib.settings import FREE_PLAN
 
     body = _create(client)
     role = psycopg.conninfo.conninfo_to_dict(body["connection_string"])["user"]
-    postgres.apply_plan(hosts.target(host, service.settings), role, service.settings.plan(CLAIMED))
+    provisioning.apply_plan(hosts.target(host, service.settings), role, service.settings.plan(FREE_PLAN))
     with psycopg.connect(pg.superuser_dsn) as conn:
         config, connlimit = conn.execute(
             "SELECT s.setconfig, r.rolconnlimit FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "

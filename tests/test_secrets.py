@@ -57,13 +57,13 @@ def test_create_still_works_after_the_admin_password_is_rotated(service, pg, sec
             SecretId=arn, SecretString=json.dumps({"username": pg.admin_user, "password": new_password})
         )
         # The cache still holds the old password, which the server now refuses.
-        assert hosts.admin_credentials(f"secretsmanager:{arn}").password == pg.admin_password
+        assert service.credentials.get(f"secretsmanager:{arn}").password == pg.admin_password
 
         response = post_json(client, "/api/v1/database", {"ref": "after"})
         assert response.status_code == 201, response.json_body
         with psycopg.connect(response.json_body["connection_string"]) as conn:
             assert conn.execute("SELECT current_database()").fetchone()[0]
-        assert hosts.admin_credentials(f"secretsmanager:{arn}").password == new_password
+        assert service.credentials.get(f"secretsmanager:{arn}").password == new_password
 
 
 def test_a_wrong_password_in_the_secret_is_a_503_not_a_retry_loop(service, pg, secrets):
@@ -75,7 +75,7 @@ def test_a_wrong_password_in_the_secret_is_a_503_not_a_retry_loop(service, pg, s
     )
     service.hosts.invalidate()
     secrets.put_secret_value(SecretId=arn, SecretString=json.dumps({"username": pg.admin_user, "password": "nope"}))
-    hosts._credentials.pop(f"secretsmanager:{arn}")
+    service.credentials.forget(f"secretsmanager:{arn}")
     with _client() as client:
         response = post_json(client, "/api/v1/database", {"ref": "bad-secret"})
     assert response.status_code == 503, response.json_body
@@ -84,30 +84,30 @@ def test_a_wrong_password_in_the_secret_is_a_503_not_a_retry_loop(service, pg, s
 
 
 def _use_keyring_secret(instapg_env, secrets, spec: str) -> str:
-    from chalicelib import models, services
+    from chalicelib import context, models
 
     arn = secrets.create_secret(Name="instapg-test/keyring", SecretString=spec)["ARN"]
     instapg_env.delenv("INSTAPG_KEYRING")
     instapg_env.setenv("INSTAPG_KEYRING_SECRET_ARN", arn)
-    services.reset()
-    models.configure(services.databases().settings)
+    context.reset()
+    models.configure(context.get().settings)
     return arn
 
 
 def test_rotating_the_primary_key_keeps_existing_databases_readable(instapg_env, host, secrets):
-    from chalicelib import services
+    from chalicelib import context
     from chalicelib.models import DatabaseRecord
     from tools.ops import keyringctl
 
     arn = _use_keyring_secret(instapg_env, secrets, keyringctl.UNINITIALIZED)
     assert keyringctl.rotate(arn, "old", client=secrets) == ["old"]
-    services.reset()
+    context.reset()
     with _client() as client:
         before = post_json(client, "/api/v1/database", {"ref": "before"}).json_body
     assert DatabaseRecord.get(before["id"]).secret_key_id == "old"
 
     assert keyringctl.rotate(arn, "new", client=secrets) == ["new", "old"]
-    services.reset()  # a new Lambda instance
+    context.reset()  # a new Lambda instance
     with _client() as client:
         after = post_json(client, "/api/v1/database", {"ref": "after"}).json_body
         again = client.http.get(f"/api/v1/database/{before['id']}")
@@ -123,30 +123,29 @@ def test_rotating_the_primary_key_keeps_existing_databases_readable(instapg_env,
 
 
 def test_a_warm_instance_reads_the_secret_again_for_a_key_it_has_not_seen(instapg_env, host, secrets):
-    from chalicelib import keyrings
-    from chalicelib.databases import DatabaseService
-    from chalicelib.settings import get_settings
+    from chalicelib import context, records
     from tools.ops import keyringctl
 
     arn = _use_keyring_secret(instapg_env, secrets, keyringctl.rotated("", "old"))
-    settings = get_settings()
-    warm = DatabaseService(settings, keyrings.load(settings))
+    settings = context.settings()
+    warm = context.build(settings)
     assert warm.keyring.primary_id == "old"
 
     keyringctl.rotate(arn, "new", client=secrets)
-    fresh = DatabaseService(settings, keyrings.load(settings))
-    record = fresh.find(_create(fresh))
+    fresh = context.build(settings)
+    record = records.find(_create(fresh))
     assert record.secret_key_id == "new"
     # The warm instance's cached ring has no "new" yet; decrypting reads the secret again.
-    assert warm.password(record) == fresh.password(record)
+    assert records.password(warm, record) == records.password(fresh, record)
     assert warm.keyring.primary_id == "new"
 
 
 def _create(service) -> str:
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import create_database
 
-    return service.create(create_database({"ref": "warm"}), Requester()).record.id
+    return creation.create(service, create_database({"ref": "warm"}), Requester()).record.id
 
 
 def test_the_rotate_tool_refuses_a_secret_that_is_not_a_key_ring(secrets):

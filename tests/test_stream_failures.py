@@ -23,6 +23,7 @@ def test_a_poison_record_is_reported_alone_and_its_database_is_dropped_by_reconc
 ):
     import time
 
+    from chalicelib.clock import Deadline
     from chalicelib.models import DatabaseRecord, HostRecord
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0, INSTAPG_POOL_SIZE=0)
@@ -59,7 +60,7 @@ def test_a_poison_record_is_reported_alone_and_its_database_is_dropped_by_reconc
         fresh(records[i]).update(actions=[DatabaseRecord.due_at.set(int(time.time()) - 1)])  # lease over
     from chalicelib import expiry
 
-    summary = expiry.run_scheduled(service, budget_s=120)
+    summary = expiry.run_scheduled(service, Deadline.after(120))
     assert summary.leftovers_dropped == 2
     assert summary.orphans_dropped == 1  # the poison's database (and its role, same name)
     assert all(catalog(pg, r.db_name) == (False, False) for r in records)

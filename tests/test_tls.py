@@ -72,28 +72,28 @@ def tls(tmp_path_factory, pg):
 
 
 def _register(instapg_env, hostname: str, port: int, rootcert=None):
-    from chalicelib import hosts, services
+    from chalicelib import context, hosts
 
     if rootcert is None:
         instapg_env.delenv("INSTAPG_PG_SSLROOTCERT", raising=False)
     else:
         instapg_env.setenv("INSTAPG_PG_SSLROOTCERT", str(rootcert))
-    services.reset()
-    service = services.databases()
+    context.reset()
+    service = context.get()
     return hosts.register(service.settings, "tls-1", hostname, port, f"env:{ADMIN_ENV}", capacity=10, sslmode="require")
 
 
 def test_verify_full_accepts_the_host_whose_certificate_chains_to_the_bundle(aws, instapg_env, tls):
-    from chalicelib import services
-    from chalicelib.databases import Requester
+    from chalicelib import context, creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
     proxy, ca, _ = tls
     before = proxy.handshakes
     record, _ = _register(instapg_env, "localhost", proxy.port, rootcert=ca)
-    service = services.databases()
+    service = context.get()
     assert service.settings.pg_sslrootcert == str(ca)
-    created = service.create(CreateDatabase(ref="tls"), Requester())
+    created = creation.create(service, CreateDatabase(ref="tls"), Requester())
     assert created.record.host_id == "tls-1"
     assert proxy.handshakes > before  # every admin session went through TLS
     # Tenants get the host's own sslmode: they do not hold the operator's CA bundle.

@@ -25,11 +25,11 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _reset(env, **values):
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in values.items():
         env.setenv(name, value)
-    services.reset()
+    context.reset()
 
 
 def _databases() -> int:
@@ -392,7 +392,7 @@ def test_failed_keys_are_limited_per_ip_before_any_lookup(client, instapg_env):
 
 
 def test_the_claim_form_is_limited_too_without_postgres_work(client, instapg_env, service):
-    from chalicelib import databases
+    from chalicelib import ownership
 
     _reset(instapg_env, INSTAPG_AUTH_FAILURES_PER_HOUR="2")
     database = _create(client)
@@ -400,7 +400,7 @@ def test_the_claim_form_is_limited_too_without_postgres_work(client, instapg_env
     for _ in range(2):
         assert client.http.post(path, body=urlencode({"api_key": "ipg_" + "C" * 43}), headers=FORM).status_code == 401
     sized = []
-    instapg_env.setattr(databases.DatabaseService, "usage", lambda self, record: sized.append(record))
+    instapg_env.setattr(ownership, "usage", lambda ctx, record: sized.append(record))
     limited = client.http.post(path, body=urlencode({"api_key": "ipg_" + "D" * 43}), headers=FORM)
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert b"Too many failed authentications" in limited.body
@@ -502,10 +502,10 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict | None
 
 
 def test_over_http_on_the_local_server(live_server, instapg_env, capfd, pg):  # noqa: F811 (the fixture)
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_AUTH_FAILURES_PER_HOUR", "2")
-    services.reset()
+    context.reset()
     base = live_server
     create = f"{base}/api/v1/database"
     # 1. curl's default form content type, no Origin: served; a cross-site browser post: 403.

@@ -33,10 +33,10 @@ class StoppablePg:
         return json.dumps({"username": self.admin_user, "password": self.admin_password})
 
     def stop(self) -> None:
-        from chalicelib import postgres
+        from chalicelib import context
 
         self.server.stop(mode="immediate")
-        postgres.close_sessions()
+        context.close_sessions()
 
     def start(self) -> None:
         from tools.dev import pgserver
@@ -129,7 +129,7 @@ def moto_http(instapg_env):
     """moto's DynamoDB over HTTP on 127.0.0.1, tables created: shared with child processes."""
     from moto.server import ThreadedMotoServer
 
-    from chalicelib import models, services
+    from chalicelib import context, models
     from tools.dev import motoatomic, pgserver
 
     motoatomic.install()
@@ -137,11 +137,11 @@ def moto_http(instapg_env):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     instapg_env.setenv("INSTAPG_DYNAMODB_ENDPOINT", f"http://127.0.0.1:{port}")
-    services.reset()
-    models.configure(services.databases().settings)
+    context.reset()
+    models.configure(context.get().settings)
     models.create_tables()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
-        services.reset()
+        context.reset()

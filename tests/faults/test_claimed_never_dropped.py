@@ -22,27 +22,29 @@ ACCOUNT = "acct-owner"
 
 
 def reconfigure(instapg_env, **env):
-    from chalicelib import services
+    from chalicelib import context
 
     for name, value in env.items():
         instapg_env.setenv(name, str(value))
-    services.reset()
-    return services.databases()
+    context.reset()
+    return context.get()
 
 
 def create(service):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return service.create(CreateDatabase(ref="faults"), Requester())
+    return creation.create(service, CreateDatabase(ref="faults"), Requester())
 
 
 def claimed(service):
     """A database claimed through the service (the marker written as a claim writes it)."""
-    from chalicelib.databases import Requester
+    from chalicelib import ownership
+    from chalicelib.records import Requester
 
     db = create(service)
-    service.claim(db.record.id, ACCOUNT, Requester())
+    ownership.claim(service, db.record.id, ACCOUNT, Requester())
     return db
 
 
@@ -90,8 +92,9 @@ def restore_as_unclaimed(record) -> None:
 
 def purge(service):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
-    return expiry.run_scheduled(service, budget_s=60)
+    return expiry.run_scheduled(service, Deadline.after(60))
 
 
 def events(caplog, name: str) -> list[dict]:
@@ -131,10 +134,11 @@ def test_a_claim_marks_the_role_and_no_tenant_can_remove_or_forge_the_marker(ser
 
 
 def test_the_owners_delete_still_drops_a_claimed_database(client, service, host, pg):
-    from chalicelib.databases import Requester
+    from chalicelib import ownership
+    from chalicelib.records import Requester
 
     db = claimed(service)
-    service.delete(db.record.id, ACCOUNT, Requester())
+    ownership.delete(service, db.record.id, ACCOUNT, Requester())
     assert not exists(pg, db.record.db_name)
 
 
@@ -142,7 +146,7 @@ def test_the_owners_delete_still_drops_a_claimed_database(client, service, host,
 
 
 def test_stream_remove_of_a_record_restored_as_unclaimed_keeps_the_claimed_database(service, host, pg, caplog):
-    from chalicelib import expiry
+    from chalicelib import stream
 
     db = claimed(service)
     record = fresh(db.record)
@@ -153,7 +157,7 @@ def test_stream_remove_of_a_record_restored_as_unclaimed_keeps_the_claimed_datab
     event["userIdentity"] = TTL_IDENTITY
 
     with caplog.at_level(logging.INFO):
-        summary = expiry.handle_stream(service, [event])
+        summary = stream.handle_stream(service, [event])
 
     assert summary.claimed_kept == 1 and summary.dropped == 0
     assert lives(pg, db)
@@ -217,18 +221,20 @@ def test_unclaimed_orphans_wait_out_the_grace_before_they_are_dropped(instapg_en
 
 def test_the_quota_job_never_drops_a_claimed_database(instapg_env, host, pg):
     from chalicelib import jobs
+    from chalicelib.clock import Deadline
 
     # Every database is over this limit; the record restored as UNCLAIMED puts it under it.
     service = reconfigure(instapg_env, INSTAPG_UNCLAIMED_STORAGE_MB=0)
     db = claimed(service)
     restore_as_unclaimed(fresh(db.record))
-    result = jobs.run(service, budget_s=60)  # purge, quotas, pool: the whole scheduled job
+    result = jobs.run(service, Deadline.after(60))  # purge, quotas, pool: the whole scheduled job
     assert result["purge"]["claimed_kept"] == 1
     assert exists(pg, db.record.db_name)
 
 
 def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, host, pg, caplog):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import POOLED, DatabaseRecord
     from tools.ops import hostctl as hosts_tool
 
@@ -244,7 +250,7 @@ def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, h
     )
     assert hosts_tool.main(["drain", "--id", host.id]) == 0
     with caplog.at_level(logging.INFO):
-        pool.refill(service, deadline=time.time() + 60)  # a draining host's pool is emptied
+        pool.refill(service, Deadline.after(60))  # a draining host's pool is emptied
     assert lives(pg, db)
     assert events(caplog, "claimed_database_kept")[0]["path"] == "pool"
     assert fresh(db.record).due_bucket is None
@@ -254,14 +260,14 @@ def test_drain_never_drops_a_claimed_database_its_record_calls_pooled(service, h
 
 
 def test_a_live_record_whose_database_is_missing_is_reported_and_left(instapg_env, host, pg, caplog):
-    from chalicelib import postgres
+    from chalicelib import context
 
     service = reconfigure(instapg_env, INSTAPG_ORPHAN_GRACE_SECONDS=0)
     db = claimed(service)
     with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:  # Postgres restored from before the create
         conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(db.record.db_name)))
         conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(db.record.role_name)))
-    postgres.close_sessions()
+    context.close_sessions()
     with caplog.at_level(logging.INFO):
         summary = purge(service)
     assert summary.records_without_database == 1

@@ -14,11 +14,12 @@ import psycopg
 
 
 def _claim_all(service, database_id: str, accounts: list[str]) -> list[object]:
-    from chalicelib.databases import Requester
+    from chalicelib import ownership
+    from chalicelib.records import Requester
 
     def one(account: str):
         try:
-            return service.claim(database_id, account, Requester())
+            return ownership.claim(service, database_id, account, Requester())
         except Exception as exc:  # the outcome under test, whatever it is
             return exc
 
@@ -27,10 +28,11 @@ def _claim_all(service, database_id: str, accounts: list[str]) -> list[object]:
 
 
 def test_twenty_concurrent_retries_of_one_claim_all_succeed(service, host, pg):
-    from chalicelib.databases import Provisioned, Requester
+    from chalicelib import creation
+    from chalicelib.records import Provisioned, Requester
     from chalicelib.schemas import CreateDatabase
 
-    db = service.create(CreateDatabase(ref="race"), Requester())
+    db = creation.create(service, CreateDatabase(ref="race"), Requester())
     started = time.monotonic()
     results = _claim_all(service, db.record.id, ["acct-a"] * 20)
     ok = sum(1 for r in results if isinstance(r, Provisioned))
@@ -45,11 +47,12 @@ def test_twenty_concurrent_retries_of_one_claim_all_succeed(service, host, pg):
 
 
 def test_concurrent_claims_by_two_accounts_give_one_winner_and_409s(service, host, pg):
-    from chalicelib.databases import Provisioned, Requester
-    from chalicelib.errors import ApiError, Conflict
+    from chalicelib import creation, http
+    from chalicelib.errors import Conflict, DomainError
+    from chalicelib.records import Provisioned, Requester
     from chalicelib.schemas import CreateDatabase
 
-    db = service.create(CreateDatabase(ref="race"), Requester())
+    db = creation.create(service, CreateDatabase(ref="race"), Requester())
     results = _claim_all(service, db.record.id, ["acct-a", "acct-b"] * 10)
 
     won = {r.record.owner_id for r in results if isinstance(r, Provisioned)}
@@ -60,4 +63,4 @@ def test_concurrent_claims_by_two_accounts_give_one_winner_and_409s(service, hos
             assert isinstance(result, Provisioned), repr(result)
         else:
             assert isinstance(result, Conflict), repr(result)
-    assert not [r for r in results if isinstance(r, ApiError) and r.status >= 500]
+    assert not [r for r in results if isinstance(r, DomainError) and http.status(r) >= 500]

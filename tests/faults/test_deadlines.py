@@ -40,10 +40,10 @@ def test_a_hanging_dynamodb_gets_503_with_retry_after_within_the_deadline(instap
     from chalice.test import Client
 
     from app import app
-    from chalicelib import services
+    from chalicelib import context
 
     instapg_env.setenv("INSTAPG_DYNAMODB_ENDPOINT", hanging_endpoint.url)
-    services.reset()
+    context.reset()
     with Client(app) as client:
         for label, call in (
             ("hanging DynamoDB, GET database", lambda: client.http.get(f"/api/v1/database/{uuid.uuid4()}")),

@@ -15,10 +15,11 @@ import psycopg
 
 
 def _create(service):
-    from chalicelib.databases import Requester
+    from chalicelib import creation
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    return service.create(CreateDatabase(ref="leases"), Requester())
+    return creation.create(service, CreateDatabase(ref="leases"), Requester())
 
 
 def _expire(record) -> None:
@@ -49,12 +50,13 @@ def test_backoff_starts_in_seconds_and_is_capped_at_minutes():
 
 def test_a_drop_that_failed_while_postgres_was_stopped_goes_soon_after_it_returns(service, flaky_host, stoppable_pg):
     from chalicelib import expiry
+    from chalicelib.clock import Deadline
 
     db = _create(service)
     _expire(db.record)
     stoppable_pg.stop()
 
-    down = expiry.run_scheduled(service, budget_s=30)
+    down = expiry.run_scheduled(service, Deadline.after(30))
     assert down.failed == 1 and down.hosts_unavailable == ["flaky-1"]
     record = _fresh(db.record)
     assert record.status == "EXPIRED" and record.drop_attempts == 1
@@ -64,7 +66,7 @@ def test_a_drop_that_failed_while_postgres_was_stopped_goes_soon_after_it_return
     back = time.monotonic()
     while _fresh(db.record).due_bucket is not None:  # what the scheduled job does, run by hand
         assert time.monotonic() - back < 180, "leftovers must be gone within 3 minutes"
-        expiry.run_scheduled(service, budget_s=30)
+        expiry.run_scheduled(service, Deadline.after(30))
         time.sleep(0.5)
     recovered = time.monotonic() - back
     print(f"figure: leftover dropped {recovered:.1f} s after Postgres returned (first backoff 5 s)")
@@ -73,30 +75,33 @@ def test_a_drop_that_failed_while_postgres_was_stopped_goes_soon_after_it_return
 
 def test_a_refill_that_fails_gives_its_lease_back(service, flaky_host, stoppable_pg):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import HostRecord
 
     stoppable_pg.stop()
-    summary = pool.refill(service, deadline=time.time() + 20, size=2)
+    summary = pool.refill(service, Deadline.after(20), size=2)
     assert summary.failed == 1
     assert HostRecord.get("flaky-1", consistent_read=True).refill_until is None  # released at once
 
 
 def test_a_refill_lease_whose_holder_is_gone_ends_within_seconds(service, flaky_host, monkeypatch):
     from chalicelib import pool
+    from chalicelib.clock import Deadline
     from chalicelib.models import HostRecord
 
     monkeypatch.setattr(pool, "LEASE_S", 2)  # 30 s in production; short here so the test waits 2 s, not 30
     assert pool._Lease("flaky-1").take()  # its holder dies without giving it back
     held_until = HostRecord.get("flaky-1", consistent_read=True).refill_until
     assert held_until - time.time() <= pool.LEASE_S
-    assert pool.refill(service, deadline=time.time() + 20, size=1).hosts_busy == ["flaky-1"]
+    assert pool.refill(service, Deadline.after(20), size=1).hosts_busy == ["flaky-1"]
     time.sleep(max(0.0, held_until - time.time()) + 0.2)
-    after = pool.refill(service, deadline=time.time() + 20, size=1)
+    after = pool.refill(service, Deadline.after(20), size=1)
     assert after.hosts_busy == [] and after.added == 1
 
 
 def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(service, flaky_host, stoppable_pg):
-    from chalicelib import expiry
+    from chalicelib import expiry, stream
+    from chalicelib.clock import Deadline
     from tests.streams import TTL_IDENTITY, image, stream_event
 
     db = _create(service)
@@ -108,7 +113,7 @@ def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(servi
     event["userIdentity"] = TTL_IDENTITY
     stoppable_pg.stop()
 
-    assert expiry.handle_stream(service, [event]).failed == 1
+    assert stream.handle_stream(service, [event]).failed == 1
     tombstone = _fresh(db.record)
     assert tombstone.status == "EXPIRED" and tombstone.drop_attempts == 1
     assert 0 < tombstone.due_at - time.time() <= 5
@@ -117,6 +122,6 @@ def test_a_stream_drop_that_failed_is_retried_in_seconds_not_after_a_lease(servi
     back = time.monotonic()
     while _fresh(db.record).due_bucket is not None:
         assert time.monotonic() - back < 180
-        expiry.run_scheduled(service, budget_s=30)
+        expiry.run_scheduled(service, Deadline.after(30))
         time.sleep(0.5)
     assert not _exists(stoppable_pg, db.record.db_name)

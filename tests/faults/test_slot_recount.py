@@ -14,10 +14,11 @@ import psycopg
 from tests.conftest import ADMIN_ENV
 
 CHILD = """
-from chalicelib import services
-from chalicelib.databases import Requester
+from chalicelib import context, creation, ownership, records
+from chalicelib import creation, ownership, records
+from chalicelib.records import Requester
 from chalicelib.schemas import CreateDatabase
-services.databases().create(CreateDatabase(ref="killed"), Requester())
+creation.create(context.get(), CreateDatabase(ref="killed"), Requester())
 print("created", flush=True)
 """
 
@@ -62,25 +63,26 @@ def _kill_at(point: str, timeout_s: float = 120) -> None:
 
 
 def test_a_create_killed_after_reserving_its_slot_is_recounted(moto_http, pg, instapg_env):
-    from chalicelib import expiry, hosts, services
-    from chalicelib.databases import Requester
+    from chalicelib import context, creation, expiry, hosts
+    from chalicelib.clock import Deadline
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
 
-    service = services.databases()
+    service = context.get()
     hosts.register(service.settings, "local-1", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=50, sslmode="disable")
     for _ in range(2):
-        service.create(CreateDatabase(ref="live"), Requester())
+        creation.create(service, CreateDatabase(ref="live"), Requester())
     assert _allocated("local-1") == 2
 
     _kill_at("after_reserve")
 
     assert _allocated("local-1") == 3  # the leak: a slot with no record and no database
-    summary = expiry.run_scheduled(service, budget_s=60)
+    summary = expiry.run_scheduled(service, Deadline.after(60))
     print(f"figure: SIGKILL after reserve: allocated 3 with 2 databases; one run later {_allocated('local-1')}")
     assert summary.slots_corrected == 1
     live = _tenant_databases(pg, service.settings.name_prefix)
     assert live == 2 and _allocated("local-1") == live
-    assert expiry.run_scheduled(service, budget_s=60).slots_corrected == 0  # nothing left to heal
+    assert expiry.run_scheduled(service, Deadline.after(60)).slots_corrected == 0  # nothing left to heal
 
 
 def test_the_recount_backs_off_when_the_count_moves_meanwhile(service, host, pg):

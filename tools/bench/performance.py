@@ -121,10 +121,10 @@ class Bench:
         self.mock = mock_aws()
         self.mock.start()
 
-        from chalicelib import models, services
+        from chalicelib import context, models
 
-        services.reset()
-        self.service = services.databases()
+        context.reset()
+        self.service = context.get()
         models.configure(self.service.settings)
         models.create_tables()
         self.register(1)
@@ -158,9 +158,9 @@ class Bench:
     def stop(self) -> None:
         if self.http is not None:
             self.http.shutdown()
-        from chalicelib import postgres
+        from chalicelib import context
 
-        postgres.close_sessions()
+        context.close_sessions()
         for server in self.servers:
             server.stop(mode="immediate")  # the data is thrown away: no shutdown checkpoint
             shutil.rmtree(server.data_dir, ignore_errors=True)
@@ -169,9 +169,10 @@ class Bench:
 
     def refill(self, size: int) -> None:
         from chalicelib import pool
+        from chalicelib.clock import Deadline
 
         started = time.monotonic()
-        summary = pool.refill(self.service, time.time() + 600, size=size)
+        summary = pool.refill(self.service, Deadline.after(600), size=size)
         _say(f"pool refilled: {summary.added} added in {time.monotonic() - started:.1f}s")
 
     # -- measurements ---------------------------------------------------------------
@@ -207,25 +208,24 @@ class Bench:
                     assert response.status_code == 201, response.body
             return times
 
-        from chalicelib import postgres
+        from chalicelib import creation, postgres, provisioning, records
         from chalicelib.abuse import Guard
-        from chalicelib.databases import DatabaseService
 
         parts: dict[str, list[float]] = {
             name: [] for name in ("ddl", "take_write", "verifier", "alter_role", "audit", "rate", "cap")
         }
         self.refill(0)
-        with _timed(postgres, "create_tenant", parts["ddl"]):
+        with _timed(provisioning, "create_tenant", parts["ddl"]):
             on_demand = run("on demand")
         self.refill(n + 3)
         with Client(app) as client:  # warm-up: opens the kept admin session, fills the candidate cache
             for _ in range(3):
                 client.http.post("/api/v1/database", body=body, headers=headers)
         with (
-            _timed(DatabaseService, "_claim_pooled", parts["take_write"]),
+            _timed(records, "take_pooled", parts["take_write"]),
             _timed(postgres, "scram_verifier", parts["verifier"]),
-            _timed(postgres, "open_tenant", parts["alter_role"]),
-            _timed(DatabaseService, "_note_created", parts["audit"]),
+            _timed(provisioning, "open_tenant", parts["alter_role"]),
+            _timed(creation, "note_created", parts["audit"]),
             _timed(Guard, "check_rate", parts["rate"]),
             _timed(Guard, "open_hosts", parts["cap"]),
         ):
@@ -243,7 +243,7 @@ class Bench:
             _ms(_pct(parts["ddl"], 50)),
             "ms",
             len(parts["ddl"]),
-            "on demand: postgres.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
+            "on demand: provisioning.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
         )
         self.add(
             "part_take_write_p50",
@@ -264,7 +264,7 @@ class Bench:
             _ms(_pct(parts["alter_role"], 50)),
             "ms",
             len(parts["alter_role"]),
-            "pooled: postgres.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
+            "pooled: provisioning.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
         )
         self.add(
             "part_audit_p50",
@@ -382,19 +382,21 @@ class Bench:
         )
 
     def purge(self) -> None:
+        from chalicelib.clock import Deadline
         n = self.args.purge
         try:
             from chalicelib import expiry
         except ImportError:
             self.add("purge_500_expired", None, "s", 0, "not measured: the purge (chalicelib.expiry) is not merged")
             return
-        from chalicelib.databases import Requester
+        from chalicelib import creation
         from chalicelib.models import UNCLAIMED, DatabaseRecord
+        from chalicelib.records import Requester
         from chalicelib.schemas import CreateDatabase
 
         self.refill(0)
         with ThreadPoolExecutor(max_workers=8) as executor:
-            made = list(executor.map(lambda i: self.service.create(CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
+            made = list(executor.map(lambda i: creation.create(self.service, CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
         past = datetime.now(UTC) - timedelta(minutes=5)
         for result in made:
             result.record.update(
@@ -402,7 +404,7 @@ class Bench:
                 condition=DatabaseRecord.status == UNCLAIMED,
             )
         t = time.perf_counter()
-        summary = expiry.run_scheduled(self.service, 600)
+        summary = expiry.run_scheduled(self.service, Deadline.after(600))
         elapsed = time.perf_counter() - t
         dropped = getattr(summary, "expired_dropped", None)
         self.add(

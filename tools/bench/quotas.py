@@ -33,9 +33,9 @@ def main(count: int) -> None:
     os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
     from moto import mock_aws
 
-    from chalicelib import hosts, models, quotas, services
+    from chalicelib import context, creation, hosts, models, quotas
     from chalicelib.crypto import new_key_spec
-    from chalicelib.databases import Requester
+    from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
     from tools.dev import pgserver
 
@@ -45,8 +45,8 @@ def main(count: int) -> None:
     try:
         os.environ["INSTAPG_BENCH_ADMIN"] = server.admin_credentials_json
         with mock_aws():
-            services.reset()
-            service = services.databases()
+            context.reset()
+            service = context.get()
             logging.getLogger("chalicelib").setLevel(logging.WARNING)  # one line per database otherwise
             models.configure(service.settings)
             models.create_tables()
@@ -55,15 +55,16 @@ def main(count: int) -> None:
             )
             started = time.perf_counter()
             for _ in range(count):
-                service.create(CreateDatabase(ref="bench"), Requester(ip="127.0.0.1"))
+                creation.create(service, CreateDatabase(ref="bench"), Requester(ip="127.0.0.1"))
             print(f"created {count} databases in {time.perf_counter() - started:.1f} s")
 
             def timed(label: str) -> None:
-                services.reset()
-                service = services.databases()
+                from chalicelib.clock import Deadline
+                context.reset()
+                service = context.get()
                 logging.getLogger("chalicelib").setLevel(logging.WARNING)
                 started = time.perf_counter()
-                summary = quotas.enforce(service, deadline=time.time() + 600)
+                summary = quotas.enforce(service, Deadline.after(600))
                 elapsed = time.perf_counter() - started
                 brief = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
                 print(f"{label:<28} {elapsed * 1000:7.0f} ms  {json.dumps(brief)}")

@@ -87,10 +87,10 @@ class DevStack:
             else:
                 os.environ[key] = value
 
-        from chalicelib import hosts, models, services
+        from chalicelib import context, hosts, models
 
-        services.reset()
-        settings = services.databases().settings
+        context.reset()
+        settings = context.get().settings
         models.configure(settings)
         models.create_tables()
         _, warnings = hosts.register(
@@ -121,20 +121,22 @@ class DevStack:
         self.background.append(timer)
 
     def _scheduled_loop(self) -> None:
-        from chalicelib import jobs, services
+        from chalicelib import context, jobs
+        from chalicelib.clock import Deadline
 
         while not self.stopping.wait(self.interval):
             try:
-                jobs.run(services.databases(), budget_s=self.interval * 0.8)
+                jobs.run(context.get(), Deadline.after(self.interval * 0.8))
             except Exception as exc:  # keep the timer alive; each part logged its summary
                 _say(f"scheduled run failed: {type(exc).__name__}")
 
     def _refill_pool(self, every_s: float = 5.0, budget_s: float = 20.0) -> None:
-        from chalicelib import pool, services
+        from chalicelib import context, pool
+        from chalicelib.clock import Deadline
 
         while not self.stopping.is_set():
             try:
-                pool.refill(services.databases(), time.time() + budget_s)
+                pool.refill(context.get(), Deadline.after(budget_s))
             except Exception as exc:  # keep the timer alive; the next round retries
                 _say(f"pool refill failed: {type(exc).__name__}")
             self.stopping.wait(every_s)

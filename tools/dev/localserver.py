@@ -28,7 +28,7 @@ from typing import Any
 
 from chalice.local import ChaliceRequestHandler, ForbiddenError, LocalDevServer, LocalGatewayException
 
-from chalicelib.errors import NOT_FOUND_BODY
+from chalicelib.http import NOT_FOUND_BODY
 from chalicelib.identifiers import short_hash
 
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from chalicelib import accounts
-    from chalicelib.errors import ApiError
+    from chalicelib.errors import DomainError
 
     _configure()
     if args.command == "create":
         try:
             new = accounts.create(accounts.parse_email(args.email))
-        except ApiError as exc:
+        except DomainError as exc:
             print(f"error: {exc.error}. {exc.hint}", file=sys.stderr)
             return 2
         print(json.dumps({"account_id": new.account.id, "email": new.account.email, "api_key": new.api_key}))

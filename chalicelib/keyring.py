@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from chalicelib import reliability
 from chalicelib.crypto import KeyRing, KeyRingError, Sealed
 from chalicelib.settings import Settings
 
@@ -24,12 +25,10 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 300.0
 
 
-def read_secret(secret_id: str) -> KeyRing:
+def read_secret(secret_id: str, settings: Settings) -> KeyRing:
     import boto3
 
-    from chalicelib import reliability
-
-    client = boto3.client("secretsmanager", config=reliability.botocore_config())
+    client = boto3.client("secretsmanager", config=reliability.botocore_config(settings))
     raw = client.get_secret_value(SecretId=secret_id)["SecretString"]
     try:
         return KeyRing.parse(raw)
@@ -40,8 +39,9 @@ def read_secret(secret_id: str) -> KeyRing:
 class SecretKeyRing:
     """A KeyRing kept in a Secrets Manager secret; same encrypt/decrypt as KeyRing."""
 
-    def __init__(self, secret_id: str, refresh_interval_s: float = REFRESH_INTERVAL_S) -> None:
+    def __init__(self, secret_id: str, settings: Settings, refresh_interval_s: float = REFRESH_INTERVAL_S) -> None:
         self.secret_id = secret_id
+        self.settings = settings
         self.refresh_interval_s = refresh_interval_s
         self._ring: KeyRing | None = None
         self._loaded = 0.0
@@ -51,7 +51,7 @@ class SecretKeyRing:
         with self._lock:
             stale = time.monotonic() - self._loaded > self.refresh_interval_s
             if self._ring is None or reload or stale:
-                self._ring = read_secret(self.secret_id)
+                self._ring = read_secret(self.secret_id, self.settings)
                 self._loaded = time.monotonic()
             return self._ring
 
@@ -74,5 +74,5 @@ class SecretKeyRing:
 def load(settings: Settings) -> KeyRing | SecretKeyRing:
     """The key ring the settings name: the secret when INSTAPG_KEYRING_SECRET_ARN is set, else INSTAPG_KEYRING."""
     if settings.keyring_secret_arn:
-        return SecretKeyRing(settings.keyring_secret_arn)
+        return SecretKeyRing(settings.keyring_secret_arn, settings)
     return KeyRing.parse(settings.keyring)

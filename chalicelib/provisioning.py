@@ -1,0 +1,337 @@
+"""What the service says to a Postgres host about its tenants: create, plan, lock, open, rotate, drop.
+
+All DDL here works for an admin role that is not a superuser (CREATEROLE,
+CREATEDB; RDS's master user), and every identifier goes through
+`sql.Identifier`. Passwords are sent as SCRAM verifiers (chalicelib.postgres),
+so the plaintext never reaches the server's logs or pg_stat_statements.
+Dropping survives a hostile tenant, and refuses a database marked claimed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from chalicelib.postgres import CLAIMED_MARKER, Target, _first_line, reopen, scram_verifier
+
+if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
+    import psycopg
+
+    from chalicelib.settings import Plan
+
+log = logging.getLogger(__name__)
+
+def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Composed:
+    from psycopg import sql
+
+    # PostgreSQL 16+ gives a CREATEROLE creator only ADMIN on the new role;
+    # creating a database owned by it and dropping what it owns need SET and
+    # INHERIT as well. Older servers have no WITH options on GRANT.
+    stmt = sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role))
+    if conn.info.server_version >= 160000:
+        stmt = stmt + sql.SQL(" WITH INHERIT TRUE, SET TRUE")
+    return stmt
+
+
+def create_tenant(
+    target: Target,
+    role: str,
+    dbname: str,
+    password: str,
+    plan: Plan,
+    login: bool = True,
+    verifier: str | None = None,
+) -> None:
+    """Create the role and database of one tenant, hardened.
+
+    `login=False` makes a warm-pool tenant: ready, but nobody can log in until
+    `open_tenant` gives it LOGIN and a fresh password. `verifier` is
+    `scram_verifier(password)` when the caller has computed it already.
+    """
+    from psycopg import sql
+
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE ROLE {} {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "NOBYPASSRLS NOINHERIT CONNECTION LIMIT {} PASSWORD {}"
+            ).format(
+                role_id,
+                sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(plan.connections),
+                sql.Literal(verifier or scram_verifier(password)),
+            )
+        )
+        conn.execute(_membership_grant(conn, role))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
+        _apply_role_defaults(conn, role, plan)
+
+
+def _apply_role_defaults(conn: psycopg.Connection, role: str, plan: Plan) -> None:
+    import psycopg
+    from psycopg import sql
+
+    role_id = sql.Identifier(role)
+    # Defaults only: the tenant can override them. The scheduled job enforces
+    # (chalicelib.quotas ends backends past the plan's limits).
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(role_id, sql.Literal(f"{plan.statement_timeout_s}s"))
+    )
+    conn.execute(
+        sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = {}").format(
+            role_id, sql.Literal(f"{plan.idle_in_transaction_s}s")
+        )
+    )
+    # temp_file_limit is superuser-only (PGC_SUSET): a tenant cannot lift it,
+    # and a non-superuser admin may set it only with SET privilege on the
+    # parameter (PostgreSQL 15+ GRANT SET ON PARAMETER). Without it, skip.
+    try:
+        # A savepoint when inside a transaction (apply_plan), so a refusal aborts only this.
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET temp_file_limit = {}").format(
+                    role_id, sql.Literal(f"{plan.temp_file_limit_mb}MB")
+                )
+            )
+    except psycopg.errors.InsufficientPrivilege:
+        log.info("temp_file_limit not set for %s: the admin may not set it (needs GRANT SET ON PARAMETER)", role)
+
+
+# The claimed marker (postgres.CLAIMED_MARKER): a comment on the tenant's role,
+# written in the same transaction that gives it the claimed plan. A role may
+# not comment on itself (COMMENT ON ROLE needs CREATEROLE), so a tenant can
+# neither forge nor remove it, while the database's own comment and settings
+# are the tenant's (it owns the database). Anyone can read it
+# (pg_shdescription): it says nothing personal.
+class ClaimedTenant(Exception):
+    """An automatic drop refused: Postgres marks the tenant claimed (message is safe to log)."""
+
+
+def _lock_role(conn: psycopg.Connection, role: str) -> None:
+    """Serialize the service's changes to one role, until the transaction ends.
+
+    Two ALTER ROLE on one role at once fail with 'tuple concurrently updated'
+    (a claim retried in parallel); a drop must not pass the marker check while
+    a claim writes the marker.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('instapg-role:' || %s))", (role,))
+
+
+def _is_marked_claimed(conn: psycopg.Connection, role: str) -> bool:
+    row = conn.execute(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", (role,)
+    ).fetchone()
+    return row is not None and row[0] == CLAIMED_MARKER
+
+
+def apply_plan(target: Target, role: str, plan: Plan, claimed: bool = False) -> None:
+    """Give an existing tenant role the limits of `plan` (e.g. after a claim).
+
+    `claimed`: also write the claimed marker, in the same transaction as the
+    new limits. Safe to run many times at once for one role.
+    """
+    from psycopg import sql
+
+    role_id = sql.Identifier(role)
+    with target.connect() as conn, conn.transaction():
+        _lock_role(conn, role)
+        conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(role_id, sql.Literal(plan.connections)))
+        if claimed:
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role_id, sql.Literal(CLAIMED_MARKER)))
+        _apply_role_defaults(conn, role, plan)
+
+
+def mark_claimed(target: Target, roles: Iterable[str]) -> None:
+    """Write the claimed marker on roles claimed before markers existed (reconciliation backfills)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        for role in roles:
+            with conn.transaction():
+                _lock_role(conn, role)
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    conn.execute(
+                        sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(CLAIMED_MARKER))
+                    )
+
+
+def lock_role(target: Target, role: str) -> int:
+    """Lock a tenant out: NOLOGIN (only a CREATEROLE role may undo it), then end its sessions."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        return _terminate_role(conn, role)
+
+
+def unlock_role(target: Target, role: str) -> None:
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+
+
+def set_password(target: Target, role: str, password: str) -> None:
+    """Give the role a new password and end its sessions (they used the old one)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(scram_verifier(password)))
+        )
+        _terminate_role(conn, role)
+
+
+def open_tenant(target: Target, role: str, verifier: str, meanwhile: Callable[[], object] | None = None) -> None:
+    """Hand out a pooled tenant: LOGIN with a new password in one statement.
+
+    `verifier` is `scram_verifier(password)` of the fresh password. The pooled
+    role was NOLOGIN, so no session of it can exist, and its earlier password
+    is replaced before it can ever log in.
+
+    The server checks a new verifier against the empty password, a full SCRAM
+    computation (a few ms). `meanwhile` runs after the statement is sent and
+    before its answer is read (pipeline mode), so the caller's own work
+    overlaps that wait, in this thread. It runs once, even if the statement
+    is sent twice.
+    """
+    import psycopg
+    from psycopg import sql
+
+    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
+    pending = [meanwhile] if meanwhile else []
+
+    def run(conn: psycopg.Connection) -> None:
+        with conn.pipeline():
+            conn.execute(statement)
+            while pending:
+                pending.pop()()
+
+    try:
+        with target.session() as conn:
+            run(conn)
+    except psycopg.OperationalError:
+        # A kept-open connection the server closed meanwhile (restart, idle
+        # timeout): once more on a new one. The statement is idempotent.
+        with target.session() as conn:
+            run(conn)
+
+
+def _terminate_role(conn: psycopg.Connection, role: str) -> int:
+    cur = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+        (role,),
+    )
+    return cur.fetchone()[0]
+
+
+def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = True) -> bool:
+    """Drop a tenant's database and role, whatever the tenant did to them.
+
+    Idempotent: dropping what is already gone succeeds. Returns whether
+    anything existed. The order matters: lock the role out first so no new
+    session appears, then clear what would block DROP DATABASE (template
+    flag, sessions, prepared transactions), then the role's privileges in
+    every database that records them, then the role.
+
+    `keep_claimed` (every automatic path): raise ClaimedTenant, touching
+    nothing, when the role carries the claimed marker, whatever DynamoDB
+    says. Only the owner's delete passes False.
+    """
+    from psycopg import sql
+
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    with target.connect() as conn:
+        with conn.transaction():
+            _lock_role(conn, role)  # no claim writes its marker between the check and the lockout
+            role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+            if role_exists and keep_claimed and _is_marked_claimed(conn, role):
+                raise ClaimedTenant(f"role {role} is marked claimed on {target.host}:{target.port}: not dropped")
+            if role_exists:
+                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
+        if role_exists:
+            _terminate_role(conn, role)
+        # Read after the lockout, so the tenant cannot set the flag behind us.
+        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        db_exists = row is not None
+        if db_exists and row[0]:
+            # Only when set: ALTER fails on a database an interrupted (or
+            # concurrent) DROP DATABASE left invalid, which DROP still removes.
+            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
+        prepared = conn.execute(
+            "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
+            (role, dbname),
+        ).fetchall()
+        for gid, database, owner in prepared:
+            reopen(conn, database)
+            with target.connect(database) as other:
+                # Only the preparing role (or a superuser) may roll it back.
+                other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
+                other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+        if db_exists:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
+        if not role_exists:
+            return db_exists
+        # Privileges other tenants granted to this role live in their
+        # databases' catalogs; DROP OWNED must run in each of them. dbid 0
+        # means shared objects, handled from the admin database.
+        where = conn.execute(
+            "SELECT DISTINCT coalesce(d.datname, current_database()) FROM pg_shdepend s "
+            "LEFT JOIN pg_database d ON d.oid = s.dbid "
+            "WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            (role,),
+        ).fetchall()
+        for (database,) in where:
+            if database == conn.info.dbname:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+            else:
+                reopen(conn, database)
+                with target.connect(database) as other:
+                    other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
+    return True
+
+
+def harden_host(target: Target) -> list[str]:
+    """Once per host: strangers may not connect to the maintenance databases.
+
+    Returns warnings for what the admin was not allowed to do (on RDS the
+    master user owns neither database, so an operator runs it as owner).
+    """
+    import psycopg
+    from psycopg import sql
+
+    warnings: list[str] = []
+    # A non-owner's REVOKE only warns (or fails), so look at what PUBLIC holds.
+    open_query = (
+        "SELECT datname FROM pg_database WHERE datname IN ('postgres', 'template1') AND "
+        "(datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(datacl) a "
+        "WHERE a.grantee = 0 AND a.privilege_type IN ('CONNECT', 'TEMPORARY')))"
+    )
+    with target.connect() as conn:
+        for (dbname,) in conn.execute(open_query).fetchall():
+            try:
+                conn.execute(
+                    sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname))
+                )
+            except psycopg.Error as exc:
+                warnings.append(f"REVOKE on {dbname}: {_first_line(exc)}")
+        still_open = conn.execute(open_query).fetchall()
+        warnings += [f"PUBLIC can still connect to {name}: run the REVOKE as its owner" for (name,) in still_open]
+    return warnings
+
+
+def check_admin(target: Target) -> None:
+    """Refuse a host whose admin cannot create tenants (ValueError says why)."""
+    with target.connect() as conn:
+        row = conn.execute(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        version = conn.info.server_version
+    if version < 130000:
+        raise ValueError("PostgreSQL 13 or newer is required (DROP DATABASE ... WITH (FORCE))")
+    if not row or not (row[0] or (row[1] and row[2])):
+        raise ValueError(f"admin role {target.user!r} needs CREATEROLE and CREATEDB")

@@ -1,0 +1,370 @@
+"""A database's record: reading it, and its live status changes, each a conditional write.
+
+    create: PROVISIONING --DDL ok--> UNCLAIMED
+                         --DDL fails--> FAILED (leftovers dropped, or left due for the purge)
+    pool:   PROVISIONING --> POOLED --take--> UNCLAIMED
+    claim:  UNCLAIMED --(expiry removed)--> CLAIMING --(role limits raised)--> CLAIMED
+    delete: UNCLAIMED/CLAIMING/CLAIMED --> DELETING --(dropped)--> DELETED (tombstone)
+    expiry: UNCLAIMED past expiry --> EXPIRED (tombstone, drop pending)
+
+The record is written before any DDL, so a crash between the two leaves a
+trace the scheduled purge finds through the `by_due` index. Every ending
+(EXPIRED, DELETED, FAILED) is written by chalicelib.tombstones, through one
+path. Nothing here talks to Postgres.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from pynamodb.exceptions import PutError, UpdateError
+
+from chalicelib import clock
+from chalicelib.crypto import Sealed
+from chalicelib.errors import Conflict, Gone, NotFound
+from chalicelib.identifiers import tenant_name
+from chalicelib.models import (
+    CLAIMED,
+    CLAIMING,
+    DELETED,
+    DELETING,
+    EXPIRED,
+    FAILED,
+    POOLED,
+    PROVISIONING,
+    UNCLAIMED,
+    DatabaseRecord,
+    HostRecord,
+)
+from chalicelib.postgres import HostUnavailable
+from chalicelib.settings import Plan
+
+if TYPE_CHECKING:
+    from chalicelib.context import Context
+
+ENDED = (EXPIRED, DELETED, FAILED)
+
+
+@dataclass(frozen=True)
+class Requester:
+    ip: str | None = None
+    user_agent: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """A database and what the caller may see of it."""
+
+    record: DatabaseRecord
+    plan: Plan
+    host: HostRecord | None
+    password: str | None  # None when the caller gets no connection string
+    created: bool
+    creator_token: str | None = None  # only in the answer that created the database
+
+
+def reason(cause: Exception) -> str:
+    """What a failure may say in logs and records: the safe message of HostUnavailable, else the type."""
+    if isinstance(cause, HostUnavailable):
+        return str(cause).splitlines()[0][:200]
+    return type(cause).__name__
+
+
+def is_conditional_failure(exc: PutError | UpdateError) -> bool:
+    return exc.cause_response_code == "ConditionalCheckFailedException"
+
+
+def conditional(record: DatabaseRecord, actions: list, condition) -> bool:
+    """One conditional update; False when the condition did not hold (someone else moved the record)."""
+    try:
+        record.update(actions=actions, condition=condition)
+    except UpdateError as exc:
+        if is_conditional_failure(exc):
+            return False
+        raise
+    return True
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def find(database_id: str) -> DatabaseRecord | None:
+    try:
+        record = DatabaseRecord.get(database_id, consistent_read=True)
+    except DatabaseRecord.DoesNotExist:
+        return None
+    # A pooled database's id has never been handed out: it does not exist yet.
+    return None if record.status == POOLED else record
+
+
+def require(database_id: str) -> DatabaseRecord:
+    record = find(database_id)
+    if record is None:
+        raise NotFound("Database not found", hint="Check the id, or create a new database.")
+    return record
+
+
+def get(ctx: Context, database_id: str) -> Provisioned:
+    """A database as its public GET shows it; tombstones raise Gone."""
+    return visible(ctx, require(database_id), created=False)
+
+
+def visible(ctx: Context, record: DatabaseRecord, created: bool) -> Provisioned:
+    plan = ctx.plan(record.plan)
+    if record.status in ENDED or past_expiry(record):
+        raise gone(record)
+    if record.status == UNCLAIMED:
+        return Provisioned(record, plan, ctx.hosts.get(record.host_id), password(ctx, record), created)
+    # PROVISIONING and CLAIMED carry no connection string on the public API.
+    return Provisioned(record, plan, None, None, created)
+
+
+def existing(ctx: Context, record: DatabaseRecord) -> Provisioned:
+    if record.status == PROVISIONING:
+        raise still_creating()
+    return visible(ctx, record, created=False)
+
+
+def still_creating() -> Conflict:
+    return Conflict("Database is still being created", hint="Retry in a second.", retry_after=1)
+
+
+def past_expiry(record: DatabaseRecord) -> bool:
+    # The purge may not have run yet; to the client it is expired already.
+    return record.status == UNCLAIMED and record.expires_at is not None and record.expires_at <= clock.now()
+
+
+def claimable(record: DatabaseRecord) -> bool:
+    return record.status == UNCLAIMED and not past_expiry(record)
+
+
+def gone(record: DatabaseRecord) -> Gone:
+    """Why a tombstone (or an UNCLAIMED record past its expiry) is gone."""
+    if record.status == UNCLAIMED:
+        return Gone(
+            "Database expired",
+            hint="Unclaimed databases expire; create a new one, and claim it to keep it.",
+            expired_at=clock.iso(record.expires_at),
+        )
+    if record.status == DELETED:
+        return Gone(
+            "Database deleted",
+            hint="Its owner deleted it. Create a new database.",
+            deleted_at=clock.iso(record.ended_at),
+        )
+    if record.status == FAILED:
+        return Gone("Database creation failed", hint="Create a new database (with another id).")
+    return Gone(
+        "Database expired",
+        hint="Unclaimed databases expire; create a new one, and claim it to keep it.",
+        expired_at=clock.iso(record.ended_at or record.expires_at),
+    )
+
+
+def password(ctx: Context, record: DatabaseRecord) -> str:
+    return ctx.keyring.decrypt(Sealed(record.secret_key_id, record.secret), context=record.id)
+
+
+# -- creating --------------------------------------------------------------------
+
+
+def new(
+    ctx: Context,
+    database_id: str,
+    host: HostRecord,
+    plan: Plan,
+    password: str,
+    ref: str | None = None,
+    requester: Requester | None = None,
+    logical_replication: bool = False,
+    creator_hash: str | None = None,
+) -> DatabaseRecord:
+    """A PROVISIONING record (not saved yet), due for the purge if its create never finishes."""
+    now = clock.now()
+    requester = requester or Requester()
+    sealed = ctx.keyring.encrypt(password, context=database_id)
+    name = tenant_name(ctx.settings.name_prefix)
+    return DatabaseRecord(
+        id=database_id,
+        status=PROVISIONING,
+        plan=plan.name,
+        host_id=host.id,
+        role_name=name,
+        db_name=name,
+        secret_key_id=sealed.key_id,
+        secret=sealed.blob,
+        logical_replication=logical_replication,
+        ref=ref,
+        created_ip=requester.ip,
+        user_agent=(requester.user_agent or "")[:256] or None,
+        created_at=now,
+        updated_at=now,
+        due_bucket=PROVISIONING,
+        due_at=int(time.time()) + ctx.settings.provisioning_timeout_s,
+        creator_token_hash=creator_hash,
+    )
+
+
+def mark_unclaimed(record: DatabaseRecord, plan: Plan) -> None:
+    now = clock.now()
+    expires = now + timedelta(seconds=plan.lifetime_s)
+    record.update(
+        actions=[
+            DatabaseRecord.status.set(UNCLAIMED),
+            DatabaseRecord.expires_at.set(expires),
+            DatabaseRecord.due_bucket.set(UNCLAIMED),
+            DatabaseRecord.due_at.set(int(expires.timestamp())),
+            DatabaseRecord.updated_at.set(now),
+        ],
+        condition=DatabaseRecord.status == PROVISIONING,
+    )
+
+
+def move(ctx: Context, record: DatabaseRecord, host: HostRecord) -> None:
+    """Point a PROVISIONING record at another host, with fresh names (the old ones may linger there)."""
+    name = tenant_name(ctx.settings.name_prefix)
+    record.update(
+        actions=[
+            DatabaseRecord.host_id.set(host.id),
+            DatabaseRecord.role_name.set(name),
+            DatabaseRecord.db_name.set(name),
+            DatabaseRecord.updated_at.set(clock.now()),
+        ],
+        condition=DatabaseRecord.status == PROVISIONING,
+    )
+
+
+# -- claiming and deleting -----------------------------------------------------------
+
+
+def start_claim(ctx: Context, record: DatabaseRecord, account_id: str) -> bool:
+    """UNCLAIMED -> CLAIMING: expiry removed and out of the purge's bucket in one write; False if it moved."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.status.set(CLAIMING),
+            DatabaseRecord.owner_id.set(account_id),
+            DatabaseRecord.expires_at.remove(),
+            DatabaseRecord.due_bucket.set(CLAIMING),
+            DatabaseRecord.due_at.set(int(now.timestamp()) + ctx.settings.provisioning_timeout_s),
+            DatabaseRecord.updated_at.set(now),
+        ],
+        # The expiry check is in the condition too: the purge may not have run.
+        (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
+    )
+
+
+def end_claim(record: DatabaseRecord, plan: Plan) -> bool:
+    """CLAIMING -> CLAIMED under the claimed plan; False if a concurrent retry finished first."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.status.set(CLAIMED),
+            DatabaseRecord.plan.set(plan.name),
+            DatabaseRecord.claimed_at.set(now),
+            DatabaseRecord.updated_at.set(now),
+            DatabaseRecord.due_bucket.remove(),
+            DatabaseRecord.due_at.remove(),
+        ],
+        (DatabaseRecord.status == CLAIMING) & (DatabaseRecord.owner_id == record.owner_id),
+    )
+
+
+def start_delete(ctx: Context, record: DatabaseRecord, account_id: str | None) -> bool:
+    """UNCLAIMED (the creator's, `account_id` None) or CLAIMING/CLAIMED (the owner's) -> DELETING.
+
+    A sweep finishes a delete whose drop failed (after the in-flight request
+    has had its chance). False if something else moved the record first.
+    """
+    now = clock.now()
+    if account_id is None:
+        condition = (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now)
+    else:
+        condition = DatabaseRecord.status.is_in(CLAIMING, CLAIMED) & (DatabaseRecord.owner_id == account_id)
+    return conditional(
+        record,
+        [
+            DatabaseRecord.status.set(DELETING),
+            DatabaseRecord.updated_at.set(now),
+            DatabaseRecord.due_bucket.set(DELETING),
+            DatabaseRecord.due_at.set(int(now.timestamp()) + ctx.settings.provisioning_timeout_s),
+        ],
+        condition,
+    )
+
+
+def new_secret(ctx: Context, record: DatabaseRecord, password: str) -> bool:
+    """Seal a rotated password into a CLAIMED record; False if a DELETE won the race."""
+    sealed = ctx.keyring.encrypt(password, context=record.id)
+    return conditional(
+        record,
+        [
+            DatabaseRecord.secret_key_id.set(sealed.key_id),
+            DatabaseRecord.secret.set(sealed.blob),
+            DatabaseRecord.updated_at.set(clock.now()),
+        ],
+        (DatabaseRecord.status == CLAIMED) & (DatabaseRecord.owner_id == record.owner_id),
+    )
+
+
+# -- the warm pool ------------------------------------------------------------------
+
+
+def mark_pooled(record: DatabaseRecord, bucket: str) -> None:
+    """PROVISIONING -> POOLED: ready, NOLOGIN, waiting in the host's pool bucket."""
+    now = clock.now()
+    record.update(
+        actions=[
+            DatabaseRecord.status.set(POOLED),
+            DatabaseRecord.due_bucket.set(bucket),
+            DatabaseRecord.due_at.set(int(now.timestamp())),
+            DatabaseRecord.updated_at.set(now),
+        ],
+        condition=DatabaseRecord.status == PROVISIONING,
+    )
+
+
+def take_pooled(
+    ctx: Context,
+    record: DatabaseRecord,
+    plan: Plan,
+    password: str,
+    ref: str | None,
+    requester: Requester,
+    creator_hash: str | None = None,
+) -> bool:
+    """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED; False if taken.
+
+    It goes straight to UNCLAIMED, before the password is set, to keep the
+    take at one write: if the process dies before the role is opened, the
+    record is an UNCLAIMED database whose role cannot log in (NOLOGIN), whose
+    credentials nobody received, and which expires like any other.
+    """
+    now = clock.now()
+    expires = now + timedelta(seconds=plan.lifetime_s)
+    sealed = ctx.keyring.encrypt(password, context=record.id)
+    # A conditional put of the whole item: as atomic as an update, and
+    # the pooled record's other attributes never change while it is POOLED.
+    record.status = UNCLAIMED
+    record.plan = plan.name
+    record.secret_key_id, record.secret = sealed.key_id, sealed.blob
+    record.ref = ref
+    record.created_ip = requester.ip
+    record.user_agent = (requester.user_agent or "")[:256] or None
+    record.created_at = record.updated_at = now
+    record.expires_at = expires
+    record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
+    record.creator_token_hash = creator_hash
+    try:
+        record.save(condition=DatabaseRecord.status == POOLED)
+    except PutError as exc:
+        if is_conditional_failure(exc):
+            return False  # another create took it first (or it is gone)
+        raise
+    return True
