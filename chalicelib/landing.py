@@ -135,7 +135,7 @@ class LandingPages:
                 '<button type="submit" id="create">Create a database</button></form>'
                 '<p class="muted">Or from a terminal: '
                 f"<code>curl -X POST {escape(self.api_base)}/api/v1/database -H 'Content-Type: application/json' "
-                "-d '{\"ref\": \"my-app\"}'</code></p>"
+                '-d \'{"ref": "my-app"}\'</code></p>'
             )
         )
         parts.append(
@@ -205,9 +205,7 @@ class LandingPages:
                 )
             )
             parts.append(
-                _card(
-                    "<h2>Use it</h2>" + "".join(_copyable(eid, label, text) for eid, label, text in snippets(pooled))
-                )
+                _card("<h2>Use it</h2>" + "".join(_copyable(eid, label, text) for eid, label, text in snippets(pooled)))
             )
         if result.creator_token is not None:
             parts.append(

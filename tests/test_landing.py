@@ -61,7 +61,9 @@ def test_create_form_makes_a_database_and_shows_it_once(client, service):
     from chalicelib.identifiers import token_hash
 
     before = _databases()
-    response = client.http.post("/new", body=urlencode({"ref": "landing-test", "idempotency_key": "k1"}), headers=SAME_SITE)
+    response = client.http.post(
+        "/new", body=urlencode({"ref": "landing-test", "idempotency_key": "k1"}), headers=SAME_SITE
+    )
     assert response.status_code == 201
     assert response.headers["Cache-Control"] == "no-store"
     page = html(response)
@@ -84,7 +86,9 @@ def test_create_form_makes_a_database_and_shows_it_once(client, service):
     assert re.search(r'<button type="button" class="copy" data-copy="pooled-url"[^>]* hidden>', page)
 
     # The same form sent again (a double click, a reload): the same database, the token not again.
-    again = client.http.post("/new", body=urlencode({"ref": "landing-test", "idempotency_key": "k1"}), headers=SAME_SITE)
+    again = client.http.post(
+        "/new", body=urlencode({"ref": "landing-test", "idempotency_key": "k1"}), headers=SAME_SITE
+    )
     assert again.status_code == 200
     second = html(again)
     assert f'<code id="database-id">{database_id}</code>' in second
@@ -165,7 +169,7 @@ def test_status_form_leads_to_the_database_page(client):
 
 
 @pytest.mark.parametrize("browser", [True, False], ids=["javascript", "no-javascript"], indirect=True)
-def test_browser_creates_a_database_from_the_landing_page(live_server, browser, service, request, tmp_path):
+def test_browser_creates_a_database_from_the_landing_page(live_server, browser, service, request, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
 
     from chalicelib import records
