@@ -206,3 +206,15 @@ def test_browser_creates_a_database_from_the_landing_page(live_server, browser, 
     browser.find_element(By.ID, "lookup").click()
     assert _wait(browser, "status").text == "UNCLAIMED"
     assert browser.current_url == f"{live_server}/database/{database_id}"
+
+
+def test_the_documents_form_pattern_is_the_api_ref_pattern_or_empty():
+    import yaml
+
+    from chalicelib import schemas
+
+    document = yaml.safe_load((ROOT / "chalicelib" / "openapi.yaml").read_text())
+    form = document["paths"]["/new"]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
+    ref = form["schema"]["properties"]["ref"]
+    assert ref["pattern"] == f"^({schemas.REF_PATTERN[1:-1]})?$"
+    assert ref["maxLength"] == schemas.MAX_REF_LENGTH
