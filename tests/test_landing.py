@@ -6,7 +6,9 @@ Debian's chromium driven by selenium against tools/localserver).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from html import unescape
 from pathlib import Path
 from urllib.parse import urlencode
@@ -195,6 +197,9 @@ def test_browser_creates_a_database_from_the_landing_page(live_server, browser, 
     shot = tmp_path / f"landing-result-{request.node.callspec.id}.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+    if javascript and os.environ.get("INSTAPG_UPDATE_SCREENSHOTS"):  # the README's pictures, on request
+        shutil.copy(tmp_path / "landing-javascript.png", ROOT / "docs" / "landing.png")
+        shutil.copy(shot, ROOT / "docs" / "landing-result.png")
     if javascript:
         # Keyboard: the copy button takes focus and answers Enter.
         copy.send_keys("\n")
