@@ -204,9 +204,6 @@ class LandingPages:
                     + _copyable("direct-url", "Direct (for migrations, pg_dump, LISTEN)", direct)
                 )
             )
-            parts.append(
-                _card("<h2>Use it</h2>" + "".join(_copyable(eid, label, text) for eid, label, text in snippets(pooled)))
-            )
         if result.creator_token is not None:
             parts.append(
                 _card(
@@ -223,6 +220,10 @@ class LandingPages:
                 _card(
                     '<p class="muted" id="token-shown">The creator token was shown when this database was created.</p>'
                 )
+            )
+        if result.host is not None and result.password is not None:  # the snippets after the one-time token
+            parts.append(
+                _card("<h2>Use it</h2>" + "".join(_copyable(eid, label, text) for eid, label, text in snippets(pooled)))
             )
         parts.append(_card('<p><a href="/">Create another database</a></p>'))
         return self._page(201 if result.created else 200, f"Database {record.id}", "".join(parts))
