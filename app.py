@@ -352,3 +352,32 @@ def claim_page_submit(database_id):
 @route("/claim/{database_id}/account", methods=["POST"], content_types=FORM)
 def claim_page_signup(database_id):
     return _html(_pages().signup_and_claim(database_id, app.current_request.raw_body, _requester()))
+
+
+# --- The landing page (chalicelib/landing.py) ---------------------------------------
+
+
+def _landing():
+    from chalicelib.landing import LandingPages
+
+    return LandingPages(context.get(), _claim_base())
+
+
+@route("/", methods=["GET"])
+def landing_page():
+    return _html(_landing().home())
+
+
+@route("/new", methods=["POST"], content_types=FORM)
+def landing_create():
+    return _html(_landing().create(app.current_request.raw_body, _requester()))
+
+
+@route("/database", methods=["GET"])
+def database_lookup():
+    """The landing page's status form (a GET form cannot put the id in the path): on to the database's page."""
+    raw = (app.current_request.query_params or {}).get("id")
+    location = _landing().lookup_location(raw)
+    if location is None:
+        return _html(_pages().show(raw or ""))
+    return Response(body="", status_code=303, headers={"Location": location, "Cache-Control": "no-store"})

@@ -40,6 +40,8 @@ class Page:
     body: str  # already-escaped HTML
     nonce: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     extra_headers: dict[str, str] = field(default_factory=dict)
+    style: str = ""  # extra CSS of one page (the landing page's)
+    script: str = ""  # extra JavaScript of one page, under the same nonce
 
     def headers(self) -> dict[str, str]:
         return {
@@ -61,7 +63,9 @@ class Page:
         }
 
     def html(self) -> str:
-        return _LAYOUT.format(title=escape(self.title), body=self.body, nonce=self.nonce)
+        return _LAYOUT.format(
+            title=escape(self.title), body=self.body, nonce=self.nonce, style=self.style, script=self.script
+        )
 
 
 _LAYOUT = """<!doctype html>
@@ -92,6 +96,8 @@ _LAYOUT = """<!doctype html>
   pre {{ background: #f0f3f7; padding: .6rem .75rem; border-radius: 6px; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }}
   .key {{ font-size: 1rem; background: #fffbe6; border: 1px dashed #d9b64a; }}
   .muted {{ color: #5b6675; font-size: .9rem; }}
+  :focus-visible {{ outline: 3px solid #1f5f99; outline-offset: 2px; }}
+{style}
 </style>
 </head>
 <body>
@@ -113,6 +119,7 @@ _LAYOUT = """<!doctype html>
     }};
     tick();
   }}
+{script}
 </script>
 </body>
 </html>

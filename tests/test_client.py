@@ -75,7 +75,12 @@ def test_writes_env_whose_url_connects(run, tmp_path):
     code, out, _ = run("--yes")
     assert code == 0, out
     env = envfile.read(tmp_path / ".env")
-    assert set(env) == {"DATABASE_URL", "DATABASE_URL_DIRECT", "PUBLIC_POSTGRES_CLAIM_URL"}
+    assert set(env) == {
+        "DATABASE_URL",
+        "DATABASE_URL_DIRECT",
+        "PUBLIC_POSTGRES_CLAIM_URL",
+        "DATABASE_URL_CREATOR_TOKEN",
+    }
     text = (tmp_path / ".env").read_text()
     assert text.startswith("# instapg database ") and "expires 20" in text.splitlines()[0]
     assert env["PUBLIC_POSTGRES_CLAIM_URL"] in text.splitlines()[0]
@@ -366,3 +371,87 @@ def test_a_large_seed_shows_a_progress_line(run, tmp_path):
     assert lines[0] == "Seeding big.sql (1.2 MB): started"
     assert lines[1].startswith("Seeding big.sql (1.2 MB): done in ")
     assert out == "Seeded from big.sql: 2 statements.\n"
+
+
+# -- the creator token: the CLI deletes its own unclaimed database without an API key --------
+
+
+def _token_line_pair(text: str) -> tuple[str, str]:
+    lines = text.splitlines()
+    (i,) = [n for n, line in enumerate(lines) if line.startswith("DATABASE_URL_CREATOR_TOKEN=")]
+    return lines[i - 1], lines[i]
+
+
+def test_creator_token_in_env_deletes_the_unclaimed_database(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import Client
+
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    code, out, _ = run("--yes")
+    assert code == 0
+    assert "PUBLIC_POSTGRES_CLAIM_URL and DATABASE_URL_CREATOR_TOKEN to .env." in out
+    env = envfile.read(tmp_path / ".env")
+    database_id = env["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    comment, line = _token_line_pair((tmp_path / ".env").read_text())
+    assert comment.startswith("# DATABASE_URL_CREATOR_TOKEN is a secret: it deletes this database")
+    assert line == f"DATABASE_URL_CREATOR_TOKEN={env['DATABASE_URL_CREATOR_TOKEN']}"
+    assert env["DATABASE_URL_CREATOR_TOKEN"].startswith("ipgc_")
+
+    code, out, err = run("delete", "--yes", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"id": database_id, "deleted": True, "with": "creator_token"}
+    with pytest.raises(Exception) as gone:
+        Client(server).get(database_id)
+    assert gone.value.status == 410
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(env["DATABASE_URL_DIRECT"], connect_timeout=5).close()
+    code, _, err = run("status")
+    assert code == 1 and "(HTTP 410)" in err
+
+
+def test_a_wrong_creator_token_is_refused(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import Client
+
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    assert run("--yes")[0] == 0
+    env = envfile.read(tmp_path / ".env")
+    database_id = env["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    envfile.replace(tmp_path / ".env", {"DATABASE_URL_CREATOR_TOKEN": "ipgc_" + "A" * 43})
+    code, out, err = run("delete", "--yes")
+    assert code == 1
+    assert err.startswith("instapg: Creator token does not match (HTTP 403). ") and err.count("\n") == 1
+    assert env["DATABASE_URL_CREATOR_TOKEN"] not in err + out
+    assert Client(server).get(database_id)["status"] == "UNCLAIMED"
+    with psycopg.connect(env["DATABASE_URL_DIRECT"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_the_token_belongs_to_the_database_in_env_and_never_gets_the_public_prefix(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import Client
+
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    code, _, _ = run("--yes", "--key", "PG_URL", "--prefix", "VITE_")
+    assert code == 0
+    env = envfile.read(tmp_path / ".env")
+    # VITE_/PUBLIC_ variables end up in browser bundles: the secret is named after the database's key.
+    assert "PG_URL_CREATOR_TOKEN" in env and not [k for k in env if k.startswith("VITE_") and "TOKEN" in k]
+    # Another database's id: this .env's token is not sent for it, and without a key that is a usage error.
+    other = Client(server).create("someone-else")
+    code, _, err = run("delete", other["id"], "--yes", "--key", "PG_URL", "--prefix", "VITE_")
+    assert code == 2 and "creator token" in err and "--api-key" in err
+    assert Client(server).get(other["id"])["status"] == "UNCLAIMED"
+    code, out, _ = run("delete", "--yes", "--key", "PG_URL", "--prefix", "VITE_")
+    assert code == 0 and out.startswith("Deleted database ")
+
+
+def test_a_claimed_database_needs_the_owners_key(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import _request
+
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    key = _api_key(server)
+    assert run("--yes")[0] == 0
+    database_id = envfile.read(tmp_path / ".env")["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    _request("POST", f"{server}/api/v1/database/{database_id}/claim", {}, 30, key)
+    code, _, err = run("delete", "--yes")  # the creator token no longer deletes it
+    assert code == 1 and "Database is claimed (HTTP 409)" in err
+    code, out, _ = run("delete", "--yes", "--json", "--api-key", key)
+    assert code == 0 and json.loads(out) == {"id": database_id, "deleted": True, "with": "api_key"}

@@ -16,12 +16,13 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
+from instapg_cli.api import ApiError
 from instapg_cli.api import Client as ApiClient
 
 from tests.test_client import http_app  # noqa: F401  (the session's local server)
 
-ACCOUNT_TOOLS = {"list_databases", "delete_database", "rotate_password"}
-PUBLIC_TOOLS = {"create_database", "get_database", "run_sql", "describe_schema", "claim_url"}
+ACCOUNT_TOOLS = {"list_databases", "rotate_password"}
+PUBLIC_TOOLS = {"create_database", "get_database", "run_sql", "describe_schema", "claim_url", "delete_database"}
 
 
 def _command() -> str:
@@ -75,6 +76,7 @@ def test_an_agent_creates_queries_and_hands_over_a_database(server):
             assert "expires" in tools["create_database"].description.lower()
             assert "secret" in tools["create_database"].description.lower()
             assert tools["run_sql"].description.startswith("Run one SQL statement")
+            assert "no API key needed" in tools["delete_database"].description
             assert "claim" in (client.instructions or "")
 
             db = await call(client, "create_database", ref="test-agent")
@@ -137,6 +139,18 @@ def test_an_agent_creates_queries_and_hands_over_a_database(server):
             assert "not created in this session" in text
             text = await fail(client, "get_database", database_id="../accounts")
             assert "is not a database id" in text
+
+            # Without an API key, delete_database deletes what this session created (the creator token
+            # the create returned, kept by the server, never shown), and nothing else.
+            assert "creator_token" not in db
+            text = await fail(client, "delete_database", database_id=other["id"])
+            assert "not created in this session" in text and "INSTAPG_API_KEY" in text
+            assert ApiClient(server).get(other["id"])["status"] == "UNCLAIMED"
+            assert await call(client, "delete_database", database_id=db["id"]) == {"id": db["id"], "deleted": True}
+            text = await fail(client, "get_database", database_id=db["id"])
+            assert "Database deleted (HTTP 410)" in text
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(db["direct_connection_string"], connect_timeout=5).close()
 
     anyio.run(scenario)
 
@@ -224,6 +238,17 @@ def test_streamable_http_keeps_each_session_to_its_own_databases(server):
                 assert "pass the access_token" in text
                 text = await fail(second, "run_sql", database_id=db["id"], sql="SELECT 1", access_token="0" * 64)
                 assert "not created in this session" in text
+                # Deleting takes the same proof: a wrong access_token is refused, the right one deletes.
+                text = await fail(second, "delete_database", database_id=db["id"], access_token="0" * 64)
+                assert "not created in this session" in text
+                text = await fail(first, "delete_database", database_id=db["id"])
+                assert "not created in this session" in text
+                assert ApiClient(server).get(db["id"])["status"] == "UNCLAIMED"
+                gone = await call(first, "delete_database", database_id=db["id"], access_token=token)
+                assert gone == {"id": db["id"], "deleted": True}
+                with pytest.raises(ApiError) as deleted:
+                    ApiClient(server).get(db["id"])
+                assert deleted.value.status == 410
             # Clients that keep an MCP session (Mcp-Session-Id) need no token, and sessions stay apart.
             async with Client(url, mode="legacy") as first, Client(url, mode="legacy") as second:
                 db = await call(first, "create_database", ref="hosted-agent")
@@ -231,11 +256,15 @@ def test_streamable_http_keeps_each_session_to_its_own_databases(server):
                 assert out["tables"] == []
                 text = await fail(second, "describe_schema", database_id=db["id"])
                 assert "not created in this session" in text
+                text = await fail(second, "delete_database", database_id=db["id"])
+                assert "not created in this session" in text
+                assert await call(first, "delete_database", database_id=db["id"]) == {"id": db["id"], "deleted": True}
 
         anyio.run(scenario)
         proc.terminate()
         _, stderr = proc.communicate(timeout=10)
         assert b"postgresql://" not in stderr  # connection strings go to the agent, never to the server's log
+        assert b"ipgc_" not in stderr  # nor the creator tokens it keeps for delete_database
     finally:
         if proc.poll() is None:
             proc.terminate()

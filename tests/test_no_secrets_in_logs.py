@@ -123,6 +123,22 @@ def step_claim_page(client, state):
     assert client.http.post(f"/claim/{body['id']}", body=form, headers=headers).status_code == 200
 
 
+@step("GET /", "POST /new", "GET /database")
+def step_landing_page(client, state):
+    from html import unescape
+
+    assert client.http.get("/").status_code == 200
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin"}
+    page = client.http.post("/new", body="ref=logs&idempotency_key=logs-1", headers=headers)
+    assert page.status_code == 201
+    text = unescape(page.body.decode())
+    state["secrets"].append(re.search(r"ipgc_[A-Za-z0-9_-]+", text).group())  # the creator token
+    url = re.search(r'<pre id="direct-url"[^>]*>([^<]+)</pre>', text).group(1)
+    state["secrets"].append(psycopg.conninfo.conninfo_to_dict(url)["password"])
+    database_id = re.search(r'<code id="database-id">([^<]+)</code>', text).group(1)
+    assert client.http.get(f"/database?id={database_id}").status_code == 303
+
+
 @step("POST /claim/{database_id}/account")
 def step_claim_page_signup(client, state):
     from urllib.parse import urlencode
@@ -218,7 +234,7 @@ def test_no_secret_in_logs_or_in_dynamodb(client, instapg_env, pg, captured):
     state = {"secrets": [], "env": instapg_env}
     for step in STEPS:
         step(client, state)
-    assert len(state["secrets"]) == 11
+    assert len(state["secrets"]) == 13
 
     keyring = os.environ["INSTAPG_KEYRING"]
     key_b64 = keyring.split(":", 1)[1]

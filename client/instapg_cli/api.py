@@ -114,6 +114,10 @@ class Client:
     def get(self, database_id: str) -> dict[str, Any]:
         return _request("GET", f"{self.base_url}/api/v1/database/{database_id}", None, self.timeout)[1]
 
+    def delete_unclaimed(self, database_id: str, creator_token: str) -> None:
+        """The creator deletes an unclaimed database early, with the creator token its create returned."""
+        _request("DELETE", f"{self.base_url}/api/v1/database/{database_id}", None, self.timeout, creator_token)
+
     # The account's endpoints: each needs the API key (Authorization: Bearer).
 
     def _owner(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ instapg seed FILE.sql [--env .env] [--key DATABASE_URL]
 instapg status [ID] [--env .env] [--prefix PUBLIC_] [--api-key KEY]
 instapg claim [ID] [--env .env] [--prefix PUBLIC_] [--no-browser]
 instapg rotate [ID] [--env .env] [--key DATABASE_URL] --api-key KEY
-instapg delete [ID] [--env .env] --api-key KEY [--yes]
+instapg delete [ID] [--env .env] [--key DATABASE_URL] [--api-key KEY] [--yes]
 instapg list --api-key KEY
 Every command takes --json and --url; exit codes are the EXIT_* constants below (docs/client.md).
 """
@@ -70,7 +70,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=f"instapg {__version__}")
         return parser
     parser = argparse.ArgumentParser(prog=f"instapg {command}")
-    _common(parser, key=command in ("seed", "rotate"))
+    _common(parser, key=command in ("seed", "rotate", "delete"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
     if command in ("status", "claim", "rotate", "delete"):
@@ -114,6 +114,12 @@ def _claim_key(args) -> str:
     return f"{args.prefix}POSTGRES_CLAIM_URL"
 
 
+def _token_key(args) -> str:
+    # Named after the database's variables, never the public prefix: PUBLIC_/VITE_/NEXT_PUBLIC_
+    # variables are bundled into browser code, and this one is a secret.
+    return f"{args.key}_CREATOR_TOKEN"
+
+
 def _base_url(args) -> str:
     return (args.url or os.environ.get("INSTAPG_URL") or DEFAULT_URL).rstrip("/")
 
@@ -142,7 +148,7 @@ def create(args) -> int:
         if not args.seed.is_file():
             raise Failure(f"seed file {args.seed} not found", EXIT_USAGE)
         _require_psycopg()  # before anything is created, not after
-    keys = (args.key, f"{args.key}_DIRECT", _claim_key(args))
+    keys = (args.key, f"{args.key}_DIRECT", _claim_key(args), _token_key(args))
     if not args.json:
         present = [k for k in keys if k in envfile.read(args.env)]
         if present:
@@ -156,17 +162,22 @@ def create(args) -> int:
 
     body = Client(base).create(args.ref, args.logical_replication)
     if not args.json:
-        envfile.append(
-            args.env,
-            [
-                f"# instapg database {body['id']}: expires {body.get('expires_at') or 'never'} unless claimed at "
-                f"{body['claim_url']}",
-                f"{args.key}={body['connection_string']}",
-                f"{args.key}_DIRECT={body['direct_connection_string']}",
-                f"{_claim_key(args)}={body['claim_url']}",
-            ],
-        )
-        print(f"Wrote {args.key}, {args.key}_DIRECT and {_claim_key(args)} to {args.env}.")
+        lines = [
+            f"# instapg database {body['id']}: expires {body.get('expires_at') or 'never'} unless claimed at "
+            f"{body['claim_url']}",
+            f"{args.key}={body['connection_string']}",
+            f"{args.key}_DIRECT={body['direct_connection_string']}",
+            f"{_claim_key(args)}={body['claim_url']}",
+        ]
+        token = body.get("creator_token")  # servers before issue 19 return none
+        if token:
+            lines += [
+                f"# {_token_key(args)} is a secret: it deletes this database until it is claimed (`instapg delete`).",
+                f"{_token_key(args)}={token}",
+            ]
+        envfile.append(args.env, lines)
+        names = [args.key, f"{args.key}_DIRECT", _claim_key(args)] + ([_token_key(args)] if token else [])
+        print(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {args.env}.")
         print(f"The database expires {_when(body.get('expires_at'))} unless you claim it: {body['claim_url']}")
     if args.seed is None:
         if args.json:
@@ -342,15 +353,34 @@ def rotate(args) -> int:
     return EXIT_OK
 
 
+def _creator_token(args, database_id: str) -> str | None:
+    """The creator token in --env, if it is the one of the database in --env and that is the target."""
+    values = envfile.read(args.env)
+    if not values.get(_claim_key(args), "").endswith(f"/claim/{database_id}"):
+        return None
+    return values.get(_token_key(args)) or None
+
+
 def delete(args) -> int:
     base, database_id = _target(args)
-    client = Client(base, api_key=_api_key(args))
+    key = args.api_key or os.environ.get("INSTAPG_API_KEY")
+    # An API key deletes what the account owns; without one, the creator token deletes an unclaimed database.
+    token = None if key else _creator_token(args, database_id)
+    if not key and not token:
+        raise Failure(
+            f"deleting needs the creator token (no {_token_key(args)} for this database in {args.env}) or, "
+            "for a claimed database, your account's API key: pass --api-key or set INSTAPG_API_KEY",
+            EXIT_USAGE,
+        )
     if not args.yes and not _confirm(f"Delete database {database_id} and all its data? This cannot be undone."):
         print("Nothing deleted.")
         return EXIT_FAILED
-    client.delete(database_id)
+    if key:
+        Client(base, api_key=key).delete(database_id)
+    else:
+        Client(base).delete_unclaimed(database_id, token)
     if args.json:
-        _print_json({"id": database_id, "deleted": True})
+        _print_json({"id": database_id, "deleted": True, "with": "api_key" if key else "creator_token"})
     else:
         print(f"Deleted database {database_id}.")
         if not args.id:

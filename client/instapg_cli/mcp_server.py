@@ -5,7 +5,9 @@
 
 It talks to an instapg server over HTTP like the `instapg` command does
 (INSTAPG_URL / --url). With INSTAPG_API_KEY (or --api-key) it also offers the
-account's tools: list_databases, delete_database, rotate_password.
+account's tools: list_databases, rotate_password; delete_database is always there
+(without a key it deletes the unclaimed databases this session created, with the
+creator token their create returned, kept in memory like the strings).
 
 run_sql and describe_schema work only on databases this session created (on
 stdio the process is the session; over HTTP the MCP session, or, for clients of
@@ -40,7 +42,7 @@ instapg hands out PostgreSQL databases with one call, no sign-up.
 - run_sql is read-only unless you pass read_write=true; rows and time are bounded. Use
   describe_schema before writing queries against tables you have not seen.
 - These tools act only on databases this session created, or, with an API key, that the
-  account owns.
+  account owns. delete_database deletes an unclaimed database this session created without a key.
 """
 
 CREATE = """Create a new, empty PostgreSQL database (PostgreSQL 18) and return its connection strings.
@@ -91,8 +93,11 @@ database is deleted at expires_at if nobody claims it."""
 LIST = """List the databases owned by the account of the configured API key (claimed databases),
 with status, plan and creation time. Databases created but not yet claimed are not in it."""
 
-DELETE = """Delete a database the account owns, with all its data, now. This cannot be undone.
-Only do this when the user asked for it. The database's connection strings stop working at once."""
+DELETE = """Delete a database with all its data, now. This cannot be undone.
+Only do this when the user asked for it (an unclaimed database is deleted at expires_at anyway).
+Works on a database this session created and nobody has claimed yet (no API key needed; over HTTP
+without an MCP session, pass the access_token create_database returned), and, with an API key, on
+databases the account owns. The database's connection strings stop working at once."""
 
 ROTATE = """Give a database the account owns a new password and return the new connection strings.
 The old password stops working at once and its open sessions are ended: update .env (DATABASE_URL,
@@ -131,6 +136,7 @@ class Tools:
         self.statement_timeout_s = statement_timeout_s
         self._token_key = secrets.token_bytes(32)  # tokens die with the process, as the strings do
         self._by_id: Bounded = Bounded()  # database id -> direct connection string
+        self._creator_tokens: Bounded = Bounded()  # database id -> creator token (a secret: memory only)
 
     def access_token(self, database_id: str) -> str:
         return hmac.new(self._token_key, database_id.encode(), hashlib.sha256).hexdigest()
@@ -138,6 +144,8 @@ class Tools:
     def create_database(self, scope: dict | None, ref: str, enable_logical_replication: bool) -> dict[str, Any]:
         body = self.client.create(ref, enable_logical_replication)
         self._remember(scope, body["id"], body["direct_connection_string"])
+        if body.get("creator_token"):  # kept for delete_database, not shown to the agent
+            self._creator_tokens[body["id"]] = body["creator_token"]
         return {
             "id": body["id"],
             "status": body["status"],
@@ -219,9 +227,27 @@ class Tools:
     def list_databases(self) -> dict[str, Any]:
         return {"databases": self.client.list()}
 
-    def delete_database(self, scope: dict | None, database_id: str) -> dict[str, Any]:
+    def delete_database(self, scope: dict | None, database_id: str, access_token: str | None = None) -> dict[str, Any]:
         database_id = check_id(database_id)
-        self.client.delete(database_id)
+        token = self._creator_tokens.get(database_id) if self._created(scope, database_id, access_token) else None
+        if token:
+            try:
+                self.client.delete_unclaimed(database_id, token)
+            except ApiError as exc:
+                if exc.status != 409 or not self.api_key:  # 409: claimed since; its owner's key may delete it
+                    raise
+                self.client.delete(database_id)
+        elif self.api_key:
+            self.client.delete(database_id)
+        else:
+            raise ApiError(
+                f"database {database_id} was not created in this session",
+                "Without an API key, delete_database deletes only unclaimed databases this session created (over "
+                "HTTP without an MCP session, pass the access_token create_database returned); set "
+                "INSTAPG_API_KEY for databases your account owns.",
+                status=403,
+            )
+        self._creator_tokens.pop(database_id, None)
         self._by_id.pop(database_id, None)
         if scope is not None:
             scope.pop(database_id, None)
@@ -305,6 +331,10 @@ def build_server(
     ) -> dict[str, Any]:
         return await call(tools.describe_schema, scope(ctx), database_id, schema, access_token)
 
+    @server.tool(description=DELETE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
+    async def delete_database(ctx: Context, database_id: str, access_token: str | None = None) -> dict[str, Any]:
+        return await call(tools.delete_database, scope(ctx), database_id, access_token)
+
     @server.tool(description=CLAIM, annotations=read)
     async def claim_url(database_id: str) -> dict[str, Any]:
         return await call(tools.claim_url, database_id)
@@ -314,10 +344,6 @@ def build_server(
         @server.tool(description=LIST, annotations=read)
         async def list_databases() -> dict[str, Any]:
             return await call(tools.list_databases)
-
-        @server.tool(description=DELETE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
-        async def delete_database(ctx: Context, database_id: str) -> dict[str, Any]:
-            return await call(tools.delete_database, scope(ctx), database_id)
 
         @server.tool(description=ROTATE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
         async def rotate_password(ctx: Context, database_id: str) -> dict[str, Any]:
@@ -332,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         description="instapg's MCP server: create and query PostgreSQL databases from an AI agent.",
     )
     parser.add_argument("--url", help=f"instapg server (default: $INSTAPG_URL or {DEFAULT_URL})")
-    parser.add_argument("--api-key", help="account API key for list/delete/rotate (default: $INSTAPG_API_KEY)")
+    parser.add_argument("--api-key", help="account API key for list/rotate, and delete of owned databases (default: $INSTAPG_API_KEY)")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     parser.add_argument("--host", default="127.0.0.1", help="with --http: address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="with --http: port (default 8765)")
