@@ -1,7 +1,7 @@
 """The landing page at `/`: over chalice's test client, then in a real headless Chromium.
 
 The browser tests use the claim page's fixtures (tests/test_claim_page.py:
-Debian's chromium driven by selenium against tools/localserver).
+Debian's chromium driven by selenium against tools/dev/localserver).
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def test_status_form_leads_to_the_database_page(client):
 @pytest.mark.parametrize("browser", [True, False], ids=["javascript", "no-javascript"], indirect=True)
 def test_browser_creates_a_database_from_the_landing_page(live_server, browser, service, request, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from chalicelib import records
 
@@ -203,7 +204,8 @@ def test_browser_creates_a_database_from_the_landing_page(live_server, browser, 
     if javascript:
         # Keyboard: the copy button takes focus and answers Enter.
         copy.send_keys("\n")
-        assert copy.text in ("Copied", "Selected")
+        # The clipboard write is a promise: the label changes when it settles, not on the key press.
+        WebDriverWait(browser, 5).until(lambda _: copy.text in ("Copied", "Selected"))
 
     # The status form, from the landing page, to the database's page.
     browser.get(f"{live_server}/")
