@@ -69,7 +69,10 @@ class InstapgRequestHandler(ChaliceRequestHandler):
             super()._generic_handle()
         except _ReadTimeout:
             self.close_connection = True
-            self._send_json(408, "Request body timed out")
+            try:
+                self._send_json(408, "Request body timed out")
+            except OSError:
+                pass  # the client hung up before sending its body: nobody is left to answer
 
     # Chalice's class body says `do_GET = ... = _generic_handle`, binding its
     # own function: without these lines the override above never runs.
