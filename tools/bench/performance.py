@@ -23,11 +23,8 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,39 +33,18 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, table
+from tools.bench.create_path import CreatePathFigures
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
-@dataclass
-class Figure:
-    name: str
-    value: float | None
-    unit: str
-    samples: int
-    how: str
-
-
-def _say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, round(p / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 2)
-
-
-class Bench:
+class Bench(CreatePathFigures):
     def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
         self.data_dir = data_dir
         self.args = args
@@ -80,7 +56,7 @@ class Bench:
     def add(self, name: str, value: float | None, unit: str, samples: int, how: str) -> None:
         self.figures.append(Figure(name, value, unit, samples, how))
         shown = "not measured" if value is None else f"{value} {unit}"
-        _say(f"{name}: {shown}")
+        say(f"{name}: {shown}")
 
     # -- the stack ---------------------------------------------------------------
 
@@ -138,7 +114,7 @@ class Bench:
         self.http = create_server(ROOT, "127.0.0.1", port)
         threading.Thread(target=self.http.server.serve_forever, name="api", daemon=True).start()
         self.base = f"http://127.0.0.1:{port}"
-        _say(f"stack up: postgres on disk at {self.data_dir}, moto in-process, api {self.base}")
+        say(f"stack up: postgres on disk at {self.data_dir}, moto in-process, api {self.base}")
 
     def register(self, i: int) -> None:
         from chalicelib import hosts
@@ -173,7 +149,7 @@ class Bench:
 
         started = time.monotonic()
         summary = pool.refill(self.service, Deadline.after(600), size=size)
-        _say(f"pool refilled: {summary.added} added in {time.monotonic() - started:.1f}s")
+        say(f"pool refilled: {summary.added} added in {time.monotonic() - started:.1f}s")
 
     # -- measurements ---------------------------------------------------------------
 
@@ -186,148 +162,7 @@ class Bench:
             HostRecord.get("bench-1", consistent_read=True)
             times.append(time.perf_counter() - t)
         self.add(
-            "dynamodb_getitem_p50", _ms(_pct(times, 50)), "ms", 200, "one GetItem through pynamodb to moto in-process"
-        )
-
-    def create_latency(self) -> None:
-        from chalice.test import Client
-
-        from app import app
-
-        n = self.args.samples
-        body = json.dumps({"ref": "bench"})
-        headers = {"Content-Type": "application/json"}
-
-        def run(label: str) -> list[float]:
-            times = []
-            with Client(app) as client:
-                for _ in range(n):
-                    t = time.perf_counter()
-                    response = client.http.post("/api/v1/database", body=body, headers=headers)
-                    times.append(time.perf_counter() - t)
-                    assert response.status_code == 201, response.body
-            return times
-
-        from chalicelib import creation, postgres, provisioning, records
-        from chalicelib.abuse import Guard
-
-        parts: dict[str, list[float]] = {
-            name: [] for name in ("ddl", "take_write", "verifier", "alter_role", "audit", "rate", "cap")
-        }
-        self.refill(0)
-        with _timed(provisioning, "create_tenant", parts["ddl"]):
-            on_demand = run("on demand")
-        self.refill(n + 3)
-        with Client(app) as client:  # warm-up: opens the kept admin session, fills the candidate cache
-            for _ in range(3):
-                client.http.post("/api/v1/database", body=body, headers=headers)
-        with (
-            _timed(records, "take_pooled", parts["take_write"]),
-            _timed(postgres, "scram_verifier", parts["verifier"]),
-            _timed(provisioning, "open_tenant", parts["alter_role"]),
-            _timed(creation, "note_created", parts["audit"]),
-            _timed(Guard, "check_rate", parts["rate"]),
-            _timed(Guard, "open_hosts", parts["cap"]),
-        ):
-            pooled = run("pooled")
-        unclaimed = sum(Guard(self.service.settings).unclaimed_counts().values())
-        how = "POST /api/v1/database through chalice.test.Client, sequential"
-        for label, times in (("on_demand", on_demand), ("pooled", pooled)):
-            for p in (50, 95, 99):
-                self.add(f"create_{label}_p{p}", _ms(_pct(times, p)), "ms", n, f"{how}, {label.replace('_', ' ')}")
-        ratio = statistics.median(on_demand) / statistics.median(pooled)
-        self.add("create_p50_ratio", round(ratio, 1), "x", n, "on-demand p50 / pooled p50, same run")
-        # Where a create's time goes, measured inside the runs above.
-        self.add(
-            "part_ddl_p50",
-            _ms(_pct(parts["ddl"], 50)),
-            "ms",
-            len(parts["ddl"]),
-            "on demand: provisioning.create_tenant (connect, CREATE ROLE, CREATE DATABASE, REVOKE, ALTER ROLE SET)",
-        )
-        self.add(
-            "part_take_write_p50",
-            _ms(_pct(parts["take_write"], 50)),
-            "ms",
-            len(parts["take_write"]),
-            "pooled: the conditional put POOLED -> UNCLAIMED (incl. sealing the password)",
-        )
-        self.add(
-            "part_verifier_p50",
-            _ms(_pct(parts["verifier"], 50)),
-            "ms",
-            len(parts["verifier"]),
-            "pooled: postgres.scram_verifier (4096 rounds of PBKDF2 for the fresh password, in Python)",
-        )
-        self.add(
-            "part_alter_role_p50",
-            _ms(_pct(parts["alter_role"], 50)),
-            "ms",
-            len(parts["alter_role"]),
-            "pooled: provisioning.open_tenant (ALTER ROLE LOGIN PASSWORD '<verifier>' on a kept connection, the audit write overlapping the server's check)",
-        )
-        self.add(
-            "part_audit_p50",
-            _ms(_pct(parts["audit"], 50)),
-            "ms",
-            len(parts["audit"]),
-            "pooled: the audit event (one PutItem), written while the server checks the ALTER ROLE's verifier",
-        )
-        self.add(
-            "part_rate_limit_p50",
-            _ms(_pct(parts["rate"], 50)),
-            "ms",
-            len(parts["rate"]),
-            "pooled: abuse.Guard.check_rate (one counter UpdateItem per create, both windows)",
-        )
-        self.add(
-            "part_host_cap_p50",
-            _ms(_pct(parts["cap"], 50)),
-            "ms",
-            len(parts["cap"]),
-            f"pooled: abuse.Guard.open_hosts (reads every UNCLAIMED/PROVISIONING record; {unclaimed} at the end)",
-        )
-
-    def password_statement(self) -> None:
-        """What setting a password costs inside Postgres, against a statement that changes nothing else."""
-        from psycopg import sql
-
-        from chalicelib import hosts, postgres
-        from chalicelib.identifiers import tenant_password
-
-        n = self.args.samples
-        target = hosts.target(self.service.hosts.get("bench-1"), self.service.settings)
-        role = sql.Identifier(f"{self.service.settings.name_prefix}_bench_role")
-        verifier = sql.Literal(postgres.scram_verifier(tenant_password()))
-        statements = {
-            "password": sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, verifier),
-            "limit": sql.SQL("ALTER ROLE {} CONNECTION LIMIT 5").format(role),
-        }
-        times: dict[str, list[float]] = {name: [] for name in statements}
-        with target.session() as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
-            try:
-                for _ in range(n):
-                    for name, statement in statements.items():
-                        t = time.perf_counter()
-                        conn.execute(statement)
-                        times[name].append(time.perf_counter() - t)
-            finally:
-                conn.execute(sql.SQL("DROP ROLE {}").format(role))
-        self.add(
-            "alter_role_password_p50",
-            _ms(_pct(times["password"], 50)),
-            "ms",
-            n,
-            "ALTER ROLE ... PASSWORD '<SCRAM verifier>' on a kept admin session (the server checks the "
-            "verifier against the empty password: 4096 rounds of PBKDF2)",
-        )
-        self.add(
-            "alter_role_other_p50",
-            _ms(_pct(times["limit"], 50)),
-            "ms",
-            n,
-            "ALTER ROLE ... CONNECTION LIMIT 5 on the same session: the round trip and catalog write alone",
+            "dynamodb_getitem_p50", ms(pct(times, 50)), "ms", 200, "one GetItem through pynamodb to moto in-process"
         )
 
     def time_to_first_query(self) -> None:
@@ -338,7 +173,7 @@ class Bench:
         times, gets, ids = [], [], []
         for _ in range(n):
             t = time.perf_counter()
-            status, body = _post(self.base + "/api/v1/database", {"ref": "ttfq"})
+            status, body = post_json(self.base + "/api/v1/database", {"ref": "ttfq"})
             with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
                 conn.execute("SELECT 1").fetchone()
             times.append(time.perf_counter() - t)
@@ -349,9 +184,9 @@ class Bench:
                 resp.read()
             gets.append(time.perf_counter() - t)
         how = "HTTP POST to chalice local, then psycopg connect + SELECT 1 on the returned connection_string; pooled"
-        self.add("ttfq_p50", _ms(_pct(times, 50)), "ms", n, how)
-        self.add("ttfq_p95", _ms(_pct(times, 95)), "ms", n, how)
-        self.add("get_p50", _ms(_pct(gets, 50)), "ms", n, "HTTP GET /api/v1/database/{id} on chalice local")
+        self.add("ttfq_p50", ms(pct(times, 50)), "ms", n, how)
+        self.add("ttfq_p95", ms(pct(times, 95)), "ms", n, how)
+        self.add("get_p50", ms(pct(gets, 50)), "ms", n, "HTTP GET /api/v1/database/{id} on chalice local")
 
     def throughput(self, hosts: int) -> None:
         n = self.args.throughput
@@ -361,7 +196,7 @@ class Bench:
 
         def one(i: int) -> tuple[int, dict]:
             try:
-                return _post(self.base + "/api/v1/database", {"ref": f"tp{i}"})
+                return post_json(self.base + "/api/v1/database", {"ref": f"tp{i}"})
             except OSError as exc:  # counted as a failed create, not the end of the bench
                 return 0, {"error": type(exc).__name__}
 
@@ -372,7 +207,7 @@ class Bench:
         ok = sum(1 for status, _ in answers if status == 201)
         for status, body in answers:
             if status != 201:
-                _say(f"throughput: a create answered {status}: {body.get('error')}")
+                say(f"throughput: a create answered {status}: {body.get('error')}")
         self.add(
             f"throughput_{hosts}_host{'s' if hosts > 1 else ''}",
             round(ok / elapsed, 1),
@@ -383,6 +218,7 @@ class Bench:
 
     def purge(self) -> None:
         from chalicelib.clock import Deadline
+
         n = self.args.purge
         try:
             from chalicelib import expiry
@@ -396,7 +232,11 @@ class Bench:
 
         self.refill(0)
         with ThreadPoolExecutor(max_workers=8) as executor:
-            made = list(executor.map(lambda i: creation.create(self.service, CreateDatabase(ref=f"p{i}"), Requester()), range(n)))
+            made = list(
+                executor.map(
+                    lambda i: creation.create(self.service, CreateDatabase(ref=f"p{i}"), Requester()), range(n)
+                )
+            )
         past = datetime.now(UTC) - timedelta(minutes=5)
         for result in made:
             result.record.update(
@@ -435,7 +275,7 @@ class Bench:
         ).stdout.strip()
         self.add(
             "cold_import_app",
-            _ms(statistics.median(times)),
+            ms(statistics.median(times)),
             "ms",
             7,
             f"median `import app` in a fresh interpreter; heavy modules loaded by it: {heavy}",
@@ -482,64 +322,6 @@ class Bench:
         )
 
 
-@contextlib.contextmanager
-def _timed(owner, name: str, into: list[float]):
-    """Record the duration of every call of `owner.name` while the block runs."""
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            into.append(time.perf_counter() - t)
-
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def _machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in load] if load else None,
-    }
-
-
-def table(figures: list[Figure]) -> str:
-    rows = [("figure", "value", "samples", "what"), ("---", "---", "---", "---")]
-    for f in figures:
-        value = "not measured" if f.value is None else f"{f.value} {f.unit}"
-        rows.append((f"`{f.name}`", value, str(f.samples), f.how))
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench")
     parser.add_argument("--samples", type=int, default=100, help="samples per latency figure (default 100)")
@@ -555,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(os.environ.get("INSTAPG_BENCH_DIR", ROOT / ".local" / "bench")).resolve()
     started = time.monotonic()
-    machine = _machine()
+    machine = machine_info()
     bench = Bench(data_dir, args)
     try:
         bench.start()

@@ -60,6 +60,7 @@ def main(count: int) -> None:
 
             def timed(label: str) -> None:
                 from chalicelib.clock import Deadline
+
                 context.reset()
                 service = context.get()
                 logging.getLogger("chalicelib").setLevel(logging.WARNING)
