@@ -232,6 +232,25 @@ def test_reconciliation_removes_leftover_entries_and_restores_lost_ones(pooled_c
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_a_record_from_before_verifiers_were_kept_is_published_with_a_new_one(pooled_client, service, pgbouncer):
+    from chalicelib import access
+    from chalicelib.models import DatabaseRecord
+
+    body = _create(pooled_client)
+    dbname = _params(body["connection_string"])["dbname"]
+    old = _record(body["id"])
+    old.update(actions=[DatabaseRecord.verifier_key_id.remove(), DatabaseRecord.verifier_secret.remove()])
+    pgbouncer.pooler().store.remove(dbname, dbname)
+    record = _record(body["id"])
+    access.publish(service, service.hosts.get(record.host_id), record, service.plan(record.plan))
+    # Same password, a new verifier on the role, in the pooler and sealed on the record.
+    assert _record(body["id"]).verifier_secret
+    with _pooled(body["connection_string"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(body["direct_connection_string"], connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 @pytest.fixture
 def own_bouncer(pg):
     """A PgBouncer of this test's own, which the test stops."""
