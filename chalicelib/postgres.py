@@ -230,6 +230,16 @@ def database_sizes(target: Target, prefix: str) -> dict[str, int]:
     return {name: int(size) for name, size in rows if size is not None}
 
 
+def connection_counts(target: Target, prefix: str) -> dict[str, int]:
+    """Open sessions (backends) per tenant database: direct clients and the pooler's server connections."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT datname, count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) GROUP BY datname",
+            (prefix + "_",),
+        ).fetchall()
+    return {name: int(n) for name, n in rows}
+
+
 def database_size(target: Target, dbname: str) -> int | None:
     """Size in bytes of one database; None when it does not exist."""
     with target.connect() as conn:
