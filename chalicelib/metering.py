@@ -36,7 +36,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib import clock, pooler, postgres, quotas, reliability, usage
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
-from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, UsageDay
+from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord, UsageDay
 
 if TYPE_CHECKING:
     from chalicelib.context import Context
@@ -143,16 +143,19 @@ def apply(record: DatabaseRecord, change: Delta, now: datetime) -> bool:
     return True
 
 
-def _enforce(ctx: Context, target: postgres.Target, record: DatabaseRecord, now: datetime, summary: dict) -> None:
+def _enforce(ctx: Context, host: HostRecord, record: DatabaseRecord, now: datetime, summary: dict) -> None:
     """Lock a database over its plan's transfer this period; unlock one that fits again."""
     plan = ctx.plan(record.plan)
     moved = quotas.transfer_this_period(record, now)
     if moved > plan.transfer_bytes and not record.locked_reason:
         detail = f"{moved} bytes moved this period, over the {plan.name} plan's {plan.transfer_mb} MB"
-        quotas.lock(target, record, quotas.TRANSFER, detail)
+        quotas.lock(ctx, host, record, quotas.TRANSFER, detail)
         summary["locked"].append(record.id)
     elif record.locked_reason == quotas.TRANSFER and moved <= plan.transfer_bytes:
-        quotas.unlock(target, record, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
+        # The whole record: an unlock may need more than this scan projected (the pooler's verifier).
+        full = DatabaseRecord.get(record.id, consistent_read=True)
+        quotas.unlock(ctx, host, full, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
+        record.locked_reason = None
         summary["unlocked"].append(record.id)
 
 
@@ -167,7 +170,9 @@ def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], 
     return by_host, True
 
 
-def _meter_host(ctx: Context, host, records: list[DatabaseRecord], deadline: Deadline, summary: dict) -> None:
+def _meter_host(
+    ctx: Context, host: HostRecord, records: list[DatabaseRecord], deadline: Deadline, summary: dict
+) -> None:
     target = ctx.target(host)
     bouncer = ctx.pooler(host)
     readings = bouncer.stats() if bouncer is not None else {}
@@ -186,7 +191,7 @@ def _meter_host(ctx: Context, host, records: list[DatabaseRecord], deadline: Dea
             else:
                 summary["conflicts"] += 1  # another run counted this reading
                 continue
-        _enforce(ctx, target, record, now, summary)
+        _enforce(ctx, host, record, now, summary)
     prefix = ctx.settings.name_prefix
     sizes, connections = postgres.database_sizes(target, prefix), postgres.connection_counts(target, prefix)
     summary["sampled"] += usage.sample(records, sizes, connections, now)

@@ -64,9 +64,12 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
         raise
 
 
-def lock(target: postgres.Target, record: DatabaseRecord, reason: str, detail: str, actions: list = ()) -> None:
-    """The one lock path (storage here, transfer in chalicelib.metering): role NOLOGIN, sessions ended, reason on the record."""
-    ended = provisioning.lock_role(target, record.role_name)
+def lock(ctx: Context, host: HostRecord, record: DatabaseRecord, reason: str, detail: str, actions: list = ()) -> None:
+    """The one lock path (storage here, transfer in chalicelib.metering): role NOLOGIN, sessions ended, reason on the record.
+
+    Where the host has a pooler, its entries must be revoked here too (the pooler's wiring).
+    """
+    ended = provisioning.lock_role(ctx.target(host), record.role_name)
     now = datetime.now(UTC)
     _update(record, [DatabaseRecord.locked_reason.set(reason), DatabaseRecord.locked_at.set(now), *actions])
     record.locked_reason = reason
@@ -74,31 +77,36 @@ def lock(target: postgres.Target, record: DatabaseRecord, reason: str, detail: s
     log.info("locked database %s: %s (%d sessions ended)", record.id, detail, ended)
 
 
-def unlock(target: postgres.Target, record: DatabaseRecord, detail: str, actions: list = ()) -> None:
+def unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, detail: str, actions: list = ()) -> None:
     """Lift a lock (whatever its reason): LOGIN again, reason removed."""
-    provisioning.unlock_role(target, record.role_name)
+    provisioning.unlock_role(ctx.target(host), record.role_name)
     _update(record, [DatabaseRecord.locked_reason.remove(), DatabaseRecord.locked_at.remove(), *actions])
     reason, record.locked_reason = record.locked_reason, None
     audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"{reason}: {detail}")
     log.info("unlocked database %s: %s", record.id, detail)
 
 
-def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
+def _lock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int, plan: Plan) -> None:
     now = datetime.now(UTC)
     detail = f"{size} bytes over the {plan.name} plan's {plan.storage_mb} MB"
     lock(
-        target, record, STORAGE, detail, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)]
+        ctx,
+        host,
+        record,
+        STORAGE,
+        detail,
+        [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)],
     )
 
 
-def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
+def _unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int) -> None:
     now = datetime.now(UTC)
     actions = [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)]
-    unlock(target, record, f"{size} bytes fit its plan", actions)
+    unlock(ctx, host, record, f"{size} bytes fit its plan", actions)
 
 
 def _enforce_storage(
-    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, host: HostRecord, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
     sizes = postgres.database_sizes(target, ctx.settings.name_prefix)
     now = datetime.now(UTC)
@@ -110,10 +118,10 @@ def _enforce_storage(
         plan = ctx.settings.plan(record.plan)
         over = size > plan.storage_bytes
         if over and not record.locked_reason:
-            _lock(target, record, size, plan)
+            _lock(ctx, host, record, size, plan)
             summary["locked"].append(record.id)
         elif record.locked_reason == STORAGE and not over:
-            _unlock(target, record, size)
+            _unlock(ctx, host, record, size)
             summary["unlocked"].append(record.id)
         elif record.size_bytes is None or int(record.size_bytes) != size:
             _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)])
@@ -174,7 +182,7 @@ def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
         try:
             target = ctx.target(host)
             _enforce_time(ctx, target, records, summary)
-            _enforce_storage(ctx, target, records, summary)
+            _enforce_storage(ctx, host, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")
@@ -199,7 +207,7 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
         moved = transfer_this_period(record)
         if moved > plan.transfer_bytes:
             return False
-        unlock(target, record, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
+        unlock(ctx, host, record, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
         return True
     if record.locked_reason != STORAGE:
         return False
@@ -209,7 +217,7 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     if size > plan.storage_bytes:
         _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(datetime.now(UTC))])
         return False
-    _unlock(target, record, size)
+    _unlock(ctx, host, record, size)
     return True
 
 

@@ -213,7 +213,7 @@ def test_a_new_month_unlocks_and_starts_the_count_again(client, pg, bouncer, ins
     assert metering.apply(record, change, next_month)
     summary: dict = {"locked": [], "unlocked": []}
     service = context.get()
-    metering._enforce(service, service.target(service.hosts.get(record.host_id)), record, next_month, summary)
+    metering._enforce(service, service.hosts.get(record.host_id), record, next_month, summary)
     assert summary["unlocked"] == [body["id"]]
     stored = _record(body["id"])
     assert stored.transfer_period == next_month.strftime("%Y-%m") and int(stored.transfer_out_bytes) == 0
