@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib import clock, pooler, postgres, quotas, reliability, usage
@@ -132,9 +133,8 @@ def apply(record: DatabaseRecord, change: Delta, now: datetime) -> bool:
             tx.update(record, actions=actions, condition=condition)
             if change.added != (0, 0):
                 tx.update(UsageDay(record.id, change.day), actions=usage.transfer_actions(*change.added, change.day))
-    except Exception as exc:
-        reasons = getattr(exc, "cancellation_reasons", None) or []
-        if any(r is not None and r.code == "ConditionalCheckFailed" for r in reasons):
+    except TransactWriteError as exc:
+        if any(r is not None and r.code == "ConditionalCheckFailed" for r in exc.cancellation_reasons or []):
             return False
         raise
     record.pooler_seen_in, record.pooler_seen_out = change.reading
