@@ -8,8 +8,9 @@ embedded Postgres and the session's PgBouncer, and is killed at the
 
 from __future__ import annotations
 
-import json
+import base64
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,15 +20,13 @@ import psycopg
 from tests.conftest import ADMIN_ENV
 
 CHILD = """
-import json, os
-from pathlib import Path
-from chalicelib import context, metering, pooler
+import base64, os, pickle
+from chalicelib import context, metering
 from chalicelib.clock import Deadline
 from chalicelib.context import Context
-cfg = json.loads(os.environ["TEST_METER_POOLER"])
-bouncer = pooler.Pooler(cfg["host"], cfg["port"], cfg["user"], cfg["password"], Path(cfg["dir"]))
+bouncer = pickle.loads(base64.b64decode(os.environ["TEST_METER_POOLER"]))  # the parent's Pooler, as it is
 Context.pooler = lambda self, host: bouncer  # the getter the pooler's wiring provides
-print(json.dumps(metering.run(context.get(), Deadline.after(60))["metered"]), flush=True)
+print(metering.run(context.get(), Deadline.after(60))["metered"], flush=True)
 """
 
 
@@ -36,14 +35,7 @@ def _child(bouncer, pause: str | None) -> str:
     from chalicelib.reliability import PAUSE_ENV
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = {
-        "host": bouncer.host,
-        "port": bouncer.port,
-        "user": bouncer.admin_user,
-        "password": bouncer.admin_password,
-        "dir": str(bouncer.state_dir),
-    }
-    env = {**os.environ, "TEST_METER_POOLER": json.dumps(cfg)}
+    env = {**os.environ, "TEST_METER_POOLER": base64.b64encode(pickle.dumps(bouncer)).decode()}
     if pause:
         env[PAUSE_ENV] = pause
     child = subprocess.Popen(
