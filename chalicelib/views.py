@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from chalicelib import clock, postgres
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
-from chalicelib.clock import (
-    iso,  # noqa: F401  (views.iso: the wire format, also for app.py)
-    period,
-)
-from chalicelib.clock import now as clock_now
+from chalicelib.clock import iso  # noqa: F401  (views.iso: the wire format, also for app.py)
 from chalicelib.models import DatabaseRecord, HostRecord
 from chalicelib.settings import Plan
 
@@ -60,13 +56,14 @@ _LOCK_HINTS = {
     "storage": "The database is over its plan's storage limit; its role cannot log in. "
     "Claim it for a larger plan, or create a new one.",
     "transfer": "The database moved more data through the pooler this month (UTC) than its plan allows; "
-    "its role cannot log in until the month ends. Claim it for a larger plan, or create a new one.",
+    "its role cannot log in until the month ends or the limit is raised. An unclaimed one: claim it for "
+    "the larger plan, or create a new one.",
 }
 
 
 def transfer(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
     """Bytes through the pooler this period (a UTC month) and the plan's limit (chalicelib.metering)."""
-    current = period(clock_now())
+    current = clock.period(clock.now())
     same = record.transfer_period == current
     return {
         "period": current,
