@@ -232,12 +232,9 @@ def database_sizes(target: Target, prefix: str) -> dict[str, int]:
 
 def connection_counts(target: Target, prefix: str) -> dict[str, int]:
     """Open sessions (backends) per tenant database: direct clients and the pooler's server connections."""
+    query = "SELECT datname, count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) GROUP BY datname"
     with target.connect() as conn:
-        rows = conn.execute(
-            "SELECT datname, count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) GROUP BY datname",
-            (prefix + "_",),
-        ).fetchall()
-    return {name: int(n) for name, n in rows}
+        return {name: int(n) for name, n in conn.execute(query, (prefix + "_",)).fetchall()}
 
 
 def database_size(target: Target, dbname: str) -> int | None:
