@@ -10,7 +10,7 @@ Dropping survives a hostile tenant, and refuses a database marked claimed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from chalicelib.postgres import CLAIMED_MARKER, Target, _first_line, reopen, scram_verifier
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
     from chalicelib.settings import Plan
 
 log = logging.getLogger(__name__)
+
 
 def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Composed:
     from psycopg import sql
@@ -45,9 +46,10 @@ def create_tenant(
 ) -> None:
     """Create the role and database of one tenant, hardened.
 
-    `login=False` makes a warm-pool tenant: ready, but nobody can log in until
-    `open_tenant` gives it LOGIN and a fresh password. `verifier` is
-    `scram_verifier(password)` when the caller has computed it already.
+    `login=False` makes a warm-pool tenant: ready, with the password it will
+    be handed out with, but nobody can log in until `open_tenant` gives it
+    LOGIN. `verifier` is `scram_verifier(password)` when the caller has
+    computed it already.
     """
     from psycopg import sql
 
@@ -185,39 +187,30 @@ def set_password(target: Target, role: str, password: str) -> None:
         _terminate_role(conn, role)
 
 
-def open_tenant(target: Target, role: str, verifier: str, meanwhile: Callable[[], object] | None = None) -> None:
-    """Hand out a pooled tenant: LOGIN with a new password in one statement.
+def open_tenant(target: Target, role: str, plan: Plan) -> None:
+    """Hand out a pooled tenant: LOGIN (and the plan's connection limit) in one statement.
 
-    `verifier` is `scram_verifier(password)` of the fresh password. The pooled
-    role was NOLOGIN, so no session of it can exist, and its earlier password
-    is replaced before it can ever log in.
-
-    The server checks a new verifier against the empty password, a full SCRAM
-    computation (a few ms). `meanwhile` runs after the statement is sent and
-    before its answer is read (pipeline mode), so the caller's own work
-    overlaps that wait, in this thread. It runs once, even if the statement
-    is sent twice.
+    The role got its password when the pool was refilled (`create_tenant`
+    with `login=False`): a password made for this database alone, sealed in
+    its record and never shown before this take. Setting it here would cost
+    the server's check of the new verifier against the empty password, a
+    full 4096-round SCRAM computation (~5 ms); LOGIN alone is a catalog
+    write (~0.2 ms). The role was NOLOGIN, so no session of it can exist.
     """
     import psycopg
     from psycopg import sql
 
-    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
-    pending = [meanwhile] if meanwhile else []
-
-    def run(conn: psycopg.Connection) -> None:
-        with conn.pipeline():
-            conn.execute(statement)
-            while pending:
-                pending.pop()()
-
+    statement = sql.SQL("ALTER ROLE {} LOGIN CONNECTION LIMIT {}").format(
+        sql.Identifier(role), sql.Literal(plan.connections)
+    )
     try:
         with target.session() as conn:
-            run(conn)
+            conn.execute(statement)
     except psycopg.OperationalError:
         # A kept-open connection the server closed meanwhile (restart, idle
         # timeout): once more on a new one. The statement is idempotent.
         with target.session() as conn:
-            run(conn)
+            conn.execute(statement)
 
 
 def _terminate_role(conn: psycopg.Connection, role: str) -> int:
