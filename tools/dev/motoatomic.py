@@ -82,7 +82,8 @@ def _transact_write_items(self, transact_items: list[dict[str, Any]]) -> None:
                     old = current.to_json()["Attributes"]
                 error = ("ConditionalCheckFailed", ConditionalCheckFailed().message, old)
         errors.append(error)
-        planned.append((op_type, op, name, key, copy.deepcopy(current)))
+        # A put or delete replaces the stored Item, an update changes it in place: only that needs a copy.
+        planned.append((op_type, op, name, key, copy.deepcopy(current) if op_type == "Update" else current))
     if any(code is not None for code, _, _ in errors):
         raise TransactionCanceledException(errors)
     written = []
