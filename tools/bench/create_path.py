@@ -55,6 +55,16 @@ class CreatePathFigures:
                 self.add(f"create_{label}_p{p}", ms(pct(times, p)), "ms", n, f"{how}, {label.replace('_', ' ')}")
         ratio = statistics.median(on_demand) / statistics.median(pooled)
         self.add("create_p50_ratio", round(ratio, 1), "x", n, "on-demand p50 / pooled p50, same run")
+        getitem = next((f.value for f in self.figures if f.name == "dynamodb_getitem_p50"), None)
+        if getitem:
+            # The shared machine's load moves every figure; this one moves much less.
+            self.add(
+                "create_pooled_in_getitems",
+                round(ms(statistics.median(pooled)) / getitem, 1),
+                "x",
+                n,
+                "pooled create p50 / dynamodb_getitem_p50 of the same run: the create in GetItems",
+            )
         # Where a create's time goes, measured inside the runs above.
         self.add(
             "part_ddl_p50",
