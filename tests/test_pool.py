@@ -64,6 +64,10 @@ def test_create_takes_a_pooled_database(client, service, pg):
     assert again.json_body["connection_string"] == body["connection_string"]
     assert again.json_body["status"] == body["status"] == "UNCLAIMED"
     assert body["created_at"] == again.json_body["created_at"]
+    # The audit event was written in the take's transaction.
+    from chalicelib import audit
+
+    assert [e.action for e in audit.page(body["id"]).events] == ["created"]
 
 
 def test_a_pooled_database_cannot_be_logged_into_before_its_take(client, service, pg):
