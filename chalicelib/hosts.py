@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import postgres, provisioning, reliability
+from chalicelib import postgres, provisioning, reliability, replication
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
@@ -288,6 +288,8 @@ def register(
     )
     tgt = target(host, settings)  # fresh credentials, never a cached copy
     provisioning.check_admin(tgt)
+    if logical_replication:
+        replication.check_host(tgt)
     warnings = provisioning.harden_host(tgt)
     host.save()
     return host, warnings
