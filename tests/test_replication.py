@@ -92,7 +92,7 @@ def walsenders(pg, role: str) -> list[tuple[int, str]]:
 def test_a_tenant_streams_its_own_inserts_and_never_another_tenants(service, pg):
     mine, other = create(service), create(service)
     mine_url, other_url = url(service, mine), url(service, other)
-    for dsn, word in ((mine_url, "hello-mine"), (other_url, "hello-other")):
+    for dsn in (mine_url, other_url):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE TABLE todo (id serial PRIMARY KEY, title text)")
             conn.execute("CREATE PUBLICATION pub FOR TABLE todo")  # on its own table: it owns it
