@@ -363,6 +363,7 @@ def start(
         "wal_level": "logical",
         "max_replication_slots": "64",
         "max_wal_senders": "32",
+        "max_slot_wal_keep_size": "4GB",  # the backstop between the guard's runs
         **(settings or {}),
     }
     options = " ".join(f"-c {k}={v}" for k, v in conf.items())
