@@ -33,17 +33,26 @@ RDS_ROLE = "rds_replication"
 SLOT_DROPPED = "replication_slot_dropped"
 
 # A walsender's last command (pg_stat_activity.query) that streams or copies
-# WAL of the whole cluster, or makes a physical slot. START_REPLICATION and
-# CREATE_REPLICATION_SLOT are physical unless they say LOGICAL.
-_PHYSICAL = re.compile(
-    r"^\s*(BASE_BACKUP|READ_REPLICATION_SLOT|TIMELINE_HISTORY|UPLOAD_MANIFEST"
-    r"|START_REPLICATION(?![^;]*\bLOGICAL\b)|CREATE_REPLICATION_SLOT(?![^;]*\bLOGICAL\b))",
+# WAL of the whole cluster, or makes a physical slot: any replication command
+# but the logical forms of START_REPLICATION and CREATE_REPLICATION_SLOT,
+# whose LOGICAL must follow the slot name (a slot may be *named* "logical").
+_REPLICATION_COMMAND = re.compile(
+    r"^\s*(START_REPLICATION|CREATE_REPLICATION_SLOT|BASE_BACKUP|READ_REPLICATION_SLOT|TIMELINE_HISTORY"
+    r"|UPLOAD_MANIFEST)\b",
+    re.IGNORECASE,
+)
+_SLOT = r'(?:"(?:[^"]|"")*"|[^\s"]+)'
+_LOGICAL = re.compile(
+    rf"^\s*(START_REPLICATION\s+SLOT\s+{_SLOT}\s+LOGICAL|CREATE_REPLICATION_SLOT\s+{_SLOT}\s+(TEMPORARY\s+)?LOGICAL)\s",
     re.IGNORECASE,
 )
 
 
 def is_physical_command(query: str | None) -> bool:
-    return bool(query) and _PHYSICAL.match(query) is not None
+    """Whether a walsender's command is one a tenant may not run (anything physical)."""
+    if not query or not _REPLICATION_COMMAND.match(query):
+        return False
+    return _LOGICAL.match(query) is None
 
 
 def check_host(target: Target) -> None:

@@ -217,3 +217,52 @@ def test_expiry_drops_the_slots_then_the_database_while_a_stream_is_open(service
     finally:
         stream.kill()
         stream.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "physical"),
+    [
+        ('START_REPLICATION SLOT "mine" LOGICAL 0/0 ("proto_version" \'1\')', False),
+        ("start_replication slot s logical 0/16B3748", False),
+        ('CREATE_REPLICATION_SLOT "s" TEMPORARY LOGICAL "pgoutput"', False),
+        ("CREATE_REPLICATION_SLOT s LOGICAL test_decoding", False),
+        ("IDENTIFY_SYSTEM", False),
+        ("SELECT 1", False),
+        ("START_REPLICATION 0/0", True),
+        ("START_REPLICATION PHYSICAL 0/0", True),
+        ('START_REPLICATION SLOT "logical" PHYSICAL 0/0', True),
+        ("START_REPLICATION SLOT logical 0/0 TIMELINE 1", True),
+        ("CREATE_REPLICATION_SLOT logical PHYSICAL RESERVE_WAL", True),
+        ("  base_backup (LABEL 'x')", True),
+        ("READ_REPLICATION_SLOT s", True),
+        ("TIMELINE_HISTORY 1", True),
+    ],
+)
+def test_which_walsender_commands_count_as_physical(command, physical):
+    from chalicelib.replication import is_physical_command
+
+    assert is_physical_command(command) is physical
+
+
+def test_a_logical_stream_survives_the_scheduled_job(service, pg, instapg_env):
+    from chalicelib import quotas
+    from chalicelib.clock import Deadline
+    from tests.test_expiry import reconfigure
+
+    service = reconfigure(instapg_env, INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS=1)
+    tenant = create(service)
+    dsn = url(service, tenant)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (n int)")
+        conn.execute("CREATE PUBLICATION pub FOR TABLE t")
+    assert recvlogical(dsn, "live", "--create-slot", "--plugin", "pgoutput").returncode == 0
+    stream = start_stream(dsn, "live", "pub")
+    try:
+        wait_for(lambda: bool(walsenders(pg, tenant.record.role_name)))
+        time.sleep(1.2)  # streaming for longer than the plan's statement time
+        summary = quotas.enforce(service, Deadline.after(30))
+        assert summary["walsenders_ended"] == 0 and summary["terminated"] == 0
+        assert stream.poll() is None and walsenders(pg, tenant.record.role_name)
+    finally:
+        stream.kill()
+        stream.wait()
