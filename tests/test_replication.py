@@ -16,8 +16,6 @@ import pytest
 
 from tests.test_expiry import age, catalog, url
 
-pytestmark = pytest.mark.usefixtures("logical_host")
-
 
 @pytest.fixture
 def logical_host(host, service, pg):
@@ -89,7 +87,7 @@ def walsenders(pg, role: str) -> list[tuple[int, str]]:
         ).fetchall()
 
 
-def test_a_tenant_streams_its_own_inserts_and_never_another_tenants(service, pg):
+def test_a_tenant_streams_its_own_inserts_and_never_another_tenants(service, pg, logical_host):
     mine, other = create(service), create(service)
     mine_url, other_url = url(service, mine), url(service, other)
     for dsn in (mine_url, other_url):
@@ -119,14 +117,14 @@ def test_a_tenant_streams_its_own_inserts_and_never_another_tenants(service, pg)
     assert theirs.returncode != 0 and b"hello-other" not in theirs.stdout
 
 
-def test_a_database_without_the_flag_gets_no_replication(service):
+def test_a_database_without_the_flag_gets_no_replication(service, logical_host):
     plain = create(service, logical=False)
     with psycopg.connect(url(service, plain), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT pg_create_logical_replication_slot('nope', 'pgoutput')")
 
 
-def test_physical_replication_is_refused_or_ended(service, pg):
+def test_physical_replication_is_refused_or_ended(service, pg, logical_host):
     from chalicelib import quotas
     from chalicelib.clock import Deadline
     from tests.pgwire import login_sqlstate
@@ -167,7 +165,7 @@ def test_physical_replication_is_refused_or_ended(service, pg):
         streamer.close()
 
 
-def test_slots_past_the_count_or_the_wal_limit_are_dropped_with_an_audit_event(service, pg):
+def test_slots_past_the_count_or_the_wal_limit_are_dropped_with_an_audit_event(service, pg, logical_host):
     from chalicelib import audit, replication
     from chalicelib.models import DatabaseRecord
 
@@ -194,7 +192,7 @@ def test_slots_past_the_count_or_the_wal_limit_are_dropped_with_an_audit_event(s
     assert any("over 0 MB" in e.detail for e in events) and any("more than 2" in e.detail for e in events)
 
 
-def test_expiry_drops_the_slots_then_the_database_while_a_stream_is_open(service, pg):
+def test_expiry_drops_the_slots_then_the_database_while_a_stream_is_open(service, pg, logical_host):
     from chalicelib import expiry
     from chalicelib.clock import Deadline
 
@@ -244,7 +242,7 @@ def test_which_walsender_commands_count_as_physical(command, physical):
     assert is_physical_command(command) is physical
 
 
-def test_a_logical_stream_survives_the_scheduled_job(service, pg, instapg_env):
+def test_a_logical_stream_survives_the_scheduled_job(service, pg, instapg_env, logical_host):
     from chalicelib import quotas
     from chalicelib.clock import Deadline
     from tests.test_expiry import reconfigure
