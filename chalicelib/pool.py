@@ -204,7 +204,7 @@ def take(
 
     `noted(record)` runs once the record is ours, while Postgres checks the new password.
     """
-    for host in hostlib.by_free_capacity(hosts):
+    for host in hostlib.by_free_capacity(hosts, logical_last=True):  # pooled databases never replicate
         if ctx.hosts.is_down(host.id):
             continue
         record = _take_any(ctx, host, plan, ref, requester, password, creator_hash)

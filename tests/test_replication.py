@@ -264,3 +264,26 @@ def test_a_logical_stream_survives_the_scheduled_job(service, pg, instapg_env, l
     finally:
         stream.kill()
         stream.wait()
+
+
+def test_databases_without_the_flag_go_to_hosts_without_replication_while_one_has_room(service):
+    from datetime import UTC, datetime
+
+    from chalicelib import hosts
+    from chalicelib.models import HOST_ACTIVE, HostRecord
+
+    def host(host_id: str, logical: bool, capacity: int) -> HostRecord:
+        record = HostRecord(
+            id=host_id, status=HOST_ACTIVE, hostname="h", port=5432, sslmode="disable", credentials="env:X",
+            admin_dbname="postgres", capacity=capacity, allocated=0, logical_replication=logical,
+            created_at=datetime.now(UTC),
+        )  # fmt: skip
+        record.save()
+        return record
+
+    roomy_logical, small_plain = host("logical", True, 100), host("plain", False, 1)
+    both = [roomy_logical, small_plain]
+    assert hosts.reserve(both).id == "plain"  # despite less room
+    assert hosts.reserve(both).id == "logical"  # the plain host is full: the fallback
+    assert hosts.reserve(both, logical_replication=True).id == "logical"
+    assert [h.id for h in hosts.by_free_capacity(both)] == ["logical", "plain"]
