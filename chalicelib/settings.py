@@ -238,30 +238,10 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
-    (
-        "INSTAPG_LOCAL_TTL_SWEEP_SECONDS",
-        "5",
-        "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, "
-        "whose REMOVE stream records go to the same `drop_removed` handler as in production.",
-    ),
-    (
-        "INSTAPG_LOGICAL_SLOTS_PER_DATABASE",
-        "2",
-        "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones "
-        "(inactive first) with an audit event.",
-    ),
-    (
-        "INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB",
-        "1024",
-        "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the "
-        "scheduled job, with an audit event, before it fills the host's disk.",
-    ),
-    (
-        "INSTAPG_KEEP_PHYSICAL_SLOTS",
-        "",
-        "Comma-separated name prefixes of the operator's own physical slots on logical-replication hosts; every other "
-        "physical slot there is dropped by the scheduled job (tenants may not keep one: docs/replication.md).",
-    ),
+    ("INSTAPG_LOCAL_TTL_SWEEP_SECONDS", "5", "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, whose REMOVE stream records go to the same `drop_removed` handler as in production."),
+    ("INSTAPG_LOGICAL_SLOTS_PER_DATABASE", "2", "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones (inactive first) with an audit event."),
+    ("INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB", "1024", "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the scheduled job, with an audit event, before it fills the host's disk."),
+    ("INSTAPG_KEEP_PHYSICAL_SLOTS", "", "Comma-separated name prefixes of the operator's own physical slots on logical-replication hosts; every other physical slot there is dropped by the scheduled job (tenants may not keep one: docs/replication.md)."),
     (
         "INSTAPG_OPEN_SIGNUP",
         "true",
@@ -383,7 +363,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         local_ttl_sweep_s=_int(env, "INSTAPG_LOCAL_TTL_SWEEP_SECONDS"),
         slots_per_database=_int(env, "INSTAPG_LOGICAL_SLOTS_PER_DATABASE"),
         slot_max_retained_mb=_int(env, "INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB"),
-        keep_physical_slots=tuple(p.strip() for p in (env.get("INSTAPG_KEEP_PHYSICAL_SLOTS") or "").split(",") if p.strip()),
+        keep_physical_slots=tuple(filter(None, (p.strip() for p in get("INSTAPG_KEEP_PHYSICAL_SLOTS").split(",")))),
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
