@@ -59,11 +59,20 @@ def check_host(target: Target) -> None:
     """Refuse to flag a host for logical replication when it cannot decode (ValueError says why)."""
     with target.connect() as conn:
         level = conn.execute("SHOW wal_level").fetchone()[0]
+        # PostgreSQL 16+ lets a CREATEROLE admin give REPLICATION only if it has
+        # it; on RDS the grant is membership in rds_replication instead.
+        can_grant = conn.execute(
+            "SELECT rolsuper OR rolreplication OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s) "
+            "FROM pg_roles WHERE rolname = current_user",
+            (RDS_ROLE,),
+        ).fetchone()[0]
     if level != "logical":
         raise ValueError(
             f"wal_level is {level!r}: logical replication needs wal_level=logical "
             "(on RDS, rds.logical_replication=1 in the parameter group, then a reboot)"
         )
+    if not can_grant:
+        raise ValueError(f"admin role {target.user!r} needs REPLICATION to give it to tenants and drop their slots")
 
 
 def grant(conn: psycopg.Connection, role: str) -> None:

@@ -8,6 +8,7 @@ replication login. Tenants connect over TCP with their passwords.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import time
 
@@ -22,16 +23,21 @@ def logical_host(host, service, pg):
     """The session's Postgres registered again, as a host that offers logical replication."""
     from chalicelib import hosts
 
-    record, _ = hosts.register(
-        service.settings,
-        "local-1",
-        pg.host,
-        pg.port,
-        host.credentials,
-        capacity=1000,
-        sslmode="disable",
-        logical_replication=True,
-    )
+    try:
+        record, _ = hosts.register(
+            service.settings,
+            "local-1",
+            pg.host,
+            pg.port,
+            host.credentials,
+            capacity=1000,
+            sslmode="disable",
+            logical_replication=True,
+        )
+    except ValueError as exc:
+        if not os.environ.get("INSTAPG_TEST_PG_DSN"):
+            raise  # the embedded server always offers it
+        pytest.skip(f"the external server does not offer logical replication: {exc}")
     service.hosts.invalidate()
     return record
 
@@ -287,3 +293,22 @@ def test_databases_without_the_flag_go_to_hosts_without_replication_while_one_ha
     assert hosts.reserve(both).id == "logical"  # the plain host is full: the fallback
     assert hosts.reserve(both, logical_replication=True).id == "logical"
     assert [h.id for h in hosts.by_free_capacity(both)] == ["logical", "plain"]
+
+
+def test_a_host_whose_admin_cannot_grant_replication_is_not_registered_as_offering_it(service, pg, instapg_env):
+    from psycopg import sql
+
+    from chalicelib import hosts
+    from tests.conftest import ADMIN_ENV
+
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(sql.Identifier(pg.admin_user)))
+    try:
+        with pytest.raises(ValueError, match="needs REPLICATION"):
+            hosts.register(
+                service.settings, "local-9", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=1, sslmode="disable",
+                logical_replication=True,
+            )  # fmt: skip
+    finally:
+        with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(pg.admin_user)))
