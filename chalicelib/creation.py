@@ -142,7 +142,13 @@ def _create_on_demand(
             records.move(ctx, record, host)
         try:
             provisioning.create_tenant(
-                ctx.target(host), record.role_name, record.db_name, password, plan, verifier=verifier
+                ctx.target(host),
+                record.role_name,
+                record.db_name,
+                password,
+                plan,
+                verifier=verifier,
+                logical_replication=request.enable_logical_replication,
             )
             break
         except Exception as exc:

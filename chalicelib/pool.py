@@ -205,7 +205,7 @@ def take(
     `rate` (the client's per-IP count) is written in the take's transaction;
     a full window raises RateLimited before anything is taken.
     """
-    for host in hostlib.by_free_capacity(hosts):
+    for host in hostlib.by_free_capacity(hosts, logical_last=True):  # pooled databases never replicate
         if ctx.hosts.is_down(host.id):
             continue
         record = _take_any(ctx, host, plan, ref, requester, creator_hash, rate)

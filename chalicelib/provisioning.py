@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from chalicelib import replication
 from chalicelib.postgres import CLAIMED_MARKER, Target, _first_line, reopen, scram_verifier
 
 if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
@@ -43,6 +44,7 @@ def create_tenant(
     plan: Plan,
     login: bool = True,
     verifier: str | None = None,
+    logical_replication: bool = False,
 ) -> None:
     """Create the role and database of one tenant, hardened.
 
@@ -50,6 +52,8 @@ def create_tenant(
     be handed out with, but nobody can log in until `open_tenant` gives it
     LOGIN. `verifier` is `scram_verifier(password)` when the caller has
     computed it already.
+    `logical_replication`: the role may stream its database's changes
+    (chalicelib.replication; only on hosts that offer it).
     """
     from psycopg import sql
 
@@ -67,6 +71,8 @@ def create_tenant(
             )
         )
         conn.execute(_membership_grant(conn, role))
+        if logical_replication:
+            replication.grant(conn, role)
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
         _apply_role_defaults(conn, role, plan)
@@ -265,6 +271,9 @@ def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = Tru
                 other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
                 other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
         if db_exists:
+            # DROP DATABASE fails while a replication slot of it exists (its
+            # walsenders were ended with the role's sessions above).
+            replication.drop_database_slots(conn, dbname)
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
         if not role_exists:
             return db_exists
