@@ -101,11 +101,14 @@ class DevStack:
             f"env:{ADMIN_ENV}",
             capacity=1000,
             sslmode="disable",
-            logical_replication=True,  # the embedded server runs wal_level=logical
+            # The embedded server runs wal_level=logical, but offering it is an opt-in: a tenant's
+            # REPLICATION also allows physical commands, ended by the job, not refused (docs/replication.md).
+            logical_replication=settings.local_logical_replication,
         )
         for warning in warnings:
             _say(f"host warning: {warning}")
-        _say(f"host      '{HOST_ID}' registered (capacity 1000, logical replication)")
+        offers = "logical replication" if settings.local_logical_replication else "no logical replication"
+        _say(f"host      '{HOST_ID}' registered (capacity 1000, {offers})")
 
         # moto never expires items and chalice local runs no stream handlers:
         # emulate TTL deletion and deliver the stream to drop_removed.
