@@ -70,6 +70,7 @@ class Settings:
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
+    purge_sessions_per_host: int = 16
     open_signup: bool = True
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
@@ -223,6 +224,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "A purge run (and the stream handler's pool refill) stops taking new work after this fraction of the Lambda's remaining time.",
     ),
     (
+        "INSTAPG_PURGE_SESSIONS_PER_HOST",
+        "16",
+        "Admin sessions a purge run opens per host to drop databases in parallel (each DROP DATABASE waits for a "
+        "checkpoint; parallel drops share one). They count against the host's `max_connections` during a run.",
+    ),
+    (
         "INSTAPG_ORPHAN_GRACE_SECONDS",
         "3600",
         "A prefixed database or role no record references is dropped once reconciliation has seen it this long "
@@ -351,6 +358,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
+        purge_sessions_per_host=max(1, _int(env, "INSTAPG_PURGE_SESSIONS_PER_HOST")),
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
