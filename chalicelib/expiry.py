@@ -201,8 +201,9 @@ class _Run:
                 elif outcome == DROPPED:
                     dropped.append(record)
             setattr(self.summary, counter, getattr(self.summary, counter) + len(dropped))
-            if counter == "expired_dropped":
-                # Before the final write: a crash in between writes them again, never loses them.
+            if bucket in (UNCLAIMED, EXPIRED):
+                # Before the final write: a crash in between writes them again, never loses them
+                # (an expiry whose run died is finished from the EXPIRED bucket, and audited there).
                 audit.record_many_quietly([(r.id, audit.PURGED, audit.SYSTEM, "expired unclaimed") for r in dropped])
             self.finish(dropped)
 
