@@ -64,16 +64,33 @@ class PurgeFigures:
         finally:
             self.service.settings = settings
 
+    def _only_host(self, host_id: str | None) -> None:
+        """Every other registered host DRAINING (no new databases, its drops still run); None: all ACTIVE again."""
+        from chalicelib.models import HOST_ACTIVE, HOST_DRAINING, HostRecord
+
+        for host in HostRecord.scan():
+            status = HOST_ACTIVE if host_id in (None, host.id) else HOST_DRAINING
+            host.update(actions=[HostRecord.status.set(status)])
+        self.service.hosts.invalidate()
+
     def purge(self) -> None:
         n, serial = self.args.purge, self.args.purge_serial
         sessions = self.service.settings.purge_sessions_per_host
         self.refill(0)
+        self._only_host("bench-1")  # "on one host"
+        try:
+            self._purge(n, serial, sessions)
+        finally:
+            self._only_host(None)
+
+    def _purge(self, n: int, serial: int, sessions: int) -> None:
         t = time.perf_counter()
         baseline, batch = self._expired(serial, "ps"), self._expired(n, "p")
-        say(f"purge: {serial + n} databases created in {time.perf_counter() - t:.1f}s")
+        say(f"purge: {serial + n} databases created on bench-1 in {time.perf_counter() - t:.1f}s")
 
         self._age(baseline)
-        self._checkpoint(self.servers[0])
+        for server in self.servers:
+            self._checkpoint(server)
         elapsed_serial, summary = self._timed_purge(1)
         per_drop_serial = elapsed_serial / max(summary.expired_dropped, 1)
         self.add(
@@ -86,7 +103,8 @@ class PurgeFigures:
         )
 
         self._age(batch)
-        self._checkpoint(self.servers[0])
+        for server in self.servers:
+            self._checkpoint(server)
         elapsed, summary = self._timed_purge(sessions)
         self.add(
             "purge_500_expired",
