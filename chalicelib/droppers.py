@@ -74,7 +74,12 @@ class Droppers:
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.closed and not conn.broken:
             return conn
-        conn = target.open()  # HostUnavailable when it cannot connect
+        try:
+            conn = target.open()
+        except postgres.HostUnavailable:
+            # Once more: many workers logging in at once can overrun a busy host's connect timeout;
+            # a host that is down fails again, and the run skips it.
+            conn = target.open()
         self._local.conn = conn
         with self._lock:
             self._conns.append(conn)
