@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tools.bench.common import Figure, ms, pct, say
-from tools.bench.standalone import emit, register, stack
+from tools.bench.standalone import emit, on_sigterm, register, stack
 
 
 def _tree_cpu_s(postmaster: int) -> float:
@@ -44,6 +44,13 @@ def _tree_cpu_s(postmaster: int) -> float:
     return total / tick
 
 
+def _mem_available() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(args: argparse.Namespace) -> list[Figure]:
     import psycopg
     from chalice.test import Client
@@ -55,6 +62,12 @@ def measure(args: argparse.Namespace) -> list[Figure]:
     from chalicelib.schemas import CreateDatabase
     from tools.dev import pgserver
 
+    # tmpfs is memory: refuse rather than crowd out the machine (a shared one, for one).
+    need = (args.max + 3 * args.samples + 50) * 7.5 * 2**20 * 1.3
+    free = min(shutil.disk_usage("/dev/shm").free, _mem_available()) if os.path.isdir("/dev/shm") else 0
+    if free < need:
+        why = f"needs {need / 2**30:.1f} GiB of tmpfs and memory for {args.max} databases, {free / 2**30:.1f} GiB free"
+        return [Figure("density", None, "", 0, f"not measured: {why}; lower --density")]
     root = pgserver.private_dir("instapg-density-")
     server = pgserver.start(root / "pg", settings={"fsync": "off"})
     postmaster = int((server.data_dir / "postmaster.pid").read_text().splitlines()[0])
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle CPU window (default 10)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (what make bench reads)")
     args = parser.parse_args(argv)
+    on_sigterm()
     figures = measure(args)
     if args.json:
         emit(figures)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tools.bench.common import Figure, say
-from tools.bench.standalone import emit, register, stack
+from tools.bench.standalone import emit, on_sigterm, register, stack
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (what make bench reads)")
     args = parser.parse_args(argv)
+    on_sigterm()
     figures = measure(args)
     if args.json:
         emit(figures)

@@ -73,6 +73,13 @@ def register(service, host_id: str, server, capacity: int = 100_000) -> None:
     service.hosts.invalidate()
 
 
+def on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so a part's `finally` stops its servers and removes their data."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def emit(figures: list[Figure]) -> None:
     """The last line a part prints with --json: what `run` reads."""
     print(json.dumps([asdict(f) for f in figures]), flush=True)
@@ -80,17 +87,22 @@ def emit(figures: list[Figure]) -> None:
 
 def run(module: str, args: list[str], timeout_s: float = 600) -> list[Figure]:
     """Run a part in a fresh interpreter; its figures, or one 'not measured' figure saying why."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"tools.bench.{module}", "--json", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=None,  # its progress lines go where ours go
+        text=True,
+    )
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", f"tools.bench.{module}", "--json", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=None,  # its progress lines go where ours go
-            text=True,
-            timeout=timeout_s,
-        )
-        lines = proc.stdout.strip().splitlines()
-        return [Figure(**f) for f in json.loads(lines[-1])]
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # SIGTERM, not SIGKILL: the part stops its servers and removes their data (see `on_sigterm`).
+            proc.terminate()
+            proc.communicate(timeout=120)
+            raise
+        return [Figure(**f) for f in json.loads(out.strip().splitlines()[-1])]
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         say(f"{module}: failed ({type(exc).__name__})")
         return [Figure(f"{module}", None, "", 0, f"not measured: the part failed ({type(exc).__name__})")]
