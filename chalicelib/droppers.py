@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from chalicelib import postgres, provisioning
+from chalicelib import access, postgres, provisioning
 
 if TYPE_CHECKING:
     import psycopg
@@ -59,6 +59,8 @@ class Droppers:
             host = self._ctx.hosts.get(record.host_id)
         except KeyError:
             raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
+        # The host's pooler first (chalicelib.access): its entries and sessions end before the drop.
+        access.revoke(self._ctx, host, record.role_name, record.db_name)
         target = self._ctx.target(host)
         conn = self._connection(target)
         try:
