@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError
 
-from chalicelib import audit, clock, metrics, pool, postgres, provisioning, records, reliability, tombstones
+from chalicelib import audit, clock, metrics, pool, postgres, provisioning, records, reliability, stats, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
@@ -59,11 +59,13 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
         taken = pool.take(ctx, hosts, plan, request.ref, requester, password, verifier, token_hash(token), noted)
         if taken is not None:
             metrics.emit({"Creates": 1, "PoolTakes": 1})
+            stats.count_create(True, request.ref)
             return dataclasses.replace(taken, creator_token=token)
     result = _create_on_demand(ctx, hosts, database_id, plan, request, requester, password, verifier, token_hash(token))
     if result.created:
         note_created(ctx, result.record, requester)
         metrics.emit({"Creates": 1, "OnDemandCreates": 1})
+        stats.count_create(False, request.ref)
         return dataclasses.replace(result, creator_token=token)
     return result
 

@@ -368,3 +368,32 @@ def take_pooled(
             return False  # another create took it first (or it is gone)
         raise
     return True
+
+
+# -- the operator's dashboard (chalicelib.fleet) -----------------------------------------
+
+
+def extend_expiry(record: DatabaseRecord, expires_at) -> bool:
+    """An unclaimed database's new expiry (and the purge's due time with it); False if it moved meanwhile."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.expires_at.set(expires_at),
+            DatabaseRecord.due_at.set(int(expires_at.timestamp())),
+            DatabaseRecord.updated_at.set(now),
+        ],
+        (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
+    )
+
+
+def set_lock(record: DatabaseRecord, reason: str | None) -> bool:
+    """Write (reason) or lift (None) a lock on a live record; False if it is no longer live."""
+    now = clock.now()
+    if reason is None:
+        actions = [DatabaseRecord.locked_reason.remove(), DatabaseRecord.locked_at.remove()]
+    else:
+        actions = [DatabaseRecord.locked_reason.set(reason), DatabaseRecord.locked_at.set(now)]
+    return conditional(
+        record, [*actions, DatabaseRecord.updated_at.set(now)], DatabaseRecord.status.is_in(UNCLAIMED, CLAIMED)
+    )
