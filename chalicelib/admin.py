@@ -202,6 +202,10 @@ class AdminPages:
             ("Owner", record.owner_id or ""),
             ("Created", f"{iso(record.created_at)} from {record.created_ip or 'no address'}"),
             ("Expires", iso(record.expires_at) if record.status != CLAIMED else "never (claimed)"),
+        ]
+        if record.status in ("EXPIRED", "DELETED", "FAILED"):  # a tombstone's expires_at is its own TTL
+            rows[-1] = ("Ended", f"{iso(record.ended_at)}; record kept until {iso(record.expires_at)}")
+        rows += [
             ("Size", f"{int(record.size_bytes) / 1048576:.1f} MB" if record.size_bytes is not None else "not measured"),
             ("Locked", f"{record.locked_reason} since {iso(record.locked_at)}" if record.locked_reason else "no"),
         ]

@@ -1,6 +1,6 @@
 """The dashboard's charts, drawn server-side by pygal as inline SVG.
 
-Why pygal: it is pure Python (about 0.6 MB installed, no compiled parts, so
+Why pygal: it is pure Python (0.53 MB of source, no compiled parts, so
 the Lambda package stays small and builds on any machine), renders SVG on the
 server, so the charts show with JavaScript off and need no script under the
 page's CSP (`script-src 'nonce-...'`; pygal's own tooltip script is turned off
