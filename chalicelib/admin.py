@@ -136,9 +136,17 @@ class AdminPages:
 
     def logout(self, raw_body: bytes | None) -> AdminPage:
         operator = self._operator()
-        if operator is not None and not operators.check_csrf(self.ctx, self.cookie, _form(raw_body).get("csrf")):
+        try:
+            token = _form(raw_body).get("csrf")
+        except DomainError:
+            token = None
+        if operator is not None and not operators.check_csrf(self.ctx, self.cookie, token):
             return self._forbidden(operator)
         return self._redirect("/admin/login", self._cookie("", 0))
+
+    def _message(self, operator: operators.Operator, exc: DomainError) -> AdminPage:
+        """An error as a page of the dashboard (404, 400), with its status."""
+        return self._render("admin_message.html", exc.error, http.status(exc), operator, self._error(exc))
 
     def _forbidden(self, operator: operators.Operator) -> AdminPage:
         notice = Notice("The form expired. Reload the page and submit it again.")
@@ -188,12 +196,13 @@ class AdminPages:
         if operator is None:
             return self._redirect("/admin/login")
         database_id = parse_database_id(raw_id)
-        record = fleet.require(database_id) if database_id else None
-        if record is None:
-            raise NotFound("Database not found")
+        try:
+            record = fleet.require(database_id or "")
+            history = fleet.history(record.id, audit.DEFAULT_PAGE, params.get("cursor") or None)
+        except (NotFound, Invalid) as exc:
+            return self._message(operator, exc)
         if notice is None and params.get("done") in DONE:
             notice = Notice(DONE[params["done"]], "ok")
-        history = fleet.history(record.id, audit.DEFAULT_PAGE, params.get("cursor") or None)
         next_url = f"/admin/databases/{record.id}?cursor={history.cursor}" if history.cursor else None
         rows = [
             ("Host", record.host_id),
@@ -235,9 +244,12 @@ class AdminPages:
         if operator is None:
             return self._redirect("/admin/login")
         database_id = parse_database_id(raw_id)
-        if database_id is None:
-            raise NotFound("Database not found")
-        form = _form(raw_body)
+        try:
+            form = _form(raw_body)
+            if database_id is None:
+                raise NotFound("Database not found", hint="No record has this id.")
+        except DomainError as exc:
+            return self._message(operator, exc)
         if not operators.check_csrf(self.ctx, self.cookie, form.get("csrf")):
             return self._forbidden(operator)
         action = form.get("action")
@@ -255,8 +267,8 @@ class AdminPages:
                 fleet.unlock(self.ctx, database_id, operator.actor, self.ip)
             else:
                 raise Invalid("Unknown action", hint="Use the page's buttons.")
-        except NotFound:
-            raise
+        except NotFound as exc:
+            return self._message(operator, exc)
         except DomainError as exc:
             return self.database(database_id, {}, self._error(exc), http.status(exc))
         return self._redirect(f"/admin/databases/{database_id}?done={action}")
