@@ -55,24 +55,27 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
     verifier = postgres.scram_verifier(password)  # once, for whichever way the database comes
     token = creator_token()  # handed out once; the record keeps its hash
     if database_id is None and not request.enable_logical_replication:
-        noted = functools.partial(note_created, ctx, requester=requester)
+        noted = functools.partial(note_created, ctx, requester=requester, pooled=True)
         taken = pool.take(ctx, hosts, plan, request.ref, requester, password, verifier, token_hash(token), noted)
         if taken is not None:
             metrics.emit({"Creates": 1, "PoolTakes": 1})
-            stats.count_create(True, request.ref)
             return dataclasses.replace(taken, creator_token=token)
     result = _create_on_demand(ctx, hosts, database_id, plan, request, requester, password, verifier, token_hash(token))
     if result.created:
         note_created(ctx, result.record, requester)
         metrics.emit({"Creates": 1, "OnDemandCreates": 1})
-        stats.count_create(False, request.ref)
         return dataclasses.replace(result, creator_token=token)
     return result
 
 
-def note_created(ctx: Context, record: DatabaseRecord, requester: Requester) -> None:
+def note_created(ctx: Context, record: DatabaseRecord, requester: Requester, pooled: bool = False) -> None:
+    """What follows a create: the unclaimed count, the audit event, the dashboard's counter.
+
+    A pool take runs this while Postgres checks the new password, so its writes cost the caller nothing.
+    """
     ctx.guard.note_unclaimed(record.host_id)
     audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
+    stats.count_create(pooled, record.ref)
 
 
 def _create_on_demand(
