@@ -41,6 +41,7 @@ class DevStack:
         self.pg = None
         self.moto = None
         self.server = None
+        self.operator_key = ""
         self.background: list[threading.Thread] = []
         self.stopping = threading.Event()
 
@@ -99,6 +100,10 @@ class DevStack:
         for warning in warnings:
             _say(f"host warning: {warning}")
         _say(f"host      '{HOST_ID}' registered (capacity 1000)")
+        from chalicelib import operators
+
+        # The dashboard needs an operator key; this stack's data lives one run, so does the key.
+        self.operator_key = operators.create("make-dev").key
 
         if self.pool_refill:
             # `chalice local` runs no schedules: top the warm pool up on a timer.
@@ -144,6 +149,7 @@ class DevStack:
     def banner(self) -> None:
         url = f"http://127.0.0.1:{self.port}"
         _say(f"api       {url} (chalice local)")
+        _say(f"dashboard {url}/admin with the operator key {self.operator_key} (this run only)")
         _say(
             f"purge     every {self.interval}s: expiry, reconciliation, quotas (the scheduled job, run by this "
             "stack: chalice local runs no schedules)"
