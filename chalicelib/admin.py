@@ -1,7 +1,7 @@
 """The operator's dashboard pages under /admin: Jinja2 templates (autoescape on), one base layout.
 
 Server-rendered and usable without JavaScript (there is none: the charts are
-SVG drawn on the server, chalicelib.charts), under the claim page's headers:
+SVG drawn on the server, chalicelib.admincharts), under the claim page's headers:
 strict CSP with a nonce, no-store, frame-ancestors 'none'. Authentication
 and CSRF: chalicelib.operators (key in a form, then a signed HttpOnly
 SameSite=Strict session cookie; a CSRF token in every POST form). The
@@ -158,11 +158,11 @@ class AdminPages:
         operator = self._operator()
         if operator is None:
             return self._redirect("/admin/login")
-        from chalicelib import charts
+        from chalicelib import admincharts
 
         summary = stats.summary(self.ctx)
         return self._render(
-            "admin_home.html", "Fleet summary", operator=operator, summary=summary, charts=charts.charts(summary)
+            "admin_home.html", "Fleet summary", operator=operator, summary=summary, charts=admincharts.charts(summary)
         )
 
     def databases(self, params: Mapping[str, str]) -> AdminPage:

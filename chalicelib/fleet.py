@@ -12,8 +12,8 @@ Listing is bounded per page, whatever the filters:
   filter combination would need an index per combination; an operator pages.
 
 Actions go through the same steps as the owner's and the purge's
-(records' conditional writes, ownership.finish_delete, provisioning's role
-lock), and each is audited before it happens, with the operator key's id as
+(records' conditional writes, ownership.finish_delete, quotas' one lock
+path), and each is audited before it happens, with the operator key's id as
 the actor: an admin action nobody can trace is worse than a 503.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, clock, ownership, postgres, provisioning, records, schemas
+from chalicelib import audit, clock, ownership, postgres, quotas, records, schemas
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Invalid, NotFound, Unavailable
 from chalicelib.identifiers import parse_database_id
@@ -205,10 +205,6 @@ def history(database_id: str, limit: int = audit.DEFAULT_PAGE, cursor: str | Non
     return events
 
 
-def _host_target(ctx: Context, record: DatabaseRecord) -> postgres.Target:
-    return ctx.target(ctx.hosts.get(record.host_id))
-
-
 def force_delete(ctx: Context, database_id: str, actor: str, ip: str | None, claimed: bool = False) -> None:
     """Drop a database now and leave a DELETED tombstone. A claimed one only with `claimed=True`."""
     record = require(database_id)
@@ -258,32 +254,28 @@ def _live(record: DatabaseRecord) -> None:
 
 
 def lock(ctx: Context, database_id: str, actor: str, ip: str | None) -> DatabaseRecord:
-    """Lock the tenant out (role NOLOGIN, sessions ended) until an operator unlocks it; idempotent."""
+    """Lock the tenant out until an operator unlocks it, through quotas' one lock path; idempotent."""
     record = require(database_id)
     _live(record)
     if record.locked_reason == OPERATOR_LOCK:
         return record
     audit.record(record.id, audit.ADMIN_LOCK, actor, ip, detail=f"was={record.locked_reason or 'unlocked'}")
     try:
-        provisioning.lock_role(_host_target(ctx, record), record.role_name)
+        quotas.lock(ctx, ctx.hosts.get(record.host_id), record, OPERATOR_LOCK, f"by {actor}")
     except (postgres.HostUnavailable, hostlib.CredentialsError):
         raise Unavailable("Database host unavailable", hint="Nothing was locked; retry in a few seconds.") from None
-    if not records.set_lock(record, OPERATOR_LOCK):
-        raise Conflict("Database changed meanwhile", hint="It was deleted or expired; reload it.")
     return records.require(record.id)
 
 
 def unlock(ctx: Context, database_id: str, actor: str, ip: str | None) -> DatabaseRecord:
-    """Lift any lock (an operator's or the quota job's; a database still over quota is locked again by the job)."""
+    """Lift any lock (an operator's or a quota's; one still over its quota is locked again by the next run)."""
     record = require(database_id)
     _live(record)
     if not record.locked_reason:
         return record
     audit.record(record.id, audit.ADMIN_UNLOCK, actor, ip, detail=f"was={record.locked_reason}")
     try:
-        provisioning.unlock_role(_host_target(ctx, record), record.role_name)
+        quotas.unlock(ctx, ctx.hosts.get(record.host_id), record, f"by {actor}")
     except (postgres.HostUnavailable, hostlib.CredentialsError):
         raise Unavailable("Database host unavailable", hint="Nothing was unlocked; retry in a few seconds.") from None
-    if not records.set_lock(record, None):
-        raise Conflict("Database changed meanwhile", hint="It was deleted or expired; reload it.")
     return records.require(record.id)

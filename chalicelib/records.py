@@ -386,14 +386,3 @@ def extend_expiry(record: DatabaseRecord, expires_at) -> bool:
         (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
     )
 
-
-def set_lock(record: DatabaseRecord, reason: str | None) -> bool:
-    """Write (reason) or lift (None) a lock on a live record; False if it is no longer live."""
-    now = clock.now()
-    if reason is None:
-        actions = [DatabaseRecord.locked_reason.remove(), DatabaseRecord.locked_at.remove()]
-    else:
-        actions = [DatabaseRecord.locked_reason.set(reason), DatabaseRecord.locked_at.set(now)]
-    return conditional(
-        record, [*actions, DatabaseRecord.updated_at.set(now)], DatabaseRecord.status.is_in(UNCLAIMED, CLAIMED)
-    )

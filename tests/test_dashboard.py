@@ -278,8 +278,17 @@ def test_extend_lock_and_unlock_go_through_postgres_and_the_audit_log(client, se
     assert client.http.post(f"/admin/api/databases/{database_id}/unlock", headers=bearer(key)).status_code == 200
     with psycopg.connect(url, connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    actions = [e.action for e in events(database_id)]
-    assert actions[:3] == ["admin_unlock", "admin_lock", "admin_extend"]
+    trail = [(e.action, e.actor) for e in events(database_id)]
+    actor = trail[1][1]
+    assert actor.startswith("operator:")
+    # Who asked (admin_*), then what quotas' one lock path did (the same events as a quota lock).
+    assert trail[:5] == [
+        ("quota_unlocked", "system"),
+        ("admin_unlock", actor),
+        ("quota_locked", "system"),
+        ("admin_lock", actor),
+        ("admin_extend", actor),
+    ]
 
 
 def test_summary_counts_creates_referrers_statuses_and_hosts(client, service):
