@@ -3,7 +3,8 @@
 One EventBridge rule runs it (app.py's `purge`); `make dev` runs it on a
 timer. Each part is bounded and resumable, so a run cut short loses nothing:
   1. expiry: expired databases, crashed creates, pending drops, orphans (chalicelib.expiry);
-  2. quotas: sizes, storage locks, long queries (chalicelib.quotas);
+  2. quotas: sizes, storage locks, long queries (chalicelib.quotas), and on hosts
+     that offer logical replication the slot and walsender guard (chalicelib.replication);
   3. metering: transfer through the pooler, locks over the plan's transfer, the daily
      usage rows (chalicelib.metering);
   4. the warm pool: ready databases topped up on every active host (chalicelib.pool).

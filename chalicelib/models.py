@@ -7,6 +7,8 @@ the same classes at moto.
 
 from __future__ import annotations
 
+import threading
+
 from pynamodb.attributes import (
     BinaryAttribute,
     BooleanAttribute,
@@ -15,6 +17,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UTCDateTimeAttribute,
 )
+from pynamodb.connection import Connection, TableConnection
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, IncludeProjection
 from pynamodb.models import Model
 
@@ -335,6 +338,30 @@ MODELS: tuple[type[Model], ...] = (
     OperatorKeyRecord,
     UsageDay,
 )
+# One botocore client for every model. pynamodb gives each model its own
+# Connection, so each model's first call built a botocore session and client
+# and parsed DynamoDB's service model again (~0.1 s each on a quiet machine,
+# several per cold start: the first create touches four tables).
+_shared: dict[tuple, Connection] = {}
+_shared_lock = threading.Lock()
+
+
+def _get_connection(cls: type[Model]) -> TableConnection:
+    table = Model._get_connection.__func__(cls)  # pynamodb's, cached per model until `configure`
+    meta = cls.Meta
+    key = (meta.host, meta.region, meta.connect_timeout_seconds, meta.read_timeout_seconds, meta.max_retry_attempts)
+    with _shared_lock:
+        shared = _shared.setdefault(key, table.connection)
+        if table.connection is not shared:
+            if cls.Meta.table_name not in shared._tables:
+                shared.add_meta_table(table.connection.get_meta_table(cls.Meta.table_name))
+            table.connection = shared
+    return table
+
+
+for _model in MODELS:
+    _model._get_connection = classmethod(_get_connection)
+
 _SUFFIXES = {
     DatabaseRecord: "databases",
     HostRecord: "hosts",

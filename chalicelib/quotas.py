@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import audit, postgres, provisioning
+from chalicelib import audit, postgres, provisioning, replication
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline, period
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
@@ -183,6 +183,8 @@ def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
             target = ctx.target(host)
             _enforce_time(ctx, target, records, summary)
             _enforce_storage(ctx, host, target, records, summary)
+            if host.logical_replication:
+                replication.guard(ctx.settings, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")

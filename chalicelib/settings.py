@@ -76,10 +76,16 @@ class Settings:
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
+    local_ttl_sweep_s: int = 5
+    local_logical_replication: bool = False
     open_signup: bool = True
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
     host_retry_s: int = 30
+    # Logical replication (chalicelib.replication): the scheduled job's bounds.
+    slots_per_database: int = 2
+    slot_max_retained_mb: int = 1024
+    keep_physical_slots: tuple[str, ...] = ()
     # TLS to the hosts (chalicelib.hosts.target): a CA bundle means verify-full.
     pg_sslrootcert: str | None = None
     # Web hardening (chalicelib.web): origins whose browser requests pass the
@@ -257,6 +263,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
+    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "0", "Local stack only: 1 registers the embedded host as offering logical replication. Off by default: a tenant's REPLICATION can also run physical commands over its own walsender, which the scheduled job ends but cannot refuse (docs/replication.md)."),
+    ("INSTAPG_LOCAL_TTL_SWEEP_SECONDS", "5", "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, whose REMOVE stream records go to the same `drop_removed` handler as in production."),
+    ("INSTAPG_LOGICAL_SLOTS_PER_DATABASE", "2", "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones (inactive first) with an audit event."),
+    ("INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB", "1024", "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the scheduled job, with an audit event, before it fills the host's disk."),
+    ("INSTAPG_KEEP_PHYSICAL_SLOTS", "", "Comma-separated name prefixes of the operator's own physical slots on logical-replication hosts; every other physical slot there is dropped by the scheduled job (tenants may not keep one: docs/replication.md)."),
     (
         "INSTAPG_OPEN_SIGNUP",
         "true",
@@ -377,6 +388,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
+        local_ttl_sweep_s=_int(env, "INSTAPG_LOCAL_TTL_SWEEP_SECONDS"),
+        local_logical_replication=_bool(env, "INSTAPG_LOCAL_LOGICAL_REPLICATION"),
+        slots_per_database=_int(env, "INSTAPG_LOGICAL_SLOTS_PER_DATABASE"),
+        slot_max_retained_mb=_int(env, "INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB"),
+        keep_physical_slots=tuple(filter(None, (p.strip() for p in get("INSTAPG_KEEP_PHYSICAL_SLOTS").split(",")))),
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
