@@ -416,4 +416,3 @@ def extend_expiry(record: DatabaseRecord, expires_at) -> bool:
         ],
         (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
     )
-
