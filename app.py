@@ -382,3 +382,130 @@ def database_lookup():
     if location is None:
         return _html(_pages().show(raw or ""))
     return Response(body="", status_code=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+# --- The operator's dashboard (chalicelib/admin.py pages, chalicelib/fleet.py actions) ---
+# JSON routes take the operator key as a bearer token; pages a session cookie (chalicelib/operators.py).
+
+
+def _operator():
+    from chalicelib import auth, operators
+
+    return operators.check_key(auth.bearer_token(app.current_request.headers), context.get().guard, _client_ip())
+
+
+def _admin():
+    from chalicelib.admin import AdminPages
+
+    return AdminPages(context.get(), _claim_base(), app.current_request.headers, _client_ip())
+
+
+def _params() -> dict:
+    return dict(app.current_request.query_params or {})
+
+
+@route("/admin", methods=["GET"])
+def admin_home():
+    return _html(_admin().home())
+
+
+@route("/admin/login", methods=["GET"])
+def admin_login_form():
+    return _html(_admin().login_form())
+
+
+@route("/admin/login", methods=["POST"], content_types=FORM)
+def admin_login():
+    return _html(_admin().login(app.current_request.raw_body))
+
+
+@route("/admin/logout", methods=["POST"], content_types=FORM)
+def admin_logout():
+    return _html(_admin().logout(app.current_request.raw_body))
+
+
+@route("/admin/databases", methods=["GET"])
+def admin_databases_page():
+    return _html(_admin().databases(_params()))
+
+
+@route("/admin/databases/{database_id}", methods=["GET"])
+def admin_database_page(database_id):
+    return _html(_admin().database(database_id, _params()))
+
+
+@route("/admin/databases/{database_id}/action", methods=["POST"], content_types=FORM)
+def admin_database_action(database_id):
+    return _html(_admin().action(database_id, app.current_request.raw_body))
+
+
+@route("/admin/api/summary", methods=["GET"])
+def admin_api_summary():
+    from chalicelib import stats, views
+
+    _operator()
+    return json_response(views.admin_summary(stats.summary(context.get())), 200)
+
+
+@route("/admin/api/databases", methods=["GET"])
+def admin_api_databases():
+    from chalicelib import fleet, views
+
+    _operator()
+    params = _params()
+    filters = fleet.parse_filters(context.get(), params)
+    page = fleet.page(filters, fleet.parse_limit(params.get("limit")), params.get("cursor"))
+    body = {"databases": [views.admin_database(r) for r in page.records], "next_cursor": page.cursor, "read": page.source}
+    return json_response(body, 200)
+
+
+@route("/admin/api/databases/{database_id}", methods=["GET"])
+def admin_api_database(database_id):
+    from chalicelib import audit, fleet, views
+
+    _operator()
+    record = fleet.require(_database_id(database_id))
+    params = _params()
+    page = fleet.history(record.id, audit.parse_limit(params.get("limit")), params.get("cursor"))
+    events = [views.audit_event(e) for e in page.events]
+    return json_response({"database": views.admin_database(record), "events": events, "next_cursor": page.cursor}, 200)
+
+
+@route("/admin/api/databases/{database_id}", methods=["DELETE"])
+def admin_api_delete(database_id):
+    from chalicelib import fleet
+
+    operator = _operator()
+    claimed = (_params().get("claimed") or "").lower() == "true"
+    fleet.force_delete(context.get(), _database_id(database_id), operator.actor, _client_ip(), claimed=claimed)
+    return Response(body="", status_code=204)
+
+
+@route("/admin/api/databases/{database_id}/extend", methods=["POST"], content_types=BODY_TYPES)
+def admin_api_extend(database_id):
+    from chalicelib import fleet, views
+
+    operator = _operator()
+    body = schemas.json_object(app.current_request.raw_body, context.get().settings.max_body_bytes)
+    record = fleet.extend(context.get(), _database_id(database_id), body.get("hours"), operator.actor, _client_ip())
+    return json_response({"database": views.admin_database(record)}, 200)
+
+
+@route("/admin/api/databases/{database_id}/lock", methods=["POST"], content_types=BODY_TYPES)
+def admin_api_lock(database_id):
+    from chalicelib import fleet, views
+
+    operator = _operator()
+    _no_fields()
+    record = fleet.lock(context.get(), _database_id(database_id), operator.actor, _client_ip())
+    return json_response({"database": views.admin_database(record)}, 200)
+
+
+@route("/admin/api/databases/{database_id}/unlock", methods=["POST"], content_types=BODY_TYPES)
+def admin_api_unlock(database_id):
+    from chalicelib import fleet, views
+
+    operator = _operator()
+    _no_fields()
+    record = fleet.unlock(context.get(), _database_id(database_id), operator.actor, _client_ip())
+    return json_response({"database": views.admin_database(record)}, 200)

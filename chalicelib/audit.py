@@ -31,6 +31,12 @@ QUOTA_UNLOCKED = "quota_unlocked"
 API_KEY_ROTATED = "api_key_rotated"
 API_KEY_REVOKED = "api_key_revoked"
 
+# Issue 17 section 3: the operator's dashboard; the actor is "operator:<key id>".
+ADMIN_DELETE = "admin_delete"
+ADMIN_EXTEND = "admin_extend"
+ADMIN_LOCK = "admin_lock"
+ADMIN_UNLOCK = "admin_unlock"
+
 SYSTEM = "system"
 ANONYMOUS = "anonymous"
 CREATOR = "creator"  # whoever held an unclaimed database's creator token
@@ -39,6 +45,11 @@ CREATOR = "creator"  # whoever held an unclaimed database's creator token
 def account_subject(account_id: str) -> str:
     """The audit log's key for an account's own events (database ids are bare UUIDs, so they never collide)."""
     return f"account:{account_id}"
+
+
+def operator_subject(key_id: str) -> str:
+    """The audit log's key for an operator key's own events (its logins)."""
+    return f"operator:{key_id}"
 
 
 MAX_PAGE = 100

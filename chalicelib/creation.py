@@ -17,7 +17,19 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError
 
-from chalicelib import access, audit, clock, metrics, pool, postgres, provisioning, records, reliability, tombstones
+from chalicelib import (
+    access,
+    audit,
+    clock,
+    metrics,
+    pool,
+    postgres,
+    provisioning,
+    records,
+    reliability,
+    stats,
+    tombstones,
+)
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
@@ -57,6 +69,7 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
         taken = pool.take(ctx, hosts, plan, request.ref, requester, token_hash(token), rate)
         if taken is not None:
             metrics.emit({"Creates": 1, "PoolTakes": 1})
+            stats.count_create(True, request.ref)
             return dataclasses.replace(taken, creator_token=token)
     if rate is not None:
         ctx.guard.count(rate)  # nothing when the take's transaction counted it already
@@ -71,8 +84,10 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
 
 
 def note_created(ctx: Context, record: DatabaseRecord, requester: Requester) -> None:
+    """What follows an on-demand create: the unclaimed count, the audit event, the dashboard's counter."""
     ctx.guard.note_unclaimed(record.host_id)
     audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
+    stats.count_create(False, record.ref)
 
 
 def _create_on_demand(

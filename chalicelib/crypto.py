@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import re
 from dataclasses import dataclass, field
@@ -62,6 +64,18 @@ class KeyRing:
         nonce = os.urandom(12)
         ct = AESGCM(self.keys[self.primary_id]).encrypt(nonce, plaintext.encode(), context.encode())
         return Sealed(self.primary_id, nonce + ct)
+
+    def mac_key(self, purpose: str, kid: str | None = None) -> tuple[str, bytes] | None:
+        """(kid, a key for HMACs of `purpose`) derived from key `kid` (default: the primary); None if unknown.
+
+        Derived, never the encryption key itself: a MAC and AES-GCM under one
+        key would be one key for two jobs.
+        """
+        kid = self.primary_id if kid is None else kid
+        key = self.keys.get(kid)
+        if key is None:
+            return None
+        return kid, hmac.new(key, b"instapg mac key: " + purpose.encode(), hashlib.sha256).digest()
 
     def decrypt(self, sealed: Sealed, context: str) -> str:
         from cryptography.exceptions import InvalidTag

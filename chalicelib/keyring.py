@@ -62,6 +62,11 @@ class SecretKeyRing:
     def encrypt(self, plaintext: str, context: str) -> Sealed:
         return self._current().encrypt(plaintext, context)
 
+    def mac_key(self, purpose: str, kid: str | None = None) -> tuple[str, bytes] | None:
+        # No re-read for an unknown kid: anyone can send one (a forged cookie), and the
+        # worst a rotation does to a session signed under a newer key is one more login.
+        return self._current().mac_key(purpose, kid)
+
     def decrypt(self, sealed: Sealed, context: str) -> str:
         ring = self._current()
         if sealed.key_id not in ring.keys:

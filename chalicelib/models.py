@@ -302,6 +302,26 @@ class AuditEvent(Model):
     detail = UnicodeAttribute(null=True)
 
 
+class OperatorKeyRecord(Model):
+    """An operator key (the dashboard's credential), keyed by its SHA-256 like ApiKeyRecord.
+
+    A table of its own: an account key is never looked up here, nor an
+    operator key in `api-keys`, so neither can stand in for the other.
+    `key_id` (the hash's first 12 hex digits) names the key in audit events
+    and to `tools.ops.operatorctl revoke`.
+    """
+
+    class Meta:
+        table_name = "instapg-operator-keys"
+        billing_mode = "PAY_PER_REQUEST"
+
+    key_hash = UnicodeAttribute(hash_key=True)
+    key_id = UnicodeAttribute()
+    name = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    revoked_at = UTCDateTimeAttribute(null=True)
+
+
 class UsageDay(Model):
     """One database's usage on one UTC day (chalicelib.usage), written by the scheduled job.
 
@@ -332,6 +352,7 @@ MODELS: tuple[type[Model], ...] = (
     AccountRecord,
     ApiKeyRecord,
     AuditEvent,
+    OperatorKeyRecord,
     UsageDay,
 )
 # One botocore client for every model. pynamodb gives each model its own
@@ -367,6 +388,7 @@ _SUFFIXES = {
     AccountRecord: "accounts",
     ApiKeyRecord: "api-keys",
     AuditEvent: "audit",
+    OperatorKeyRecord: "operator-keys",
     UsageDay: "usage",
 }
 

@@ -421,3 +421,20 @@ def take_pooled(
 
 
 _TAKE_ATTEMPTS = 4
+
+
+# -- the operator's dashboard (chalicelib.fleet) -----------------------------------------
+
+
+def extend_expiry(record: DatabaseRecord, expires_at) -> bool:
+    """An unclaimed database's new expiry (and the purge's due time with it); False if it moved meanwhile."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.expires_at.set(expires_at),
+            DatabaseRecord.due_at.set(int(expires_at.timestamp())),
+            DatabaseRecord.updated_at.set(now),
+        ],
+        (DatabaseRecord.status == UNCLAIMED) & (DatabaseRecord.expires_at > now),
+    )

@@ -94,6 +94,8 @@ class Settings:
     # a claim needs the creator token (not only the id).
     allowed_origins: tuple[str, ...] = ()
     auth_failures_per_hour: int = 30
+    # The operator's dashboard (chalicelib.operators): how long a login lasts.
+    admin_session_s: int = 1800
     claim_requires_token: bool = False
     # Running in Lambda (AWS_LAMBDA_FUNCTION_NAME): INSTAPG_PUBLIC_URL is required.
     deployed: bool = False
@@ -222,6 +224,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "INSTAPG_AUTH_FAILURES_PER_HOUR",
         "30",
         "Failed authentications (API key or creator token) allowed per client IP per clock hour; then 429 with Retry-After.",
+    ),
+    (
+        "INSTAPG_ADMIN_SESSION_SECONDS",
+        "1800",
+        "How long an operator's dashboard login lasts (the signed session cookie); revoking the key ends it sooner.",
     ),
     (
         "INSTAPG_CLAIM_REQUIRES_TOKEN",
@@ -400,6 +407,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         pg_sslrootcert=_app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
         allowed_origins=_origins(env),
         auth_failures_per_hour=_int(env, "INSTAPG_AUTH_FAILURES_PER_HOUR"),
+        admin_session_s=_int(env, "INSTAPG_ADMIN_SESSION_SECONDS"),
         claim_requires_token=_bool(env, "INSTAPG_CLAIM_REQUIRES_TOKEN"),
         deployed=bool(env.get("AWS_LAMBDA_FUNCTION_NAME")),
         request_deadline_s=_int(env, "INSTAPG_REQUEST_DEADLINE_SECONDS"),

@@ -138,3 +138,30 @@ def audit_event(event) -> dict[str, Any]:
         "ip": event.ip,
         "detail": event.detail,
     }
+
+
+def admin_database(record: DatabaseRecord) -> dict[str, Any]:
+    """What the operator's dashboard shows of a record: everything but secrets and hashes."""
+    return {
+        "id": record.id,
+        "status": record.status,
+        "plan": record.plan,
+        "host_id": record.host_id,
+        "db_name": record.db_name,
+        "ref": record.ref,
+        "owner_id": record.owner_id,
+        "created_ip": record.created_ip,
+        "created_at": iso(record.created_at),
+        "updated_at": iso(record.updated_at),
+        "expires_at": iso(record.expires_at) if record.status != "CLAIMED" else None,
+        "claimed_at": iso(record.claimed_at),
+        "ended_at": iso(record.ended_at),
+        "size_bytes": int(record.size_bytes) if record.size_bytes is not None else None,
+        "locked": {"reason": record.locked_reason, "since": iso(record.locked_at)} if record.locked_reason else None,
+    }
+
+
+def admin_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """chalicelib.stats.summary on the wire (times as ISO 8601)."""
+    hourly = [{**row, "hour": iso(row["hour"])} for row in summary["creates_per_hour"]]
+    return {**summary, "creates_per_hour": hourly}

@@ -13,8 +13,9 @@ outermost) does three things:
    before (curl's default form content type included). A browser request
    from another site, or from an opaque origin (`Origin: null`), is a 403,
    unless its origin is listed in INSTAPG_ALLOWED_ORIGINS. A browser request
-   from this site to a JSON route must say `application/json` (415
-   otherwise), so no HTML form anywhere can stand in for the API. The claim
+   from this site to a JSON route (/api/, /admin/api/) must say
+   `application/json` (415 otherwise), so no HTML form anywhere can stand in
+   for the API. The claim
    page's own forms are same-origin, and go to /claim/..., not /api/.
 3. Headers on every response: `Cache-Control: no-store` on JSON (bodies
    may carry a password or an API key), `X-Content-Type-Options: nosniff`,
@@ -111,7 +112,7 @@ def check_request(
             hint="Browsers on other sites may not call this API; call it from your server, "
             "or ask the operator to add your origin to INSTAPG_ALLOWED_ORIGINS.",
         )
-    if path.startswith("/api/") and method.upper() != "DELETE":
+    if path.startswith(("/api/", "/admin/api/")) and method.upper() != "DELETE":
         content_type = _first(headers, "content-type").split(";")[0].strip()
         if content_type != "application/json":
             raise UnsupportedMediaType(

@@ -470,3 +470,24 @@ def test_a_claimed_database_needs_the_owners_key(run, server, tmp_path, monkeypa
     assert code == 1 and "Database is claimed (HTTP 409)" in err
     code, out, _ = run("delete", "--yes", "--json", "--api-key", key)
     assert code == 0 and json.loads(out) == {"id": database_id, "deleted": True, "with": "api_key"}
+
+
+def test_claim_with_a_key_sends_the_creator_token_from_env(run, server, tmp_path, monkeypatch, instapg_env):
+    from chalicelib import context, records
+
+    monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
+    instapg_env.setenv("INSTAPG_CLAIM_REQUIRES_TOKEN", "true")  # the id alone no longer claims
+    context.reset()
+    assert run("--yes")[0] == 0
+    env = envfile.read(tmp_path / ".env")
+    database_id = env["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    key = _api_key(server)
+    envfile.replace(tmp_path / ".env", {"DATABASE_URL_CREATOR_TOKEN": "ipgc_" + "A" * 43})
+    code, _, err = run("claim", "--api-key", key)
+    assert code == 1 and "Creator token does not match (HTTP 403)" in err
+    assert records.find(database_id).status == "UNCLAIMED"
+    envfile.replace(tmp_path / ".env", {"DATABASE_URL_CREATOR_TOKEN": env["DATABASE_URL_CREATOR_TOKEN"]})
+    code, out, err = run("claim", "--api-key", key, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"id": database_id, "status": "CLAIMED", "with_creator_token": True}
+    assert records.find(database_id).status == "CLAIMED"

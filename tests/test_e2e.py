@@ -82,6 +82,19 @@ def test_banner_prints_a_curl_line(devstack):
     assert f"curl -X POST {base}/api/v1/database" in output
 
 
+def test_banner_operator_key_opens_the_dashboard(devstack):
+    import json
+    import re
+    import urllib.request
+
+    _, base, output = devstack
+    key = re.search(rf"dashboard {re.escape(base)}/admin with the operator key (ipgo_[A-Za-z0-9_-]{{43}})", output)
+    assert key, output
+    request = urllib.request.Request(f"{base}/admin/api/summary", headers={"Authorization": f"Bearer {key.group(1)}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200 and json.loads(response.read())["hosts"][0]["capacity"] == 1000
+
+
 def test_create_over_http_and_use_the_database(devstack):
     _, base, _ = devstack
     # Exactly what the README's curl sends (no Content-Type header).

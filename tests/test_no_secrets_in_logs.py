@@ -211,6 +211,60 @@ def step_lock_and_unlock(client, state):
     assert quotas.enforce(context.get(), Deadline.after(30))["unlocked"]
 
 
+@step(
+    "GET /admin",
+    "GET /admin/login",
+    "POST /admin/login",
+    "POST /admin/logout",
+    "GET /admin/databases",
+    "GET /admin/databases/{database_id}",
+    "POST /admin/databases/{database_id}/action",
+    "GET /admin/api/summary",
+    "GET /admin/api/databases",
+    "GET /admin/api/databases/{database_id}",
+    "DELETE /admin/api/databases/{database_id}",
+    "POST /admin/api/databases/{database_id}/extend",
+    "POST /admin/api/databases/{database_id}/lock",
+    "POST /admin/api/databases/{database_id}/unlock",
+)
+def step_operator(client, state):
+    from urllib.parse import urlencode
+
+    from chalicelib import operators
+
+    key = operators.create("logs").key
+    body = post_json(client, "/api/v1/database", {"ref": "logs-admin"}).json_body
+    state["secrets"] += [key, _password(body), body["creator_token"]]
+    database_id, auth = body["id"], {"Authorization": f"Bearer {key}"}
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert client.http.get("/admin/login").status_code == 200
+    assert (
+        client.http.post("/admin/login", body=urlencode({"key": "ipgo_" + "y" * 43}), headers=form).status_code == 401
+    )
+    login = client.http.post("/admin/login", body=urlencode({"key": key}), headers=form)
+    cookie = login.headers["Set-Cookie"].split(";")[0]
+    state["secrets"].append(cookie.split("=", 1)[1])
+    jar = {"Cookie": cookie}
+    assert client.http.get("/admin", headers=jar).status_code == 200
+    assert client.http.get("/admin/databases?ref=logs", headers=jar).status_code == 200
+    page = client.http.get(f"/admin/databases/{database_id}", headers=jar).body.decode()
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    action = urlencode({"csrf": token, "action": "extend", "hours": "1"})
+    assert (
+        client.http.post(f"/admin/databases/{database_id}/action", body=action, headers={**form, **jar}).status_code
+        == 303
+    )
+    assert client.http.get("/admin/api/summary", headers=auth).status_code == 200
+    assert client.http.get("/admin/api/databases", headers=auth).status_code == 200
+    assert client.http.get(f"/admin/api/databases/{database_id}", headers=auth).status_code == 200
+    assert post_json(client, f"/admin/api/databases/{database_id}/extend", {"hours": 2}, auth).status_code == 200
+    assert client.http.post(f"/admin/api/databases/{database_id}/lock", headers=auth).status_code == 200
+    assert client.http.post(f"/admin/api/databases/{database_id}/unlock", headers=auth).status_code == 200
+    assert client.http.delete(f"/admin/api/databases/{database_id}", headers=auth).status_code == 204
+    logout = urlencode({"csrf": token})
+    assert client.http.post("/admin/logout", body=logout, headers={**form, **jar}).status_code == 303
+
+
 @step("GET /healthz", "GET /api/v1/openapi.yaml")
 def step_health_and_openapi(client, state):
     assert client.http.get("/healthz").status_code == 200
@@ -234,7 +288,7 @@ def test_no_secret_in_logs_or_in_dynamodb(client, instapg_env, pg, captured):
     state = {"secrets": [], "env": instapg_env}
     for step in STEPS:
         step(client, state)
-    assert len(state["secrets"]) == 13
+    assert len(state["secrets"]) == 17
 
     keyring = os.environ["INSTAPG_KEYRING"]
     key_b64 = keyring.split(":", 1)[1]

@@ -34,12 +34,19 @@ class ApiError(Exception):
 
 
 def _request(
-    method: str, url: str, body: dict[str, Any] | None, timeout: float, api_key: str | None = None
+    method: str,
+    url: str,
+    body: dict[str, Any] | None,
+    timeout: float,
+    api_key: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("User-Agent", USER_AGENT)
     req.add_header("Accept", "application/json")
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     if data is not None:
@@ -128,6 +135,15 @@ class Client:
                 status=401,
             )
         return _request(method, f"{self.base_url}/api/v1{path}", body, self.timeout, self.api_key)[1]
+
+    def claim(self, database_id: str, creator_token: str | None = None) -> dict[str, Any]:
+        """Claim an unclaimed database for the key's account; the creator token goes along when there is one
+        (the server checks it when sent, and requires it where INSTAPG_CLAIM_REQUIRES_TOKEN is on)."""
+        if not self.api_key:
+            raise ApiError("this needs an API key", "Pass --api-key or set INSTAPG_API_KEY.", status=401)
+        headers = {"Instapg-Creator-Token": creator_token} if creator_token else None
+        url = f"{self.base_url}/api/v1/database/{database_id}/claim"
+        return _request("POST", url, {}, self.timeout, self.api_key, headers)[1]
 
     def list(self) -> list[dict[str, Any]]:
         return self._owner("GET", "/databases").get("databases", [])

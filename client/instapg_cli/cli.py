@@ -4,7 +4,7 @@ instapg [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--ref NAME] [--see
         [--logical-replication] [--json] [--yes] [--url BASE]
 instapg seed FILE.sql [--env .env] [--key DATABASE_URL]
 instapg status [ID] [--env .env] [--prefix PUBLIC_] [--api-key KEY]
-instapg claim [ID] [--env .env] [--prefix PUBLIC_] [--no-browser]
+instapg claim [ID] [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--no-browser] [--api-key KEY]
 instapg rotate [ID] [--env .env] [--key DATABASE_URL] --api-key KEY
 instapg delete [ID] [--env .env] [--key DATABASE_URL] [--api-key KEY] [--yes]
 instapg list --api-key KEY
@@ -71,12 +71,12 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=f"instapg {__version__}")
         return parser
     parser = argparse.ArgumentParser(prog=f"instapg {command}")
-    _common(parser, key=command in ("seed", "rotate", "delete"))
+    _common(parser, key=command in ("seed", "claim", "rotate", "delete"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
     if command in ("status", "claim", "rotate", "delete", "usage"):
         parser.add_argument("id", nargs="?", help="database id (default: the database in --env)")
-    if command in ("status", "rotate", "delete", "list", "usage"):
+    if command in ("status", "claim", "rotate", "delete", "list", "usage"):
         parser.add_argument("--api-key", help="account API key (default: $INSTAPG_API_KEY)")
     if command == "claim":
         parser.add_argument("--no-browser", action="store_true", help="print the claim URL only")
@@ -280,6 +280,17 @@ def _can_open_browser() -> bool:
 
 
 def claim(args) -> int:
+    """With an API key, claim through the API (sending the creator token from .env); else open the claim URL."""
+    key = args.api_key or os.environ.get("INSTAPG_API_KEY")
+    if key:
+        base, database_id = _target(args)
+        token = _creator_token(args, database_id)
+        body = Client(base, api_key=key).claim(database_id, token)
+        if args.json:
+            _print_json({"id": database_id, "status": body.get("status"), "with_creator_token": token is not None})
+        else:
+            print(f"Claimed database {database_id} for your account: it no longer expires.")
+        return EXIT_OK
     if args.id:
         base, database_id = _target(args)
         url = Client(base).get(database_id)["claim_url"]

@@ -45,6 +45,7 @@ class DevStack:
         self.bouncer_root: Path | None = None
         self.moto = None
         self.server = None
+        self.operator_key = ""
         self.background: list[threading.Thread] = []
         self.stopping = threading.Event()
 
@@ -110,6 +111,11 @@ class DevStack:
             _say(f"host warning: {warning}")
         offers = "logical replication" if settings.local_logical_replication else "no logical replication"
         _say(f"host      '{HOST_ID}' registered (capacity 1000, {offers})")
+
+        from chalicelib import operators
+
+        # The dashboard needs an operator key; this stack's data lives one run, so does the key.
+        self.operator_key = operators.create("make-dev").key
 
         # moto never expires items and chalice local runs no stream handlers:
         # emulate TTL deletion and deliver the stream to drop_removed.
@@ -183,6 +189,7 @@ class DevStack:
     def banner(self) -> None:
         url = f"http://127.0.0.1:{self.port}"
         _say(f"api       {url} (chalice local)")
+        _say(f"dashboard {url}/admin with the operator key {self.operator_key} (this run only)")
         _say(
             f"purge     every {self.interval}s: expiry, reconciliation, quotas (the scheduled job, run by this "
             "stack: chalice local runs no schedules)"
