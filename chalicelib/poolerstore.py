@@ -1,0 +1,159 @@
+"""The production pooler's tenant list: a table on the Postgres host that a sync loop renders for PgBouncer.
+
+Lambda cannot write the files of a PgBouncer container, and RDS's master user
+cannot read pg_authid for an `auth_query`. So the service keeps what PgBouncer
+needs (role, database, SCRAM verifier, pool size, server address) in
+`pooler.tenants`, in a dedicated database on each host (`DBNAME`). The sync
+loop beside PgBouncer (tools/pooler/sync.py) logs in as `SYNC_ROLE`, which can
+read that table and nothing else, renders PgBouncer's auth_file and databases
+file with `chalicelib.pooler`'s render functions, and reloads PgBouncer.
+
+Every write bumps `pooler.state.generation` in the same transaction and
+NOTIFYs `CHANNEL`, so the sync loop applies it within milliseconds; the
+service then waits on the admin console until PgBouncer shows that
+generation loaded (`chalicelib.pooler.GENERATION_ENTRY`), and only then KILLs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from chalicelib.pooler import Tenant
+
+if TYPE_CHECKING:  # psycopg and the admin connection are imported lazily
+    import psycopg
+
+    from chalicelib.postgres import Target
+
+DBNAME = "instapg_pooler"
+SYNC_ROLE = "instapg_pooler_sync"
+CHANNEL = "instapg_pooler"
+# Server connections the sync loops may hold (one per PgBouncer task, a roll doubles it).
+SYNC_CONNECTION_LIMIT = 4
+
+_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS pooler;
+CREATE TABLE IF NOT EXISTS pooler.tenants (
+    role        text PRIMARY KEY,
+    dbname      text NOT NULL UNIQUE,
+    verifier    text NOT NULL,
+    pool_size   integer NOT NULL CHECK (pool_size > 0),
+    server_host text NOT NULL,
+    server_port integer NOT NULL CHECK (server_port BETWEEN 1 AND 65535),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+-- One row: raised by every write, so a writer's change has a number the sync loop reports back.
+CREATE TABLE IF NOT EXISTS pooler.state (
+    one        boolean PRIMARY KEY DEFAULT true CHECK (one),
+    generation bigint NOT NULL
+);
+INSERT INTO pooler.state (one, generation) VALUES (true, 1) ON CONFLICT DO NOTHING;
+"""
+
+
+def setup(admin: Target, sync_password: str) -> None:
+    """Create the database, its tables and the read-only sync role on a host; run again to change the password.
+
+    Works as RDS's master user (CREATEDB, CREATEROLE; no superuser). The
+    password is sent as a SCRAM verifier, never in clear.
+    """
+    from psycopg import sql
+
+    from chalicelib.postgres import scram_verifier
+
+    verifier = scram_verifier(sync_password)
+    with admin.connect() as conn:
+        conn.autocommit = True
+        exists = conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (SYNC_ROLE,)).fetchone()
+        # The attributes are set once, at CREATE: a non-superuser may not name SUPERUSER in an ALTER.
+        attributes = "" if exists else " NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
+        conn.execute(
+            sql.SQL(
+                ("ALTER" if exists else "CREATE") + " ROLE {} LOGIN" + attributes + " CONNECTION LIMIT {} PASSWORD {}"
+            ).format(sql.Identifier(SYNC_ROLE), sql.Literal(SYNC_CONNECTION_LIMIT), sql.Literal(verifier))
+        )
+        if not conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (DBNAME,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DBNAME)))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(DBNAME)))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(DBNAME), sql.Identifier(SYNC_ROLE))
+        )
+    with admin.connect(DBNAME) as conn:
+        with conn.transaction():
+            conn.execute(_SCHEMA)
+            conn.execute("REVOKE ALL ON SCHEMA pooler FROM PUBLIC")
+            role = sql.Identifier(SYNC_ROLE)
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pooler TO {}").format(role))
+            conn.execute(sql.SQL("GRANT SELECT ON pooler.tenants, pooler.state TO {}").format(role))
+
+
+class TableStore:
+    """`chalicelib.pooler.TenantStore` on `pooler.tenants` in `DBNAME`, written as the host's admin."""
+
+    def __init__(self, admin: Target) -> None:
+        self.admin = admin
+
+    @contextmanager
+    def _write(self) -> Iterator[tuple[psycopg.Connection, list[int]]]:
+        """One transaction: the caller's change, the next generation, a NOTIFY sent at commit."""
+        generation: list[int] = []
+        with self.admin.connect(DBNAME) as conn:
+            with conn.transaction():
+                # The row lock orders writers: generations commit in the order they are numbered.
+                (gen,) = conn.execute(
+                    "UPDATE pooler.state SET generation = generation + 1 RETURNING generation"
+                ).fetchone()
+                yield conn, generation
+                conn.execute("SELECT pg_catalog.pg_notify(%s, %s)", (CHANNEL, str(gen)))
+            generation.append(gen)
+
+    def put(self, tenants: Sequence[Tenant]) -> int:
+        with self._write() as (conn, generation):
+            for t in tenants:
+                conn.execute(
+                    "INSERT INTO pooler.tenants (role, dbname, verifier, pool_size, server_host, server_port)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (role) DO UPDATE SET dbname = excluded.dbname, verifier = excluded.verifier,"
+                    " pool_size = excluded.pool_size, server_host = excluded.server_host,"
+                    " server_port = excluded.server_port, updated_at = now()",
+                    (t.role, t.dbname, t.verifier, t.pool_size, t.server_host, t.server_port),
+                )
+        return generation[0]
+
+    def remove(self, role: str, dbname: str) -> int:
+        with self._write() as (conn, generation):
+            conn.execute("DELETE FROM pooler.tenants WHERE role = %s OR dbname = %s", (role, dbname))
+        return generation[0]
+
+    def replace(self, tenant: Tenant) -> int:
+        with self._write() as (conn, generation):
+            conn.execute(
+                "UPDATE pooler.tenants SET verifier = %s, pool_size = %s, server_host = %s, server_port = %s,"
+                " updated_at = now() WHERE role = %s AND dbname = %s",
+                (tenant.verifier, tenant.pool_size, tenant.server_host, tenant.server_port, tenant.role, tenant.dbname),
+            )
+        return generation[0]
+
+    def names(self) -> set[str]:
+        with self.admin.connect(DBNAME) as conn:
+            return {name for (name,) in conn.execute("SELECT dbname FROM pooler.tenants").fetchall()}
+
+
+def read(conn: psycopg.Connection) -> tuple[int, list[Tenant]]:
+    """(generation, tenants) in one snapshot: what the sync loop renders. A row that fails
+    `Tenant`'s checks is left out (it could not be written safely into PgBouncer's files)."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        (generation,) = conn.execute("SELECT generation FROM pooler.state").fetchone()
+        rows = conn.execute(
+            "SELECT role, dbname, verifier, pool_size, server_host, server_port FROM pooler.tenants ORDER BY dbname"
+        ).fetchall()
+    tenants = []
+    for row in rows:
+        try:
+            tenants.append(Tenant(*row))
+        except ValueError:
+            continue
+    return int(generation), tenants
