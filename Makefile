@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: dev test lint bench clean package browser-tools pg-extras pgbouncer rds-ca
+.PHONY: dev test lint bench clean package browser-tools pg-extras pgbouncer node-pg rds-ca
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,18 +25,22 @@ pg-extras: $(STAMP)
 pgbouncer:
 	sh tools/dev/install-pgbouncer.sh
 
+# node (Debian's, when absent) and the npm `pg` driver in ~/.cache/instapg/node-pg, for the pooled-string client tests.
+node-pg:
+	sh tools/dev/install-node-pg.sh
+
 # Debian's chromium + chromium-driver for the claim page's browser test (skipped when present).
 browser-tools:
 	sh tools/dev/install-chromium.sh
 
 # Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
-bench: $(STAMP) pg-extras
+bench: $(STAMP) pg-extras pgbouncer
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
 # Two workers, each with its own embedded Postgres and moto; a test file stays on one worker, so its
 # module fixtures (the packaged template, the e2e stack) run once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP) browser-tools pg-extras pgbouncer
+test: $(STAMP) browser-tools pg-extras pgbouncer node-pg
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 

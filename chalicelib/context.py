@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from chalicelib.hosts import AdminCredentials, HostCache
     from chalicelib.models import HostRecord
     from chalicelib.pooled import Candidates
+    from chalicelib.pooler import Pooler
     from chalicelib.postgres import Target
 
 
@@ -43,6 +44,7 @@ class Context:
     credentials: AdminCredentials  # hosts' admin credentials, re-read on rotation
     sessions: Sessions  # kept-open admin connections for the create's hot path
     hardened: set[str] = field(default_factory=set)  # hosts this process hardened (chalicelib.jobs)
+    poolers: dict[tuple, Pooler | None] = field(default_factory=dict)  # per host record's pooler fields
 
     def plan(self, name: str) -> Plan:
         return self.settings.plan(name)
@@ -52,6 +54,25 @@ class Context:
         from chalicelib import hosts
 
         return hosts.target(host, self.settings, self.credentials, self.sessions)
+
+    def pooler(self, host: HostRecord) -> Pooler | None:
+        """The host's PgBouncer (chalicelib.pooler), or None when it has none; cached per its registration."""
+        from chalicelib import hosts
+
+        key = (
+            host.id,
+            host.pooler_hostname,
+            host.pooler_port,
+            host.pooler_admin_hostname,
+            host.pooler_admin_port,
+            host.pooler_credentials,
+            host.pooler_store,
+            host.pooler_sslmode,
+            host.sslmode,
+        )
+        if key not in self.poolers:
+            self.poolers[key] = hosts.pooler(host, self.credentials)
+        return self.poolers[key]
 
 
 def build(settings: Settings) -> Context:

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from pynamodb.exceptions import PutError
 
-from chalicelib import audit, clock, metrics, pool, postgres, provisioning, records, reliability, tombstones
+from chalicelib import access, audit, clock, metrics, pool, postgres, provisioning, records, reliability, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Refused, Unavailable
 from chalicelib.identifiers import creator_token, tenant_password, token_hash, uuid7
 from chalicelib.models import FAILED, PROVISIONING, DatabaseRecord, HostRecord
+from chalicelib.pooler import PoolerError
 from chalicelib.records import Provisioned, Requester
 from chalicelib.schemas import CreateDatabase
 from chalicelib.settings import TRIAL_PLAN, Plan
@@ -128,6 +129,7 @@ def _create_on_demand(
                 requester,
                 request.enable_logical_replication,
                 creator_hash,
+                verifier,
             )
             try:
                 record.save(condition=DatabaseRecord.id.does_not_exist())
@@ -143,6 +145,8 @@ def _create_on_demand(
             provisioning.create_tenant(
                 ctx.target(host), record.role_name, record.db_name, password, plan, verifier=verifier
             )
+            # Before the record says UNCLAIMED: the pooled string works once it is handed out.
+            access.publish(ctx, host, record, plan, verifier)
             break
         except Exception as exc:
             _attempt_failed(ctx, record, host, exc)
@@ -159,8 +163,11 @@ def _attempt_failed(ctx: Context, record: DatabaseRecord, host: HostRecord, caus
         ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
         hostlib.release(host.id)
         return
+    if isinstance(cause, PoolerError):
+        # Its pooled string would not work: the next creates try other hosts first.
+        ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
     try:
-        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+        access.drop(ctx, host, record.role_name, record.db_name)
     except Exception as exc:  # the host may be down now: the purge drops it later
         log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(exc).__name__)
         tombstones.leftovers(ctx, record, host, cause)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, ownership, postgres, provisioning, tombstones
+from chalicelib import access, audit, ownership, postgres, provisioning, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import (
@@ -108,7 +108,7 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
         host = ctx.hosts.get(record.host_id)
     except KeyError:
         raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
-    return provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    return access.drop(ctx, host, record.role_name, record.db_name)
 
 
 def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
@@ -137,6 +137,8 @@ class PurgeSummary:
     failed: int = 0
     hosts_unavailable: list[str] = field(default_factory=list)
     hosts_reconciled: int = 0
+    pooler_revoked: int = 0  # pooler entries no live record holds, removed
+    pooler_published: int = 0  # live, unlocked records the pooler had lost, published again
     stalled_finished: int = 0  # claims and deletes that stopped halfway, finished (issue 4)
     stopped_early: bool = False
     duration_ms: int = 0
@@ -219,6 +221,9 @@ class _Run:
             self.summary.failed += 1
             return
         names = found.names
+        # The pooler's entries before the records too: an entry with no record holding it is a leftover.
+        entries = self.pooler_entries(host)
+        holders: dict[str, str] = {}
         referenced: set[str] = set()
         slot_holders = set(found.databases)
         unmarked_claimed: list[str] = []
@@ -226,6 +231,7 @@ class _Run:
         for item in DatabaseRecord.by_host.query(host.id, page_size=max(self.page_size, 100)):
             if not self.time_left():
                 return  # an incomplete picture: drop nothing on this host this run
+            holders[item.db_name] = item.status
             if references_name(item):
                 referenced.update((item.db_name, item.role_name))
                 slot_holders.add(item.db_name)  # a record holds its slot until its drop is finished
@@ -234,6 +240,7 @@ class _Run:
             if item.status in (CLAIMED, UNCLAIMED) and item.db_name not in names:
                 missing.append(item)
         self.recount(host, allocated, len(slot_holders))
+        self.sync_pooler(host, entries, holders)
         self.report_missing(host, target, prefix, missing)
         if unmarked_claimed:
             # Claimed before the marker existed: mark them now, so Postgres alone can tell.
@@ -270,7 +277,7 @@ class _Run:
             if now - sighting.first_seen < grace:
                 continue
             try:
-                existed = provisioning.drop_tenant(target, name, name)  # refuses a claimed role, whatever happened since
+                existed = access.drop(self.ctx, host, name, name)  # refuses a claimed role, whatever happened since
                 if existed:
                     # Every tenant instapg makes holds a slot from `hosts.reserve`
                     # until its record's drop gives it back; an orphan's record
@@ -284,6 +291,27 @@ class _Run:
             self.summary.orphans_dropped += 1
             log.info("orphan %s on host %s dropped", name, host.id)
         self.summary.hosts_reconciled += 1
+
+    def pooler_entries(self, host: HostRecord) -> set[str] | None:
+        try:
+            bouncer = self.ctx.pooler(host)
+            return bouncer.published() if bouncer is not None else None
+        except Exception as exc:
+            log.error("pooler of host %s: entries not read: %s", host.id, describe(exc))
+            return None
+
+    def sync_pooler(self, host: HostRecord, entries: set[str] | None, holders: dict[str, str]) -> None:
+        """Entries a crash or an unanswered revoke left behind go; live records missing one get it back."""
+        if entries is None:
+            return
+        try:
+            revoked, published = access.sync(self.ctx, host, entries, holders)
+        except Exception as exc:
+            log.error("pooler of host %s: not reconciled: %s", host.id, describe(exc))
+            self.summary.failed += 1
+            return
+        self.summary.pooler_revoked += revoked
+        self.summary.pooler_published += published
 
     def report_missing(self, host: HostRecord, target: postgres.Target, prefix: str, missing: list) -> None:
         """Live records whose database is not on the host: reported, never acted on (docs/expiry.md)."""

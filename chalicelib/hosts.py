@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pynamodb.exceptions import UpdateError
 
+from chalicelib import pooler as pooler_mod
 from chalicelib import postgres, provisioning, reliability
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
@@ -128,12 +130,57 @@ def target(
     )
 
 
-def endpoints(host: HostRecord) -> tuple[tuple[str, int], tuple[str, int]]:
-    """(pooled, direct) endpoints; pooled is direct when the host has no pooler."""
-    direct = (host.hostname, int(host.port))
-    if host.pooler_hostname:
-        return (host.pooler_hostname, int(host.pooler_port or host.port)), direct
-    return direct, direct
+def has_pooler(host: HostRecord) -> bool:
+    """Whether the service manages a PgBouncer for this host (publishes, revokes, kills)."""
+    return bool(host.pooler_hostname and host.pooler_store and host.pooler_credentials)
+
+
+def pooler(host: HostRecord, credentials: AdminCredentials) -> pooler_mod.Pooler | None:
+    """The host's PgBouncer as the service drives it, or None when the host has none.
+
+    `pooler_store` says where its entries are written: "file:<folder>" (the
+    files PgBouncer reads, make dev and the tests). Another kind is a store
+    its sync loop renders from (production; see docs/scaling.md).
+    """
+    if not has_pooler(host):
+        return None
+    kind, _, where = host.pooler_store.partition(":")
+    if kind != "file" or not where:
+        raise CredentialsError(f"host {host.id}: unknown pooler store {kind!r} (use file:<folder>)")
+    creds = credentials.get(host.pooler_credentials)
+    return pooler_mod.Pooler(
+        host=host.pooler_hostname,
+        port=int(host.pooler_port or 6432),
+        admin_user=creds.username,
+        admin_password=creds.password,
+        store=pooler_mod.FileStore(Path(where)),
+        admin_host=host.pooler_admin_hostname or host.pooler_hostname,
+        admin_port=int(host.pooler_admin_port) if host.pooler_admin_port else None,
+        sslmode=pooler_sslmode(host),
+    )
+
+
+def pooler_sslmode(host: HostRecord) -> str:
+    return host.pooler_sslmode or host.sslmode
+
+
+def connection_urls(host: HostRecord, role: str, password: str, dbname: str) -> tuple[str, str]:
+    """(pooled, direct) connection strings of a tenant on `host`.
+
+    With a pooler: pooled is its transaction-mode entry; direct is Postgres
+    itself, or the pooler's session-mode entry where Postgres is private.
+    Without one both are Postgres (or a pooler endpoint the service does not
+    manage, `pooler_hostname` alone, as registered before the wiring).
+    """
+    direct = postgres.connection_url(host.hostname, int(host.port), role, password, dbname, host.sslmode)
+    if not host.pooler_hostname:
+        return direct, direct
+    port, sslmode = int(host.pooler_port or host.port), pooler_sslmode(host)
+    pooled = postgres.connection_url(host.pooler_hostname, port, role, password, dbname, sslmode)
+    if host.postgres_private and has_pooler(host):
+        session = dbname + pooler_mod.SESSION_SUFFIX
+        direct = postgres.connection_url(host.pooler_hostname, port, role, password, session, sslmode)
+    return pooled, direct
 
 
 class HostCache:
@@ -261,6 +308,11 @@ def register(
     pooler_port: int | None = None,
     admin_dbname: str = "postgres",
     logical_replication: bool = False,
+    pooler_admin: tuple[str, int] | None = None,
+    pooler_credentials: str | None = None,
+    pooler_store: str | None = None,
+    pooler_sslmode: str | None = None,
+    postgres_private: bool = False,
 ) -> tuple[HostRecord, list[str]]:
     """Add or update a host after checking that its admin can do the job.
 
@@ -278,6 +330,12 @@ def register(
         port=port,
         pooler_hostname=pooler_hostname,
         pooler_port=pooler_port,
+        pooler_admin_hostname=pooler_admin[0] if pooler_admin else None,
+        pooler_admin_port=pooler_admin[1] if pooler_admin else None,
+        pooler_credentials=pooler_credentials,
+        pooler_store=pooler_store,
+        pooler_sslmode=pooler_sslmode,
+        postgres_private=postgres_private,
         sslmode=sslmode,
         credentials=credentials,
         admin_dbname=admin_dbname,
@@ -289,5 +347,8 @@ def register(
     tgt = target(host, settings)  # fresh credentials, never a cached copy
     provisioning.check_admin(tgt)
     warnings = provisioning.harden_host(tgt)
+    bouncer = pooler(host, AdminCredentials(settings))
+    if bouncer is not None:
+        bouncer.admin("SHOW VERSION")  # its admin console answers with these credentials
     host.save()
     return host, warnings

@@ -95,7 +95,8 @@ def snippets(url: str) -> list[tuple[str, str, str]]:
             "snippet-psycopg",
             "Python (psycopg)",
             "import os\n\nimport psycopg\n\n"
-            'with psycopg.connect(os.environ["DATABASE_URL"]) as conn:\n'
+            "# prepare_threshold=None: the pooled string is PgBouncer in transaction mode\n"
+            'with psycopg.connect(os.environ["DATABASE_URL"], prepare_threshold=None) as conn:\n'
             '    print(conn.execute("SELECT version()").fetchone())',
         ),
     ]

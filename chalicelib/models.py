@@ -130,6 +130,11 @@ class DatabaseRecord(Model):
     # Issue 19: SHA-256 of the creator token handed out once at create time
     # (never the token itself); it proves the creator to claim and to delete early.
     creator_token_hash = UnicodeAttribute(null=True)
+    # The role's SCRAM verifier, sealed as the password is: what the pooler's
+    # auth source needs to publish the tenant again (a claim's new pool size,
+    # an unlock, a reconciliation) with exactly the verifier Postgres stores.
+    verifier_key_id = UnicodeAttribute(null=True)
+    verifier_secret = BinaryAttribute(legacy_encoding=False, null=True)
     # Failed drops of a tombstone so far: the next retry's backoff (tombstones.retry_later).
     drop_attempts = NumberAttribute(null=True)
 
@@ -145,8 +150,20 @@ class HostRecord(Model):
     status = UnicodeAttribute(default=HOST_ACTIVE)
     hostname = UnicodeAttribute()
     port = NumberAttribute(default=5432)
+    # The host's PgBouncer (chalicelib.pooler), when it has one: the endpoint
+    # clients reach, its admin console as the service reaches it, the admin's
+    # credentials (a source as `credentials`), where its entries are written
+    # ("file:<folder>"), and the sslmode of its strings.
     pooler_hostname = UnicodeAttribute(null=True)
     pooler_port = NumberAttribute(null=True)
+    pooler_admin_hostname = UnicodeAttribute(null=True)
+    pooler_admin_port = NumberAttribute(null=True)
+    pooler_credentials = UnicodeAttribute(null=True)
+    pooler_store = UnicodeAttribute(null=True)
+    pooler_sslmode = UnicodeAttribute(null=True)
+    # Postgres is not reachable by clients (RDS in a private subnet): the
+    # direct string is the pooler's session-mode entry instead.
+    postgres_private = BooleanAttribute(default=False)
     sslmode = UnicodeAttribute(default="require")
     # Where the admin credentials live: "env:VAR" or "secretsmanager:ARN"; the
     # value is JSON {"username": ..., "password": ...} (RDS's secret format).

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, metrics, postgres, provisioning, quotas, records, tombstones
+from chalicelib import access, audit, metrics, postgres, provisioning, quotas, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.errors import Conflict, Forbidden, Gone, NotFound, Unauthenticated, Unavailable
@@ -115,6 +115,8 @@ def finish_claim(ctx: Context, record: DatabaseRecord, requester: Requester | No
     host = ctx.hosts.get(record.host_id)
     try:
         provisioning.apply_plan(ctx.target(host), record.role_name, plan, claimed=True)
+        if not record.locked_reason:  # a locked one is published by its unlock
+            access.publish(ctx, host, record, plan)  # the claimed plan's pool size
     except Exception as exc:  # host down or DDL refused: the record stays CLAIMING for a retry
         log.warning("claim of %s on host %s left CLAIMING: %s", record.id, host.id, type(exc).__name__)
         raise Unavailable(
@@ -246,12 +248,12 @@ def rotate_password(ctx: Context, record: DatabaseRecord, requester: Requester) 
     host = ctx.hosts.get(record.host_id)
     password = tenant_password()
     try:
-        provisioning.set_password(ctx.target(host), record.role_name, password)
+        verifier = access.rotate(ctx, host, record, ctx.plan(record.plan), password)
     except postgres.HostUnavailable:
         raise Unavailable(
             "Database host unavailable", hint="The password was not changed; retry in a few seconds."
         ) from None
-    if not records.new_secret(ctx, record, password):
+    if not records.new_secret(ctx, record, password, verifier):
         # A DELETE won the race; the new password dies with the database.
         raise Gone("Database deleted", hint="It was deleted while the password was being rotated.")
     audit.record_quietly(record.id, audit.PASSWORD_ROTATED, record.owner_id, requester.ip)
@@ -275,7 +277,7 @@ def finish_delete(ctx: Context, record: DatabaseRecord, actor: str, ip: str | No
     host = ctx.hosts.get(record.host_id)
     try:
         # The owner's own delete: the one drop that may remove a claimed database.
-        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name, keep_claimed=False)
+        access.drop(ctx, host, record.role_name, record.db_name, keep_claimed=False)
     except Exception as exc:  # host down or DDL refused: the record stays DELETING for a retry
         log.warning("delete of %s on host %s left DELETING: %s", record.id, host.id, type(exc).__name__)
         raise Unavailable(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import expiry, postgres, provisioning, records, tombstones
+from chalicelib import access, expiry, postgres, provisioning, records, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.identifiers import tenant_password, uuid7
@@ -207,7 +207,7 @@ def take(
     for host in hostlib.by_free_capacity(hosts):
         if ctx.hosts.is_down(host.id):
             continue
-        record = _take_any(ctx, host, plan, ref, requester, password, creator_hash)
+        record = _take_any(ctx, host, plan, ref, requester, password, verifier, creator_hash)
         if record is None:
             continue
         # The audit event is written while Postgres checks the new password.
@@ -217,6 +217,10 @@ def take(
             provisioning.open_tenant(
                 ctx.target(host), record.role_name, verifier, meanwhile=functools.partial(noted, record)
             )
+            # The take sets a new password, so the verifier the refill published is stale.
+            # Once the password is set at refill time (issue 15), the refill's publish is
+            # the only one and this line goes.
+            access.publish(ctx, host, record, plan, verifier)
         except Exception as exc:
             log.error("taking pooled %s on host %s failed: %s", record.id, host.id, records.reason(exc))
             if isinstance(exc, postgres.HostUnavailable):
@@ -236,6 +240,7 @@ def _take_any(
     ref: str | None,
     requester: Requester,
     password: str,
+    verifier: str,
     creator_hash: str | None,
 ) -> DatabaseRecord | None:
     queries = 0
@@ -248,7 +253,7 @@ def _take_any(
                 return None
             queries += 1
             continue
-        if records.take_pooled(ctx, candidate, plan, password, ref, requester, creator_hash):
+        if records.take_pooled(ctx, candidate, plan, password, ref, requester, creator_hash, verifier):
             return candidate
 
 
@@ -263,15 +268,21 @@ def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
     # A password nobody will ever use: the role is NOLOGIN until taken, and
     # the take replaces it. It is sealed like any secret, never logged.
     password = tenant_password()
-    record = records.new(ctx, str(uuid7()), host, plan, password)
+    verifier = postgres.scram_verifier(password)
+    record = records.new(ctx, str(uuid7()), host, plan, password, verifier=verifier)
     record.save(condition=DatabaseRecord.id.does_not_exist())
     try:
-        provisioning.create_tenant(ctx.target(host), record.role_name, record.db_name, password, plan, login=False)
+        provisioning.create_tenant(
+            ctx.target(host), record.role_name, record.db_name, password, plan, login=False, verifier=verifier
+        )
+        # Published now, off the create's hot path: the role is NOLOGIN until
+        # taken, so Postgres refuses the pooler's login for it until then.
+        access.publish(ctx, host, record, plan, verifier)
     except Exception as exc:
         log.error("provisioning %s on host %s failed: %s", record.id, host.id, records.reason(exc))
         dropped = False
         try:
-            provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+            access.drop(ctx, host, record.role_name, record.db_name)
             dropped = True
         except Exception as cleanup:  # the host may be down: the purge retries later
             log.warning("cleanup of %s failed, left for the purge: %s", record.id, type(cleanup).__name__)
@@ -293,7 +304,7 @@ def discard(ctx: Context, record: DatabaseRecord, host: HostRecord) -> bool:
     if not tombstones.discard_pooled(ctx, record):
         return False
     try:
-        provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+        access.drop(ctx, host, record.role_name, record.db_name)
     except provisioning.ClaimedTenant as exc:  # a restored table's POOLED record, a claimed database
         expiry.report_claimed_kept(record, str(exc), "pool")
         tombstones.hold_claimed(ctx, record)

@@ -13,8 +13,14 @@ server connection, so every lock also revokes and KILLs the tenant's pools.
 Each tenant has two entries: `<db>` in transaction mode (the pooled string;
 `prepare_threshold=None` for psycopg, since PgBouncer 1.18 has no
 `max_prepared_statements`) and `<db>_session` in session mode (the direct
-string where Postgres itself is private). Not wired into the lifecycle yet:
-docs/scaling.md lists the call sites.
+string where Postgres itself is private). The lifecycle reaches it through
+chalicelib.access; `Context.pooler(host)` builds one per host.
+
+Where the entries are kept is a `Store`: `FileStore` writes the two files
+PgBouncer reads (make dev, the tests, a PgBouncer on the service's own
+machine). In production Lambda cannot write the container's files: a store
+kept in a table, rendered by a sync loop next to PgBouncer with
+`render_auth`/`render_databases`, takes its place behind the same interface.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 AUTH_FILE = "userlist.txt"
@@ -64,6 +71,68 @@ class Tenant:
             raise ValueError("pooler: bad server address or pool size")
 
 
+class Store(Protocol):
+    """Where a pooler's tenant entries are kept (the write side; PgBouncer reads them).
+
+    Every method is idempotent. `apply` returns the admin-console commands
+    that make PgBouncer load what was written ("RELOAD" for files PgBouncer
+    reads itself; a store whose sync loop reloads waits for it and returns none).
+    """
+
+    def put(self, tenants: Iterable[Tenant], only_present: bool = False) -> None:
+        """Add or replace the tenants' auth line and both database entries (`only_present`: replace only)."""
+        ...
+
+    def remove(self, role: str, dbname: str) -> None:
+        """Remove the tenant's auth line and both entries; nothing to remove is no error."""
+        ...
+
+    def databases(self) -> set[str]:
+        """Tenant database names with entries (reconciliation compares them with the records)."""
+        ...
+
+    def apply(self) -> list[str]:
+        ...
+
+
+@dataclass(frozen=True)
+class FileStore:
+    """The two files PgBouncer reads (its auth_file and the included databases file), in `state_dir`."""
+
+    state_dir: Path
+
+    def put(self, tenants: Iterable[Tenant], only_present: bool = False) -> None:
+        with self._edit() as (auth, dbs):
+            for tenant in tenants:
+                if only_present and tenant.dbname not in dbs:
+                    continue
+                auth[tenant.role] = tenant.verifier
+                dbs[tenant.dbname] = tenant
+
+    def remove(self, role: str, dbname: str) -> None:
+        with self._edit() as (auth, dbs):
+            auth.pop(role, None)
+            dbs.pop(dbname, None)
+
+    def databases(self) -> set[str]:
+        return set(_read_databases(self.state_dir / DATABASES_FILE))
+
+    def apply(self) -> list[str]:
+        return ["RELOAD"]
+
+    @contextmanager
+    def _edit(self) -> Iterator[tuple[dict[str, str], dict[str, Tenant | str]]]:
+        """Both files, read and rewritten under one lock so concurrent writers lose nothing."""
+        lock = self.state_dir / ".lock"
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            auth = _read_auth(self.state_dir / AUTH_FILE)
+            dbs: dict[str, Tenant | str] = dict(_read_databases(self.state_dir / DATABASES_FILE))
+            yield auth, dbs
+            _write(self.state_dir / AUTH_FILE, render_auth(auth))
+            _write(self.state_dir / DATABASES_FILE, render_databases(dbs))
+
+
 @dataclass(frozen=True)
 class Pooler:
     """One PgBouncer: where clients reach it, its admin console, its config folder."""
@@ -72,7 +141,7 @@ class Pooler:
     port: int
     admin_user: str
     admin_password: str = field(repr=False)
-    state_dir: Path  # holds AUTH_FILE and DATABASES_FILE, read by PgBouncer
+    store: Store  # where its tenant entries are written
     admin_host: str = "127.0.0.1"  # as the service reaches the admin console
     admin_port: int | None = None  # None: `port`
     sslmode: str = "disable"
@@ -95,11 +164,9 @@ class Pooler:
 
         Several at once for a restarted PgBouncer or a reconciliation: one RELOAD.
         """
-        with self._edit() as (auth, dbs):
-            for tenant in tenants:
-                auth[tenant.role] = tenant.verifier
-                dbs[tenant.dbname] = tenant
-        self.admin("RELOAD")
+        self.store.put(tenants)
+        if commands := self.store.apply():
+            self.admin(*commands)
 
     def revoke(self, role: str, dbname: str) -> None:
         """Take the tenant out of the pooler and end every session it has there.
@@ -109,9 +176,7 @@ class Pooler:
         """
         if not (_NAME.match(role) and _NAME.match(dbname)) or role == self.admin_user:
             raise ValueError("pooler: tenant names must be generated names")
-        with self._edit() as (auth, dbs):
-            auth.pop(role, None)
-            dbs.pop(dbname, None)
+        self.store.remove(role, dbname)
         self._reload_and_kill(dbname, resume=False)
 
     def rotate(self, tenant: Tenant) -> None:
@@ -119,10 +184,7 @@ class Pooler:
 
         A tenant that is not published (revoked: locked, expired) stays out.
         """
-        with self._edit() as (auth, dbs):
-            if tenant.dbname in dbs:
-                auth[tenant.role] = tenant.verifier
-                dbs[tenant.dbname] = tenant
+        self.store.put([tenant], only_present=True)
         self._reload_and_kill(tenant.dbname, resume=True)
 
     def stats(self) -> dict[str, tuple[int, int]]:
@@ -144,7 +206,7 @@ class Pooler:
 
     def published(self) -> set[str]:
         """Tenant databases in the pooler's config (for reconciling with the records)."""
-        return set(_read_databases(self.state_dir / DATABASES_FILE))
+        return self.store.databases()
 
     # -- admin console ---------------------------------------------------------
 
@@ -188,24 +250,10 @@ class Pooler:
         refused instead of waiting.
         """
         names = {dbname, dbname + SESSION_SUFFIX}
-        live = [row["name"] for row in self.admin("RELOAD", "SHOW DATABASES") if row["name"] in names]
+        live = [row["name"] for row in self.admin(*self.store.apply(), "SHOW DATABASES") if row["name"] in names]
         commands = [f"KILL {name}" for name in live] + ([f"RESUME {name}" for name in live] if resume else [])
         if commands:
             self.admin(*commands)
-
-    # -- config files ----------------------------------------------------------
-
-    @contextmanager
-    def _edit(self) -> Iterator[tuple[dict[str, str], dict[str, Tenant | str]]]:
-        """Both files, read and rewritten under one lock so concurrent writers lose nothing."""
-        lock = self.state_dir / ".lock"
-        with open(lock, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            auth = _read_auth(self.state_dir / AUTH_FILE)
-            dbs: dict[str, Tenant | str] = dict(_read_databases(self.state_dir / DATABASES_FILE))
-            yield auth, dbs
-            _write(self.state_dir / AUTH_FILE, render_auth(auth))
-            _write(self.state_dir / DATABASES_FILE, render_databases(dbs))
 
 
 def _url(host: str, port: int, user: str, password: str, dbname: str, sslmode: str) -> str:

@@ -174,15 +174,29 @@ def unlock_role(target: Target, role: str) -> None:
         conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
 
 
-def set_password(target: Target, role: str, password: str) -> None:
-    """Give the role a new password and end its sessions (they used the old one)."""
+def set_password(target: Target, role: str, password: str, verifier: str | None = None) -> None:
+    """Give the role a new password and end its sessions (they used the old one).
+
+    `verifier` is `scram_verifier(password)` when the caller needs the same
+    one (the pooler's auth source must hold exactly what Postgres stores).
+    """
     from psycopg import sql
 
     with target.connect() as conn:
         conn.execute(
-            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(scram_verifier(password)))
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(verifier or scram_verifier(password))
+            )
         )
         _terminate_role(conn, role)
+
+
+def set_verifier(target: Target, role: str, verifier: str) -> None:
+    """Store a new verifier of the role's same password (sessions go on: the password did not change)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
 
 
 def open_tenant(target: Target, role: str, verifier: str, meanwhile: Callable[[], object] | None = None) -> None:

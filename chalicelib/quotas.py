@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import audit, postgres, provisioning
+from chalicelib import access, audit, postgres
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 STORAGE = "storage"
 _LIVE = (UNCLAIMED, CLAIMED)
-_PROJECTION = ["id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason"]
+# The sealed verifier too: an unlock publishes the tenant to the pooler again.
+_PROJECTION = [
+    "id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason",
+    "verifier_key_id", "verifier_secret", "secret_key_id", "secret",
+]
 
 
 def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], bool]:
@@ -63,8 +67,8 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
         raise
 
 
-def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
-    ended = provisioning.lock_role(target, record.role_name)
+def _lock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int, plan: Plan) -> None:
+    ended = access.lock(ctx, host, record)  # Postgres and the pooler
     now = datetime.now(UTC)
     _update(
         record,
@@ -88,8 +92,8 @@ def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan
     )
 
 
-def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
-    provisioning.unlock_role(target, record.role_name)
+def _unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int) -> None:
+    access.unlock(ctx, host, record, ctx.plan(record.plan))
     now = datetime.now(UTC)
     _update(
         record,
@@ -105,7 +109,7 @@ def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
 
 
 def _enforce_storage(
-    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, host: HostRecord, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
     sizes = postgres.database_sizes(target, ctx.settings.name_prefix)
     now = datetime.now(UTC)
@@ -117,10 +121,10 @@ def _enforce_storage(
         plan = ctx.settings.plan(record.plan)
         over = size > plan.storage_bytes
         if over and not record.locked_reason:
-            _lock(target, record, size, plan)
+            _lock(ctx, host, record, size, plan)
             summary["locked"].append(record.id)
         elif record.locked_reason == STORAGE and not over:
-            _unlock(target, record, size)
+            _unlock(ctx, host, record, size)
             summary["unlocked"].append(record.id)
         elif record.size_bytes is None or int(record.size_bytes) != size:
             _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)])
@@ -181,7 +185,7 @@ def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
         try:
             target = ctx.target(host)
             _enforce_time(ctx, target, records, summary)
-            _enforce_storage(ctx, target, records, summary)
+            _enforce_storage(ctx, host, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")
@@ -210,5 +214,5 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     if size > plan.storage_bytes:
         _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(datetime.now(UTC))])
         return False
-    _unlock(target, record, size)
+    _unlock(ctx, host, record, size)
     return True

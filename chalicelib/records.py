@@ -169,6 +169,18 @@ def password(ctx: Context, record: DatabaseRecord) -> str:
     return ctx.keyring.decrypt(Sealed(record.secret_key_id, record.secret), context=record.id)
 
 
+def seal_verifier(ctx: Context, database_id: str, verifier: str) -> Sealed:
+    """The role's SCRAM verifier sealed for the record: as secret as the password it comes from."""
+    return ctx.keyring.encrypt(verifier, context=database_id + "#verifier")
+
+
+def verifier(ctx: Context, record: DatabaseRecord) -> str | None:
+    """The role's SCRAM verifier as sealed on the record; None for a record made before it was kept."""
+    if not record.verifier_secret:
+        return None
+    return ctx.keyring.decrypt(Sealed(record.verifier_key_id, record.verifier_secret), context=record.id + "#verifier")
+
+
 # -- creating --------------------------------------------------------------------
 
 
@@ -182,11 +194,16 @@ def new(
     requester: Requester | None = None,
     logical_replication: bool = False,
     creator_hash: str | None = None,
+    verifier: str | None = None,
 ) -> DatabaseRecord:
-    """A PROVISIONING record (not saved yet), due for the purge if its create never finishes."""
+    """A PROVISIONING record (not saved yet), due for the purge if its create never finishes.
+
+    `verifier`: the role's SCRAM verifier, sealed too (the pooler publishes it again later).
+    """
     now = clock.now()
     requester = requester or Requester()
     sealed = ctx.keyring.encrypt(password, context=database_id)
+    scram = seal_verifier(ctx, database_id, verifier) if verifier else None
     name = tenant_name(ctx.settings.name_prefix)
     return DatabaseRecord(
         id=database_id,
@@ -206,6 +223,8 @@ def new(
         due_bucket=PROVISIONING,
         due_at=int(time.time()) + ctx.settings.provisioning_timeout_s,
         creator_token_hash=creator_hash,
+        verifier_key_id=scram.key_id if scram else None,
+        verifier_secret=scram.blob if scram else None,
     )
 
 
@@ -299,14 +318,17 @@ def start_delete(ctx: Context, record: DatabaseRecord, account_id: str | None) -
     )
 
 
-def new_secret(ctx: Context, record: DatabaseRecord, password: str) -> bool:
-    """Seal a rotated password into a CLAIMED record; False if a DELETE won the race."""
+def new_secret(ctx: Context, record: DatabaseRecord, password: str, verifier: str) -> bool:
+    """Seal a rotated password (and its verifier) into a CLAIMED record; False if a DELETE won the race."""
     sealed = ctx.keyring.encrypt(password, context=record.id)
+    scram = seal_verifier(ctx, record.id, verifier)
     return conditional(
         record,
         [
             DatabaseRecord.secret_key_id.set(sealed.key_id),
             DatabaseRecord.secret.set(sealed.blob),
+            DatabaseRecord.verifier_key_id.set(scram.key_id),
+            DatabaseRecord.verifier_secret.set(scram.blob),
             DatabaseRecord.updated_at.set(clock.now()),
         ],
         (DatabaseRecord.status == CLAIMED) & (DatabaseRecord.owner_id == record.owner_id),
@@ -338,6 +360,7 @@ def take_pooled(
     ref: str | None,
     requester: Requester,
     creator_hash: str | None = None,
+    verifier: str | None = None,
 ) -> bool:
     """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED; False if taken.
 
@@ -354,6 +377,9 @@ def take_pooled(
     record.status = UNCLAIMED
     record.plan = plan.name
     record.secret_key_id, record.secret = sealed.key_id, sealed.blob
+    if verifier:
+        scram = seal_verifier(ctx, record.id, verifier)
+        record.verifier_key_id, record.verifier_secret = scram.key_id, scram.blob
     record.ref = ref
     record.created_ip = requester.ip
     record.user_agent = (requester.user_agent or "")[:256] or None

@@ -5,19 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
 from chalicelib.clock import iso  # noqa: F401  (views.iso: the wire format, also for app.py)
 from chalicelib.models import DatabaseRecord, HostRecord
 from chalicelib.settings import Plan
 
 
 def connection_urls(record: DatabaseRecord, host: HostRecord, password: str) -> tuple[str, str]:
-    """(pooled, direct) connection strings of a database."""
-    (pooled_host, pooled_port), (direct_host, direct_port) = hostlib.endpoints(host)
-    return (
-        postgres.connection_url(pooled_host, pooled_port, record.role_name, password, record.db_name, host.sslmode),
-        postgres.connection_url(direct_host, direct_port, record.role_name, password, record.db_name, host.sslmode),
-    )
+    """(pooled, direct) connection strings of a database (chalicelib.hosts.connection_urls)."""
+    return hostlib.connection_urls(host, record.role_name, password, record.db_name)
 
 
 def database(

@@ -204,3 +204,46 @@ def pgbouncer(pg):
     finally:
         bouncer.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+POOLER_ENV = "INSTAPG_TEST_POOLER_ADMIN"
+
+
+def register_pooled(service, pg, bouncer, monkeypatch, host_id: str = "local-1", **options):
+    """Register `pg` as a host with `bouncer` (a tools.dev.pgbouncer.LocalPgBouncer) as its pooler."""
+    from chalicelib import hosts
+
+    monkeypatch.setenv(POOLER_ENV, bouncer.admin_json())
+    record, _ = hosts.register(
+        service.settings,
+        host_id,
+        pg.host,
+        pg.port,
+        f"env:{ADMIN_ENV}",
+        capacity=1000,
+        sslmode="disable",
+        pooler_hostname="127.0.0.1",
+        pooler_port=bouncer.port,
+        pooler_credentials=f"env:{POOLER_ENV}",
+        pooler_store=f"file:{bouncer.state_dir}",
+        **options,
+    )
+    service.hosts.invalidate()
+    return record
+
+
+@pytest.fixture
+def pooled_host(service, pg, pgbouncer, instapg_env):
+    """The session's Postgres registered as the one host, with the session's PgBouncer as its pooler:
+    the API hands out pooled strings, as `make dev` does."""
+    return register_pooled(service, pg, pgbouncer, instapg_env)
+
+
+@pytest.fixture
+def pooled_client(pooled_host):
+    from chalice.test import Client
+
+    from app import app
+
+    with Client(app) as test_client:
+        yield test_client

@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop()
     bench.cold_import()
     bench.package_size()
+    from tools.bench import pooler
+
+    say("pooler: its own Postgres and PgBouncer")
+    bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

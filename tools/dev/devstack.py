@@ -1,7 +1,8 @@
 """`make dev`: the whole service on this machine, on embedded defaults.
 
 Starts an embedded Postgres (127.0.0.1, scram-sha-256, a non-superuser admin
-as on RDS), DynamoDB from moto's server, creates the tables, registers the
+as on RDS), PgBouncer in front of it (Debian's, on its own port, run as the
+Postgres system user: it refuses root), DynamoDB from moto's server, creates the tables, registers the
 host, and serves the API with chalice's local server. Ctrl-C (or SIGTERM)
 stops everything it started.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HOST_ID = "local"
 ADMIN_ENV = "INSTAPG_LOCAL_HOST_ADMIN"
+POOLER_ENV = "INSTAPG_LOCAL_POOLER_ADMIN"
 
 
 def _say(message: str) -> None:
@@ -39,6 +41,8 @@ class DevStack:
         self.port = port
         self.pool_refill = pool_refill
         self.pg = None
+        self.bouncer = None
+        self.bouncer_root: Path | None = None
         self.moto = None
         self.server = None
         self.background: list[threading.Thread] = []
@@ -64,6 +68,13 @@ class DevStack:
         self.pg = pgserver.start(self.data_dir / "pg", grant_temp_file_limit=True)
         _say(f"postgres  127.0.0.1:{self.pg.port} (embedded, scram-sha-256, admin role {pgserver.ADMIN_ROLE})")
 
+        from tools.dev import pgbouncer
+
+        # Its own private folder, owned by the Postgres system user it runs as.
+        self.bouncer_root = pgserver.private_dir("instapg-dev-pgbouncer-")
+        self.bouncer = pgbouncer.start(self.bouncer_root / "pgbouncer")
+        _say(f"pgbouncer 127.0.0.1:{self.bouncer.port} (connection_string: transaction pooling; direct string: Postgres)")
+
         moto_port = pgserver.free_port()
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
         self.moto.start()
@@ -80,9 +91,10 @@ class DevStack:
             "INSTAPG_DYNAMODB_ENDPOINT": f"http://127.0.0.1:{moto_port}",
             "INSTAPG_KEYRING": new_key_spec("local1"),
             ADMIN_ENV: self.pg.admin_credentials_json,
+            POOLER_ENV: self.bouncer.admin_json(),
         }
         for key, value in env.items():
-            if key.startswith("INSTAPG_") and key not in (ADMIN_ENV, "INSTAPG_DYNAMODB_ENDPOINT"):
+            if key.startswith("INSTAPG_") and key not in (ADMIN_ENV, POOLER_ENV, "INSTAPG_DYNAMODB_ENDPOINT"):
                 os.environ.setdefault(key, value)
             else:
                 os.environ[key] = value
@@ -93,9 +105,7 @@ class DevStack:
         settings = context.get().settings
         models.configure(settings)
         models.create_tables()
-        _, warnings = hosts.register(
-            settings, HOST_ID, "127.0.0.1", self.pg.port, f"env:{ADMIN_ENV}", capacity=1000, sslmode="disable"
-        )
+        _, warnings = hosts.register(settings, HOST_ID, "127.0.0.1", self.pg.port, f"env:{ADMIN_ENV}", **self.host_options())
         for warning in warnings:
             _say(f"host warning: {warning}")
         _say(f"host      '{HOST_ID}' registered (capacity 1000)")
@@ -119,6 +129,17 @@ class DevStack:
         timer = threading.Thread(target=self._scheduled_loop, name="scheduled", daemon=True)
         timer.start()
         self.background.append(timer)
+
+    def host_options(self) -> dict:
+        """hosts.register's arguments for the local host: its PgBouncer, written through its files."""
+        return {
+            "capacity": 1000,
+            "sslmode": "disable",
+            "pooler_hostname": "127.0.0.1",
+            "pooler_port": self.bouncer.port,
+            "pooler_credentials": f"env:{POOLER_ENV}",
+            "pooler_store": f"file:{self.bouncer.state_dir}",
+        }
 
     def _scheduled_loop(self) -> None:
         from chalicelib import context, jobs
@@ -161,6 +182,10 @@ class DevStack:
             self.server.shutdown()
         if self.moto is not None:
             self.moto.stop()
+        if self.bouncer is not None:
+            self.bouncer.stop()
+        if self.bouncer_root is not None:
+            shutil.rmtree(self.bouncer_root, ignore_errors=True)
         if self.pg is not None:
             self.pg.stop()
         _say("stopped.")

@@ -12,6 +12,7 @@ runs as the embedded Postgres' system user, which owns its folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -74,7 +75,13 @@ class LocalPgBouncer:
     process: subprocess.Popen = field(repr=False)
 
     def pooler(self) -> pooler_mod.Pooler:
-        return pooler_mod.Pooler("127.0.0.1", self.port, ADMIN_USER, self.admin_password, self.state_dir)
+        return pooler_mod.Pooler(
+            "127.0.0.1", self.port, ADMIN_USER, self.admin_password, pooler_mod.FileStore(self.state_dir)
+        )
+
+    def admin_json(self) -> str:
+        """The admin console's credentials as a host record's `pooler_credentials` source reads them."""
+        return json.dumps({"username": ADMIN_USER, "password": self.admin_password})
 
     def stop(self) -> None:
         if self.process.poll() is None:
