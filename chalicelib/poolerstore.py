@@ -11,16 +11,18 @@ file with `chalicelib.pooler`'s render functions, and reloads PgBouncer.
 Every write bumps `pooler.state.generation` in the same transaction and
 NOTIFYs `CHANNEL`, so the sync loop applies it within milliseconds; the
 service then waits on the admin console until PgBouncer shows that
-generation loaded (`chalicelib.pooler.GENERATION_ENTRY`), and only then KILLs.
+generation loaded (an entry `chalicelib.pooler.GENERATION_ENTRY` whose target
+dbname is `g<generation>`), and only then KILLs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from chalicelib.pooler import Tenant
+from chalicelib.pooler import GENERATION_ENTRY, PoolerError, Tenant
 
 if TYPE_CHECKING:  # psycopg and the admin connection are imported lazily
     import psycopg
@@ -90,55 +92,85 @@ def setup(admin: Target, sync_password: str) -> None:
 
 
 class TableStore:
-    """`chalicelib.pooler.TenantStore` on `pooler.tenants` in `DBNAME`, written as the host's admin."""
+    """`chalicelib.pooler.Store` on `pooler.tenants` in `DBNAME`, written as the host's admin.
 
-    def __init__(self, admin: Target) -> None:
+    `apply` waits (up to `apply_timeout_s`) until PgBouncer shows, on its admin
+    console, the generation of this store's last write: the sync loop has
+    rendered and reloaded it. Only then do the pooler's KILLs follow.
+    """
+
+    def __init__(self, admin: Target, apply_timeout_s: float = 5.0) -> None:
         self.admin = admin
+        self.apply_timeout_s = apply_timeout_s
+        self._last = -1  # the generation of this store's last write
 
     @contextmanager
-    def _write(self) -> Iterator[tuple[psycopg.Connection, list[int]]]:
+    def _write(self) -> Iterator[psycopg.Connection]:
         """One transaction: the caller's change, the next generation, a NOTIFY sent at commit."""
-        generation: list[int] = []
         with self.admin.connect(DBNAME) as conn:
             with conn.transaction():
                 # The row lock orders writers: generations commit in the order they are numbered.
                 (gen,) = conn.execute(
                     "UPDATE pooler.state SET generation = generation + 1 RETURNING generation"
                 ).fetchone()
-                yield conn, generation
+                yield conn
                 conn.execute("SELECT pg_catalog.pg_notify(%s, %s)", (CHANNEL, str(gen)))
-            generation.append(gen)
+        self._last = max(self._last, int(gen))
 
-    def put(self, tenants: Sequence[Tenant]) -> int:
-        with self._write() as (conn, generation):
+    def put(self, tenants: Iterable[Tenant], only_present: bool = False) -> None:
+        with self._write() as conn:
             for t in tenants:
+                values = (t.verifier, t.pool_size, t.server_host, t.server_port, t.role, t.dbname)
+                if only_present:  # a rotation: a tenant taken out (locked, expired) stays out
+                    conn.execute(
+                        "UPDATE pooler.tenants SET verifier = %s, pool_size = %s, server_host = %s,"
+                        " server_port = %s, updated_at = now() WHERE role = %s AND dbname = %s",
+                        values,
+                    )
+                    continue
                 conn.execute(
-                    "INSERT INTO pooler.tenants (role, dbname, verifier, pool_size, server_host, server_port)"
+                    "INSERT INTO pooler.tenants (verifier, pool_size, server_host, server_port, role, dbname)"
                     " VALUES (%s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (role) DO UPDATE SET dbname = excluded.dbname, verifier = excluded.verifier,"
                     " pool_size = excluded.pool_size, server_host = excluded.server_host,"
                     " server_port = excluded.server_port, updated_at = now()",
-                    (t.role, t.dbname, t.verifier, t.pool_size, t.server_host, t.server_port),
+                    values,
                 )
-        return generation[0]
 
-    def remove(self, role: str, dbname: str) -> int:
-        with self._write() as (conn, generation):
+    def remove(self, role: str, dbname: str) -> None:
+        with self._write() as conn:
             conn.execute("DELETE FROM pooler.tenants WHERE role = %s OR dbname = %s", (role, dbname))
-        return generation[0]
 
-    def replace(self, tenant: Tenant) -> int:
-        with self._write() as (conn, generation):
-            conn.execute(
-                "UPDATE pooler.tenants SET verifier = %s, pool_size = %s, server_host = %s, server_port = %s,"
-                " updated_at = now() WHERE role = %s AND dbname = %s",
-                (tenant.verifier, tenant.pool_size, tenant.server_host, tenant.server_port, tenant.role, tenant.dbname),
-            )
-        return generation[0]
-
-    def names(self) -> set[str]:
+    def databases(self) -> set[str]:
         with self.admin.connect(DBNAME) as conn:
             return {name for (name,) in conn.execute("SELECT dbname FROM pooler.tenants").fetchall()}
+
+    def apply(self, admin: Callable[..., list[dict]]) -> list[str]:
+        """Wait until PgBouncer has loaded this store's last write; nothing for the caller to send."""
+        deadline = time.monotonic() + self.apply_timeout_s
+        while loaded_generation(admin("SHOW DATABASES")) < self._last:
+            if time.monotonic() >= deadline:
+                raise PoolerError(
+                    f"pooler has not loaded change {self._last} in {self.apply_timeout_s:g} s: is its sync loop running?"
+                )
+            time.sleep(0.02)
+        return []
+
+
+def loaded_generation(show_databases: list[dict]) -> int:
+    """The generation PgBouncer has loaded, from SHOW DATABASES rows (-1: none)."""
+    for row in show_databases:
+        if row["name"] == GENERATION_ENTRY and str(row.get("database") or "").startswith("g"):
+            return int(row["database"][1:])
+    return -1
+
+
+def generation_entry(generation: int) -> str:
+    """The [databases] line that tells the admin console which generation is loaded.
+
+    It points at a closed port: a client has no reason to connect to it and gets an error if it does.
+    """
+    return f"{GENERATION_ENTRY} = host=127.0.0.1 port=1 dbname=g{int(generation)} pool_size=1\n"
 
 
 def read(conn: psycopg.Connection) -> tuple[int, list[Tenant]]:

@@ -194,10 +194,9 @@ def bouncer(task, target):
         task.port,
         ADMIN_USER,
         task.env["INSTAPG_POOLER_ADMIN_PASSWORD"],
-        None,
+        poolerstore.TableStore(target),
         admin_port=task.admin_port,
         sslmode="require",
-        store=poolerstore.TableStore(target),
     )
 
 
@@ -266,14 +265,21 @@ def test_table_store_numbers_every_write_and_lists_names(pg, target):
     verifier = postgres.scram_verifier("x" * 20)
     name = "ipgstore_" + secrets.token_hex(4)
     tenant = pooler.Tenant(name, name, verifier, 2, pg.host, pg.port)
-    first = store.put([tenant])
-    assert name in store.names()
-    second = store.replace(dataclasses.replace(tenant, pool_size=4))
-    third = store.remove(name, name)
-    assert first < second < third and name not in store.names()
-    # Replacing a tenant that is not there does not publish it (a locked tenant stays out).
-    store.replace(tenant)
-    assert name not in store.names()
+    generations = []
+    for change in (
+        lambda: store.put([tenant]),
+        lambda: store.put([dataclasses.replace(tenant, pool_size=4)], only_present=True),
+        lambda: store.remove(name, name),
+    ):
+        change()
+        generations.append(store._last)
+        if len(generations) == 2:
+            assert name in store.databases()
+    assert generations == sorted(set(generations)) and name not in store.databases()
+    # A rotation of a tenant that is not there does not publish it (a locked tenant stays out).
+    store.put([tenant], only_present=True)
+    assert name not in store.databases()
+    store.remove(name, name)  # idempotent
 
 
 # -- the task: entrypoint, sync loop, PgBouncer ------------------------------------------------
@@ -353,8 +359,7 @@ def test_task_ends_when_pgbouncer_dies_and_a_new_task_serves_the_table_at_once(m
         try:
             # Before any write: the tenant was rendered before PgBouncer started (sync --once).
             url = pooler.Pooler(
-                "127.0.0.1", replacement.port, ADMIN_USER, "", None, store=poolerstore.TableStore(target),
-                sslmode="require",
+                "127.0.0.1", replacement.port, ADMIN_USER, "", poolerstore.TableStore(target), sslmode="require"
             ).pooled_url(tenant.role, password, tenant.dbname)
             with _connect(url) as conn:
                 assert conn.execute("SELECT current_user").fetchone() == (tenant.role,)

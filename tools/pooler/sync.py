@@ -51,7 +51,7 @@ def render(admin_user: str, admin_verifier: str, generation: int, tenants: list[
     entries = {t.role: t.verifier for t in tenants if t.role != admin_user}
     entries[admin_user] = admin_verifier
     databases = pooler.render_databases({t.dbname: t for t in tenants})
-    return Rendered(pooler.render_auth(entries), databases + pooler.generation_entry(generation))
+    return Rendered(pooler.render_auth(entries), databases + poolerstore.generation_entry(generation))
 
 
 class Sync:
