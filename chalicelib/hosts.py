@@ -70,13 +70,13 @@ class AdminCredentials:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings  # its AWS timeouts
+        self._cache: dict[str, Credentials] = {}
+        self._refreshed_at: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @property
     def settings(self) -> Settings:
         return self._settings
-        self._cache: dict[str, Credentials] = {}
-        self._refreshed_at: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def get(self, source: str, refresh: bool = False) -> Credentials:
         """Cached per source; `refresh` reads it again (RDS rotates its master secret)."""

@@ -440,3 +440,95 @@ def test_dockerfile_copies_what_the_task_imports_and_installs_a_current_pgbounce
     assert "\nUSER postgres\n" in dockerfile
     assert 'ENTRYPOINT ["/bin/bash", "/app/entrypoint.sh"]' in dockerfile
     assert "COPY infra/pooler/entrypoint.sh /app/entrypoint.sh" in dockerfile
+
+
+# -- the service's side: hostctl registers the pooler, the API hands out its strings -----------
+
+
+def _sync_pid(task: Task) -> int:
+    """The sync loop's process among the entrypoint's children."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat_fields[1]) == task.process.pid and b"tools.pooler.sync" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no sync loop under the entrypoint")
+
+
+def test_a_stopped_sync_loop_fails_a_publish_in_bounded_time_and_catches_up(make_tenant, task, target):
+    from chalicelib import pooler, poolerstore
+
+    tenant, password = make_tenant()
+    slow = pooler.Pooler(
+        "127.0.0.1",
+        task.port,
+        ADMIN_USER,
+        task.env["INSTAPG_POOLER_ADMIN_PASSWORD"],
+        poolerstore.TableStore(target, apply_timeout_s=0.5),
+        admin_port=task.admin_port,
+        sslmode="require",
+    )
+    pid = _sync_pid(task)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(pooler.PoolerError, match="sync loop"):
+            slow.publish(tenant)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The row was written: once the loop runs again it loads it (the NOTIFY waited for it).
+    dataclasses.replace(slow, store=poolerstore.TableStore(target)).publish(tenant)
+    with _connect(slow.pooled_url(tenant.role, password, tenant.dbname)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_hostctl_registers_the_pooler_and_the_api_hands_out_its_tls_strings(client, host, task, capsys, instapg_env):
+    import json
+
+    from chalicelib import context
+    from chalicelib.models import HostRecord
+    from tests.conftest import post_json
+    from tools.ops import hostctl
+
+    admin_password = task.env["INSTAPG_POOLER_ADMIN_PASSWORD"]
+    instapg_env.setenv("TEST_POOLER_ADMIN", json.dumps({"username": ADMIN_USER, "password": admin_password}))
+    instapg_env.setenv("TEST_POOLER_SYNC", json.dumps({"username": "instapg_pooler_sync", "password": task.env["PGPASSWORD"]}))
+    instapg_env.setenv("TEST_POOLER_WRONG", json.dumps({"username": ADMIN_USER, "password": "not-" + admin_password}))
+    register = ["pooler", "--id", "local-1", "--hostname", "127.0.0.1", "--port", str(task.port)]
+    register += ["--admin", f"127.0.0.1:{task.admin_port}", "--sync-credentials", "env:TEST_POOLER_SYNC"]
+    # A wrong admin secret is refused before anything is written, and its password is never printed.
+    assert hostctl.main([*register, "--credentials", "env:TEST_POOLER_WRONG"]) == 1
+    err = capsys.readouterr().err
+    assert "not registered" in err and admin_password not in err
+    assert HostRecord.get("local-1").pooler_hostname is None
+    assert hostctl.main([*register, "--credentials", "env:TEST_POOLER_ADMIN"]) == 0
+    assert "Postgres is private" in capsys.readouterr().out
+    record = HostRecord.get("local-1")
+    assert (record.pooler_store, record.pooler_sslmode, record.postgres_private) == ("table", "require", True)
+    assert hostctl.main(["list"]) == 0
+    assert f"admin 127.0.0.1:{task.admin_port}, table" in capsys.readouterr().out
+
+    context.get().hosts.invalidate()
+    created = post_json(client, "/api/v1/database", {"ref": "prod-pooler"})
+    assert created.status_code == 201, created.json_body
+    body = created.json_body
+    pooled, direct = body["connection_string"], body["direct_connection_string"]
+    assert f"@127.0.0.1:{task.port}/" in pooled and pooled.endswith("?sslmode=require")
+    assert f"@127.0.0.1:{task.port}/" in direct and "_session?sslmode=require" in direct
+    with _connect(pooled) as conn:
+        assert conn.pgconn.ssl_in_use and conn.execute("SELECT 1").fetchone() == (1,)
+    with _connect(direct) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # Deleting it takes it out of the host's table, and so out of PgBouncer.
+    token = body["creator_token"]
+    gone = client.http.delete(f"/api/v1/database/{body['id']}", headers={"Authorization": f"Bearer {token}"})
+    assert gone.status_code in (200, 204), gone.json_body
+    assert login_sqlstate(pooled) == POOLER_REFUSED
+
+    assert hostctl.main(["pooler", "--id", "local-1", "--remove"]) == 0
+    record = HostRecord.get("local-1")
+    assert record.pooler_hostname is None and record.pooler_store is None and not record.postgres_private
