@@ -129,7 +129,9 @@ def sync(ctx: Context, host: HostRecord, entries: set[str], holders: dict[str, s
     if ctx.pooler(host) is None:
         return 0, 0
     revoked = published = 0
-    for dbname in sorted(entries):
+    # Only this deployment's names, as the Postgres reconciliation: a pooler may serve others too.
+    prefix = ctx.settings.name_prefix + "_"
+    for dbname in sorted(e for e in entries if e.startswith(prefix)):
         if holders.get(dbname) not in HOLDS_ENTRIES:
             if revoke(ctx, host, dbname, dbname):  # tenant role and database share the generated name
                 revoked += 1

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from tests.pgerrors import refused_login
+from tests.pgwire import login_sqlstate
 from tools.dev.pgserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,10 +97,15 @@ def test_create_over_http_and_use_the_database(devstack):
 def test_wrong_password_is_refused_over_tcp(devstack):
     _, base, _ = devstack
     _, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
-    params = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
+    params = psycopg.conninfo.conninfo_to_dict(body["direct_connection_string"])
     params["password"] = "not-the-password"
     # invalid_password: scram-sha-256 is enforced, not trust.
     assert refused_login(**params) == "28P01"
+    # The pooled string is make dev's PgBouncer, which refuses with 08P01 (1.18 uses it for every login it refuses).
+    pooled = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
+    assert pooled["port"] != params["port"]
+    pooled["password"] = "not-the-password"
+    assert login_sqlstate(psycopg.conninfo.make_conninfo(**pooled)) == "08P01"
 
 
 def test_errors_over_http_are_json(devstack):
