@@ -17,6 +17,7 @@ dbname is `g<generation>`), and only then KILLs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ if TYPE_CHECKING:  # psycopg and the admin connection are imported lazily
     import psycopg
 
     from chalicelib.postgres import Target
+
+log = logging.getLogger(__name__)
 
 DBNAME = "instapg_pooler"
 SYNC_ROLE = "instapg_pooler_sync"
@@ -187,5 +190,6 @@ def read(conn: psycopg.Connection) -> tuple[int, list[Tenant]]:
         try:
             tenants.append(Tenant(*row))
         except ValueError:
-            continue
+            # Only the service writes the table; a row it did not write is never rendered (names only in the log).
+            log.warning("pooler.tenants row for role %r skipped: not a generated tenant", str(row[0])[:64])
     return int(generation), tenants

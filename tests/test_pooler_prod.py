@@ -220,7 +220,8 @@ def make_tenant(pg, target, bouncer):
 
     yield make
     for tenant in made:
-        bouncer.revoke(tenant.role, tenant.dbname)
+        # Out of the table (a running task's sync loop drops it), then off Postgres; no task needs to be up.
+        bouncer.store.remove(tenant.role, tenant.dbname)
         provisioning.drop_tenant(target, tenant.role, tenant.dbname, keep_claimed=False)
 
 
@@ -342,31 +343,6 @@ def test_admin_console_only_through_the_admin_port(bouncer, task):
     assert login_sqlstate(admin_url.format(task.port)) == POOLER_REFUSED
     # The admin port (functions only) lets the service in, over TLS.
     assert any(row["name"] == "pgbouncer" for row in bouncer.admin("SHOW DATABASES"))
-
-
-def test_task_ends_when_pgbouncer_dies_and_a_new_task_serves_the_table_at_once(make_tenant, bouncer, task_env, target):
-    """kill -9 of PgBouncer ends the task (ECS starts another); the new one starts with every tenant."""
-    from chalicelib import pooler, poolerstore
-
-    tenant, password = make_tenant()
-    bouncer.publish(tenant)
-    other = _start_task(task_env, "task2")
-    try:
-        pid = int((other.state_dir / "pgbouncer.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
-        assert other.process.wait(timeout=15) != 0
-        replacement = _start_task(task_env, "task3")
-        try:
-            # Before any write: the tenant was rendered before PgBouncer started (sync --once).
-            url = pooler.Pooler(
-                "127.0.0.1", replacement.port, ADMIN_USER, "", poolerstore.TableStore(target), sslmode="require"
-            ).pooled_url(tenant.role, password, tenant.dbname)
-            with _connect(url) as conn:
-                assert conn.execute("SELECT current_user").fetchone() == (tenant.role,)
-        finally:
-            replacement.stop()
-    finally:
-        other.stop()
 
 
 # -- what the image is built from ---------------------------------------------------------------
@@ -532,3 +508,27 @@ def test_hostctl_registers_the_pooler_and_the_api_hands_out_its_tls_strings(clie
     assert hostctl.main(["pooler", "--id", "local-1", "--remove"]) == 0
     record = HostRecord.get("local-1")
     assert record.pooler_hostname is None and record.pooler_store is None and not record.postgres_private
+
+
+def test_task_ends_when_pgbouncer_dies_and_a_new_task_serves_the_table_at_once(make_tenant, bouncer, task, task_env, target):
+    """kill -9 of PgBouncer ends the task (ECS starts another); the new one starts with every tenant.
+
+    Last in the module: it ends the module's task.
+    """
+    from chalicelib import pooler, poolerstore
+
+    tenant, password = make_tenant()
+    bouncer.publish(tenant)
+    pid = int((task.state_dir / "pgbouncer.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    assert task.process.wait(timeout=15) != 0
+    replacement = _start_task(task_env, "task2")
+    try:
+        # Before any write: the tenant was rendered before PgBouncer started (sync --once).
+        url = pooler.Pooler(
+            "127.0.0.1", replacement.port, ADMIN_USER, "", poolerstore.TableStore(target), sslmode="require"
+        ).pooled_url(tenant.role, password, tenant.dbname)
+        with _connect(url) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (tenant.role,)
+    finally:
+        replacement.stop()

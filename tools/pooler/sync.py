@@ -92,16 +92,17 @@ class Sync:
         for _ in conn.notifies(timeout=poll_s, stop_after=1):
             pass
 
-    def run(self, poll_s: float = 30.0, stop: list[bool] | None = None) -> None:
+    def run(self, poll_s: float = 30.0) -> None:
+        """Until the process is stopped: connect, LISTEN, apply on every change."""
         import psycopg
 
         backoff = 0.5
-        while not (stop and stop[0]):
+        while True:
             try:
                 with psycopg.connect(autocommit=True, connect_timeout=5, application_name="instapg-pooler-sync") as conn:
                     conn.execute(f"LISTEN {poolerstore.CHANNEL}")
                     backoff = 0.5
-                    while not (stop and stop[0]):
+                    while True:
                         self.run_once(conn, poll_s)
             except psycopg.Error as exc:
                 # The files stay: PgBouncer keeps what it has until the table is readable again.
@@ -135,14 +136,12 @@ def main() -> int:
             return 1
         sync.apply(generation, tenants)
         return 0
-    stop = [False]
-
     def _stop(*_: object) -> None:
-        stop[0] = True
+        raise SystemExit(0)  # interrupts the wait for a notification: the task stops within ECS's StopTimeout
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        sync.run(float(env.get("INSTAPG_POOLER_SYNC_POLL_S", "30")), stop)
+        sync.run(float(env.get("INSTAPG_POOLER_SYNC_POLL_S", "30")))
     except KeyboardInterrupt:
         pass
     return 0
