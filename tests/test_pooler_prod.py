@@ -336,6 +336,25 @@ def test_rotate_refuses_the_old_password_through_the_table(make_tenant, bouncer,
         assert conn.execute("SELECT current_user").fetchone() == (tenant.role,)
 
 
+def test_sync_loop_reconnects_when_the_host_drops_its_connection(make_tenant, bouncer, pg):
+    """The host ends the sync loop's session (a failover or restart does the same): it reconnects and goes on."""
+    deadline = time.monotonic() + 10  # the loop may still be starting when this test runs first
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        while True:
+            ended = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'instapg-pooler-sync'"
+            ).fetchone()[0]
+            if ended or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert ended == 1
+    tenant, password = make_tenant()
+    bouncer.publish(tenant)  # loaded once the loop is back (backoff 0.5 s), within the 5 s apply timeout
+    with _connect(bouncer.pooled_url(tenant.role, password, tenant.dbname)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_admin_console_only_through_the_admin_port(bouncer, task):
     password = task.env["INSTAPG_POOLER_ADMIN_PASSWORD"]
     admin_url = f"postgresql://{ADMIN_USER}:{password}@127.0.0.1:{{}}/pgbouncer?sslmode=require"
