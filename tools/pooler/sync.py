@@ -92,21 +92,25 @@ class Sync:
         for _ in conn.notifies(timeout=poll_s, stop_after=1):
             pass
 
-    def run(self, poll_s: float = 30.0) -> None:
-        """Until the process is stopped: connect, LISTEN, apply on every change."""
+    def run(self, poll_s: float = 30.0, conninfo: str = "") -> None:
+        """Until the process is stopped: connect (libpq's environment, or `conninfo`), LISTEN, apply on every change."""
         import psycopg
 
         backoff = 0.5
         while True:
             try:
-                with psycopg.connect(autocommit=True, connect_timeout=5, application_name="instapg-pooler-sync") as conn:
+                with psycopg.connect(
+                    conninfo, autocommit=True, connect_timeout=5, application_name="instapg-pooler-sync"
+                ) as conn:
                     conn.execute(f"LISTEN {poolerstore.CHANNEL}")
                     backoff = 0.5
                     while True:
                         self.run_once(conn, poll_s)
             except psycopg.Error as exc:
                 # The files stay: PgBouncer keeps what it has until the table is readable again.
-                log.warning("tenant table unreachable (%s); retrying in %.1f s", type(exc).__name__, backoff)
+                # libpq's first line names the problem (never a password).
+                reason = (str(exc).splitlines() or [""])[0][:200]
+                log.warning("tenant table unreachable (%s: %s); retrying in %.1f s", type(exc).__name__, reason, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
