@@ -195,6 +195,26 @@ def test_the_warm_pool_publishes_at_refill_and_the_role_is_refused_until_taken(p
         assert conn.execute("SELECT current_database()").fetchone() == (pooled_record.db_name,)
 
 
+def test_a_discarded_pooled_database_leaves_the_pooler(pooled_host, service, pgbouncer):
+    from chalicelib import pool
+    from chalicelib.clock import Deadline
+
+    assert pool.refill(service, Deadline.after(30), size=1).added == 1
+    (pooled_record,) = pool.pooled("local-1")
+    assert pooled_record.db_name in _published(pgbouncer)
+    # The pool shrank (or the host drains): the discard revokes before it drops.
+    assert pool.refill(service, Deadline.after(30), size=0).discarded == 1
+    assert pooled_record.db_name not in _published(pgbouncer)
+
+
+def test_context_pooler_is_none_without_one_and_cached_with_one(host, service, pgbouncer, pg, instapg_env):
+    assert service.pooler(host) is None
+    pooled = register_pooled(service, pg, pgbouncer, instapg_env)
+    first = service.pooler(pooled)
+    assert first is not None and service.pooler(service.hosts.get(pooled.id)) is first
+    assert first.port == pgbouncer.port and first.admin_password not in repr(first)
+
+
 def test_reconciliation_removes_leftover_entries_and_restores_lost_ones(pooled_client, service, pg, pgbouncer):
     from chalicelib import expiry, pooler, postgres
     from chalicelib.clock import Deadline
