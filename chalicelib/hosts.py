@@ -169,6 +169,8 @@ def pooler(host: HostRecord, credentials: AdminCredentials) -> pooler_mod.Pooler
         admin_host=host.pooler_admin_hostname or host.pooler_hostname,
         admin_port=int(host.pooler_admin_port) if host.pooler_admin_port else None,
         sslmode=pooler_sslmode(host),
+        # The certificate names the public endpoint, not the admin one: encrypted, not verified, inside the VPC.
+        admin_sslmode="require" if pooler_sslmode(host).startswith("verify") else None,
     )
 
 

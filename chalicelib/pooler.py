@@ -149,6 +149,9 @@ class Pooler:
     admin_port: int | None = None  # None: `port`
     sslmode: str = "disable"
     connect_timeout: int = 5
+    # The admin console's, when it differs: behind the NLB's public name a certificate for verify-full
+    # cannot also name the private admin endpoint, so there the console is reached with "require".
+    admin_sslmode: str | None = None
 
     # -- connection strings --------------------------------------------------
 
@@ -229,7 +232,7 @@ class Pooler:
                 user=self.admin_user,
                 password=self.admin_password,
                 dbname="pgbouncer",
-                sslmode=self.sslmode,
+                sslmode=self.admin_sslmode or self.sslmode,
                 connect_timeout=self.connect_timeout,
                 autocommit=True,
                 cursor_factory=psycopg.ClientCursor,

@@ -551,3 +551,26 @@ def test_task_ends_when_pgbouncer_dies_and_a_new_task_serves_the_table_at_once(m
             assert conn.execute("SELECT current_user").fetchone() == (tenant.role,)
     finally:
         replacement.stop()
+
+
+def test_a_verify_full_pooler_keeps_verify_full_in_the_strings_and_require_for_its_admin_console(instapg_env):
+    """The certificate names the public endpoint; the admin console's private name cannot be on it."""
+    import json
+
+    from chalicelib import hosts, poolerstore
+    from chalicelib.models import HostRecord
+    from chalicelib.settings import load
+
+    instapg_env.setenv("TEST_POOLER_ADMIN", json.dumps({"username": ADMIN_USER, "password": "x" * 20}))
+    record = HostRecord(
+        id="h1", hostname="db.internal", port=5432, credentials="env:INSTAPG_TEST_HOST_ADMIN", capacity=1,
+        pooler_hostname="pg.example.com", pooler_port=5432, pooler_admin_hostname="pooler-admin.x.internal",
+        pooler_admin_port=6433, pooler_credentials="env:TEST_POOLER_ADMIN", pooler_store="table",
+        pooler_sslmode="verify-full", postgres_private=True,
+    )
+    bouncer = hosts.pooler(record, hosts.AdminCredentials(load()))
+    assert isinstance(bouncer.store, poolerstore.TableStore)
+    assert bouncer.pooled_url("ipg_a", "pw", "ipg_a").endswith("@pg.example.com:5432/ipg_a?sslmode=verify-full")
+    assert (bouncer.admin_host, bouncer.admin_port, bouncer.admin_sslmode) == ("pooler-admin.x.internal", 6433, "require")
+    record.pooler_sslmode = "require"
+    assert hosts.pooler(record, hosts.AdminCredentials(load())).admin_sslmode is None
