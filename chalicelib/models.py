@@ -122,6 +122,15 @@ class DatabaseRecord(Model):
     size_checked_at = UTCDateTimeAttribute(null=True)
     locked_reason = UnicodeAttribute(null=True)
     locked_at = UTCDateTimeAttribute(null=True)
+    # Transfer through the pooler (chalicelib.metering): bytes in/out this
+    # period (a UTC month, "2026-12"), and the pooler's counters at the last
+    # reading, which each reading's delta is taken against (in the same write).
+    transfer_period = UnicodeAttribute(null=True)
+    transfer_in_bytes = NumberAttribute(null=True)
+    transfer_out_bytes = NumberAttribute(null=True)
+    transfer_checked_at = UTCDateTimeAttribute(null=True)
+    pooler_seen_in = NumberAttribute(null=True)
+    pooler_seen_out = NumberAttribute(null=True)
     by_host = HostIndex()
     # Issue 4 (claiming): the owning account once a claim started, and when it ended.
     owner_id = UnicodeAttribute(null=True)
@@ -290,6 +299,27 @@ class AuditEvent(Model):
     detail = UnicodeAttribute(null=True)
 
 
+class UsageDay(Model):
+    """One database's usage on one UTC day (chalicelib.usage), written by the scheduled job.
+
+    Kept about a month: DynamoDB's TTL removes a day USAGE_KEEP_DAYS after it
+    (deleted within a few days of that), so the table's size is bounded by
+    live databases x ~30.
+    """
+
+    class Meta:
+        table_name = "instapg-usage"
+        billing_mode = "PAY_PER_REQUEST"
+
+    database_id = UnicodeAttribute(hash_key=True)
+    day = UnicodeAttribute(range_key=True)  # "2026-12-02"
+    size_bytes = NumberAttribute(null=True)  # the last sample of the day
+    connections_peak = NumberAttribute(null=True)  # highest of the day's samples (one per run)
+    transfer_in_bytes = NumberAttribute(null=True)
+    transfer_out_bytes = NumberAttribute(null=True)
+    expires_at = TTLAttribute(null=True)
+
+
 MODELS: tuple[type[Model], ...] = (
     DatabaseRecord,
     HostRecord,
@@ -299,6 +329,7 @@ MODELS: tuple[type[Model], ...] = (
     AccountRecord,
     ApiKeyRecord,
     AuditEvent,
+    UsageDay,
 )
 _SUFFIXES = {
     DatabaseRecord: "databases",
@@ -309,6 +340,7 @@ _SUFFIXES = {
     AccountRecord: "accounts",
     ApiKeyRecord: "api-keys",
     AuditEvent: "audit",
+    UsageDay: "usage",
 }
 
 

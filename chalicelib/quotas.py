@@ -26,7 +26,7 @@ from pynamodb.exceptions import UpdateError
 
 from chalicelib import access, audit, postgres
 from chalicelib import hosts as hostlib
-from chalicelib.clock import Deadline
+from chalicelib.clock import Deadline, period
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
 from chalicelib.settings import TRIAL_PLAN, Plan
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORAGE = "storage"
+TRANSFER = "transfer"  # locked by chalicelib.metering, through lock() below
 _LIVE = (UNCLAIMED, CLAIMED)
 # The sealed verifier too: an unlock publishes the tenant to the pooler again.
 _PROJECTION = [
@@ -67,45 +68,45 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
         raise
 
 
-def _lock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int, plan: Plan) -> None:
-    ended = access.lock(ctx, host, record)  # Postgres and the pooler
+def lock(ctx: Context, host: HostRecord, record: DatabaseRecord, reason: str, detail: str, actions: list = ()) -> None:
+    """The one lock path (storage here, transfer in chalicelib.metering): role NOLOGIN, sessions ended, reason on the record.
+
+    Both ways in: Postgres and the host's pooler (chalicelib.access revokes its entries first).
+    """
+    ended = access.lock(ctx, host, record)
     now = datetime.now(UTC)
-    _update(
+    _update(record, [DatabaseRecord.locked_reason.set(reason), DatabaseRecord.locked_at.set(now), *actions])
+    record.locked_reason = reason
+    audit.record_quietly(record.id, audit.QUOTA_LOCKED, audit.SYSTEM, detail=f"{reason}: {detail}")
+    log.info("locked database %s: %s (%d sessions ended)", record.id, detail, ended)
+
+
+def unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, detail: str, actions: list = ()) -> None:
+    """Lift a lock (whatever its reason): LOGIN again and published to the pooler again, reason removed."""
+    access.unlock(ctx, host, record, ctx.plan(record.plan))
+    _update(record, [DatabaseRecord.locked_reason.remove(), DatabaseRecord.locked_at.remove(), *actions])
+    reason, record.locked_reason = record.locked_reason, None
+    audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"{reason}: {detail}")
+    log.info("unlocked database %s: %s", record.id, detail)
+
+
+def _lock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int, plan: Plan) -> None:
+    now = datetime.now(UTC)
+    detail = f"{size} bytes over the {plan.name} plan's {plan.storage_mb} MB"
+    lock(
+        ctx,
+        host,
         record,
-        [
-            DatabaseRecord.locked_reason.set(STORAGE),
-            DatabaseRecord.locked_at.set(now),
-            DatabaseRecord.size_bytes.set(size),
-            DatabaseRecord.size_checked_at.set(now),
-        ],
-    )
-    audit.record_quietly(
-        record.id, audit.QUOTA_LOCKED, audit.SYSTEM, detail=f"storage: {size} bytes over {plan.storage_mb} MB"
-    )
-    log.info(
-        "locked database %s: %d bytes over the %s plan's %d MB (%d sessions ended)",
-        record.id,
-        size,
-        plan.name,
-        plan.storage_mb,
-        ended,
+        STORAGE,
+        detail,
+        [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)],
     )
 
 
 def _unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int) -> None:
-    access.unlock(ctx, host, record, ctx.plan(record.plan))
     now = datetime.now(UTC)
-    _update(
-        record,
-        [
-            DatabaseRecord.locked_reason.remove(),
-            DatabaseRecord.locked_at.remove(),
-            DatabaseRecord.size_bytes.set(size),
-            DatabaseRecord.size_checked_at.set(now),
-        ],
-    )
-    audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"storage: {size} bytes fit")
-    log.info("unlocked database %s: %d bytes fit its plan", record.id, size)
+    actions = [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)]
+    unlock(ctx, host, record, f"{size} bytes fit its plan", actions)
 
 
 def _enforce_storage(
@@ -204,10 +205,16 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     """
     if not record.locked_reason:
         return True
-    if record.locked_reason != STORAGE:
-        return False
     host: HostRecord = ctx.hosts.get(record.host_id)
     target = ctx.target(host)
+    if record.locked_reason == TRANSFER:
+        moved = transfer_this_period(record)
+        if moved > plan.transfer_bytes:
+            return False
+        unlock(ctx, host, record, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
+        return True
+    if record.locked_reason != STORAGE:
+        return False
     size = postgres.database_size(target, record.db_name)
     if size is None:
         return False
@@ -216,3 +223,10 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
         return False
     _unlock(ctx, host, record, size)
     return True
+
+
+def transfer_this_period(record: DatabaseRecord, now: datetime | None = None) -> int:
+    """Bytes in plus out the record holds for the current period (0 once a new one began)."""
+    if record.transfer_period != period(now or datetime.now(UTC)):
+        return 0
+    return int(record.transfer_in_bytes or 0) + int(record.transfer_out_bytes or 0)

@@ -36,10 +36,16 @@ class Plan:
     idle_in_transaction_s: int
     # Per-role temp_file_limit where the admin may set it (superuser-only GUC).
     temp_file_limit_mb: int
+    # Bytes in plus out through the pooler per calendar month (UTC), enforced by chalicelib.metering.
+    transfer_mb: int = 1024
 
     @property
     def storage_bytes(self) -> int:
         return self.storage_mb * 1024 * 1024
+
+    @property
+    def transfer_bytes(self) -> int:
+        return self.transfer_mb * 1024 * 1024
 
     def public(self) -> dict:
         return {"storage_mb": self.storage_mb, "connections": self.connections}
@@ -146,6 +152,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "An unclaimed tenant's session idle inside a transaction longer than this is ended.",
     ),
     ("INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB", "1024", "temp_file_limit of an unclaimed tenant role (where settable)."),
+    (
+        "INSTAPG_UNCLAIMED_TRANSFER_MB",
+        "1024",
+        "Bytes in plus out through the pooler an unclaimed database may move per calendar month (UTC) "
+        "before the scheduled job locks it.",
+    ),
     ("INSTAPG_CLAIMED_STORAGE_MB", "512", "Storage limit of a claimed database."),
     ("INSTAPG_CLAIMED_CONNECTIONS", "20", "Connection limit of a claimed database's role."),
     ("INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS", "3600", "Longest statement a claimed tenant may run."),
@@ -155,6 +167,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "A claimed tenant's session idle inside a transaction longer than this is ended.",
     ),
     ("INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB", "4096", "temp_file_limit of a claimed tenant role (where settable)."),
+    (
+        "INSTAPG_CLAIMED_TRANSFER_MB",
+        "10240",
+        "Bytes in plus out through the pooler a claimed database may move per calendar month (UTC).",
+    ),
     (
         "INSTAPG_TOMBSTONE_TTL_SECONDS",
         "604800",
@@ -316,6 +333,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
             idle_in_transaction_s=_int(env, "INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
             temp_file_limit_mb=_int(env, "INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB"),
+            transfer_mb=_int(env, "INSTAPG_UNCLAIMED_TRANSFER_MB"),
             lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
         ),
         FREE_PLAN: Plan(
@@ -325,6 +343,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
             idle_in_transaction_s=_int(env, "INSTAPG_CLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
             temp_file_limit_mb=_int(env, "INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB"),
+            transfer_mb=_int(env, "INSTAPG_CLAIMED_TRANSFER_MB"),
             lifetime_s=None,
         ),
     }

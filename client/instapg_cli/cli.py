@@ -8,6 +8,7 @@ instapg claim [ID] [--env .env] [--prefix PUBLIC_] [--no-browser]
 instapg rotate [ID] [--env .env] [--key DATABASE_URL] --api-key KEY
 instapg delete [ID] [--env .env] [--key DATABASE_URL] [--api-key KEY] [--yes]
 instapg list --api-key KEY
+instapg usage [ID] [--env .env] [--prefix PUBLIC_] --api-key KEY
 Every command takes --json and --url; exit codes are the EXIT_* constants below (docs/client.md).
 """
 
@@ -25,7 +26,7 @@ from instapg_cli import __version__, envfile
 from instapg_cli.api import ApiError, Client, check_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `make dev`'s local stack
-COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list")
+COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list", "usage")
 
 # Exit codes (documented in docs/client.md; scripts and agents branch on them).
 EXIT_OK = 0
@@ -58,7 +59,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="instapg",
             description="Create a PostgreSQL database and append its connection strings to .env.",
-            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list "
+            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list | usage "
             "(each takes --help). Exit codes: 0 ok, 1 refused/failed, 2 usage, 3 missing dependency, "
             "4 temporary (retry later).",
         )
@@ -73,9 +74,9 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     _common(parser, key=command in ("seed", "rotate", "delete"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
-    if command in ("status", "claim", "rotate", "delete"):
+    if command in ("status", "claim", "rotate", "delete", "usage"):
         parser.add_argument("id", nargs="?", help="database id (default: the database in --env)")
-    if command in ("status", "rotate", "delete", "list"):
+    if command in ("status", "rotate", "delete", "list", "usage"):
         parser.add_argument("--api-key", help="account API key (default: $INSTAPG_API_KEY)")
     if command == "claim":
         parser.add_argument("--no-browser", action="store_true", help="print the claim URL only")
@@ -88,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     args = _parser(command).parse_args(argv)
-    handlers = {"claim": claim, "status": status, "seed": seed, "rotate": rotate, "delete": delete, "list": list_}
+    handlers = {
+        "claim": claim,
+        "status": status,
+        "seed": seed,
+        "rotate": rotate,
+        "delete": delete,
+        "list": list_,
+        "usage": usage,
+    }
     try:
         return create(args) if command is None else handlers[command](args)
     except ApiError as exc:
@@ -323,8 +332,7 @@ def status(args) -> int:
     else:
         how = "pass --api-key" if body.get("status") == "CLAIMED" else "claim it, then --api-key"
         print(f"connections  shown to the owner only ({how}){connections_limit}")
-    transfer = body.get("transfer_bytes", quota.get("transfer_bytes"))
-    print(f"transfer     {_size(transfer) if isinstance(transfer, int) else 'not metered by this server'}")
+    print(f"transfer     {_transfer(quota.get('transfer'))}")
     locked = quota.get("locked")
     if locked:
         print(f"locked       since {locked.get('since')}: {locked.get('hint') or locked.get('reason')}")
@@ -400,6 +408,36 @@ def list_(args) -> int:
     for db in databases:
         print(f"{db['id']:36}  {db['status']:9}  {db.get('plan') or '-':8}  {db.get('created_at') or '-'}")
     return EXIT_OK
+
+
+def usage(args) -> int:
+    """The owner's usage per day over the last 30 days (size, peak connections, transfer)."""
+    base, database_id = _target(args)
+    owner = Client(base, api_key=_api_key(args)).owned(database_id)
+    days = owner.get("usage") or []
+    if args.json:
+        _print_json({"id": database_id, "usage": days, "transfer": (owner.get("quota") or {}).get("transfer")})
+        return EXIT_OK
+    print(f"database {database_id}: usage per UTC day (size: last sample; connections: peak of per-minute samples)")
+    print(f"{'DAY':10}  {'SIZE':>10}  {'CONNS':>5}  {'IN':>10}  {'OUT':>10}")
+    for day in days:
+        size = _size(day["size_bytes"]) if isinstance(day.get("size_bytes"), int) else "-"
+        conns = day["connections_peak"] if isinstance(day.get("connections_peak"), int) else "-"
+        moved_in, moved_out = _size(day.get("transfer_in_bytes") or 0), _size(day.get("transfer_out_bytes") or 0)
+        print(f"{day['day']:10}  {size:>10}  {conns!s:>5}  {moved_in:>10}  {moved_out:>10}")
+    print(f"this month   {_transfer((owner.get('quota') or {}).get('transfer'))}")
+    return EXIT_OK
+
+
+def _transfer(transfer: dict | None) -> str:
+    if not isinstance(transfer, dict):
+        return "not metered by this server"
+    limit = transfer.get("limit_bytes")
+    shown = f" (limit {_size(limit)})" if isinstance(limit, int) else ""
+    return (
+        f"{_size(transfer.get('in_bytes') or 0)} in, {_size(transfer.get('out_bytes') or 0)} out "
+        f"in {transfer.get('period')}{shown}, through the pooler"
+    )
 
 
 def _when(iso: str | None) -> str:
