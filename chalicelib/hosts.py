@@ -74,6 +74,10 @@ class AdminCredentials:
         self._refreshed_at: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     def get(self, source: str, refresh: bool = False) -> Credentials:
         """Cached per source; `refresh` reads it again (RDS rotates its master secret)."""
         with self._lock:
@@ -139,24 +143,34 @@ def pooler(host: HostRecord, credentials: AdminCredentials) -> pooler_mod.Pooler
     """The host's PgBouncer as the service drives it, or None when the host has none.
 
     `pooler_store` says where its entries are written: "file:<folder>" (the
-    files PgBouncer reads, make dev and the tests). Another kind is a store
-    its sync loop renders from (production; see docs/scaling.md).
+    files PgBouncer reads, make dev and the tests), or "table" (production: the
+    host's `instapg_pooler` table, which the sync loop beside PgBouncer renders;
+    chalicelib.poolerstore, docs/scaling.md).
     """
     if not has_pooler(host):
         return None
     kind, _, where = host.pooler_store.partition(":")
-    if kind != "file" or not where:
-        raise CredentialsError(f"host {host.id}: unknown pooler store {kind!r} (use file:<folder>)")
+    store: pooler_mod.Store
+    if kind == "file" and where:
+        store = pooler_mod.FileStore(Path(where))
+    elif kind == "table" and not where:
+        from chalicelib import poolerstore
+
+        store = poolerstore.TableStore(target(host, credentials.settings, credentials))
+    else:
+        raise CredentialsError(f"host {host.id}: unknown pooler store {kind!r} (use file:<folder> or table)")
     creds = credentials.get(host.pooler_credentials)
     return pooler_mod.Pooler(
         host=host.pooler_hostname,
         port=int(host.pooler_port or 6432),
         admin_user=creds.username,
         admin_password=creds.password,
-        store=pooler_mod.FileStore(Path(where)),
+        store=store,
         admin_host=host.pooler_admin_hostname or host.pooler_hostname,
         admin_port=int(host.pooler_admin_port) if host.pooler_admin_port else None,
         sslmode=pooler_sslmode(host),
+        # The certificate names the public endpoint, not the admin one: encrypted, not verified, inside the VPC.
+        admin_sslmode="require" if pooler_sslmode(host).startswith("verify") else None,
     )
 
 

@@ -29,7 +29,7 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,8 @@ from urllib.parse import quote
 AUTH_FILE = "userlist.txt"
 DATABASES_FILE = "databases.ini"
 SESSION_SUFFIX = "_session"
+# The entry a sync loop adds to tell which change it loaded (chalicelib.poolerstore): not a tenant.
+GENERATION_ENTRY = "instapg_generation"
 # Names and verifiers go into PgBouncer's config files unquoted: only what the
 # service itself generates may pass (tenant names are opaque base32).
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,54}$")
@@ -76,7 +78,8 @@ class Store(Protocol):
 
     Every method is idempotent. `apply` returns the admin-console commands
     that make PgBouncer load what was written ("RELOAD" for files PgBouncer
-    reads itself; a store whose sync loop reloads waits for it and returns none).
+    reads itself; a store whose sync loop reloads waits for it, watching the
+    console through `admin`, and returns none: chalicelib.poolerstore.TableStore).
     """
 
     def put(self, tenants: Iterable[Tenant], only_present: bool = False) -> None:
@@ -91,7 +94,7 @@ class Store(Protocol):
         """Tenant database names with entries (reconciliation compares them with the records)."""
         ...
 
-    def apply(self) -> list[str]:
+    def apply(self, admin: Callable[..., list[dict]]) -> list[str]:
         ...
 
 
@@ -117,7 +120,7 @@ class FileStore:
     def databases(self) -> set[str]:
         return set(_read_databases(self.state_dir / DATABASES_FILE))
 
-    def apply(self) -> list[str]:
+    def apply(self, admin: Callable[..., list[dict]]) -> list[str]:
         return ["RELOAD"]
 
     @contextmanager
@@ -146,6 +149,9 @@ class Pooler:
     admin_port: int | None = None  # None: `port`
     sslmode: str = "disable"
     connect_timeout: int = 5
+    # The admin console's, when it differs: behind the NLB's public name a certificate for verify-full
+    # cannot also name the private admin endpoint, so there the console is reached with "require".
+    admin_sslmode: str | None = None
 
     # -- connection strings --------------------------------------------------
 
@@ -165,7 +171,7 @@ class Pooler:
         Several at once for a restarted PgBouncer or a reconciliation: one RELOAD.
         """
         self.store.put(tenants)
-        if commands := self.store.apply():
+        if commands := self.store.apply(self.admin):
             self.admin(*commands)
 
     def revoke(self, role: str, dbname: str) -> None:
@@ -196,7 +202,7 @@ class Pooler:
         totals: dict[str, tuple[int, int]] = {}
         for row in self.admin("SHOW STATS"):
             name = row["database"]
-            if name == "pgbouncer":
+            if name in ("pgbouncer", GENERATION_ENTRY):
                 continue
             if name.endswith(SESSION_SUFFIX):
                 name = name[: -len(SESSION_SUFFIX)]
@@ -226,7 +232,7 @@ class Pooler:
                 user=self.admin_user,
                 password=self.admin_password,
                 dbname="pgbouncer",
-                sslmode=self.sslmode,
+                sslmode=self.admin_sslmode or self.sslmode,
                 connect_timeout=self.connect_timeout,
                 autocommit=True,
                 cursor_factory=psycopg.ClientCursor,
@@ -250,7 +256,7 @@ class Pooler:
         refused instead of waiting.
         """
         names = {dbname, dbname + SESSION_SUFFIX}
-        live = [row["name"] for row in self.admin(*self.store.apply(), "SHOW DATABASES") if row["name"] in names]
+        live = [row["name"] for row in self.admin(*self.store.apply(self.admin), "SHOW DATABASES") if row["name"] in names]
         commands = [f"KILL {name}" for name in live] + ([f"RESUME {name}" for name in live] if resume else [])
         if commands:
             self.admin(*commands)

@@ -20,6 +20,15 @@ def login_sqlstate(url: str, dbname: str | None = None, replication: str | None 
     import pg8000.native
 
     params = psycopg.conninfo.conninfo_to_dict(url)
+    tls: object = None  # pg8000's default: TLS when the server offers it
+    if params.get("sslmode") == "disable":
+        tls = False
+    elif params.get("sslmode") == "require":  # encrypted, the certificate not checked (as libpq's require)
+        import ssl
+
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
     try:
         conn = pg8000.native.Connection(
             user=params["user"],
@@ -29,6 +38,7 @@ def login_sqlstate(url: str, dbname: str | None = None, replication: str | None 
             database=dbname or params["dbname"],
             timeout=10,
             replication=replication,
+            ssl_context=tls,
         )
     except pg8000.exceptions.DatabaseError as exc:
         return exc.args[0].get("C")

@@ -48,7 +48,11 @@ def _functions(template: dict) -> dict[str, dict]:
 # is the parameter's "" default when Network is not `existing` (then the
 # template uses its own subnets or no VPC, and its Rules require SubnetIds
 # when it is); SAM drops resource Metadata, so it cannot be silenced there.
-EXPLAINED_WARNINGS = {("W1030", ("Parameters", "SubnetIds", "Default"))}
+# The pooler's TLS secret likewise is "" when PoolerEnabled is off (Rules require it when on).
+EXPLAINED_WARNINGS = {
+    ("W1030", ("Parameters", "SubnetIds", "Default")),
+    ("W1030", ("Parameters", "PoolerTlsSecretArn", "Default")),
+}
 
 
 def test_cfn_lint_passes_on_the_packaged_template(packaged):
@@ -298,27 +302,43 @@ def test_network_functions_reach_postgres_on_5432_only_and_nothing_public_reache
     egress = _sg_rules(template, "FunctionSecurityGroup", "out")
     to_pg = [r for r in egress if r.get("DestinationSecurityGroupId") == {"Ref": "PostgresSecurityGroup"}]
     assert [(r["FromPort"], r["ToPort"]) for r in to_pg] == [(5432, 5432)]
-    assert all(r["FromPort"] == r["ToPort"] and r["FromPort"] in (443, 5432) for r in egress)
+    # 6433: the pooler's admin console, only to the pooler's group.
+    assert all(r["FromPort"] == r["ToPort"] and r["FromPort"] in (443, 5432, 6433) for r in egress)
+    assert all(r["DestinationSecurityGroupId"] == {"Ref": "PoolerSecurityGroup"} for r in egress if r["FromPort"] == 6433)
     pooler = _sg_rules(template, "PoolerSecurityGroup", "out")
-    assert pooler == [
-        {
-            "IpProtocol": "tcp",
-            "FromPort": 5432,
-            "ToPort": 5432,
-            "DestinationSecurityGroupId": {"Ref": "PostgresSecurityGroup"},
-            "Description": "to the Postgres hosts",
-        }
-    ]
+    assert pooler[0] == {
+        "IpProtocol": "tcp",
+        "FromPort": 5432,
+        "ToPort": 5432,
+        "DestinationSecurityGroupId": {"Ref": "PostgresSecurityGroup"},
+        "Description": "to the Postgres hosts",
+    }
+    # Besides Postgres, the pooler tasks reach only HTTPS (the ECR/Logs/Secrets endpoints; no route elsewhere).
+    assert [(r["FromPort"], r["ToPort"]) for r in pooler[1:]] == [(443, 443)]
     # Endpoints instead of a NAT gateway; the subnets made here have no route out.
     ddb, sm = res["DynamoDbEndpoint"]["Properties"], res["SecretsManagerEndpoint"]["Properties"]
     assert ddb["VpcEndpointType"] == "Gateway" and ddb["ServiceName"]["Fn::Sub"].endswith(".dynamodb")
     assert sm["VpcEndpointType"] == "Interface" and sm["ServiceName"]["Fn::Sub"].endswith(".secretsmanager")
     assert sm["PrivateDnsEnabled"] is True
     assert [r["SourceSecurityGroupId"] for r in _sg_rules(template, "EndpointSecurityGroup", "in")] == [
-        {"Ref": "FunctionSecurityGroup"}
+        {"Ref": "FunctionSecurityGroup"},
+        {"Ref": "PoolerSecurityGroup"},
     ]
     kinds = {r["Type"] for r in res.values()}
-    assert not kinds & {"AWS::EC2::NatGateway", "AWS::EC2::InternetGateway", "AWS::EC2::EIP"}
+    assert not kinds & {"AWS::EC2::NatGateway", "AWS::EC2::EIP"}
+    # The one internet gateway is the pooler NLB's, and only the NLB's subnets route to it.
+    gateways = [k for k, r in res.items() if r["Type"] == "AWS::EC2::InternetGateway"]
+    assert gateways == ["PoolerInternetGateway"] and res["PoolerInternetGateway"]["Condition"] == "MakePoolerNetwork"
+    routes = [r["Properties"] for r in res.values() if r["Type"] == "AWS::EC2::Route"]
+    assert routes == [
+        {"RouteTableId": {"Ref": "PoolerPublicRouteTable"}, "DestinationCidrBlock": "0.0.0.0/0", "GatewayId": {"Ref": "PoolerInternetGateway"}}
+    ]
+    public = {
+        r["Properties"]["SubnetId"]["Ref"]
+        for r in res.values()
+        if r["Type"] == "AWS::EC2::SubnetRouteTableAssociation" and r["Properties"]["RouteTableId"] == {"Ref": "PoolerPublicRouteTable"}
+    }
+    assert public == {"PoolerPublicSubnetA", "PoolerPublicSubnetB"}
     assert res["Vpc"]["Condition"] == "CreateNetwork"
     assert all(res[s]["Properties"]["MapPublicIpOnLaunch"] is False for s in ("PrivateSubnetA", "PrivateSubnetB"))
     assert set(template["Parameters"]["Network"]["AllowedValues"]) == {"create", "existing", "none"}
@@ -343,6 +363,7 @@ def test_optional_rds_host_is_private_encrypted_backed_up_with_a_managed_secret(
         assert secrets["Resource"] == [
             {"Ref": "KeyRingSecret"},
             {"Fn::If": ["MakeHost", {"Fn::GetAtt": ["Host", "MasterUserSecret.SecretArn"]}, {"Ref": "AWS::NoValue"}]},
+            {"Fn::If": ["MakePooler", {"Ref": "PoolerAdminSecret"}, {"Ref": "AWS::NoValue"}]},
         ]
     assert "tools.ops.hostctl add" in template["Outputs"]["RegisterHost"]["Value"]["Fn::Sub"]
 
@@ -432,3 +453,116 @@ def test_readme_deploy_section_states_what_deployspec_sets():
     ):
         assert phrase in text, phrase
     assert d.api_concurrency(230) == d.DEFAULT_API_CONCURRENCY
+
+
+# -- issue 14 §7: the pooler's production shape ---------------------------------------------------
+
+
+def _conditions(template: dict, params: dict[str, str]) -> dict[str, bool]:
+    """Every condition of the template evaluated for these parameter values (the rest at their defaults)."""
+    values = {k: v.get("Default") for k, v in template["Parameters"].items()} | params
+
+    def ev(node):
+        if isinstance(node, dict):
+            (fn, arg), = node.items()
+            if fn == "Ref":
+                value = values[arg]
+                return value.split(",") if template["Parameters"][arg]["Type"] == "CommaDelimitedList" else value
+            if fn == "Condition":
+                return ev(template["Conditions"][arg])
+            if fn == "Fn::Equals":
+                return str(ev(arg[0])) == str(ev(arg[1]))
+            if fn == "Fn::Not":
+                return not ev(arg[0])
+            if fn == "Fn::And":
+                return all(ev(a) for a in arg)
+            if fn == "Fn::Or":
+                return any(ev(a) for a in arg)
+            if fn == "Fn::Join":
+                return arg[0].join(ev(arg[1]))
+            raise AssertionError(fn)
+        return node
+
+    return {name: ev(body) for name, body in template["Conditions"].items()}
+
+
+def _made(template: dict, params: dict[str, str]) -> set[str]:
+    conditions = _conditions(template, params)
+    return {k for k, r in template["Resources"].items() if "Condition" not in r or conditions[r["Condition"]]}
+
+
+POOLER_ON = {"PoolerEnabled": "true", "PoolerImage": "123.dkr.ecr.us-east-2.amazonaws.com/pooler:1", "CreateHost": "true"}
+
+
+def test_the_pooler_exists_only_when_its_parameter_is_on(packaged):
+    template, _ = packaged
+    off, on = _made(template, {"CreateHost": "true"}), _made(template, POOLER_ON)
+    pooler_kinds = {"AWS::ECS::Service", "AWS::ECS::TaskDefinition", "AWS::ECS::Cluster", "AWS::ElasticLoadBalancingV2::LoadBalancer"}
+    res = template["Resources"]
+    assert not {k for k in off if res[k]["Type"] in pooler_kinds | {"AWS::EC2::InternetGateway"}}
+    assert {res[k]["Type"] for k in on - off} >= pooler_kinds | {"AWS::EC2::InternetGateway", "AWS::SecretsManager::Secret"}
+    # Without a VPC (Network=none) there is no pooler either: it serves a private host.
+    assert not {k for k in _made(template, {**POOLER_ON, "Network": "none"}) if res[k]["Type"] in pooler_kinds}
+    # The pooler's outputs, likewise.
+    conditions = _conditions(template, POOLER_ON)
+    outputs = {k for k, o in template["Outputs"].items() if "Condition" not in o or conditions[o["Condition"]]}
+    assert {"PoolerEndpoint", "PoolerAdminEndpoint", "RegisterPooler"} <= outputs
+    assert "tools.ops.hostctl pooler" in template["Outputs"]["RegisterPooler"]["Value"]["Fn::Sub"][0]
+
+
+def test_pooler_nlb_passes_tls_through_on_5432_and_never_exposes_the_admin_port(packaged):
+    template, _ = packaged
+    res = template["Resources"]
+    nlb = res["PoolerLoadBalancer"]["Properties"]
+    assert (nlb["Type"], nlb["Scheme"]) == ("network", "internet-facing")
+    listeners = [r["Properties"] for r in res.values() if r["Type"] == "AWS::ElasticLoadBalancingV2::Listener"]
+    # TCP, not TLS: PgBouncer terminates TLS (Postgres asks for it in-protocol, which an NLB TLS listener cannot answer).
+    assert [(x["Port"], x["Protocol"]) for x in listeners] == [(5432, "TCP")]
+    group = res["PoolerTargetGroup"]["Properties"]
+    assert (group["Protocol"], group["Port"], group["TargetType"]) == ("TCP", 5432, "ip")
+    service = res["PoolerService"]["Properties"]
+    assert service["LoadBalancers"] == [{"ContainerName": "pgbouncer", "ContainerPort": 5432, "TargetGroupArn": {"Ref": "PoolerTargetGroup"}}]
+    assert service["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
+    assert service["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"] == [{"Ref": "PoolerSecurityGroup"}]
+    assert service["DesiredCount"] == 1  # one PgBouncer per host: KILL and the pool sizes hold per process
+    # Who reaches the tasks: the NLB's group on 5432, the functions' group on 6433, nobody by address.
+    ingress = _sg_rules(template, "PoolerSecurityGroup", "in")
+    assert sorted((r["FromPort"], r["SourceSecurityGroupId"]["Ref"]) for r in ingress) == [
+        (5432, "PoolerLoadBalancerSecurityGroup"),
+        (6433, "FunctionSecurityGroup"),
+    ]
+    assert not any("CidrIp" in r or "CidrIpv6" in r for r in ingress)
+    nlb_in = _sg_rules(template, "PoolerLoadBalancerSecurityGroup", "in")
+    assert [(r["FromPort"], r["ToPort"], r["CidrIp"]) for r in nlb_in] == [(5432, 5432, {"Ref": "PoolerAllowedCidr"})]
+    assert nlb["SecurityGroups"] == [{"Ref": "PoolerLoadBalancerSecurityGroup"}]
+    # Postgres: still nothing from the internet, only the functions and the pooler tasks.
+    for rule in _sg_rules(template, "PostgresSecurityGroup", "in"):
+        assert "CidrIp" not in rule and "CidrIpv6" not in rule
+        assert rule["SourceSecurityGroupId"]["Ref"] in ("FunctionSecurityGroup", "PoolerSecurityGroup")
+    assert template["Resources"]["Host"]["Properties"]["PubliclyAccessible"] is False
+
+
+def test_pooler_task_gets_its_secrets_from_secrets_manager_and_verifies_the_host(packaged):
+    template, _ = packaged
+    res = template["Resources"]
+    (container,) = res["PoolerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["PGSSLMODE"] == "verify-full" and env["PGSSLROOTCERT"] == "/etc/instapg/rds-ca-bundle.pem"
+    assert env["PGUSER"] == "instapg_pooler_sync" and env["PGDATABASE"] == "instapg_pooler"
+    assert not {"PGPASSWORD", "INSTAPG_POOLER_ADMIN_PASSWORD", "INSTAPG_POOLER_TLS_KEY_PEM"} & set(env)
+    secrets = {s["Name"]: s["ValueFrom"]["Fn::Sub"] for s in container["Secrets"]}
+    assert secrets == {
+        "PGPASSWORD": "${PoolerSyncSecret}:password::",
+        "INSTAPG_POOLER_ADMIN_PASSWORD": "${PoolerAdminSecret}:password::",
+        "INSTAPG_POOLER_TLS_CERT_PEM": "${PoolerTlsSecretArn}:cert::",
+        "INSTAPG_POOLER_TLS_KEY_PEM": "${PoolerTlsSecretArn}:key::",
+    }
+    assert {p["ContainerPort"] for p in container["PortMappings"]} == {5432, 6433}
+    (policy,) = res["PoolerExecutionRole"]["Properties"]["Policies"]
+    (statement,) = policy["PolicyDocument"]["Statement"]
+    assert statement["Action"] == ["secretsmanager:GetSecretValue"]
+    assert statement["Resource"] == [{"Ref": "PoolerAdminSecret"}, {"Ref": "PoolerSyncSecret"}, {"Ref": "PoolerTlsSecretArn"}]
+    assert "TaskRoleArn" not in res["PoolerTaskDefinition"]["Properties"]  # the task calls no AWS API
+    # The functions find the admin console by name; the endpoint the output names is that name.
+    assert res["PoolerService"]["Properties"]["ServiceRegistries"] == [{"RegistryArn": {"Fn::GetAtt": ["PoolerAdminDiscovery", "Arn"]}}]
+    assert template["Outputs"]["PoolerAdminEndpoint"]["Value"]["Fn::Sub"].startswith("pooler-admin.")

@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
 
     say("pooler: its own Postgres and PgBouncer")
     bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
+    from tools.bench import pooler_prod
+
+    say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
+    bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -107,6 +107,8 @@ def _policy(kind: str, tables: list[str]) -> dict[str, Any]:
             "Resource": [
                 {"Ref": "KeyRingSecret"},
                 {"Fn::If": ["MakeHost", {"Fn::GetAtt": ["Host", "MasterUserSecret.SecretArn"]}, {"Ref": "AWS::NoValue"}]},
+                # The pooler's admin console user (KILL, RELOAD, SHOW STATS): infra/resources.yaml.
+                {"Fn::If": ["MakePooler", {"Ref": "PoolerAdminSecret"}, {"Ref": "AWS::NoValue"}]},
             ],
         },
         {

@@ -2,6 +2,9 @@
 
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl add --id rds-1 --hostname db.xxxx.us-east-2.rds.amazonaws.com \\
         --credentials secretsmanager:arn:aws:secretsmanager:us-east-2:123456789012:secret:rds!db-... --capacity 500
+    INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl pooler --id rds-1 --hostname <NLB name> \\
+        --admin <PoolerAdminEndpoint>:6433 --credentials secretsmanager:<PoolerAdminSecretArn> \\
+        --sync-credentials secretsmanager:<PoolerSyncSecretArn>   # its PgBouncer (stack outputs)
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl list
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl drain --id rds-1   # no new databases there
     INSTAPG_TABLE_PREFIX=instapg-prod python -m tools.ops.hostctl activate --id rds-1   # new databases again
@@ -72,6 +75,92 @@ def add(args) -> int:
     return 0
 
 
+def _endpoint(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("HOST:PORT")
+    return host, int(port)
+
+
+def pooler(args) -> int:
+    """Register (or update, or with --remove forget) the host's PgBouncer: endpoints, admin secret, store.
+
+    With the table store (production) it first sets up the host's tenant table
+    and the sync loop's read-only role with the password from --sync-credentials
+    (the secret the pooler task reads), then checks that the admin console
+    answers. Run from inside the VPC, as `add`.
+    """
+    from pynamodb.exceptions import UpdateError
+
+    from chalicelib import hosts, poolerstore, postgres
+    from chalicelib.models import HostRecord
+    from chalicelib.pooler import PoolerError
+
+    settings = _settings()
+    try:
+        host = HostRecord.get(args.id, consistent_read=True)
+    except HostRecord.DoesNotExist:
+        print(f"no host {args.id}: add it first", file=sys.stderr)
+        return 1
+    fields = ("pooler_hostname", "pooler_port", "pooler_admin_hostname", "pooler_admin_port", "pooler_credentials")
+    fields += ("pooler_store", "pooler_sslmode", "postgres_private")
+    if args.remove:
+        values: dict = dict.fromkeys(fields)
+        values["postgres_private"] = False
+    else:
+        missing = [name for name in ("hostname", "admin", "credentials") if not getattr(args, name)]
+        if missing:
+            print(f"pooler needs --{' --'.join(missing)} (or --remove)", file=sys.stderr)
+            return 2
+        values = {
+            "pooler_hostname": args.hostname,
+            "pooler_port": args.port,
+            "pooler_admin_hostname": args.admin[0],
+            "pooler_admin_port": args.admin[1],
+            "pooler_credentials": args.credentials,
+            "pooler_store": args.store,
+            "pooler_sslmode": args.sslmode,
+            "postgres_private": not args.postgres_public,
+        }
+        for name, value in values.items():
+            setattr(host, name, value)
+        if not args.no_check:
+            try:
+                if args.store == "table":
+                    if not args.sync_credentials:
+                        print("the table store needs --sync-credentials (the pooler task's PGPASSWORD secret)", file=sys.stderr)
+                        return 2
+                    sync = hosts.AdminCredentials(settings).get(args.sync_credentials)
+                    poolerstore.setup(hosts.target(host, settings), sync.password)
+                bouncer = hosts.pooler(host, hosts.AdminCredentials(settings))
+                assert bouncer is not None  # every field has_pooler needs is set above
+                bouncer.admin("SHOW VERSION")
+            except (hosts.CredentialsError, postgres.HostUnavailable, PoolerError) as exc:
+                # Names the host and the problem, never a password.
+                print(f"pooler of host {args.id} not registered: {exc}", file=sys.stderr)
+                return 1
+    actions = [
+        getattr(HostRecord, name).remove() if value is None else getattr(HostRecord, name).set(value)
+        for name, value in values.items()
+    ]
+    try:
+        HostRecord(id=args.id).update(actions=actions, condition=HostRecord.id.exists())
+    except UpdateError as exc:
+        if exc.cause_response_code == "ConditionalCheckFailedException":
+            print(f"no host {args.id}", file=sys.stderr)
+            return 1
+        raise
+    if args.remove:
+        print(f"host {args.id} has no pooler: both connection strings go to Postgres directly")
+    else:
+        print(
+            f"host {args.id}: pooler {args.hostname}:{args.port} (sslmode={args.sslmode}), admin console "
+            f"{args.admin[0]}:{args.admin[1]}, store {args.store}"
+            + ("" if args.postgres_public else "; Postgres is private: the direct string is the pooler's session entry")
+        )
+    return 0
+
+
 def list_hosts(args) -> int:
     from chalicelib.models import HostRecord
 
@@ -79,7 +168,10 @@ def list_hosts(args) -> int:
     rows = sorted(HostRecord.scan(), key=lambda h: h.id)
     print(f"{'ID':<16} {'STATUS':<9} {'ALLOCATED':>9} {'CAPACITY':>8}  ENDPOINT")
     for h in rows:
-        pooler = f" (pooler {h.pooler_hostname}:{h.pooler_port or h.port})" if h.pooler_hostname else ""
+        pooler = f" (pooler {h.pooler_hostname}:{h.pooler_port or h.port}" if h.pooler_hostname else ""
+        if h.pooler_admin_hostname:
+            pooler += f", admin {h.pooler_admin_hostname}:{h.pooler_admin_port}, {h.pooler_store}"
+        pooler += ")" if pooler else ""
         print(
             f"{h.id:<16} {h.status:<9} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
         )
@@ -205,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--admin-dbname", default="postgres")
     p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")
     p_add.add_argument("--no-check", action="store_true", help="write the record without connecting to the host")
+    p_pooler = sub.add_parser("pooler", help="register or update a host's PgBouncer (production: the NLB and its admin port)")
+    p_pooler.add_argument("--id", required=True)
+    p_pooler.add_argument("--hostname", help="what clients connect to (the NLB's name, or yours pointing at it)")
+    p_pooler.add_argument("--port", type=int, default=5432)
+    p_pooler.add_argument("--admin", type=_endpoint, help="HOST:PORT of the admin console as the functions reach it")
+    p_pooler.add_argument("--credentials", help="the admin console user's secret: secretsmanager:ARN or env:VAR")
+    p_pooler.add_argument("--sync-credentials", help="table store: the sync role's secret (sets up the host's table)")
+    p_pooler.add_argument("--store", default="table", help="table (production), or file:<folder> (PgBouncer beside the service)")
+    p_pooler.add_argument("--sslmode", default="require", help="sslmode of the strings (require: the pooler has TLS)")
+    p_pooler.add_argument("--postgres-public", action="store_true", help="clients may reach Postgres itself: the direct string goes there")
+    p_pooler.add_argument("--no-check", action="store_true", help="write the record without touching the host or the pooler")
+    p_pooler.add_argument("--remove", action="store_true", help="forget the host's pooler")
     sub.add_parser("list", help="list the hosts")
     p_drain = sub.add_parser("drain", help="stop placing new databases on a host")
     p_drain.add_argument("--id", required=True)
@@ -217,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {
         "add": add,
+        "pooler": pooler,
         "list": list_hosts,
         "drain": drain,
         "activate": activate,
