@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, ownership, postgres, provisioning, tombstones
+from chalicelib import audit, copies, ownership, postgres, provisioning, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.models import (
@@ -108,7 +108,10 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
         host = ctx.hosts.get(record.host_id)
     except KeyError:
         raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
-    return provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    dropped = provisioning.drop_tenant(ctx.target(host), record.role_name, record.db_name)
+    if record.source_id and record.status == FAILED:
+        copies.reopen_source_of(ctx, record)  # a copy that died half-way may have left its source closed
+    return dropped
 
 
 def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:

@@ -182,8 +182,13 @@ def new(
     requester: Requester | None = None,
     logical_replication: bool = False,
     creator_hash: str | None = None,
+    owner_id: str | None = None,
+    source_id: str | None = None,
 ) -> DatabaseRecord:
-    """A PROVISIONING record (not saved yet), due for the purge if its create never finishes."""
+    """A PROVISIONING record (not saved yet), due for the purge if its create never finishes.
+
+    `owner_id` and `source_id`: a copy of an owned database (chalicelib.copies).
+    """
     now = clock.now()
     requester = requester or Requester()
     sealed = ctx.keyring.encrypt(password, context=database_id)
@@ -206,6 +211,8 @@ def new(
         due_bucket=PROVISIONING,
         due_at=int(time.time()) + ctx.settings.provisioning_timeout_s,
         creator_token_hash=creator_hash,
+        owner_id=owner_id,
+        source_id=source_id,
     )
 
 
@@ -235,6 +242,22 @@ def move(ctx: Context, record: DatabaseRecord, host: HostRecord) -> None:
             DatabaseRecord.updated_at.set(clock.now()),
         ],
         condition=DatabaseRecord.status == PROVISIONING,
+    )
+
+
+def mark_copied(record: DatabaseRecord) -> bool:
+    """PROVISIONING -> CLAIMED for a copy whose database is whole (it is born owned); False if it moved."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.status.set(CLAIMED),
+            DatabaseRecord.claimed_at.set(now),
+            DatabaseRecord.updated_at.set(now),
+            DatabaseRecord.due_bucket.remove(),
+            DatabaseRecord.due_at.remove(),
+        ],
+        (DatabaseRecord.status == PROVISIONING) & (DatabaseRecord.owner_id == record.owner_id),
     )
 
 

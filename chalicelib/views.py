@@ -93,11 +93,17 @@ def owned_database(record: DatabaseRecord, plan: Plan, usage=None) -> dict[str, 
         "created_at": iso(record.created_at),
         "claimed_at": iso(record.claimed_at),
         "updated_at": iso(record.updated_at),
+        "source_id": record.source_id,  # a copy's source (issue 18 §2); null for the rest
     }
     if usage is not None:
         body["size_bytes"] = usage.size_bytes
         body["connections"] = usage.connections
     return body
+
+
+def copy(record: DatabaseRecord, plan: Plan, host: HostRecord, password: str) -> dict[str, Any]:
+    """A new copy: what the owner sees of it, with its connection strings (shown here, and audited later)."""
+    return {**owned_database(record, plan), **connection(record, host, password)}
 
 
 def connection(record: DatabaseRecord, host: HostRecord, password: str) -> dict[str, Any]:
