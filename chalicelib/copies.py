@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, NoReturn
 
-from chalicelib import audit, metrics, ownership, provisioning, records, tombstones
+from chalicelib import audit, metrics, ownership, provisioning, records, reliability, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.errors import Conflict, Forbidden, Unavailable
-from chalicelib.identifiers import tenant_password, uuid7
+from chalicelib.identifiers import tenant_name, tenant_password, uuid7
 from chalicelib.models import CLAIMED, CLAIMING, PROVISIONING, UNCLAIMED, DatabaseRecord, HostRecord
 from chalicelib.records import Provisioned, Requester
 
@@ -85,16 +85,18 @@ def create(ctx: Context, database_id: str, account_id: str, requester: Requester
         hostlib.release(host.id)
         raise
     try:
-        provisioning.copy_tenant(
-            ctx.target(host),
-            source.role_name,
-            source.db_name,
-            copy.role_name,
-            copy.db_name,
-            password,
-            plan,
-            ctx.settings.copy_strategy,
-        )
+        # Copying takes seconds per 100 MB, longer than other requests may: its own deadline.
+        with reliability.request_deadline(ctx.settings.copy_deadline_s):
+            provisioning.copy_tenant(
+                ctx.target(host),
+                source.role_name,
+                source.db_name,
+                copy.role_name,
+                copy.db_name,
+                password,
+                plan,
+                ctx.settings.copy_strategy,
+            )
     except Exception as exc:
         _failed(ctx, copy, host, exc)
     if not records.mark_copied(copy):  # the purge failed it meanwhile (a copy slower than the timeout)
@@ -125,13 +127,33 @@ def _failed(ctx: Context, copy: DatabaseRecord, host: HostRecord, cause: Excepti
     tombstones.fail(ctx, copy, records.reason(cause), was=PROVISIONING, dropped=dropped)
     if dropped:
         hostlib.release(host.id)
-    if isinstance(cause, provisioning.SourceBusy):
+    if _too_slow(cause):
+        raise Unavailable(
+            "Copy took too long",
+            hint=f"It did not finish within {ctx.settings.copy_deadline_s} s (a large database, or a busy host); "
+            "nothing was kept. Retry later, or copy it with pg_dump | pg_restore.",
+            retry_after=60,
+        ) from None
+    if _busy(cause):
         raise Conflict(
             "Database is busy",
-            hint="A prepared transaction (or a session that would not end) holds it; "
-            "COMMIT PREPARED or ROLLBACK PREPARED it, then copy again.",
+            hint="A prepared transaction, a session that would not end, or another change to it (a claim, a quota "
+            "lock, a copy) holds it; COMMIT PREPARED or ROLLBACK PREPARED, or wait a moment, then copy again.",
         ) from None
     raise Unavailable("Database host unavailable", hint="Nothing was copied; retry in a few seconds.") from None
+
+
+def _too_slow(cause: Exception) -> bool:
+    import psycopg
+
+    return isinstance(cause, psycopg.errors.QueryCanceled)
+
+
+def _busy(cause: Exception) -> bool:
+    """The source is held: a prepared transaction, or the service's own lock on its role past the lock timeout."""
+    import psycopg
+
+    return isinstance(cause, (provisioning.SourceBusy, psycopg.errors.LockNotAvailable))
 
 
 def reset(ctx: Context, database_id: str, account_id: str, requester: Requester) -> DatabaseRecord:
@@ -147,24 +169,28 @@ def reset(ctx: Context, database_id: str, account_id: str, requester: Requester)
         raise Conflict("Source database is gone", hint="Its source was deleted; the copy stays as it is.")
     host = ctx.hosts.get(copy.host_id)
     try:
-        provisioning.reset_copy(
-            ctx.target(host),
-            source.role_name,
-            source.db_name,
-            copy.role_name,
-            copy.db_name,
-            ctx.settings.copy_strategy,
-            login=not copy.locked_reason,  # a quota lock stays until the scheduled job lifts it
-        )
-    except provisioning.SourceBusy:
+        with reliability.request_deadline(ctx.settings.copy_deadline_s):
+            provisioning.reset_copy(
+                ctx.target(host),
+                source.role_name,
+                source.db_name,
+                copy.role_name,
+                copy.db_name,
+                tenant_name(ctx.settings.name_prefix),  # the fresh copy's name until it replaces the old one
+                ctx.settings.copy_strategy,
+                login=not copy.locked_reason,  # a quota lock stays until the scheduled job lifts it
+            )
+    except Exception as exc:
+        if not _busy(exc):
+            log.warning("reset of copy %s on host %s stopped: %s", copy.id, host.id, records.reason(exc))
+            error = "Copy took too long" if _too_slow(exc) else "Database host unavailable"
+            raise Unavailable(
+                error, hint="Retry the reset; until one finishes the copy may have no database."
+            ) from None
         raise Conflict(
             "Database is busy",
-            hint="A prepared transaction (or a session that would not end) holds the source; end it, then reset again.",
-        ) from None
-    except Exception as exc:
-        log.warning("reset of copy %s on host %s stopped: %s", copy.id, host.id, records.reason(exc))
-        raise Unavailable(
-            "Database host unavailable", hint="The copy may be empty until the reset finishes: retry it."
+            hint="A prepared transaction, a session that would not end, or another change holds the source; "
+            "the copy is unchanged. End it or wait a moment, then reset again.",
         ) from None
     audit.record_quietly(copy.id, audit.RESET, account_id, requester.ip, detail=f"from {source.id}")
     log.info("copy %s reset from %s", copy.id, source.id)

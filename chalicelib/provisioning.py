@@ -361,7 +361,12 @@ def _copy_from(
 
     source_id, db_id, role_id = sql.Identifier(source_db), sql.Identifier(dbname), sql.Identifier(role)
     # Serializes with claims, quota locks and drops of the source role (their
-    # transaction-level lock on the same key waits for this session's).
+    # transaction-level lock on the same key waits for this session's). A wait
+    # gives up (LockNotAvailable: busy) well before the statement timeout
+    # (QueryCanceled: too slow), so the caller can tell the two apart.
+    statement_ms = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'").fetchone()[0])
+    if statement_ms:
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(max(1, statement_ms // 2))))
     conn.execute("SELECT pg_advisory_lock(hashtext('instapg-role:' || %s))", (source_role,))
     try:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (source_db,)).fetchone() is None:
@@ -432,25 +437,30 @@ def reset_copy(
     source_db: str,
     role: str,
     dbname: str,
+    scratch: str,
     strategy: str = "wal_log",
     login: bool = True,
 ) -> None:
     """Replace the copy's database with a fresh copy of its source; its role and password stay.
 
-    Idempotent: a reset that stopped halfway (the copy's database dropped,
-    not yet made again) is finished by running it again. `login=False`
+    The fresh copy is made under the name `scratch` (an unused tenant name)
+    first, so a copy that fails leaves the old one whole; then the old one is
+    dropped and the new one renamed. Idempotent: a reset that stopped between
+    the drop and the rename is finished by running it again (a `scratch`
+    database left behind is an orphan reconciliation drops). `login=False`
     leaves the role locked (a quota lock the scheduled job set).
     """
     from psycopg import sql
 
-    role_id = sql.Identifier(role)
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
     with target.connect() as conn:
+        _copy_from(conn, target, source_role, source_db, role, scratch, strategy)
         with conn.transaction():
             _lock_role(conn, role)
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role_id))
         _terminate_role(conn, role)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-        _copy_from(conn, target, source_role, source_db, role, dbname, strategy)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), db_id))
         if login:
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role_id))
 

@@ -93,6 +93,7 @@ class Settings:
     # Copies (chalicelib.copies) and regions (chalicelib.hosts), issue 18.
     databases_per_account: int = 10
     copy_strategy: str = "wal_log"
+    copy_deadline_s: int = 15
     default_region: str = "us-east-2"
 
     def plan(self, name: str) -> Plan:
@@ -260,6 +261,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "goes through the WAL) or `file_copy` (two checkpoints, little WAL); docs/copies.md has both timed.",
     ),
     (
+        "INSTAPG_COPY_DEADLINE_SECONDS",
+        "15",
+        "A copy or reset runs in its request for at most this long (instead of INSTAPG_REQUEST_DEADLINE_SECONDS): "
+        "about 600 MB on this machine's disk; keep it below the API function's timeout (20 s).",
+    ),
+    (
         "INSTAPG_DEFAULT_REGION",
         "",
         "Region of a host registered without `--region` and of a create that names none; empty: the AWS region.",
@@ -394,6 +401,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
         databases_per_account=_int(env, "INSTAPG_DATABASES_PER_ACCOUNT"),
         copy_strategy=_copy_strategy(env),
+        copy_deadline_s=_int(env, "INSTAPG_COPY_DEADLINE_SECONDS"),
         default_region=(env.get("INSTAPG_DEFAULT_REGION") or "").strip() or region,
     )
 

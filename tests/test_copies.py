@@ -116,10 +116,12 @@ def test_refusals(client, instapg_env):
     assert _titles(copy.json_body["connection_string"]) == ["from the source"]
 
 
-def test_a_prepared_transaction_in_the_source_is_a_409_and_nothing_is_left(client, pg):
+def test_a_held_source_is_a_409_and_leaves_the_copy_and_the_slots_as_they_were(client, pg, instapg_env):
+    from chalicelib import context
     from chalicelib.models import HostRecord
 
     source, key = _claimed(client)
+    copy = _copy(client, source["id"], key).json_body
     with psycopg.connect(source["connection_string"], autocommit=True) as conn:
         conn.execute("BEGIN")
         conn.execute("INSERT INTO todo (title) VALUES ('prepared')")
@@ -127,14 +129,24 @@ def test_a_prepared_transaction_in_the_source_is_a_409_and_nothing_is_left(clien
     try:
         response = _copy(client, source["id"], key)
         assert response.status_code == 409 and response.json_body["error"] == "Database is busy"
-        assert int(HostRecord.get("local-1").allocated) == 1  # the slot went back
-        assert [d["id"] for d in client.http.get("/api/v1/databases", headers=bearer(key)).json_body["databases"]] == [
-            source["id"]
-        ]
-        assert _titles(source["connection_string"]) == ["from the source"]  # open again
+        assert int(HostRecord.get("local-1").allocated) == 2  # the failed copy's slot went back
+        listed = client.http.get("/api/v1/databases", headers=bearer(key)).json_body["databases"]
+        assert sorted(d["id"] for d in listed) == sorted([source["id"], copy["id"]])
+        reset = client.http.post(f"/api/v1/databases/{copy['id']}/reset", headers=bearer(key))
+        assert reset.status_code == 409 and reset.json_body["error"] == "Database is busy"
+        assert _titles(copy["connection_string"]) == ["from the source"]  # the copy is whole, and logs in
+        assert _titles(source["connection_string"]) == ["from the source"]  # the source is open again
     finally:
         with psycopg.connect(source["connection_string"], autocommit=True) as conn:
             conn.execute("ROLLBACK PREPARED 'held'")
+    # Another change to the source role holds its lock (a claim, a quota lock): busy once the
+    # copy's own deadline (its statement and lock timeouts) runs out.
+    instapg_env.setenv("INSTAPG_COPY_DEADLINE_SECONDS", "2")
+    context.reset()
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('instapg-role:' || %s))", (role_of(source),))
+        response = _copy(client, source["id"], key)
+    assert response.status_code == 409 and response.json_body["error"] == "Database is busy"
 
 
 def test_a_copy_whose_process_died_is_purged_and_its_source_opened(client, pg, service, host):

@@ -11,13 +11,15 @@ chalice's local server. Then measures, in this order:
   3. GET latency over HTTP
   4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
   5. purge: 500 expired databases (needs chalicelib.expiry)
-  6. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
+  6. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY WAL_LOG and FILE_COPY
+  7. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
 
 Prints a table and writes every figure, with what it measured and on how many
 samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
     python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package]
+                          [--copy-mb N] [--copy-samples N] [--only-copies]
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, table
+from tools.bench.copies import CopyFigures
 from tools.bench.create_path import CreatePathFigures
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
-class Bench(CreatePathFigures):
+class Bench(CreatePathFigures, CopyFigures):
     def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
         self.data_dir = data_dir
         self.args = args
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=int, default=200, help="creates per throughput run (default 200)")
     parser.add_argument("--purge", type=int, default=500, help="expired databases to purge (default 500)")
     parser.add_argument("--no-package", action="store_true", help="skip `chalice package`")
+    parser.add_argument("--copy-mb", type=int, default=100, help="size of the database copied (default 100 MB)")
+    parser.add_argument("--copy-samples", type=int, default=3, help="copies timed per strategy (default 3)")
+    parser.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
     args = parser.parse_args(argv)
 
     import logging
@@ -341,17 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(data_dir, args)
     try:
         bench.start()
-        bench.dynamodb_baseline()
-        bench.create_latency()
-        bench.password_statement()
-        bench.time_to_first_query()
-        bench.throughput(1)
-        bench.throughput(2)
-        bench.purge()
+        if not args.only_copies:
+            bench.dynamodb_baseline()
+            bench.create_latency()
+            bench.password_statement()
+            bench.time_to_first_query()
+            bench.throughput(1)
+            bench.throughput(2)
+            bench.purge()
+        bench.copy_time()
     finally:
         bench.stop()
-    bench.cold_import()
-    bench.package_size()
+    if not args.only_copies:
+        bench.cold_import()
+        bench.package_size()
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
