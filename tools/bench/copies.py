@@ -4,7 +4,9 @@ A claimed database on the bench's on-disk Postgres is filled to `--copy-mb`
 (a table of random text, so it does not compress away), then copied with
 `copies.create` under INSTAPG_COPY_STRATEGY=wal_log and =file_copy, and a
 copy is reset. The source refuses connections for the whole of each copy:
-the copy time is the source's downtime. docs/copies.md quotes the figures.
+the copy time is the source's downtime. The copy deadline is lifted here, so
+the figure is the copy's time even where the API's INSTAPG_COPY_DEADLINE_SECONDS
+would cut it short. docs/copies.md quotes the figures.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class CopyFigures:
         samples = self.args.copy_samples
         requester = Requester(ip="127.0.0.1")
         os.environ["INSTAPG_DATABASES_PER_ACCOUNT"] = str(4 * samples + 2)
+        # Measure how long a copy takes, not whether it fits the API's deadline (docs/copies.md compares).
+        os.environ["INSTAPG_COPY_DEADLINE_SECONDS"] = "600"
         context.reset()
         service = context.get()
         made = creation.create(service, CreateDatabase(ref="bench-copy"), requester)
@@ -87,5 +91,6 @@ class CopyFigures:
                 ownership.delete(service, copy.id, account.id, requester)
         os.environ.pop("INSTAPG_COPY_STRATEGY", None)
         os.environ.pop("INSTAPG_DATABASES_PER_ACCOUNT", None)
+        os.environ.pop("INSTAPG_COPY_DEADLINE_SECONDS", None)
         ownership.delete(service, source.id, account.id, requester)
         context.reset()
