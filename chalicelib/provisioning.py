@@ -345,7 +345,6 @@ def check_admin(target: Target) -> None:
 # connections (ALLOW_CONNECTIONS false) and its sessions are ended for as
 # long as the copy takes; then it is opened again. docs/copies.md has the
 # reasoning and the figures.
-COPY_STRATEGIES = ("wal_log", "file_copy")
 
 
 class SourceBusy(Exception):
@@ -409,7 +408,7 @@ def copy_tenant(
     dbname: str,
     password: str,
     plan: Plan,
-    strategy: str = "wal_log",
+    strategy: str = "file_copy",
 ) -> None:
     """A new tenant (`role`, `dbname`) holding a copy of the source's schema and data as of now.
 
@@ -438,7 +437,7 @@ def reset_copy(
     role: str,
     dbname: str,
     scratch: str,
-    strategy: str = "wal_log",
+    strategy: str = "file_copy",
     login: bool = True,
 ) -> None:
     """Replace the copy's database with a fresh copy of its source; its role and password stay.

@@ -92,7 +92,7 @@ class Settings:
     aws_max_attempts: int = 2
     # Copies (chalicelib.copies) and regions (chalicelib.hosts), issue 18.
     databases_per_account: int = 10
-    copy_strategy: str = "wal_log"
+    copy_strategy: str = "file_copy"
     copy_deadline_s: int = 15
     default_region: str = "us-east-2"
 
@@ -256,15 +256,15 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     ),
     (
         "INSTAPG_COPY_STRATEGY",
-        "wal_log",
-        "How CREATE DATABASE ... TEMPLATE copies a database (PostgreSQL 15+): `wal_log` (no checkpoint, the copy "
-        "goes through the WAL) or `file_copy` (two checkpoints, little WAL); docs/copies.md has both timed.",
+        "file_copy",
+        "How CREATE DATABASE ... TEMPLATE copies a database (PostgreSQL 15+): `file_copy` (files copied, two "
+        "checkpoints) or `wal_log` (through the WAL, no checkpoint; 2.6x slower at 500 MB here); docs/copies.md.",
     ),
     (
         "INSTAPG_COPY_DEADLINE_SECONDS",
         "15",
-        "A copy or reset runs in its request for at most this long (instead of INSTAPG_REQUEST_DEADLINE_SECONDS): "
-        "about 600 MB on this machine's disk; keep it below the API function's timeout (20 s).",
+        "A copy or reset runs in its request for at most this long (instead of INSTAPG_REQUEST_DEADLINE_SECONDS; "
+        "a 509 MB copy took 7.6 s here); keep it below the API function's timeout (20 s).",
     ),
     (
         "INSTAPG_DEFAULT_REGION",

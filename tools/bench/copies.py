@@ -2,7 +2,7 @@
 
 A claimed database on the bench's on-disk Postgres is filled to `--copy-mb`
 (a table of random text, so it does not compress away), then copied with
-`copies.create` under INSTAPG_COPY_STRATEGY=wal_log and =file_copy, and a
+`copies.create` under INSTAPG_COPY_STRATEGY=file_copy (the default) and =wal_log, and a
 copy is reset. The source refuses connections for the whole of each copy:
 the copy time is the source's downtime. The copy deadline is lifted here, so
 the figure is the copy's time even where the API's INSTAPG_COPY_DEADLINE_SECONDS
@@ -60,7 +60,7 @@ class CopyFigures:
             conn.execute("VACUUM ANALYZE filler")
             size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         say(f"copy source filled: {size / 1e6:.0f} MB")
-        for strategy in ("wal_log", "file_copy"):
+        for strategy in ("file_copy", "wal_log"):
             os.environ["INSTAPG_COPY_STRATEGY"] = strategy
             context.reset()
             service = context.get()

@@ -11,7 +11,7 @@ chalice's local server. Then measures, in this order:
   3. GET latency over HTTP
   4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
   5. purge: 500 expired databases (needs chalicelib.expiry)
-  6. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY WAL_LOG and FILE_COPY
+  6. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY FILE_COPY and WAL_LOG
   7. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
 
 Prints a table and writes every figure, with what it measured and on how many
