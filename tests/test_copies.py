@@ -170,6 +170,10 @@ def test_a_copy_whose_process_died_is_purged_and_its_source_opened(client, pg, s
         conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(role_of(source))))
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(source["connection_string"])
+    # Meanwhile the owner sees it being made, and cannot delete it halfway.
+    for method in ("get", "delete"):
+        response = getattr(client.http, method)(f"/api/v1/databases/{copy.id}", headers=bearer(key))
+        assert response.status_code == 409 and response.json_body["error"] == "Database is still being created"
     expiry.run_scheduled(service, Deadline.after(30))
     assert DatabaseRecord.get(copy.id).status == "FAILED"
     assert _titles(source["connection_string"]) == ["from the source"]
