@@ -370,7 +370,11 @@ def _copy_from(
     try:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (source_db,)).fetchone() is None:
             raise SourceBusy(f"source database {source_db} does not exist")
-        create = sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(db_id, source_id, role_id)
+        # Closed at birth: until its REVOKE below, PUBLIC could connect to it, and the copy may hold tables
+        # the source granted to PUBLIC (harmless there, where nobody else can connect).
+        create = sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} ALLOW_CONNECTIONS false").format(
+            db_id, source_id, role_id
+        )
         if conn.info.server_version >= 150000:
             create = create + sql.SQL(" STRATEGY {}").format(sql.SQL(strategy.upper()))
         try:
@@ -392,6 +396,7 @@ def _copy_from(
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext('instapg-role:' || %s))", (source_role,))
     conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
+    conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db_id))
     # The copied objects still belong to the source role. REASSIGN OWNED also
     # moves shared objects, and the source database is one: give it back in
     # the same transaction, so no other session ever sees it moved.

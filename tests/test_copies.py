@@ -52,6 +52,12 @@ def test_copy_has_the_data_its_own_role_and_the_source_keeps_working(client, pg)
         ).fetchall()
         assert owners == [(role_of(copy),)]
     assert _titles(source["connection_string"]) == ["from the source"]  # the source opens again, unchanged
+    # Another tenant cannot connect to the copy (only its own role may), whatever the source granted PUBLIC.
+    other = create(client)
+    conninfo = psycopg.conninfo.conninfo_to_dict(other["connection_string"])
+    conninfo["dbname"] = role_of(copy)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(**conninfo)
     with psycopg.connect(pg.superuser_dsn) as conn:
         rows = dict(
             conn.execute(
@@ -68,7 +74,7 @@ def test_copy_has_the_data_its_own_role_and_the_source_keeps_working(client, pg)
     assert {d["id"]: d["source_id"] for d in listed} == {source["id"]: None, copy["id"]: source["id"]}
     from chalicelib.models import HostRecord
 
-    assert int(HostRecord.get("local-1").allocated) == 2  # the copy took a slot on the source's host
+    assert int(HostRecord.get("local-1").allocated) == 3  # source, other tenant, and the copy on the source's host
 
 
 def test_reset_copies_the_source_again_and_delete_removes_only_the_copy(client, pg):
