@@ -280,11 +280,12 @@ def list_databases():
 
 @route("/api/v1/databases/{database_id}", methods=["GET"])
 def get_owned_database(database_id):
-    from chalicelib import ownership, views
+    from chalicelib import ownership, usage, views
 
     ctx = context.get()
     record = _owned(database_id)
-    return json_response(views.owned_database(record, ctx.plan(record.plan), ownership.usage(ctx, record)), 200)
+    now_usage, days = ownership.usage(ctx, record), usage.last_days(record.id)
+    return json_response(views.owned_database(record, ctx.plan(record.plan), now_usage, days), 200)
 
 
 @route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])

@@ -1,9 +1,10 @@
 """Abuse limits: per-IP create rates and failed authentications, a per-host cap, idempotency keys.
 
 - Rates: fixed windows (a minute, a UTC day) per client IP, both counted by
-  one atomic DynamoDB `ADD` on the IP's item for the day, which expires by
-  TTL after it. Over the limit: 429 with `Retry-After` and the time to retry
-  in the body.
+  one conditional DynamoDB `ADD` on the IP's item for the day (it adds only
+  while both windows are under their limits), which expires by TTL after it.
+  A pooled create sends that write in the same transaction as its take.
+  Over the limit: 429 with `Retry-After` and the time to retry in the body.
 - Cap: live unclaimed databases per host (`INSTAPG_MAX_UNCLAIMED_PER_HOST`),
   counted from the `by_due` index, so no other lifecycle step (claim, expiry,
   delete) has to keep a counter right. It is a soft cap: creates racing at
@@ -26,11 +27,14 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pynamodb.attributes import NumberAttribute
-from pynamodb.exceptions import DeleteError, PutError
+from pynamodb.exceptions import DeleteError, PutError, UpdateError
+from pynamodb.expressions.condition import Condition
 from pynamodb.expressions.operand import Path, Value
+from pynamodb.expressions.update import Action
 
 from chalicelib.clock import iso
 from chalicelib.errors import Invalid, RateLimited, Refused
@@ -57,6 +61,20 @@ def parse_idempotency_key(raw: str | None) -> str | None:
     return raw
 
 
+@dataclass
+class RateCount:
+    """One create's per-IP count: a conditional UpdateItem on the IP's item for the day (`Guard.rate_count`)."""
+
+    item: RateCounter
+    actions: list[Action]
+    condition: Condition
+    ip: str
+    now: float
+    day: int
+    minute: int
+    done: bool = False  # counted: a later `Guard.count` of it does nothing
+
+
 class Guard:
     # The unclaimed count per host is read from the index, which costs one
     # read per live unclaimed database; a create reuses a count this young.
@@ -72,15 +90,21 @@ class Guard:
 
     # -- rates -----------------------------------------------------------------
 
-    def check_rate(self, ip: str | None, now: float | None = None) -> None:
-        """Count one create for `ip`; raise 429 when a window's limit is passed.
+    def rate_count(self, ip: str | None, now: float | None = None) -> RateCount | None:
+        """The counter write one create from `ip` makes, not sent yet; None without an IP.
 
         No IP means no HTTP client: API Gateway (and the local server) always
         set `sourceIp`, so only in-process callers (tools, tests) come without
         one. They are not rate limited; the per-host cap still applies.
+
+        The write adds 1 to the minute and the day only while both are under
+        their limits (a conditional UpdateItem), so N concurrent creates from
+        one IP at limit L get exactly L successes whatever their order. A
+        pooled create sends it in the take's transaction (`records.take_pooled`),
+        any other create on its own (`count`).
         """
         if not ip:
-            return
+            return None
         now = time.time() if now is None else now
         day = int(now // 86400 * 86400)
         minute = int(now - day) // 60
@@ -88,29 +112,68 @@ class Guard:
         # not one per window). The previous minute's attribute goes in the
         # same write, so a client that creates every minute keeps a small
         # item; the minutes of a sporadic client stay until the item expires.
+        this_minute = Path(f"m{minute}")
         actions = [
             RateCounter.count.add(1),
-            Path(f"m{minute}").add(Value(1, attribute=NumberAttribute())),
+            this_minute.add(Value(1, attribute=NumberAttribute())),
             RateCounter.expires_at.set(datetime.fromtimestamp(day + 86400 + _COUNTER_GRACE_S, UTC)),
         ]
         if minute:
             actions.append(Path(f"m{minute - 1}").remove())
-        counted = RateCounter(key=f"{day}#{ip}").update(actions=actions)["Attributes"]
-        windows = (
-            ("minute", int(counted[f"m{minute}"]["N"]), self.settings.creates_per_minute, day + (minute + 1) * 60),
-            ("day", int(counted["count"]["N"]), self.settings.creates_per_day, day + 86400),
+        limit = Value(self.settings.creates_per_minute, attribute=NumberAttribute())
+        condition = (this_minute.does_not_exist() | (this_minute < limit)) & (
+            RateCounter.count.does_not_exist() | (RateCounter.count < self.settings.creates_per_day)
         )
-        for name, count, limit, retry_at in windows:
-            if count > limit:
-                retry_after = max(1, math.ceil(retry_at - now))
-                log.info("rate limit: %s over %d creates per %s", ip, limit, name)
-                raise RateLimited(
-                    f"Too many databases created from your address: at most {limit} per {name}",
-                    hint=f"Retry after {retry_after} seconds, or reuse a database you created.",
-                    retry_after=retry_after,
-                    retry_after_s=retry_after,
-                    retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
-                )
+        return RateCount(RateCounter(key=f"{day}#{ip}"), actions, condition, ip, now, day, minute)
+
+    def check_rate(self, ip: str | None, now: float | None = None) -> None:
+        """Count one create for `ip`; raise 429 when a window's limit is reached."""
+        rate = self.rate_count(ip, now)
+        if rate is not None:
+            self.count(rate)
+
+    def count(self, rate: RateCount) -> None:
+        """Send `rate` on its own (unless a transaction counted it already); 429 when a window is full."""
+        if rate.done:
+            return
+        try:
+            rate.item.update(actions=rate.actions, condition=rate.condition)
+        except UpdateError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise
+            raise self.refused(rate) from None
+        rate.done = True
+
+    def refused(self, rate: RateCount) -> RateLimited:
+        """The 429 for a create whose count found a window full.
+
+        The refused request counts too (one unconditional write, on this path
+        only), as every create request that got this far always has: a client
+        that keeps hammering a full minute uses up its day.
+        """
+        counted = rate.item.update(actions=rate.actions)["Attributes"]
+        windows = (
+            (
+                "minute",
+                int(counted[f"m{rate.minute}"]["N"]),
+                self.settings.creates_per_minute,
+                rate.day + (rate.minute + 1) * 60,
+            ),
+            ("day", int(counted["count"]["N"]), self.settings.creates_per_day, rate.day + 86400),
+        )
+        # Normally one window is over; should both be (or, after a race with
+        # the minute's end, neither), the later retry time is the honest one.
+        over = [w for w in windows if w[1] > w[2]] or [windows[0]]
+        name, _, limit, retry_at = max(over, key=lambda w: w[3])
+        retry_after = max(1, math.ceil(retry_at - rate.now))
+        log.info("rate limit: %s over %d creates per %s", rate.ip, limit, name)
+        return RateLimited(
+            f"Too many databases created from your address: at most {limit} per {name}",
+            hint=f"Retry after {retry_after} seconds, or reuse a database you created.",
+            retry_after=retry_after,
+            retry_after_s=retry_after,
+            retry_at=iso(datetime.fromtimestamp(retry_at, UTC)),
+        )
 
     # -- failed authentications -----------------------------------------------------
     #

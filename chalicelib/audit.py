@@ -48,9 +48,9 @@ MAX_PAGE = 100
 DEFAULT_PAGE = 25
 
 
-def record(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> None:
-    """Append one event. Raises if DynamoDB does: callers that must not act unaudited rely on it."""
-    AuditEvent(
+def event(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> AuditEvent:
+    """One event, not written yet (a caller may put it in a transaction, as the pooled take does)."""
+    return AuditEvent(
         database_id=database_id,
         event_id=str(uuid7()),
         action=action,
@@ -58,7 +58,12 @@ def record(database_id: str, action: str, actor: str, ip: str | None = None, det
         actor=actor,
         ip=ip,
         detail=detail,
-    ).save()
+    )
+
+
+def record(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> None:
+    """Append one event. Raises if DynamoDB does: callers that must not act unaudited rely on it."""
+    event(database_id, action, actor, ip, detail).save()
 
 
 def record_quietly(database_id: str, action: str, actor: str, ip: str | None = None, detail: str | None = None) -> None:

@@ -15,6 +15,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def period(dt: datetime) -> str:
+    """The metering period a moment falls in: its UTC month, "2026-12" (chalicelib.metering)."""
+    return dt.astimezone(UTC).strftime("%Y-%m")
+
+
 def iso(dt: datetime | None) -> str | None:
     """ISO 8601 UTC with milliseconds, as Instagres writes it: 2026-02-01T12:00:00.000Z."""
     if dt is None:

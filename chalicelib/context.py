@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from chalicelib.hosts import AdminCredentials, HostCache
     from chalicelib.models import HostRecord
     from chalicelib.pooled import Candidates
+    from chalicelib.pooler import Pooler
     from chalicelib.postgres import Target
 
 
@@ -52,6 +53,14 @@ class Context:
         from chalicelib import hosts
 
         return hosts.target(host, self.settings, self.credentials, self.sessions)
+
+    def pooler(self, host: HostRecord) -> Pooler | None:
+        """The PgBouncer in front of `host`, None when it has none.
+
+        A stand-in until the pooler's wiring (branch pooler-wire) lands with the
+        real getter under this name: until then no host has one the service drives.
+        """
+        return None
 
 
 def build(settings: Settings) -> Context:

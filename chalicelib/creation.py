@@ -11,7 +11,6 @@ gets Unavailable only when no host with room answers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -48,19 +47,21 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
             "Logical replication is not available on this deployment",
             hint="Create the database without enable_logical_replication, or ask the operator for a host that offers it.",
         )
-    # Abuse limits (chalicelib.abuse): a request that gets this far counts.
-    ctx.guard.check_rate(requester.ip)
+    # Abuse limits (chalicelib.abuse): a request that gets this far counts,
+    # in the pooled take's transaction or, for any other create, on its own.
+    rate = ctx.guard.rate_count(requester.ip)
     hosts = ctx.guard.open_hosts(hosts)
     plan = ctx.plan(TRIAL_PLAN)
-    password = tenant_password()
-    verifier = postgres.scram_verifier(password)  # once, for whichever way the database comes
     token = creator_token()  # handed out once; the record keeps its hash
     if database_id is None and not request.enable_logical_replication:
-        noted = functools.partial(note_created, ctx, requester=requester)
-        taken = pool.take(ctx, hosts, plan, request.ref, requester, password, verifier, token_hash(token), noted)
+        taken = pool.take(ctx, hosts, plan, request.ref, requester, token_hash(token), rate)
         if taken is not None:
             metrics.emit({"Creates": 1, "PoolTakes": 1})
             return dataclasses.replace(taken, creator_token=token)
+    if rate is not None:
+        ctx.guard.count(rate)  # nothing when the take's transaction counted it already
+    password = tenant_password()
+    verifier = postgres.scram_verifier(password)  # once, for every host this create may try
     try:
         result = _create_on_demand(
             ctx, hosts, database_id, plan, request, requester, password, verifier, token_hash(token)
@@ -175,7 +176,13 @@ def _create_on_demand(
             records.move(ctx, record, host)
         try:
             provisioning.create_tenant(
-                ctx.target(host), record.role_name, record.db_name, password, plan, verifier=verifier
+                ctx.target(host),
+                record.role_name,
+                record.db_name,
+                password,
+                plan,
+                verifier=verifier,
+                logical_replication=request.enable_logical_replication,
             )
             break
         except Exception as exc:

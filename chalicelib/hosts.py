@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import postgres, provisioning, reliability
+from chalicelib import postgres, provisioning, reliability, replication
 from chalicelib.models import HOST_ACTIVE, HostRecord
 from chalicelib.settings import Settings
 
@@ -191,10 +191,19 @@ def in_region(hosts: list[HostRecord], region: str, settings: Settings) -> list[
     return [h for h in hosts if region_of(h, settings) == region]
 
 
-def by_free_capacity(hosts: list[HostRecord]) -> list[HostRecord]:
-    """Active hosts, the one with the most room first (DRAINING hosts take no new databases)."""
+def by_free_capacity(hosts: list[HostRecord], logical_last: bool = False) -> list[HostRecord]:
+    """Active hosts, the one with the most room first (DRAINING hosts take no new databases).
+
+    `logical_last`: hosts that offer logical replication after all others. On
+    those, tenants with REPLICATION can read the host's WAL for a while
+    (docs/replication.md), so databases that did not ask for it go elsewhere
+    while another host has room.
+    """
     active = [h for h in hosts if h.status == HOST_ACTIVE]
-    return sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+    ranked = sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
+    if logical_last:
+        ranked.sort(key=lambda h: bool(h.logical_replication))  # stable: by room within each group
+    return ranked
 
 
 def reserve(
@@ -202,7 +211,9 @@ def reserve(
 ) -> HostRecord:
     """Take one slot on the active host with the most room, skipping the hosts in `exclude`."""
     candidates = [
-        h for h in by_free_capacity(hosts) if h.id not in exclude and (h.logical_replication or not logical_replication)
+        h
+        for h in by_free_capacity(hosts, logical_last=not logical_replication)
+        if h.id not in exclude and (h.logical_replication or not logical_replication)
     ]
     for host in candidates:
         try:
@@ -311,6 +322,8 @@ def register(
     )
     tgt = target(host, settings)  # fresh credentials, never a cached copy
     provisioning.check_admin(tgt)
+    if logical_replication:
+        replication.check_host(tgt)
     warnings = provisioning.harden_host(tgt)
     host.save()
     return host, warnings

@@ -3,8 +3,11 @@
 One EventBridge rule runs it (app.py's `purge`); `make dev` runs it on a
 timer. Each part is bounded and resumable, so a run cut short loses nothing:
   1. expiry: expired databases, crashed creates, pending drops, orphans (chalicelib.expiry);
-  2. quotas: sizes, storage locks, long queries (chalicelib.quotas);
-  3. the warm pool: ready databases topped up on every active host (chalicelib.pool).
+  2. quotas: sizes, storage locks, long queries (chalicelib.quotas), and on hosts
+     that offer logical replication the slot and walsender guard (chalicelib.replication);
+  3. metering: transfer through the pooler, locks over the plan's transfer, the daily
+     usage rows (chalicelib.metering);
+  4. the warm pool: ready databases topped up on every active host (chalicelib.pool).
 The purge gets at most PURGE_SHARE of the budget, so a large expiry backlog
 cannot starve quota enforcement; the quota pass runs until the run's deadline.
 """
@@ -15,7 +18,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import expiry, metrics, pool, provisioning, quotas
+from chalicelib import expiry, metering, metrics, pool, provisioning, quotas
 from chalicelib.clock import Deadline
 from chalicelib.models import HOST_ACTIVE
 
@@ -32,9 +35,10 @@ def run(ctx: Context, deadline: Deadline) -> dict[str, Any]:
     harden_hosts(ctx, deadline)
     purge = expiry.run_scheduled(ctx, Deadline.after(deadline.left() * PURGE_SHARE))
     enforcement = quotas.enforce(ctx, deadline)
+    metered = metering.run(ctx, deadline)
     refill = pool.refill(ctx, deadline)
     report_metrics(ctx, purge, refill)
-    return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "pool": _as_dict(refill)}
+    return {"purge": dataclasses.asdict(purge), "quotas": enforcement, "metering": metered, "pool": _as_dict(refill)}
 
 
 def harden_hosts(ctx: Context, deadline: Deadline) -> list[str]:

@@ -7,6 +7,8 @@ the same classes at moto.
 
 from __future__ import annotations
 
+import threading
+
 from pynamodb.attributes import (
     BinaryAttribute,
     BooleanAttribute,
@@ -15,6 +17,7 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UTCDateTimeAttribute,
 )
+from pynamodb.connection import Connection, TableConnection
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, IncludeProjection
 from pynamodb.models import Model
 
@@ -122,6 +125,15 @@ class DatabaseRecord(Model):
     size_checked_at = UTCDateTimeAttribute(null=True)
     locked_reason = UnicodeAttribute(null=True)
     locked_at = UTCDateTimeAttribute(null=True)
+    # Transfer through the pooler (chalicelib.metering): bytes in/out this
+    # period (a UTC month, "2026-12"), and the pooler's counters at the last
+    # reading, which each reading's delta is taken against (in the same write).
+    transfer_period = UnicodeAttribute(null=True)
+    transfer_in_bytes = NumberAttribute(null=True)
+    transfer_out_bytes = NumberAttribute(null=True)
+    transfer_checked_at = UTCDateTimeAttribute(null=True)
+    pooler_seen_in = NumberAttribute(null=True)
+    pooler_seen_out = NumberAttribute(null=True)
     by_host = HostIndex()
     # Issue 4 (claiming): the owning account once a claim started, and when it ended.
     owner_id = UnicodeAttribute(null=True)
@@ -277,6 +289,27 @@ class AuditEvent(Model):
     detail = UnicodeAttribute(null=True)
 
 
+class UsageDay(Model):
+    """One database's usage on one UTC day (chalicelib.usage), written by the scheduled job.
+
+    Kept about a month: DynamoDB's TTL removes a day USAGE_KEEP_DAYS after it
+    (deleted within a few days of that), so the table's size is bounded by
+    live databases x ~30.
+    """
+
+    class Meta:
+        table_name = "instapg-usage"
+        billing_mode = "PAY_PER_REQUEST"
+
+    database_id = UnicodeAttribute(hash_key=True)
+    day = UnicodeAttribute(range_key=True)  # "2026-12-02"
+    size_bytes = NumberAttribute(null=True)  # the last sample of the day
+    connections_peak = NumberAttribute(null=True)  # highest of the day's samples (one per run)
+    transfer_in_bytes = NumberAttribute(null=True)
+    transfer_out_bytes = NumberAttribute(null=True)
+    expires_at = TTLAttribute(null=True)
+
+
 MODELS: tuple[type[Model], ...] = (
     DatabaseRecord,
     HostRecord,
@@ -286,7 +319,32 @@ MODELS: tuple[type[Model], ...] = (
     AccountRecord,
     ApiKeyRecord,
     AuditEvent,
+    UsageDay,
 )
+# One botocore client for every model. pynamodb gives each model its own
+# Connection, so each model's first call built a botocore session and client
+# and parsed DynamoDB's service model again (~0.1 s each on a quiet machine,
+# several per cold start: the first create touches four tables).
+_shared: dict[tuple, Connection] = {}
+_shared_lock = threading.Lock()
+
+
+def _get_connection(cls: type[Model]) -> TableConnection:
+    table = Model._get_connection.__func__(cls)  # pynamodb's, cached per model until `configure`
+    meta = cls.Meta
+    key = (meta.host, meta.region, meta.connect_timeout_seconds, meta.read_timeout_seconds, meta.max_retry_attempts)
+    with _shared_lock:
+        shared = _shared.setdefault(key, table.connection)
+        if table.connection is not shared:
+            if cls.Meta.table_name not in shared._tables:
+                shared.add_meta_table(table.connection.get_meta_table(cls.Meta.table_name))
+            table.connection = shared
+    return table
+
+
+for _model in MODELS:
+    _model._get_connection = classmethod(_get_connection)
+
 _SUFFIXES = {
     DatabaseRecord: "databases",
     HostRecord: "hosts",
@@ -296,6 +354,7 @@ _SUFFIXES = {
     AccountRecord: "accounts",
     ApiKeyRecord: "api-keys",
     AuditEvent: "audit",
+    UsageDay: "usage",
 }
 
 

@@ -20,7 +20,7 @@ from html import escape
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from chalicelib import accounts, auth, http, ownership, records
+from chalicelib import accounts, auth, charts, http, ownership, records, usage
 from chalicelib.clock import iso
 from chalicelib.errors import DomainError, Gone, Invalid, NotFound, RateLimited
 from chalicelib.identifiers import parse_database_id
@@ -96,6 +96,7 @@ _LAYOUT = """<!doctype html>
   pre {{ background: #f0f3f7; padding: .6rem .75rem; border-radius: 6px; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }}
   .key {{ font-size: 1rem; background: #fffbe6; border: 1px dashed #d9b64a; }}
   .muted {{ color: #5b6675; font-size: .9rem; }}
+  .chart {{ margin: .5rem 0 0; }} .chart svg {{ display: block; background: #f7f9fb; }}
   :focus-visible {{ outline: 3px solid #1f5f99; outline-offset: 2px; }}
 {style}
 </style>
@@ -195,9 +196,25 @@ class ClaimPages:
         if notice is not None:
             parts.append(_card(f'<p id="notice">{escape(notice.text)}</p>', notice.kind))
         parts.append(_card(f"<h1>{self._headline(record)}</h1><dl>{table}</dl>"))
-        if record.status == UNCLAIMED:
+        if record.status == UNCLAIMED:  # whoever holds the id sees its usage, as its size above
+            parts.append(self._usage(record.id))
             parts.append(self._forms(record))
         return Page(status, f"Database {record.id}", "".join(parts))
+
+    @staticmethod
+    def _usage(database_id: str) -> str:
+        """Size, peak connections and transfer per day over the last 30 days (chalicelib.usage)."""
+        try:
+            days = usage.last_days(database_id)
+        except Exception:  # a chart is not worth failing the page for
+            return ""
+        return _card(
+            "<h2>Usage, last 30 days</h2>"
+            + charts.bars(days, "size_bytes", "Size (last sample of the day)", "chart-size")
+            + charts.bars(days, "connections_peak", "Connections (peak of per-minute samples)", "chart-connections")
+            + charts.bars(days, "transfer", "Transfer through the pooler (in + out)", "chart-transfer"),
+            "usage",
+        )
 
     @staticmethod
     def _headline(record: DatabaseRecord) -> str:
@@ -348,7 +365,7 @@ class ClaimPages:
             "ok",
         )
         page = self.show(database_id)
-        page.body = done + page.body
+        page.body = done + page.body + self._usage(database_id)  # the owner's view
         return page
 
 

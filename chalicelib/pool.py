@@ -4,10 +4,12 @@ A pooled database is a DatabaseRecord with status POOLED, keyed by an id that
 has never been shown to anyone, in the `by_due` bucket `POOLED#<host>`. Its
 role is NOLOGIN. It counts against the host's `allocated` like any database.
 
-A create *takes* one (`take`) with one conditional write, POOLED -> UNCLAIMED
-(`records.take_pooled`), so two creates can never get the same one; the
-record id becomes the public id, and `provisioning.open_tenant` then gives the
-role LOGIN and the new password. ("Claim" is something else: an account
+The refill (`add`) gives the role the password it will be handed out with
+(sealed in the record, never shown before a take). A create *takes* one
+(`take`) with one transaction: the conditional write POOLED -> UNCLAIMED
+(`records.take_pooled`, so two creates can never get the same one), the
+audit event and the client IP's rate count; the record id becomes the public
+id, and `provisioning.open_tenant` then gives the role LOGIN. ("Claim" is something else: an account
 making an unclaimed database its own, chalicelib.ownership.)
 
 `refill` tops the pools up (`add`) and empties draining hosts' (`discard`)
@@ -20,11 +22,10 @@ chalicelib.records.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from chalicelib.records import Provisioned, Requester
 from chalicelib.settings import TRIAL_PLAN, Plan
 
 if TYPE_CHECKING:
+    from chalicelib.abuse import RateCount
     from chalicelib.context import Context
 
 log = logging.getLogger(__name__)
@@ -195,37 +197,33 @@ def take(
     plan: Plan,
     ref: str | None,
     requester: Requester,
-    password: str,
-    verifier: str,
     creator_hash: str | None,
-    noted: Callable[[DatabaseRecord], None],
+    rate: RateCount | None = None,
 ) -> Provisioned | None:
     """Take a pooled database on the active host with the most room that has one; None when none is left.
 
-    `noted(record)` runs once the record is ours, while Postgres checks the new password.
+    `rate` (the client's per-IP count) is written in the take's transaction;
+    a full window raises RateLimited before anything is taken.
     """
-    for host in hostlib.by_free_capacity(hosts):
+    for host in hostlib.by_free_capacity(hosts, logical_last=True):  # pooled databases never replicate
         if ctx.hosts.is_down(host.id):
             continue
-        record = _take_any(ctx, host, plan, ref, requester, password, creator_hash)
+        record = _take_any(ctx, host, plan, ref, requester, creator_hash, rate)
         if record is None:
             continue
-        # The audit event is written while Postgres checks the new password.
-        # Should the ALTER fail, the event stays with a record that turns
-        # FAILED: an unclaimed database's log has no reader.
         try:
-            provisioning.open_tenant(
-                ctx.target(host), record.role_name, verifier, meanwhile=functools.partial(noted, record)
-            )
+            provisioning.open_tenant(ctx.target(host), record.role_name, plan)
         except Exception as exc:
             log.error("taking pooled %s on host %s failed: %s", record.id, host.id, records.reason(exc))
             if isinstance(exc, postgres.HostUnavailable):
                 ctx.hosts.mark_down(host.id, ctx.settings.host_retry_s)
-            # FAILED and due: the purge drops it.
+            # FAILED and due: the purge drops it, and its password with it
+            # (a pooled database is never handed out twice).
             tombstones.fail(ctx, record, records.reason(exc), was=records.UNCLAIMED, dropped=False)
             continue
+        ctx.guard.note_unclaimed(host.id)
         log.info("created database %s on host %s from the pool for ref %r", record.id, host.id, record.ref)
-        return Provisioned(record, plan, host, password, created=True)
+        return Provisioned(record, plan, host, records.password(ctx, record), created=True)
     return None
 
 
@@ -235,8 +233,8 @@ def _take_any(
     plan: Plan,
     ref: str | None,
     requester: Requester,
-    password: str,
     creator_hash: str | None,
+    rate: RateCount | None,
 ) -> DatabaseRecord | None:
     queries = 0
     while True:
@@ -248,7 +246,7 @@ def _take_any(
                 return None
             queries += 1
             continue
-        if records.take_pooled(ctx, candidate, plan, password, ref, requester, creator_hash):
+        if records.take_pooled(ctx, candidate, plan, ref, requester, creator_hash, rate):
             return candidate
 
 
@@ -260,13 +258,19 @@ def add(ctx: Context, host: HostRecord) -> DatabaseRecord:
     """
     hostlib.reserve([host])
     plan = ctx.plan(TRIAL_PLAN)
-    # A password nobody will ever use: the role is NOLOGIN until taken, and
-    # the take replaces it. It is sealed like any secret, never logged.
+    # The password the database will be handed out with, made for it alone:
+    # the role is NOLOGIN until a take, which only grants LOGIN (the server's
+    # ~5 ms check of a new verifier happens here, off the create path). It is
+    # sealed like any secret, never logged, never shown before the take; a
+    # pooled database that fails or is discarded is dropped with it.
     password = tenant_password()
+    verifier = postgres.scram_verifier(password)
     record = records.new(ctx, str(uuid7()), host, plan, password)
     record.save(condition=DatabaseRecord.id.does_not_exist())
     try:
-        provisioning.create_tenant(ctx.target(host), record.role_name, record.db_name, password, plan, login=False)
+        provisioning.create_tenant(
+            ctx.target(host), record.role_name, record.db_name, password, plan, login=False, verifier=verifier
+        )
     except Exception as exc:
         log.error("provisioning %s on host %s failed: %s", record.id, host.id, records.reason(exc))
         dropped = False

@@ -230,6 +230,13 @@ def database_sizes(target: Target, prefix: str) -> dict[str, int]:
     return {name: int(size) for name, size in rows if size is not None}
 
 
+def connection_counts(target: Target, prefix: str) -> dict[str, int]:
+    """Open sessions (backends) per tenant database: direct clients and the pooler's server connections."""
+    query = "SELECT datname, count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) GROUP BY datname"
+    with target.connect() as conn:
+        return {name: int(n) for name, n in conn.execute(query, (prefix + "_",)).fetchall()}
+
+
 def database_size(target: Target, dbname: str) -> int | None:
     """Size in bytes of one database; None when it does not exist."""
     with target.connect() as conn:

@@ -10,9 +10,10 @@ Dropping survives a hostile tenant, and refuses a database marked claimed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from chalicelib import replication
 from chalicelib.postgres import CLAIMED_MARKER, Target, _first_line, reopen, scram_verifier
 
 if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # psycopg is imported lazily to keep cold starts cheap
     from chalicelib.settings import Plan
 
 log = logging.getLogger(__name__)
+
 
 def _membership_grant(conn: psycopg.Connection, role: str) -> psycopg.sql.Composed:
     from psycopg import sql
@@ -42,12 +44,16 @@ def create_tenant(
     plan: Plan,
     login: bool = True,
     verifier: str | None = None,
+    logical_replication: bool = False,
 ) -> None:
     """Create the role and database of one tenant, hardened.
 
-    `login=False` makes a warm-pool tenant: ready, but nobody can log in until
-    `open_tenant` gives it LOGIN and a fresh password. `verifier` is
-    `scram_verifier(password)` when the caller has computed it already.
+    `login=False` makes a warm-pool tenant: ready, with the password it will
+    be handed out with, but nobody can log in until `open_tenant` gives it
+    LOGIN. `verifier` is `scram_verifier(password)` when the caller has
+    computed it already.
+    `logical_replication`: the role may stream its database's changes
+    (chalicelib.replication; only on hosts that offer it).
     """
     from psycopg import sql
 
@@ -65,6 +71,8 @@ def create_tenant(
             )
         )
         conn.execute(_membership_grant(conn, role))
+        if logical_replication:
+            replication.grant(conn, role)
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
         _apply_role_defaults(conn, role, plan)
@@ -185,39 +193,30 @@ def set_password(target: Target, role: str, password: str) -> None:
         _terminate_role(conn, role)
 
 
-def open_tenant(target: Target, role: str, verifier: str, meanwhile: Callable[[], object] | None = None) -> None:
-    """Hand out a pooled tenant: LOGIN with a new password in one statement.
+def open_tenant(target: Target, role: str, plan: Plan) -> None:
+    """Hand out a pooled tenant: LOGIN (and the plan's connection limit) in one statement.
 
-    `verifier` is `scram_verifier(password)` of the fresh password. The pooled
-    role was NOLOGIN, so no session of it can exist, and its earlier password
-    is replaced before it can ever log in.
-
-    The server checks a new verifier against the empty password, a full SCRAM
-    computation (a few ms). `meanwhile` runs after the statement is sent and
-    before its answer is read (pipeline mode), so the caller's own work
-    overlaps that wait, in this thread. It runs once, even if the statement
-    is sent twice.
+    The role got its password when the pool was refilled (`create_tenant`
+    with `login=False`): a password made for this database alone, sealed in
+    its record and never shown before this take. Setting it here would cost
+    the server's check of the new verifier against the empty password, a
+    full 4096-round SCRAM computation (~5 ms); LOGIN alone is a catalog
+    write (~0.2 ms). The role was NOLOGIN, so no session of it can exist.
     """
     import psycopg
     from psycopg import sql
 
-    statement = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
-    pending = [meanwhile] if meanwhile else []
-
-    def run(conn: psycopg.Connection) -> None:
-        with conn.pipeline():
-            conn.execute(statement)
-            while pending:
-                pending.pop()()
-
+    statement = sql.SQL("ALTER ROLE {} LOGIN CONNECTION LIMIT {}").format(
+        sql.Identifier(role), sql.Literal(plan.connections)
+    )
     try:
         with target.session() as conn:
-            run(conn)
+            conn.execute(statement)
     except psycopg.OperationalError:
         # A kept-open connection the server closed meanwhile (restart, idle
         # timeout): once more on a new one. The statement is idempotent.
         with target.session() as conn:
-            run(conn)
+            conn.execute(statement)
 
 
 def _terminate_role(conn: psycopg.Connection, role: str) -> int:
@@ -272,6 +271,9 @@ def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = Tru
                 other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
                 other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
         if db_exists:
+            # DROP DATABASE fails while a replication slot of it exists (its
+            # walsenders were ended with the role's sessions above).
+            replication.drop_database_slots(conn, dbname)
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
         if not role_exists:
             return db_exists

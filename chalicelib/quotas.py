@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from pynamodb.exceptions import UpdateError
 
-from chalicelib import audit, postgres, provisioning
+from chalicelib import audit, postgres, provisioning, replication
 from chalicelib import hosts as hostlib
-from chalicelib.clock import Deadline
+from chalicelib.clock import Deadline, period
 from chalicelib.models import CLAIMED, UNCLAIMED, DatabaseRecord, HostRecord
 from chalicelib.settings import TRIAL_PLAN, Plan
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORAGE = "storage"
+TRANSFER = "transfer"  # locked by chalicelib.metering, through lock() below
 _LIVE = (UNCLAIMED, CLAIMED)
 _PROJECTION = ["id", "status", "plan", "host_id", "role_name", "db_name", "size_bytes", "locked_reason"]
 
@@ -63,49 +64,49 @@ def _update(record: DatabaseRecord, actions: list) -> bool:
         raise
 
 
-def _lock(target: postgres.Target, record: DatabaseRecord, size: int, plan: Plan) -> None:
-    ended = provisioning.lock_role(target, record.role_name)
+def lock(ctx: Context, host: HostRecord, record: DatabaseRecord, reason: str, detail: str, actions: list = ()) -> None:
+    """The one lock path (storage here, transfer in chalicelib.metering): role NOLOGIN, sessions ended, reason on the record.
+
+    Where the host has a pooler, its entries must be revoked here too (the pooler's wiring).
+    """
+    ended = provisioning.lock_role(ctx.target(host), record.role_name)
     now = datetime.now(UTC)
-    _update(
+    _update(record, [DatabaseRecord.locked_reason.set(reason), DatabaseRecord.locked_at.set(now), *actions])
+    record.locked_reason = reason
+    audit.record_quietly(record.id, audit.QUOTA_LOCKED, audit.SYSTEM, detail=f"{reason}: {detail}")
+    log.info("locked database %s: %s (%d sessions ended)", record.id, detail, ended)
+
+
+def unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, detail: str, actions: list = ()) -> None:
+    """Lift a lock (whatever its reason): LOGIN again, reason removed."""
+    provisioning.unlock_role(ctx.target(host), record.role_name)
+    _update(record, [DatabaseRecord.locked_reason.remove(), DatabaseRecord.locked_at.remove(), *actions])
+    reason, record.locked_reason = record.locked_reason, None
+    audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"{reason}: {detail}")
+    log.info("unlocked database %s: %s", record.id, detail)
+
+
+def _lock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int, plan: Plan) -> None:
+    now = datetime.now(UTC)
+    detail = f"{size} bytes over the {plan.name} plan's {plan.storage_mb} MB"
+    lock(
+        ctx,
+        host,
         record,
-        [
-            DatabaseRecord.locked_reason.set(STORAGE),
-            DatabaseRecord.locked_at.set(now),
-            DatabaseRecord.size_bytes.set(size),
-            DatabaseRecord.size_checked_at.set(now),
-        ],
-    )
-    audit.record_quietly(
-        record.id, audit.QUOTA_LOCKED, audit.SYSTEM, detail=f"storage: {size} bytes over {plan.storage_mb} MB"
-    )
-    log.info(
-        "locked database %s: %d bytes over the %s plan's %d MB (%d sessions ended)",
-        record.id,
-        size,
-        plan.name,
-        plan.storage_mb,
-        ended,
+        STORAGE,
+        detail,
+        [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)],
     )
 
 
-def _unlock(target: postgres.Target, record: DatabaseRecord, size: int) -> None:
-    provisioning.unlock_role(target, record.role_name)
+def _unlock(ctx: Context, host: HostRecord, record: DatabaseRecord, size: int) -> None:
     now = datetime.now(UTC)
-    _update(
-        record,
-        [
-            DatabaseRecord.locked_reason.remove(),
-            DatabaseRecord.locked_at.remove(),
-            DatabaseRecord.size_bytes.set(size),
-            DatabaseRecord.size_checked_at.set(now),
-        ],
-    )
-    audit.record_quietly(record.id, audit.QUOTA_UNLOCKED, audit.SYSTEM, detail=f"storage: {size} bytes fit")
-    log.info("unlocked database %s: %d bytes fit its plan", record.id, size)
+    actions = [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)]
+    unlock(ctx, host, record, f"{size} bytes fit its plan", actions)
 
 
 def _enforce_storage(
-    ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
+    ctx: Context, host: HostRecord, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
     sizes = postgres.database_sizes(target, ctx.settings.name_prefix)
     now = datetime.now(UTC)
@@ -117,10 +118,10 @@ def _enforce_storage(
         plan = ctx.settings.plan(record.plan)
         over = size > plan.storage_bytes
         if over and not record.locked_reason:
-            _lock(target, record, size, plan)
+            _lock(ctx, host, record, size, plan)
             summary["locked"].append(record.id)
         elif record.locked_reason == STORAGE and not over:
-            _unlock(target, record, size)
+            _unlock(ctx, host, record, size)
             summary["unlocked"].append(record.id)
         elif record.size_bytes is None or int(record.size_bytes) != size:
             _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(now)])
@@ -181,7 +182,9 @@ def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
         try:
             target = ctx.target(host)
             _enforce_time(ctx, target, records, summary)
-            _enforce_storage(ctx, target, records, summary)
+            _enforce_storage(ctx, host, target, records, summary)
+            if host.logical_replication:
+                replication.guard(ctx.settings, target, records, summary)
             summary["hosts"] += 1
         except (postgres.HostUnavailable, hostlib.CredentialsError) as exc:
             summary["errors"].append(f"{host.id}: {exc}")
@@ -200,15 +203,28 @@ def unlock_if_fits(ctx: Context, record: DatabaseRecord, plan: Plan) -> bool:
     """
     if not record.locked_reason:
         return True
-    if record.locked_reason != STORAGE:
-        return False
     host: HostRecord = ctx.hosts.get(record.host_id)
     target = ctx.target(host)
+    if record.locked_reason == TRANSFER:
+        moved = transfer_this_period(record)
+        if moved > plan.transfer_bytes:
+            return False
+        unlock(ctx, host, record, f"{moved} bytes fit the {plan.name} plan's {plan.transfer_mb} MB")
+        return True
+    if record.locked_reason != STORAGE:
+        return False
     size = postgres.database_size(target, record.db_name)
     if size is None:
         return False
     if size > plan.storage_bytes:
         _update(record, [DatabaseRecord.size_bytes.set(size), DatabaseRecord.size_checked_at.set(datetime.now(UTC))])
         return False
-    _unlock(target, record, size)
+    _unlock(ctx, host, record, size)
     return True
+
+
+def transfer_this_period(record: DatabaseRecord, now: datetime | None = None) -> int:
+    """Bytes in plus out the record holds for the current period (0 once a new one began)."""
+    if record.transfer_period != period(now or datetime.now(UTC)):
+        return 0
+    return int(record.transfer_in_bytes or 0) + int(record.transfer_out_bytes or 0)

@@ -15,14 +15,16 @@ path. Nothing here talks to Postgres.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from pynamodb.exceptions import PutError, UpdateError
+from pynamodb.exceptions import PutError, TransactWriteError, UpdateError
+from pynamodb.transactions import TransactWrite
 
-from chalicelib import clock
+from chalicelib import audit, clock
 from chalicelib.crypto import Sealed
 from chalicelib.errors import Conflict, Gone, NotFound
 from chalicelib.identifiers import tenant_name
@@ -43,6 +45,7 @@ from chalicelib.postgres import HostUnavailable
 from chalicelib.settings import Plan
 
 if TYPE_CHECKING:
+    from chalicelib.abuse import RateCount
     from chalicelib.context import Context
 
 ENDED = (EXPIRED, DELETED, FAILED)
@@ -357,26 +360,31 @@ def take_pooled(
     ctx: Context,
     record: DatabaseRecord,
     plan: Plan,
-    password: str,
     ref: str | None,
     requester: Requester,
     creator_hash: str | None = None,
+    rate: RateCount | None = None,
 ) -> bool:
-    """The one conditional write that makes a pooled database ours: POOLED -> UNCLAIMED; False if taken.
+    """The one write that makes a pooled database ours: POOLED -> UNCLAIMED; False if another create took it.
 
-    It goes straight to UNCLAIMED, before the password is set, to keep the
+    One TransactWriteItems: the take (a conditional put), the audit event,
+    and the client IP's rate count (`abuse.Guard.rate_count`, unless already
+    counted) with its own condition. All or nothing: a count that finds a
+    window full raises the 429 and takes nothing; a record taken by another
+    create counts nothing, so the next candidate can be tried.
+
+    It goes straight to UNCLAIMED, before the role gets LOGIN, to keep the
     take at one write: if the process dies before the role is opened, the
     record is an UNCLAIMED database whose role cannot log in (NOLOGIN), whose
-    credentials nobody received, and which expires like any other.
+    credentials nobody received, and which expires like any other. The
+    password sealed in the record is the one the refill gave the role.
     """
     now = clock.now()
     expires = now + timedelta(seconds=plan.lifetime_s)
-    sealed = ctx.keyring.encrypt(password, context=record.id)
     # A conditional put of the whole item: as atomic as an update, and
     # the pooled record's other attributes never change while it is POOLED.
     record.status = UNCLAIMED
     record.plan = plan.name
-    record.secret_key_id, record.secret = sealed.key_id, sealed.blob
     record.ref = ref
     record.created_ip = requester.ip
     record.user_agent = (requester.user_agent or "")[:256] or None
@@ -384,10 +392,33 @@ def take_pooled(
     record.expires_at = expires
     record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
     record.creator_token_hash = creator_hash
-    try:
-        record.save(condition=DatabaseRecord.status == POOLED)
-    except PutError as exc:
-        if is_conditional_failure(exc):
-            return False  # another create took it first (or it is gone)
-        raise
-    return True
+    counted = rate is not None and not rate.done
+    for attempt in range(_TAKE_ATTEMPTS):
+        event = audit.event(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={ref}")
+        try:
+            with TransactWrite(connection=DatabaseRecord._get_connection().connection) as write:
+                # Reasons come back in the request's order: puts, then updates.
+                write.save(record, condition=DatabaseRecord.status == POOLED)
+                write.save(event)
+                if counted:
+                    write.update(rate.item, actions=rate.actions, condition=rate.condition)
+        except TransactWriteError as exc:
+            codes = [reason.code if reason else None for reason in (exc.cancellation_reasons or [])]
+            if counted and len(codes) == 3 and codes[2] == "ConditionalCheckFailed":
+                raise ctx.guard.refused(rate) from None
+            if codes and codes[0] == "ConditionalCheckFailed":
+                return False  # another create took it first (or it is gone)
+            if "TransactionConflict" in codes and attempt + 1 < _TAKE_ATTEMPTS:
+                # DynamoDB cancels transactions that touch an item another
+                # one is writing (concurrent creates from one IP share the
+                # counter): nothing was written, so try again.
+                time.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
+                continue
+            raise
+        if counted:
+            rate.done = True
+        return True
+    return False
+
+
+_TAKE_ATTEMPTS = 4

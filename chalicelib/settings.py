@@ -36,10 +36,16 @@ class Plan:
     idle_in_transaction_s: int
     # Per-role temp_file_limit where the admin may set it (superuser-only GUC).
     temp_file_limit_mb: int
+    # Bytes in plus out through the pooler per calendar month (UTC), enforced by chalicelib.metering.
+    transfer_mb: int = 1024
 
     @property
     def storage_bytes(self) -> int:
         return self.storage_mb * 1024 * 1024
+
+    @property
+    def transfer_bytes(self) -> int:
+        return self.transfer_mb * 1024 * 1024
 
     def public(self) -> dict:
         return {"storage_mb": self.storage_mb, "connections": self.connections}
@@ -70,10 +76,16 @@ class Settings:
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
+    local_ttl_sweep_s: int = 5
+    local_logical_replication: bool = False
     open_signup: bool = True
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
     host_retry_s: int = 30
+    # Logical replication (chalicelib.replication): the scheduled job's bounds.
+    slots_per_database: int = 2
+    slot_max_retained_mb: int = 1024
+    keep_physical_slots: tuple[str, ...] = ()
     # TLS to the hosts (chalicelib.hosts.target): a CA bundle means verify-full.
     pg_sslrootcert: str | None = None
     # Web hardening (chalicelib.web): origins whose browser requests pass the
@@ -151,6 +163,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "An unclaimed tenant's session idle inside a transaction longer than this is ended.",
     ),
     ("INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB", "1024", "temp_file_limit of an unclaimed tenant role (where settable)."),
+    (
+        "INSTAPG_UNCLAIMED_TRANSFER_MB",
+        "1024",
+        "Bytes in plus out through the pooler an unclaimed database may move per calendar month (UTC) "
+        "before the scheduled job locks it.",
+    ),
     ("INSTAPG_CLAIMED_STORAGE_MB", "512", "Storage limit of a claimed database."),
     ("INSTAPG_CLAIMED_CONNECTIONS", "20", "Connection limit of a claimed database's role."),
     ("INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS", "3600", "Longest statement a claimed tenant may run."),
@@ -160,6 +178,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "A claimed tenant's session idle inside a transaction longer than this is ended.",
     ),
     ("INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB", "4096", "temp_file_limit of a claimed tenant role (where settable)."),
+    (
+        "INSTAPG_CLAIMED_TRANSFER_MB",
+        "10240",
+        "Bytes in plus out through the pooler a claimed database may move per calendar month (UTC).",
+    ),
     (
         "INSTAPG_TOMBSTONE_TTL_SECONDS",
         "604800",
@@ -238,6 +261,11 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
+    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "0", "Local stack only: 1 registers the embedded host as offering logical replication. Off by default: a tenant's REPLICATION can also run physical commands over its own walsender, which the scheduled job ends but cannot refuse (docs/replication.md)."),
+    ("INSTAPG_LOCAL_TTL_SWEEP_SECONDS", "5", "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, whose REMOVE stream records go to the same `drop_removed` handler as in production."),
+    ("INSTAPG_LOGICAL_SLOTS_PER_DATABASE", "2", "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones (inactive first) with an audit event."),
+    ("INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB", "1024", "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the scheduled job, with an audit event, before it fills the host's disk."),
+    ("INSTAPG_KEEP_PHYSICAL_SLOTS", "", "Comma-separated name prefixes of the operator's own physical slots on logical-replication hosts; every other physical slot there is dropped by the scheduled job (tenants may not keep one: docs/replication.md)."),
     (
         "INSTAPG_OPEN_SIGNUP",
         "true",
@@ -350,6 +378,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
             idle_in_transaction_s=_int(env, "INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
             temp_file_limit_mb=_int(env, "INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB"),
+            transfer_mb=_int(env, "INSTAPG_UNCLAIMED_TRANSFER_MB"),
             lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
         ),
         FREE_PLAN: Plan(
@@ -359,6 +388,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
             idle_in_transaction_s=_int(env, "INSTAPG_CLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
             temp_file_limit_mb=_int(env, "INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB"),
+            transfer_mb=_int(env, "INSTAPG_CLAIMED_TRANSFER_MB"),
             lifetime_s=None,
         ),
     }
@@ -386,6 +416,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
+        local_ttl_sweep_s=_int(env, "INSTAPG_LOCAL_TTL_SWEEP_SECONDS"),
+        local_logical_replication=_bool(env, "INSTAPG_LOCAL_LOGICAL_REPLICATION"),
+        slots_per_database=_int(env, "INSTAPG_LOGICAL_SLOTS_PER_DATABASE"),
+        slot_max_retained_mb=_int(env, "INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB"),
+        keep_physical_slots=tuple(filter(None, (p.strip() for p in get("INSTAPG_KEEP_PHYSICAL_SLOTS").split(",")))),
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),

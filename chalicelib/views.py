@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from chalicelib import clock, postgres
 from chalicelib import hosts as hostlib
-from chalicelib import postgres
 from chalicelib.clock import iso  # noqa: F401  (views.iso: the wire format, also for app.py)
 from chalicelib.models import DatabaseRecord, HostRecord
 from chalicelib.settings import Plan
@@ -52,6 +52,28 @@ def database(
     return body
 
 
+_LOCK_HINTS = {
+    "storage": "The database is over its plan's storage limit; its role cannot log in. "
+    "Claim it for a larger plan, or create a new one.",
+    "transfer": "The database moved more data through the pooler this month (UTC) than its plan allows; "
+    "its role cannot log in until the month ends or the limit is raised. An unclaimed one: claim it for "
+    "the larger plan, or create a new one.",
+}
+
+
+def transfer(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
+    """Bytes through the pooler this period (a UTC month) and the plan's limit (chalicelib.metering)."""
+    current = clock.period(clock.now())
+    same = record.transfer_period == current
+    return {
+        "period": current,
+        "in_bytes": int(record.transfer_in_bytes or 0) if same else 0,
+        "out_bytes": int(record.transfer_out_bytes or 0) if same else 0,
+        "limit_bytes": plan.transfer_bytes,
+        "checked_at": iso(record.transfer_checked_at),
+    }
+
+
 def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
     """What the scheduled job measured and whether it locked the database (additive to Instagres' shape)."""
     locked = None
@@ -59,8 +81,7 @@ def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
         locked = {
             "reason": record.locked_reason,
             "since": iso(record.locked_at),
-            "hint": "The database is over its plan's storage limit; its role cannot log in. "
-            "Claim it for a larger plan, or create a new one.",
+            "hint": _LOCK_HINTS.get(record.locked_reason, "The scheduled job locked the database."),
         }
     return {
         "size_bytes": int(record.size_bytes) if record.size_bytes is not None else None,
@@ -68,6 +89,7 @@ def quota(record: DatabaseRecord, plan: Plan) -> dict[str, Any]:
         "storage_limit_bytes": plan.storage_bytes,
         "statement_timeout_s": plan.statement_timeout_s,
         "idle_in_transaction_timeout_s": plan.idle_in_transaction_s,
+        "transfer": transfer(record, plan),
         "locked": locked,
     }
 
@@ -83,8 +105,11 @@ def account(record, api_key: str | None = None) -> dict[str, Any]:
     return body
 
 
-def owned_database(record: DatabaseRecord, plan: Plan, usage=None) -> dict[str, Any]:
-    """What the owner sees of a database (connection strings have their own audited endpoint)."""
+def owned_database(record: DatabaseRecord, plan: Plan, usage=None, days: list | None = None) -> dict[str, Any]:
+    """What the owner sees of a database (connection strings have their own audited endpoint).
+
+    `days`: the details' usage over time (chalicelib.usage.last_days).
+    """
     body: dict[str, Any] = {
         "id": record.id,
         "status": record.status,
@@ -94,10 +119,13 @@ def owned_database(record: DatabaseRecord, plan: Plan, usage=None) -> dict[str, 
         "claimed_at": iso(record.claimed_at),
         "updated_at": iso(record.updated_at),
         "source_id": record.source_id,  # a copy's source (issue 18 §2); null for the rest
+        "quota": quota(record, plan),
     }
     if usage is not None:
         body["size_bytes"] = usage.size_bytes
         body["connections"] = usage.connections
+    if days is not None:
+        body["usage"] = days
     return body
 
 

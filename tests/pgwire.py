@@ -11,8 +11,11 @@ from __future__ import annotations
 import psycopg
 
 
-def login_sqlstate(url: str, dbname: str | None = None) -> str | None:
-    """The SQLSTATE the server refused this login with; None when the login worked."""
+def login_sqlstate(url: str, dbname: str | None = None, replication: str | None = None) -> str | None:
+    """The SQLSTATE the server refused this login with; None when the login worked.
+
+    `replication`: "true" for a physical walsender login, "database" for a logical one.
+    """
     import pg8000.exceptions
     import pg8000.native
 
@@ -25,9 +28,11 @@ def login_sqlstate(url: str, dbname: str | None = None) -> str | None:
             port=int(params["port"]),
             database=dbname or params["dbname"],
             timeout=10,
+            replication=replication,
         )
     except pg8000.exceptions.DatabaseError as exc:
         return exc.args[0].get("C")
-    conn.run("SELECT 1")
+    if replication is None:
+        conn.run("SELECT 1")
     conn.close()
     return None

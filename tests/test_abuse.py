@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import psycopg
@@ -191,3 +192,36 @@ def test_in_process_callers_without_an_ip_are_not_rate_limited(host, instapg_env
     service = context.get()
     for _ in range(2):
         assert creation.create(service, CreateDatabase(ref="tool"), Requester()).created
+
+
+def test_concurrent_creates_from_one_ip_get_exactly_the_limit(host, instapg_env):
+    """The count's condition is checked in the write: pooled takes (one transaction with the
+    count) and on-demand creates (the count alone) racing from one IP pass the limit never."""
+    from chalicelib import context, creation, pool
+    from chalicelib.clock import Deadline
+    from chalicelib.errors import RateLimited
+    from chalicelib.records import Requester
+    from chalicelib.schemas import CreateDatabase
+
+    _settings(instapg_env, INSTAPG_CREATES_PER_MINUTE=3)
+    service = context.get()
+    pool.refill(service, Deadline.after(120), size=2)  # two come from the pool, the rest on demand
+    pooled_ids = {r.id for r in pool.pooled("local-1")}
+    _away_from_a_minute_edge()
+
+    def one(i: int) -> str:
+        try:
+            creation.create(service, CreateDatabase(ref=f"race{i}"), Requester(ip="198.51.100.9"))
+        except RateLimited:
+            return "429"
+        return "201"
+
+    with ThreadPoolExecutor(max_workers=6) as executor:
+        outcomes = list(executor.map(one, range(6)))
+    assert sorted(outcomes) == ["201"] * 3 + ["429"] * 3
+    from chalicelib.models import DatabaseRecord
+
+    unclaimed = [r for r in DatabaseRecord.scan() if r.status == "UNCLAIMED"]
+    assert len(unclaimed) == 3  # a refused create took nothing from the pool and made nothing
+    left = {r.id for r in pool.pooled("local-1")}
+    assert left | {r.id for r in unclaimed} >= pooled_ids and not left & {r.id for r in unclaimed}

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -62,6 +63,23 @@ def test_page_of_an_unclaimed_database(client, prefix):
     assert password not in page
     assert "script-src 'nonce-" in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_page_shows_usage_charts_as_inline_svg(client):
+    from chalicelib import charts, context, metering, usage
+    from chalicelib.clock import Deadline
+    from chalicelib.models import UsageDay
+
+    database = create(client)
+    metering.run(context.get(), Deadline.after(30))
+    response = client.http.get(f"/claim/{database['id']}")
+    page = html(response)
+    assert page.count("<svg ") == 3 and 'id="chart-connections"' in page
+    today = usage.day_key(datetime.now(UTC))
+    row = UsageDay.get(database["id"], today, consistent_read=True)
+    assert f"<title>{today}: {charts.human_bytes(int(row.size_bytes))}</title>" in page
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]  # nothing fetched, no new script
+    assert page.count("<script") == 1
 
 
 def test_page_of_unknown_and_malformed_ids(client):
@@ -261,13 +279,20 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
 
     from selenium.webdriver.common.by import By
 
-    from chalicelib import accounts, records
+    from chalicelib import accounts, context, metering, records, usage
+    from chalicelib.clock import Deadline
 
     javascript = request.node.callspec.id == "javascript"
     database = _create_over_http(live_server)
     assert database["claim_url"] == f"{live_server}/claim/{database['id']}"
+    metering.run(context.get(), Deadline.after(30))  # today's usage row, as the schedule writes it
     browser.get(database["claim_url"])
     assert browser.find_element(By.ID, "status").text == "UNCLAIMED"
+    chart = browser.find_element(By.ID, "chart-size")  # inline SVG: drawn under the page's CSP
+    assert chart.size["height"] == 60 and chart.size["width"] > 200
+    bars = [b.get_attribute("textContent") for b in chart.find_elements(By.TAG_NAME, "rect")]
+    assert len(bars) == 1 + usage.KEEP_DAYS  # the baseline, then a bar a day
+    assert bars[-1].startswith(usage.day_key(datetime.now(UTC)) + ": ") and bars[-1].endswith(" MB")
     countdown = browser.find_element(By.ID, "countdown")
     first = countdown.text
     if javascript:
@@ -286,6 +311,7 @@ def test_browser_signs_up_and_claims_from_the_claim_url(live_server, browser, se
     assert "this database is yours" in _wait(browser, "claimed").text
     key = browser.find_element(By.ID, "api-key").text
     assert browser.find_element(By.ID, "status").text == "CLAIMED"
+    assert browser.find_element(By.ID, "chart-transfer").size["height"] == 60  # the owner's view keeps the charts
     browser.save_screenshot(str(SCREENSHOT_DIR / f"claimed-{request.node.callspec.id}.png"))
     owner = accounts.authenticate(key)
     assert records.find(database["id"]).owner_id == owner.id

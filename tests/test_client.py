@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -207,7 +208,7 @@ def test_status_and_claim(run, tmp_path):
     assert "status       UNCLAIMED" in out
     assert "expires      at 20" in out and "(in 71h" in out
     assert "size         not measured yet (limit 100 MB)" in out
-    assert "transfer     not metered by this server" in out
+    assert "transfer     0 bytes in, 0 bytes out in " in out and "(limit 1.0 GB), through the pooler" in out
     claim_url = envfile.read(tmp_path / ".env")["PUBLIC_POSTGRES_CLAIM_URL"]
     code, out, _ = run("claim")  # no display: prints instead of opening
     assert code == 0
@@ -286,8 +287,11 @@ def _api_key(server: str) -> str:
     return _request("POST", f"{server}/api/v1/accounts", {"email": "cli@example.com"}, 30)[1]["api_key"]
 
 
-def test_account_commands_status_list_rotate_delete(run, server, tmp_path, monkeypatch):
+def test_account_commands_status_list_usage_rotate_delete(run, server, tmp_path, monkeypatch):
     from instapg_cli.api import _request
+
+    from chalicelib import context, metering, usage
+    from chalicelib.clock import Deadline
 
     key = _api_key(server)
     (tmp_path / ".env").write_text("# mine\nOTHER=1\n")
@@ -309,6 +313,16 @@ def test_account_commands_status_list_rotate_delete(run, server, tmp_path, monke
     code, out, _ = run("list", "--json")
     assert [d["id"] for d in json.loads(out)["databases"]] == [database_id]
 
+    with psycopg.connect(before["DATABASE_URL_DIRECT"]):  # one session in the job's sample
+        metering.run(context.get(), Deadline.after(30))
+    code, out, _ = run("usage")
+    today = next(line.split() for line in out.splitlines() if line.startswith(usage.day_key(datetime.now(UTC))))
+    assert code == 0 and today[3] == "1" and today[1:3] != ["-"]  # size "7.3 MB", 1 connection at peak
+    assert "through the pooler" in out
+    code, out, _ = run("usage", "--json")
+    days = json.loads(out)["usage"]
+    assert len(days) == usage.KEEP_DAYS and days[-1]["connections_peak"] == 1 and days[-1]["size_bytes"] > 0
+
     code, out, _ = run("rotate")
     assert code == 0 and "updated DATABASE_URL and DATABASE_URL_DIRECT in .env" in out
     after = envfile.read(tmp_path / ".env")
@@ -329,7 +343,8 @@ def test_account_commands_status_list_rotate_delete(run, server, tmp_path, monke
 
 def test_account_commands_need_a_key(run, monkeypatch):
     monkeypatch.delenv("INSTAPG_API_KEY", raising=False)
-    for command in (["list"], ["rotate", "2b929341-cbab-40c2-bdaa-8880ffbe4ac4"], ["delete", "--yes"]):
+    some_id = "2b929341-cbab-40c2-bdaa-8880ffbe4ac4"
+    for command in (["list"], ["rotate", some_id], ["delete", "--yes"], ["usage", some_id]):
         code, _, err = run(*command)
         assert code == 2, command
         assert "--api-key" in err or "run `instapg` first" in err

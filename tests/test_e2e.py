@@ -43,6 +43,8 @@ def devstack():
     data_dir = tempfile.mkdtemp(prefix="instapg-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
     env.update(PORT=str(port), INSTAPG_DEV_DIR=data_dir, PYTHONUNBUFFERED="1")
+    # Expiry goes through the emulated TTL and stream only: the stack's purge never runs here.
+    env.update(INSTAPG_LOCAL_TTL_SWEEP_SECONDS="1", INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS="3600")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.dev.devstack"],
         cwd=ROOT,
@@ -116,6 +118,34 @@ def test_errors_over_http_are_json(devstack):
     assert status == 413
     status, body = _request("GET", f"{base}/healthz")
     assert status == 200 and body["ok"] is True
+
+
+def test_expiry_and_a_deleted_record_go_through_the_local_ttl_and_stream(devstack):
+    import boto3
+
+    _, base, output = devstack
+    moto = output.split("dynamodb  ")[1].split()[0]
+    table = boto3.resource(
+        "dynamodb", endpoint_url=moto, region_name="us-east-2", aws_access_key_id="x", aws_secret_access_key="x"
+    ).Table("instapg-dev-databases")
+    _, expiring = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
+    _, deleted = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
+    # Aged as tests/test_expiry.py does (the stack's lifetime is 72 h): TTL's sweep deletes it.
+    table.update_item(
+        Key={"id": expiring["id"]}, UpdateExpression="SET expires_at = :t", ExpressionAttributeValues={":t": 1}
+    )
+    table.delete_item(Key={"id": deleted["id"]})  # by hand: no TTL identity on its REMOVE
+    for body in (expiring, deleted):
+        give_up = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(body["connection_string"], connect_timeout=5).close()
+            except psycopg.OperationalError:
+                break  # the role and database are gone
+            assert time.monotonic() < give_up, "the database was not dropped through the stream"
+            time.sleep(0.2)
+        status, got = _request("GET", f"{base}/api/v1/database/{body['id']}")
+        assert status == 410 and got["error"] == "Database expired", got
 
 
 def test_ctrl_c_stops_everything(devstack):

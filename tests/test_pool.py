@@ -64,22 +64,48 @@ def test_create_takes_a_pooled_database(client, service, pg):
     assert again.json_body["connection_string"] == body["connection_string"]
     assert again.json_body["status"] == body["status"] == "UNCLAIMED"
     assert body["created_at"] == again.json_body["created_at"]
+    # The audit event was written in the take's transaction.
+    from chalicelib import audit
+
+    assert [e.action for e in audit.page(body["id"]).events] == ["created"]
 
 
-def test_pooled_password_never_works(client, service, pg):
+def test_a_pooled_database_cannot_be_logged_into_before_its_take(client, service, pg):
+    """The refill sets the password the take hands out; until the take the role is NOLOGIN."""
     from chalicelib import records
-    _refill(service, 1)
-    [record] = _pooled()
-    old_password = records.password(service, record)
-    params = {"host": pg.host, "port": pg.port, "user": record.role_name, "dbname": record.db_name}
-    # While pooled the role cannot log in at all, even with the right password.
-    assert refused_login(**params, password=old_password) == "28000"
+
+    _refill(service, 2)
+    pooled = {r.id: r for r in _pooled()}
+    passwords = {records.password(service, r) for r in pooled.values()}
+    assert len(passwords) == 2  # each pooled database has its own
+    for record in pooled.values():
+        params = {"host": pg.host, "port": pg.port, "user": record.role_name, "dbname": record.db_name}
+        # While pooled the role cannot log in at all, even with the right password.
+        assert refused_login(**params, password=records.password(service, record)) == "28000"
+        assert client.http.get(f"/api/v1/database/{record.id}").status_code == 404  # never shown
     body = post_json(client, "/api/v1/database", {"ref": "fresh"}).json_body
-    assert body["id"] == record.id
-    new = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
-    assert new["password"] != old_password
-    assert refused_login(**params, password=old_password) == "28P01"
-    assert refused_login(**params, password=new["password"]) is None
+    taken = pooled.pop(body["id"])
+    [waiting] = pooled.values()
+    given = psycopg.conninfo.conninfo_to_dict(body["connection_string"])
+    assert given["password"] == records.password(service, taken)
+    assert (
+        refused_login(
+            host=pg.host, port=pg.port, user=taken.role_name, dbname=taken.db_name, password=given["password"]
+        )
+        is None
+    )
+    assert _role(pg, taken.role_name) == (True, 5)
+    # The one still pooled stays locked.
+    assert (
+        refused_login(
+            host=pg.host,
+            port=pg.port,
+            user=waiting.role_name,
+            dbname=waiting.db_name,
+            password=records.password(service, waiting),
+        )
+        == "28000"
+    )
 
 
 def test_a_take_whose_alter_role_fails_is_left_for_the_purge_and_the_create_still_answers(client, service, pg):

@@ -10,6 +10,7 @@ instapg delete [ID] [--env .env] [--key DATABASE_URL] [--api-key KEY] [--yes]
 instapg list --api-key KEY
 instapg copy [ID] [--env .env] [--key DATABASE_URL] [--as DATABASE_URL_COPY] --api-key KEY
 instapg reset COPY_ID --api-key KEY [--yes]
+instapg usage [ID] [--env .env] [--prefix PUBLIC_] --api-key KEY
 Every command takes --json and --url; exit codes are the EXIT_* constants below (docs/client.md).
 """
 
@@ -27,7 +28,7 @@ from instapg_cli import __version__, envfile
 from instapg_cli.api import ApiError, Client, check_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `make dev`'s local stack
-COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list", "copy", "reset")
+COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list", "usage", "copy", "reset")
 
 # Exit codes (documented in docs/client.md; scripts and agents branch on them).
 EXIT_OK = 0
@@ -60,7 +61,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="instapg",
             description="Create a PostgreSQL database and append its connection strings to .env.",
-            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list | copy | reset "
+            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list | usage | copy "
+            "| reset "
             "(each takes --help). Exit codes: 0 ok, 1 refused/failed, 2 usage, 3 missing dependency, "
             "4 temporary (retry later).",
         )
@@ -75,11 +77,11 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     _common(parser, key=command in ("seed", "rotate", "delete", "copy"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
-    if command in ("status", "claim", "rotate", "delete", "copy"):
+    if command in ("status", "claim", "rotate", "delete", "usage", "copy"):
         parser.add_argument("id", nargs="?", help="database id (default: the database in --env)")
     if command == "reset":
         parser.add_argument("id", help="id of the copy to reset to its source")
-    if command in ("status", "rotate", "delete", "list", "copy", "reset"):
+    if command in ("status", "rotate", "delete", "list", "usage", "copy", "reset"):
         parser.add_argument("--api-key", help="account API key (default: $INSTAPG_API_KEY)")
     if command == "copy":
         parser.add_argument(
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "list": list_,
         "copy": copy,
         "reset": reset,
+        "usage": usage,
     }
     try:
         return create(args) if command is None else handlers[command](args)
@@ -340,8 +343,7 @@ def status(args) -> int:
     else:
         how = "pass --api-key" if body.get("status") == "CLAIMED" else "claim it, then --api-key"
         print(f"connections  shown to the owner only ({how}){connections_limit}")
-    transfer = body.get("transfer_bytes", quota.get("transfer_bytes"))
-    print(f"transfer     {_size(transfer) if isinstance(transfer, int) else 'not metered by this server'}")
+    print(f"transfer     {_transfer(quota.get('transfer'))}")
     locked = quota.get("locked")
     if locked:
         print(f"locked       since {locked.get('since')}: {locked.get('hint') or locked.get('reason')}")
@@ -457,6 +459,36 @@ def reset(args) -> int:
     else:
         print(f"Reset {copy_id} to a fresh copy of {body.get('source_id')}; its connection string is unchanged.")
     return EXIT_OK
+
+
+def usage(args) -> int:
+    """The owner's usage per day over the last 30 days (size, peak connections, transfer)."""
+    base, database_id = _target(args)
+    owner = Client(base, api_key=_api_key(args)).owned(database_id)
+    days = owner.get("usage") or []
+    if args.json:
+        _print_json({"id": database_id, "usage": days, "transfer": (owner.get("quota") or {}).get("transfer")})
+        return EXIT_OK
+    print(f"database {database_id}: usage per UTC day (size: last sample; connections: peak of per-minute samples)")
+    print(f"{'DAY':10}  {'SIZE':>10}  {'CONNS':>5}  {'IN':>10}  {'OUT':>10}")
+    for day in days:
+        size = _size(day["size_bytes"]) if isinstance(day.get("size_bytes"), int) else "-"
+        conns = day["connections_peak"] if isinstance(day.get("connections_peak"), int) else "-"
+        moved_in, moved_out = _size(day.get("transfer_in_bytes") or 0), _size(day.get("transfer_out_bytes") or 0)
+        print(f"{day['day']:10}  {size:>10}  {conns!s:>5}  {moved_in:>10}  {moved_out:>10}")
+    print(f"this month   {_transfer((owner.get('quota') or {}).get('transfer'))}")
+    return EXIT_OK
+
+
+def _transfer(transfer: dict | None) -> str:
+    if not isinstance(transfer, dict):
+        return "not metered by this server"
+    limit = transfer.get("limit_bytes")
+    shown = f" (limit {_size(limit)})" if isinstance(limit, int) else ""
+    return (
+        f"{_size(transfer.get('in_bytes') or 0)} in, {_size(transfer.get('out_bytes') or 0)} out "
+        f"in {transfer.get('period')}{shown}, through the pooler"
+    )
 
 
 def _when(iso: str | None) -> str:

@@ -6,8 +6,10 @@ what it costs a user), DynamoDB from moto in this process, and the API on
 chalice's local server. Then measures, in this order:
 
   1. create latency in-process (chalice.test.Client), on demand and from the warm pool,
-     and what an ALTER ROLE ... PASSWORD costs inside Postgres
-  2. time to first query over HTTP: POST, connect with the returned string, SELECT 1
+     and what an ALTER ROLE ... PASSWORD costs inside Postgres; the peers (a fresh
+     cluster, a plain CREATE DATABASE) as ratios to the pooled create (tools/bench/peers.py)
+  2. time to first query over HTTP: POST, connect with the returned string, SELECT 1;
+     cold start and memory of fresh API processes (tools/bench/coldstart.py)
   3. GET latency over HTTP
   4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
   5. purge: 500 expired databases (needs chalicelib.expiry)
@@ -39,15 +41,17 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tools.bench.coldstart import ColdStartFigures
 from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, table
 from tools.bench.copies import CopyFigures
 from tools.bench.create_path import CreatePathFigures
+from tools.bench.peers import PeerFigures
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
-class Bench(CreatePathFigures, CopyFigures):
+class Bench(CreatePathFigures, PeerFigures, ColdStartFigures, CopyFigures):
     def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
         self.data_dir = data_dir
         self.args = args
@@ -351,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.dynamodb_baseline()
             bench.create_latency()
             bench.password_statement()
+            bench.peers()
             bench.time_to_first_query()
+            bench.cold_start()
             bench.throughput(1)
             bench.throughput(2)
             bench.purge()

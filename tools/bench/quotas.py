@@ -1,4 +1,4 @@
-"""How long one quota pass takes over N tenant databases on one host.
+"""How long one quota pass, and one metering pass, take over N tenant databases on one host.
 
     .venv/bin/python -m tools.bench.quotas [N]
 
@@ -6,7 +6,11 @@ Runs on this machine only: an embedded Postgres on 127.0.0.1 (data on
 /dev/shm when it exists) with the non-superuser admin, and DynamoDB in
 process (moto). Creates N databases, then times `quotas.enforce`: the first
 pass (writes every size), a pass with nothing changed, one locking every
-database (plan lowered to 1 MB), one unlocking them.
+database (plan lowered to 1 MB), one unlocking them. Then `metering.run`
+(chalicelib.metering): the first pass of a day (a usage row per database),
+then one with nothing changed (one batched read, no write). The host has no
+pooler here, so no transfer is written: that costs one transaction per
+database that moved bytes (tests/test_metering.py).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def main(count: int) -> None:
     os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
     from moto import mock_aws
 
-    from chalicelib import context, creation, hosts, models, quotas
+    from chalicelib import context, creation, hosts, metering, models, quotas
     from chalicelib.crypto import new_key_spec
     from chalicelib.records import Requester
     from chalicelib.schemas import CreateDatabase
@@ -58,14 +62,14 @@ def main(count: int) -> None:
                 creation.create(service, CreateDatabase(ref="bench"), Requester(ip="127.0.0.1"))
             print(f"created {count} databases in {time.perf_counter() - started:.1f} s")
 
-            def timed(label: str) -> None:
+            def timed(label: str, step=quotas.enforce) -> None:
                 from chalicelib.clock import Deadline
 
                 context.reset()
                 service = context.get()
                 logging.getLogger("chalicelib").setLevel(logging.WARNING)
                 started = time.perf_counter()
-                summary = quotas.enforce(service, Deadline.after(600))
+                summary = step(service, Deadline.after(600))
                 elapsed = time.perf_counter() - started
                 brief = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
                 print(f"{label:<28} {elapsed * 1000:7.0f} ms  {json.dumps(brief)}")
@@ -76,6 +80,8 @@ def main(count: int) -> None:
             timed("pass, locking all")
             os.environ["INSTAPG_UNCLAIMED_STORAGE_MB"] = "100"
             timed("pass, unlocking all")
+            timed("metering, first of the day", metering.run)
+            timed("metering, nothing changed", metering.run)
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)

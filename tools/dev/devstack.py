@@ -94,11 +94,33 @@ class DevStack:
         models.configure(settings)
         models.create_tables()
         _, warnings = hosts.register(
-            settings, HOST_ID, "127.0.0.1", self.pg.port, f"env:{ADMIN_ENV}", capacity=1000, sslmode="disable"
+            settings,
+            HOST_ID,
+            "127.0.0.1",
+            self.pg.port,
+            f"env:{ADMIN_ENV}",
+            capacity=1000,
+            sslmode="disable",
+            # The embedded server runs wal_level=logical, but offering it is an opt-in: a tenant's
+            # REPLICATION also allows physical commands, ended by the job, not refused (docs/replication.md).
+            logical_replication=settings.local_logical_replication,
         )
         for warning in warnings:
             _say(f"host warning: {warning}")
-        _say(f"host      '{HOST_ID}' registered (capacity 1000)")
+        offers = "logical replication" if settings.local_logical_replication else "no logical replication"
+        _say(f"host      '{HOST_ID}' registered (capacity 1000, {offers})")
+
+        # moto never expires items and chalice local runs no stream handlers:
+        # emulate TTL deletion and deliver the stream to drop_removed.
+        from tools.dev.ttlstream import LocalStream
+
+        self.ttl_every = settings.local_ttl_sweep_s
+        local_stream = LocalStream(settings)
+        thread = threading.Thread(
+            target=local_stream.run_forever, args=(self.stopping, self.ttl_every), name="ttl-stream", daemon=True
+        )
+        thread.start()
+        self.background.append(thread)
 
         if self.pool_refill:
             # `chalice local` runs no schedules: top the warm pool up on a timer.
@@ -147,6 +169,10 @@ class DevStack:
         _say(
             f"purge     every {self.interval}s: expiry, reconciliation, quotas (the scheduled job, run by this "
             "stack: chalice local runs no schedules)"
+        )
+        _say(
+            f"ttl       every {self.ttl_every}s: expired items deleted as DynamoDB's TTL does; the table's stream "
+            "goes to drop_removed, as in production"
         )
         _say("ready. Try:")
         print(

@@ -6,12 +6,21 @@ same item; DynamoDB evaluates the condition and writes atomically. The local
 stack, the benchmark and the concurrency tests serve requests from many
 threads, so they call `install()`: one lock around every moto write (and
 read, so no read sees half a write).
+
+It also replaces moto's TransactWriteItems, which deep-copies every table a
+transaction touches to be able to roll back: 100+ ms per transaction with a
+thousand records, where DynamoDB's cost does not grow with the table. Under
+the lock, `_transact_write_items` checks every condition before writing
+anything, so it needs no copy; the answers (cancellation reasons, items on
+ALL_OLD) are moto's own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
+from typing import Any
 
 _lock = threading.RLock()
 _METHODS = (
@@ -27,10 +36,89 @@ _METHODS = (
 )
 
 
+def _transact_write_items(self, transact_items: list[dict[str, Any]]) -> None:
+    """moto's DynamoDBBackend.transact_write_items (5.x), all conditions checked before any write."""
+    from moto.dynamodb.comparisons import get_filter_expression
+    from moto.dynamodb.exceptions import (
+        ConditionalCheckFailed,
+        MultipleTransactionsException,
+        TooManyTransactionsException,
+        TransactionCanceledException,
+        TransactWriteSingleOpException,
+    )
+
+    if len(transact_items) > 100:
+        raise TooManyTransactionsException()
+    planned = []
+    errors: list[tuple[str | None, str | None, dict | None]] = []
+    seen: set[tuple[str, str]] = set()
+    for entry in transact_items:
+        if len(entry) > 1:
+            raise TransactWriteSingleOpException
+        op_type, op = next(iter(entry.items()))
+        if op_type not in {"ConditionCheck", "Put", "Delete", "Update"}:
+            raise ValueError("Unsupported transaction operation")
+        name = op["TableName"]
+        table = self.get_table(name)
+        if op_type == "Put":
+            key = {table.hash_key_attr: op["Item"][table.hash_key_attr]}
+            if table.range_key_attr is not None:
+                key[table.range_key_attr] = op["Item"][table.range_key_attr]
+        else:
+            key = op["Key"]
+        ident = (name, str(dict(sorted(key.items()))))
+        if ident in seen:
+            raise MultipleTransactionsException()
+        seen.add(ident)
+        current = self.get_item(name, key)
+        error: tuple[str | None, str | None, dict | None] = (None, None, None)
+        if op.get("ConditionExpression") is not None:
+            condition = get_filter_expression(
+                op["ConditionExpression"], op.get("ExpressionAttributeNames"), op.get("ExpressionAttributeValues")
+            )
+            if not condition.expr(current):
+                old = None
+                if current is not None and op.get("ReturnValuesOnConditionCheckFailure") == "ALL_OLD":
+                    old = current.to_json()["Attributes"]
+                error = ("ConditionalCheckFailed", ConditionalCheckFailed().message, old)
+        errors.append(error)
+        # A put or delete replaces the stored Item, an update changes it in place: only that needs a copy.
+        planned.append((op_type, op, name, key, copy.deepcopy(current) if op_type == "Update" else current))
+    if any(code is not None for code, _, _ in errors):
+        raise TransactionCanceledException(errors)
+    written = []
+    try:
+        for op_type, op, name, key, before in planned:
+            names, values = op.get("ExpressionAttributeNames"), op.get("ExpressionAttributeValues")
+            if op_type == "Put":
+                self.put_item(name, op["Item"], expression_attribute_names=names, expression_attribute_values=values)
+            elif op_type == "Delete":
+                self.delete_item(name, key, expression_attribute_names=names, expression_attribute_values=values)
+            elif op_type == "Update":
+                self.update_item(
+                    name,
+                    key,
+                    update_expression=op["UpdateExpression"],
+                    expression_attribute_names=names,
+                    expression_attribute_values=values,
+                )
+            written.append((name, key, before))
+    except Exception:
+        # A write moto refused (a malformed expression): put back what came before it.
+        for name, key, before in reversed(written):
+            if before is None:
+                self.delete_item(name, key)
+            else:
+                self.put_item(name, before.to_json()["Attributes"])
+        raise
+
+
 def install() -> None:
     """Idempotent; wraps moto's DynamoDB backend methods for this process."""
     from moto.dynamodb.models import DynamoDBBackend
 
+    if not getattr(DynamoDBBackend.transact_write_items, "_instapg_atomic", False):
+        DynamoDBBackend.transact_write_items = _transact_write_items
     for name in _METHODS:
         original = getattr(DynamoDBBackend, name, None)
         if original is None or getattr(original, "_instapg_atomic", False):

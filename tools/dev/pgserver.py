@@ -351,12 +351,19 @@ def start(
     socket_dir = Path(tempfile.mkdtemp(prefix="ipg-sock-"))
     socket_dir.chmod(0o755)
     _chown(socket_dir, user)
+    _write_hba(data_dir, user)
     conf = {
         "listen_addresses": "127.0.0.1",
         "port": str(port),
         "unix_socket_directories": str(socket_dir),
         "max_connections": "300",
         "password_encryption": "scram-sha-256",
+        # Logical replication for tenants that ask for it (docs/replication.md);
+        # slots and senders are bounded per tenant by the scheduled job.
+        "wal_level": "logical",
+        "max_replication_slots": "64",
+        "max_wal_senders": "32",
+        "max_slot_wal_keep_size": "4GB",  # the backstop between the guard's runs
         **(settings or {}),
     }
     options = " ".join(f"-c {k}={v}" for k, v in conf.items())
@@ -374,6 +381,37 @@ def start(
     server = LocalPostgres(data_dir, port, su_pw, admin_pw, socket_dir, user)
     _bootstrap(server, grant_temp_file_limit)
     return server
+
+
+# No `replication` lines: a physical walsender (replication=true) matches only
+# those, so every tenant's physical connection is refused at login, while a
+# logical one (replication=database) matches its database's line like any
+# session. initdb writes `replication` lines for all users; we replace them.
+HBA = """\
+# Written by tools/dev/pgserver.py on every start (docs/replication.md).
+local   all   all                  scram-sha-256
+host    all   all   127.0.0.1/32   scram-sha-256
+host    all   all   ::1/128        scram-sha-256
+"""
+
+
+def _write_hba(data_dir: Path, user: str | None) -> None:
+    hba = data_dir / "pg_hba.conf"
+    hba.write_text(HBA)
+    _chown(hba, user)
+    hba.chmod(0o600)
+
+
+# Physical-slot functions a tenant with REPLICATION could otherwise run (a
+# physical slot retains WAL for the whole cluster): revoked in template1, which
+# every tenant database is created from, and in postgres. Function ACLs are per
+# database and the functions belong to the bootstrap superuser, so a tenant
+# owning its database cannot grant them back (docs/replication.md).
+REVOKED_FUNCTIONS = (
+    "pg_create_physical_replication_slot(name, boolean, boolean)",
+    "pg_copy_physical_replication_slot(name, name)",
+    "pg_copy_physical_replication_slot(name, name, boolean)",
+)
 
 
 def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> None:
@@ -394,8 +432,11 @@ def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> No
         admin = sql.Identifier(ADMIN_ROLE)
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ADMIN_ROLE,)).fetchone()
         verb = "ALTER" if exists else "CREATE"
+        # REPLICATION: PostgreSQL 16+ lets a CREATEROLE role give it only if it
+        # has it (tenants with logical replication), and the scheduled job
+        # drops slots that lag (pg_drop_replication_slot needs it).
         conn.execute(
-            sql.SQL(verb + " ROLE {} LOGIN CREATEROLE CREATEDB NOSUPERUSER PASSWORD {}").format(
+            sql.SQL(verb + " ROLE {} LOGIN CREATEROLE CREATEDB NOSUPERUSER REPLICATION PASSWORD {}").format(
                 admin, sql.Literal(server.admin_password)
             )
         )
@@ -414,6 +455,10 @@ def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> No
         ) as t1:
             for name in PREINSTALLED_EXTENSIONS:
                 t1.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
+            for target in (t1, conn):
+                for signature in REVOKED_FUNCTIONS:
+                    # The signature is a constant of this module, never input.
+                    target.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION " + signature + " FROM PUBLIC"))
         if grant_temp_file_limit:
             # Lets the admin cap each tenant's temp files (a superuser-only
             # setting); the test suite runs without it to cover both cases.
