@@ -29,7 +29,8 @@ pgbouncer:
 browser-tools:
 	sh tools/dev/install-chromium.sh
 
-# Figures for docs/performance.md; BENCH_ARGS="--samples 20" for a quick run.
+# Figures for docs/performance.md; a quick run (docs/performance.md lists the flags):
+# BENCH_ARGS="--samples 20 --throughput 32 --purge 100 --scaling 12 --density 200 --density-samples 10 --no-package"
 bench: $(STAMP) pg-extras
 	$(PY) -m tools.bench $(BENCH_ARGS)
 

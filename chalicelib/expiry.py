@@ -24,17 +24,21 @@ Work left when the deadline comes stays due; the next run resumes it.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import audit, copies, ownership, postgres, provisioning, tombstones
+from chalicelib import audit, copies, ownership, postgres, provisioning, reliability, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
+from chalicelib.droppers import Droppers
 from chalicelib.models import (
     CLAIMED,
     DELETED,
@@ -145,6 +149,10 @@ class PurgeSummary:
     duration_ms: int = 0
 
 
+# What became of one due record in a purge run.
+NOT_STARTED, SKIPPED, DROPPED, KEPT, FAILED_DROP = "not started", "skipped", "dropped", "kept", "failed"
+
+
 class _Run:
     def __init__(self, ctx: Context, deadline: Deadline, page_size: int) -> None:
         self.ctx = ctx
@@ -153,6 +161,8 @@ class _Run:
         self.page_size = page_size
         self.summary = PurgeSummary()
         self.down: set[str] = set()
+        self.droppers = Droppers(ctx, ctx.settings.purge_sessions_per_host)
+        self._lock = threading.Lock()
 
     def time_left(self) -> bool:
         if self.deadline.passed():
@@ -166,44 +176,94 @@ class _Run:
         return DatabaseRecord.by_due.query(bucket, DatabaseRecord.due_at <= now, page_size=self.page_size)
 
     def process(self, bucket: str, take, counter: str) -> None:
-        """Take each due record with `take` (a conditional write), drop its database, finish."""
-        for record in self.due(bucket):
-            if not self.time_left():
-                return
-            if record.host_id in self.down:
-                continue
-            if not take(record):
-                self.summary.skipped += 1
-                continue
-            if self.drop(record):
-                tombstones.finish_cleanup(self.ctx, record)
-                setattr(self.summary, counter, getattr(self.summary, counter) + 1)
-                if counter == "expired_dropped":
-                    audit.record_quietly(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
+        """Take each due record with `take` (a conditional write), drop its database, finish.
 
-    def drop(self, record: DatabaseRecord) -> bool:
+        A page of records at a time, its drops in parallel on each host's
+        workers. Each record is taken by its own conditional write right
+        before its drop, so the lease covers one drop and a run cut short
+        leaves the rest untaken. Then, per page: the audit events in batches,
+        each record's final conditional write, and one slot release per host.
+        A crash anywhere leaves every unfinished record due (at once, or when
+        its lease ends): the next run drops again (idempotent) and finishes.
+        """
+        records = iter(self.due(bucket))
+        while self.time_left():
+            page = list(itertools.islice(records, self.page_size))
+            if not page:
+                return
+            work = [
+                (record, self.droppers.submit(record.host_id, functools.partial(self.take_and_drop, record, take)))
+                for record in page
+                if record.host_id not in self.down
+            ]
+            dropped = []
+            for record, future in work:
+                outcome = future.result()
+                if outcome == SKIPPED:
+                    self.summary.skipped += 1
+                elif outcome == DROPPED:
+                    dropped.append(record)
+            setattr(self.summary, counter, getattr(self.summary, counter) + len(dropped))
+            if bucket in (UNCLAIMED, EXPIRED):
+                # Before the final write: a crash in between writes them again, never loses them
+                # (an expiry whose run died is finished from the EXPIRED bucket, and audited there).
+                audit.record_many_quietly([(r.id, audit.PURGED, audit.SYSTEM, "expired unclaimed") for r in dropped])
+            self.finish(dropped)
+
+    def take_and_drop(self, record: DatabaseRecord, take) -> str:
+        """On a host's worker: the conditional take, then the drop."""
+        if record.host_id in self.down or not self.time_left():
+            return NOT_STARTED  # still due: the next run takes it
+        if not take(record):
+            return SKIPPED
+        outcome = self.drop(record)
+        reliability.pause_point("purge_after_drop")  # the fault suite's kill -9 lands here
+        return outcome
+
+    def finish(self, dropped: list[DatabaseRecord]) -> None:
+        """The final conditional write of each dropped record, in parallel; then one release per host."""
+        finishes = [
+            (record, self.droppers.submit(record.host_id, functools.partial(self.finish_one, record)))
+            for record in dropped
+        ]
+        released = Counter(record.host_id for record, future in finishes if future.result())
+        for host_id, count in released.items():
+            hostlib.release(host_id, count)
+
+    def finish_one(self, record: DatabaseRecord) -> bool:
         try:
-            drop_database(self.ctx, record)
-            return True
+            return tombstones.finish_cleanup(self.ctx, record, release=False)
+        except Exception as exc:  # the record stays due; the next run finishes it
+            log.error("finishing %s failed: %s", record.id, describe(exc))
+            return False
+
+    def drop(self, record: DatabaseRecord) -> str:
+        try:
+            self.droppers.drop(record)
+            return DROPPED
         except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
             tombstones.hold_claimed(self.ctx, record)
-            self.summary.claimed_kept += 1
-            return False
+            with self._lock:
+                self.summary.claimed_kept += 1
+            return KEPT
         except postgres.HostUnavailable as exc:
             self.host_down(record.host_id, exc)
         except Exception as exc:
             log.error("drop of %s on %s failed: %s", record.id, record.host_id, describe(exc))
         # Due again after a backoff, not when the lease would have ended.
         retry_later_quietly(self.ctx, record)
-        self.summary.failed += 1
-        return False
+        with self._lock:
+            self.summary.failed += 1
+        return FAILED_DROP
 
     def host_down(self, host_id: str, exc: Exception) -> None:
-        if host_id not in self.down:
-            log.error("host %s unavailable, skipped for this run: %s", host_id, describe(exc))
+        with self._lock:
+            if host_id in self.down:
+                return
             self.down.add(host_id)
             self.summary.hosts_unavailable.append(host_id)
+        log.error("host %s unavailable, skipped for this run: %s", host_id, describe(exc))
 
     # -- reconciliation --
 
@@ -362,6 +422,7 @@ def run_scheduled(ctx: Context, deadline: Deadline, page_size: int = PAGE_SIZE) 
         error = describe(exc)
         raise
     finally:
+        run.droppers.close()
         run.summary.duration_ms = int((time.monotonic() - started) * 1000)
         line = {"event": "purge", **asdict(run.summary)}
         if error:

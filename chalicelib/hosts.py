@@ -248,9 +248,20 @@ def _update_if(host_id: str, actions: list, condition) -> bool:
         return False
 
 
-def release(host_id: str) -> None:
-    """Give back a slot taken by `reserve` (the database is gone or never was)."""
-    _update_if(host_id, [HostRecord.allocated.add(-1)], HostRecord.id.exists() & (HostRecord.allocated > 0))
+def release(host_id: str, count: int = 1) -> None:
+    """Give back `count` slots taken by `reserve` (their databases are gone or never were); never below 0.
+
+    One write for many (the purge releases a batch of drops at once).
+    """
+    if count <= 0:
+        return
+    for _ in range(3):
+        enough = HostRecord.id.exists() & (HostRecord.allocated >= count)
+        if _update_if(host_id, [HostRecord.allocated.add(-count)], enough):
+            return
+        # Fewer slots counted than given back (a recount moved it): down to 0, no lower.
+        if _update_if(host_id, [HostRecord.allocated.set(0)], HostRecord.id.exists() & (HostRecord.allocated < count)):
+            return
 
 
 def set_allocated(host_id: str, count: int, expected: int) -> bool:

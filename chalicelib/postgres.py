@@ -96,21 +96,25 @@ class Target:
             autocommit=True,
         )
 
-    @contextmanager
-    def connect(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
+    def open(self, dbname: str | None = None) -> psycopg.Connection:
+        """An admin connection that the caller closes (`connect` closes it for you)."""
         import psycopg
 
         try:
-            conn = self._open(self.user, self.password, dbname)
+            return self._open(self.user, self.password, dbname)
         except psycopg.OperationalError as exc:
             fresh = self.refresh() if self.refresh else None
             if fresh is None or fresh == (self.user, self.password):
                 raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc)}") from None
             log.info("admin credentials for %s:%s changed; retrying with the new ones", self.host, self.port)
             try:
-                conn = self._open(*fresh, dbname)
+                return self._open(*fresh, dbname)
             except psycopg.OperationalError as exc2:
                 raise HostUnavailable(f"cannot connect to {self.host}:{self.port}: {_first_line(exc2)}") from None
+
+    @contextmanager
+    def connect(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
+        conn = self.open(dbname)
         try:
             yield conn
         finally:

@@ -227,7 +227,9 @@ def _terminate_role(conn: psycopg.Connection, role: str) -> int:
     return cur.fetchone()[0]
 
 
-def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = True) -> bool:
+def drop_tenant(
+    target: Target, role: str, dbname: str, keep_claimed: bool = True, conn: psycopg.Connection | None = None
+) -> bool:
     """Drop a tenant's database and role, whatever the tenant did to them.
 
     Idempotent: dropping what is already gone succeeds. Returns whether
@@ -239,61 +241,78 @@ def drop_tenant(target: Target, role: str, dbname: str, keep_claimed: bool = Tru
     `keep_claimed` (every automatic path): raise ClaimedTenant, touching
     nothing, when the role carries the claimed marker, whatever DynamoDB
     says. Only the owner's delete passes False.
+
+    `conn`: an admin connection to the target's admin database to use instead
+    of a new one (the purge keeps one per worker: a login costs more than the
+    statements around the drop). It is left open, outside any transaction.
     """
+    if conn is not None:
+        return _drop_tenant_on(conn, target, role, dbname, keep_claimed)
+    with target.connect() as fresh:
+        return _drop_tenant_on(fresh, target, role, dbname, keep_claimed)
+
+
+def _drop_tenant_on(conn: psycopg.Connection, target: Target, role: str, dbname: str, keep_claimed: bool) -> bool:
     from psycopg import sql
 
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
-    with target.connect() as conn:
-        with conn.transaction():
-            _lock_role(conn, role)  # no claim writes its marker between the check and the lockout
-            role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
-            if role_exists and keep_claimed and _is_marked_claimed(conn, role):
-                raise ClaimedTenant(f"role {role} is marked claimed on {target.host}:{target.port}: not dropped")
-            if role_exists:
-                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
+    with conn.transaction():
+        _lock_role(conn, role)  # no claim writes its marker between the check and the lockout
+        role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+        if role_exists and keep_claimed and _is_marked_claimed(conn, role):
+            raise ClaimedTenant(f"role {role} is marked claimed on {target.host}:{target.port}: not dropped")
         if role_exists:
-            _terminate_role(conn, role)
-        # Read after the lockout, so the tenant cannot set the flag behind us.
-        row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
-        db_exists = row is not None
-        if db_exists and row[0]:
-            # Only when set: ALTER fails on a database an interrupted (or
-            # concurrent) DROP DATABASE left invalid, which DROP still removes.
-            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
-        prepared = conn.execute(
-            "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
-            (role, dbname),
-        ).fetchall()
-        for gid, database, owner in prepared:
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
+    if role_exists:
+        _terminate_role(conn, role)
+    # Read after the lockout, so the tenant cannot set the flag behind us.
+    row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+    db_exists = row is not None
+    if db_exists and row[0]:
+        # Only when set: ALTER fails on a database an interrupted (or
+        # concurrent) DROP DATABASE left invalid, which DROP still removes.
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db_id))
+    prepared = conn.execute(
+        "SELECT gid, database, owner FROM pg_prepared_xacts WHERE owner = %s OR database = %s",
+        (role, dbname),
+    ).fetchall()
+    for gid, database, owner in prepared:
+        reopen(conn, database)
+        with target.connect(database) as other:
+            # Only the preparing role (or a superuser) may roll it back.
+            other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
+            other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+    if db_exists:
+        # DROP DATABASE fails while a replication slot of it exists (its
+        # walsenders were ended with the role's sessions above).
+        replication.drop_database_slots(conn, dbname)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
+    if not role_exists:
+        return db_exists
+    # Privileges other tenants granted to this role live in their
+    # databases' catalogs; DROP OWNED must run in each of them. dbid 0
+    # means shared objects, handled from the admin database.
+    where = conn.execute(
+        "SELECT DISTINCT coalesce(d.datname, current_database()) FROM pg_shdepend s "
+        "LEFT JOIN pg_database d ON d.oid = s.dbid "
+        "WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+        (role,),
+    ).fetchall()
+    for (database,) in where:
+        if database == conn.info.dbname:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+            continue
+        try:
             reopen(conn, database)
             with target.connect(database) as other:
-                # Only the preparing role (or a superuser) may roll it back.
-                other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
-                other.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
-        if db_exists:
-            # DROP DATABASE fails while a replication slot of it exists (its
-            # walsenders were ended with the role's sessions above).
-            replication.drop_database_slots(conn, dbname)
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
-        if not role_exists:
-            return db_exists
-        # Privileges other tenants granted to this role live in their
-        # databases' catalogs; DROP OWNED must run in each of them. dbid 0
-        # means shared objects, handled from the admin database.
-        where = conn.execute(
-            "SELECT DISTINCT coalesce(d.datname, current_database()) FROM pg_shdepend s "
-            "LEFT JOIN pg_database d ON d.oid = s.dbid "
-            "WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)",
-            (role,),
-        ).fetchall()
-        for (database,) in where:
-            if database == conn.info.dbname:
-                conn.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
-            else:
-                reopen(conn, database)
-                with target.connect(database) as other:
-                    other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
+                other.execute(sql.SQL("DROP OWNED BY {}").format(role_id))
+        except Exception:
+            # The purge drops in parallel: a granting tenant's database dropped (or being dropped,
+            # datconnlimit -2) meanwhile takes its grants with it. Anything else is an error.
+            row = conn.execute("SELECT datconnlimit FROM pg_database WHERE datname = %s", (database,)).fetchone()
+            if row is not None and row[0] != -2:
+                raise
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
     return True
 
 

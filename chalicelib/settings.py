@@ -76,6 +76,7 @@ class Settings:
     purge_time_fraction: float = 0.8
     orphan_grace_s: int = 3600
     local_purge_interval_s: int = 15
+    purge_sessions_per_host: int = 16
     local_ttl_sweep_s: int = 5
     local_logical_replication: bool = False
     open_signup: bool = True
@@ -251,6 +252,12 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "A purge run (and the stream handler's pool refill) stops taking new work after this fraction of the Lambda's remaining time.",
     ),
     (
+        "INSTAPG_PURGE_SESSIONS_PER_HOST",
+        "16",
+        "Admin sessions a purge run opens per host to drop databases in parallel (each DROP DATABASE waits for a "
+        "checkpoint; parallel drops share one). They count against the host's `max_connections` during a run.",
+    ),
+    (
         "INSTAPG_ORPHAN_GRACE_SECONDS",
         "3600",
         "A prefixed database or role no record references is dropped once reconciliation has seen it this long "
@@ -416,6 +423,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_time_fraction=_fraction(env, "INSTAPG_PURGE_TIME_FRACTION"),
         orphan_grace_s=_int(env, "INSTAPG_ORPHAN_GRACE_SECONDS"),
         local_purge_interval_s=_int(env, "INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS"),
+        purge_sessions_per_host=max(1, _int(env, "INSTAPG_PURGE_SESSIONS_PER_HOST")),
         local_ttl_sweep_s=_int(env, "INSTAPG_LOCAL_TTL_SWEEP_SECONDS"),
         local_logical_replication=_bool(env, "INSTAPG_LOCAL_LOGICAL_REPLICATION"),
         slots_per_database=_int(env, "INSTAPG_LOGICAL_SLOTS_PER_DATABASE"),

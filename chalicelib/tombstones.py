@@ -179,15 +179,20 @@ def hold_claimed(ctx: Context, record: DatabaseRecord, now: datetime | None = No
     )
 
 
-def finish_cleanup(ctx: Context, record: DatabaseRecord, now: datetime | None = None) -> bool:
-    """After the drop: leave the due bucket, and give the host slot back if this run held the lease."""
+def finish_cleanup(ctx: Context, record: DatabaseRecord, now: datetime | None = None, release: bool = True) -> bool:
+    """After the drop: leave the due bucket, and give the host slot back if this run held the lease.
+
+    `release=False`: the caller gives the slots of the records it finished back
+    in one write per host (the purge); a crash in between leaves the count one
+    high per record until reconciliation's recount.
+    """
     now = now or clock.now()
     won = conditional(
         record,
         [DatabaseRecord.due_bucket.remove(), DatabaseRecord.due_at.remove(), DatabaseRecord.updated_at.set(now)],
         DatabaseRecord.status.is_in(*ENDED) & (DatabaseRecord.due_at == record.due_at),
     )
-    if won:
+    if won and release:
         hosts.release(record.host_id)
     return won
 

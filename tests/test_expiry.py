@@ -687,6 +687,20 @@ def test_purge_settings_are_validated():
     for bad in ("0", "1.5", "most"):
         with pytest.raises(ValueError, match="INSTAPG_PURGE_TIME_FRACTION"):
             load({"INSTAPG_PURGE_TIME_FRACTION": bad})
+    assert settings.purge_sessions_per_host == 16
+    assert load({"INSTAPG_PURGE_SESSIONS_PER_HOST": "0"}).purge_sessions_per_host == 1  # never none
+    with pytest.raises(ValueError, match="INSTAPG_PURGE_SESSIONS_PER_HOST"):
+        load({"INSTAPG_PURGE_SESSIONS_PER_HOST": "many"})
+
+
+def test_slots_given_back_in_one_write_never_go_below_zero(service, host):
+    from chalicelib import hosts
+
+    assert hosts.set_allocated(host.id, 5, expected=int(host.allocated or 0))
+    hosts.release(host.id, 3)  # the purge: one write for a page of drops
+    assert allocated() == 2
+    hosts.release(host.id, 4)  # more than counted (a recount moved it): 0, not -2
+    assert allocated() == 0
 
 
 def test_drop_removes_a_database_an_interrupted_drop_left_invalid(service, host, pg):

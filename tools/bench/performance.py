@@ -12,15 +12,18 @@ chalice's local server. Then measures, in this order:
      cold start and memory of fresh API processes (tools/bench/coldstart.py)
   3. GET latency over HTTP
   4. throughput: 16 concurrent HTTP clients, 200 creates, one host then two hosts
-  5. purge: 500 expired databases (needs chalicelib.expiry)
-  6. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY FILE_COPY and WAL_LOG
-  7. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
+  5. purge: 500 expired databases in parallel against a one-session baseline, and what one
+     DROP DATABASE costs (checkpoint, fsync, files) (tools/bench/purge.py)
+  6. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
+  7. in processes of their own: scaling with a CPU quota per host (tools/bench/scaling.py) and
+     density at 0, 500 and 1,000 tenant databases (tools/bench/density.py)
+  8. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY FILE_COPY and WAL_LOG
 
 Prints a table and writes every figure, with what it measured and on how many
 samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
-    python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package]
+    python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package] [--scaling N] [--density N]
                           [--copy-mb N] [--copy-samples N] [--only-copies]
 """
 
@@ -38,7 +41,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tools.bench.coldstart import ColdStartFigures
@@ -46,12 +49,13 @@ from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, ta
 from tools.bench.copies import CopyFigures
 from tools.bench.create_path import CreatePathFigures
 from tools.bench.peers import PeerFigures
+from tools.bench.purge import PurgeFigures
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
-class Bench(CreatePathFigures, PeerFigures, ColdStartFigures, CopyFigures):
+class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, CopyFigures):
     def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
         self.data_dir = data_dir
         self.args = args
@@ -223,45 +227,6 @@ class Bench(CreatePathFigures, PeerFigures, ColdStartFigures, CopyFigures):
             f"{n} on-demand HTTP creates from 16 concurrent clients, {hosts} host(s); {ok} answered 201",
         )
 
-    def purge(self) -> None:
-        from chalicelib.clock import Deadline
-
-        n = self.args.purge
-        try:
-            from chalicelib import expiry
-        except ImportError:
-            self.add("purge_500_expired", None, "s", 0, "not measured: the purge (chalicelib.expiry) is not merged")
-            return
-        from chalicelib import creation
-        from chalicelib.models import UNCLAIMED, DatabaseRecord
-        from chalicelib.records import Requester
-        from chalicelib.schemas import CreateDatabase
-
-        self.refill(0)
-        with ThreadPoolExecutor(max_workers=8) as executor:
-            made = list(
-                executor.map(
-                    lambda i: creation.create(self.service, CreateDatabase(ref=f"p{i}"), Requester()), range(n)
-                )
-            )
-        past = datetime.now(UTC) - timedelta(minutes=5)
-        for result in made:
-            result.record.update(
-                actions=[DatabaseRecord.expires_at.set(past), DatabaseRecord.due_at.set(int(past.timestamp()))],
-                condition=DatabaseRecord.status == UNCLAIMED,
-            )
-        t = time.perf_counter()
-        summary = expiry.run_scheduled(self.service, Deadline.after(600))
-        elapsed = time.perf_counter() - t
-        dropped = getattr(summary, "expired_dropped", None)
-        self.add(
-            "purge_500_expired",
-            round(elapsed, 1),
-            "s",
-            n,
-            f"one expiry.run_scheduled over {n} expired UNCLAIMED databases; dropped {dropped}",
-        )
-
     def cold_import(self) -> None:
         code = "import time; t = time.perf_counter(); import app; print(time.perf_counter() - t)"
         times = []
@@ -334,10 +299,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=100, help="samples per latency figure (default 100)")
     parser.add_argument("--throughput", type=int, default=200, help="creates per throughput run (default 200)")
     parser.add_argument("--purge", type=int, default=500, help="expired databases to purge (default 500)")
+    parser.add_argument(
+        "--purge-serial", type=int, default=20, help="expired databases of the one-session baseline (default 20)"
+    )
+    parser.add_argument("--drop-samples", type=int, default=10, help="DROP DATABASE samples per server (default 10)")
     parser.add_argument("--no-package", action="store_true", help="skip `chalice package`")
     parser.add_argument("--copy-mb", type=int, default=100, help="size of the database copied (default 100 MB)")
     parser.add_argument("--copy-samples", type=int, default=3, help="copies timed per strategy (default 3)")
     parser.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        default=24,
+        help="creates per host in the CPU-budget scaling run (default 24; 0 skips it)",
+    )
+    parser.add_argument("--scaling-cpu", type=float, default=0.1, help="CPU quota per host in cores (default 0.1)")
+    parser.add_argument(
+        "--density", type=int, default=1000, help="tenant databases at density's last level (default 1000; 0 skips it)"
+    )
+    parser.add_argument(
+        "--density-samples", type=int, default=30, help="creates and GETs per density level (default 30)"
+    )
     args = parser.parse_args(argv)
 
     import logging
@@ -361,12 +343,22 @@ def main(argv: list[str] | None = None) -> int:
             bench.throughput(1)
             bench.throughput(2)
             bench.purge()
+            bench.drop_costs()
         bench.copy_time()
     finally:
         bench.stop()
     if not args.only_copies:
         bench.cold_import()
         bench.package_size()
+        # In processes of their own: their servers, records and settings stay out of the figures above.
+        from tools.bench import standalone
+
+        if args.scaling > 0:
+            bench.figures += standalone.run("scaling", ["--creates", str(args.scaling), "--cpu", str(args.scaling_cpu)])
+        if args.density > 0:
+            bench.figures += standalone.run(
+                "density", ["--max", str(args.density), "--samples", str(args.density_samples)]
+            )
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
