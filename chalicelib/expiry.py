@@ -240,6 +240,8 @@ class _Run:
     def drop(self, record: DatabaseRecord) -> str:
         try:
             self.droppers.drop(record)
+            if record.source_id and record.status == FAILED:
+                copies.reopen_source_of(self.ctx, record)  # a copy that died half-way may have left it closed
             return DROPPED
         except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")
