@@ -306,6 +306,26 @@ def rotate_password(database_id):
     return json_response(views.connection(result.record, result.host, result.password), 200)
 
 
+@route("/api/v1/databases/{database_id}/copies", methods=["POST"], content_types=BODY_TYPES)
+def copy_database(database_id):
+    from chalicelib import copies, views
+
+    account = _account()
+    _no_fields()
+    result = copies.create(context.get(), _database_id(database_id), account.id, _requester())
+    return json_response(views.copy(result.record, result.plan, result.host, result.password), 201)
+
+
+@route("/api/v1/databases/{database_id}/reset", methods=["POST"], content_types=BODY_TYPES)
+def reset_copy(database_id):
+    from chalicelib import copies, views
+
+    account = _account()
+    _no_fields()
+    record = copies.reset(context.get(), _database_id(database_id), account.id, _requester())
+    return json_response(views.owned_database(record, context.get().plan(record.plan)), 200)
+
+
 @route("/api/v1/databases/{database_id}", methods=["DELETE"])
 def delete_database(database_id):
     from chalicelib import ownership

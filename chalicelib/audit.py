@@ -26,6 +26,9 @@ DELETED = "deleted"
 PURGED = "purged"
 QUOTA_LOCKED = "quota_locked"
 QUOTA_UNLOCKED = "quota_unlocked"
+# Issue 18 §2: on the source ("copied", detail names the copy) and on the copy ("reset").
+COPIED = "copied"
+RESET = "reset"
 
 # Issue 19: self-service API keys, logged under account_subject(account id).
 API_KEY_ROTATED = "api_key_rotated"

@@ -53,7 +53,8 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
         found = records.find(database_id)
         if found is not None:
             return records.existing(ctx, found)
-    hosts = ctx.hosts.all()
+    every_host = ctx.hosts.all()
+    hosts = _region_hosts(ctx, every_host, request)
     if request.enable_logical_replication and not hostlib.offers_logical_replication(hosts):
         raise Refused(
             "Logical replication is not available on this deployment",
@@ -75,12 +76,49 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
         ctx.guard.count(rate)  # nothing when the take's transaction counted it already
     password = tenant_password()
     verifier = postgres.scram_verifier(password)  # once, for every host this create may try
-    result = _create_on_demand(ctx, hosts, database_id, plan, request, requester, password, verifier, token_hash(token))
+    try:
+        result = _create_on_demand(
+            ctx, hosts, database_id, plan, request, requester, password, verifier, token_hash(token)
+        )
+    except hostlib.NoCapacity:
+        raise _no_room(ctx, request) from None
     if result.created:
         note_created(ctx, result.record, requester)
         metrics.emit({"Creates": 1, "OnDemandCreates": 1})
         return dataclasses.replace(result, creator_token=token)
     return result
+
+
+def _region_hosts(ctx: Context, hosts: list[HostRecord], request: CreateDatabase) -> list[HostRecord]:
+    """The hosts of the region the create asked for (or the default region); 422 for a region with no host."""
+    region = request.region or ctx.settings.default_region
+    if request.region is not None and region not in hostlib.regions(hosts, ctx.settings):
+        raise Refused(
+            f"Unknown region '{region}'",
+            hint="Ask for one of the available regions, or leave 'region' out for the default "
+            f"({ctx.settings.default_region}).",
+            regions=hostlib.regions_with_room(hosts, ctx.settings),
+        )
+    return hostlib.in_region(hosts, region, ctx.settings)
+
+
+def _no_room(ctx: Context, request: CreateDatabase) -> Exception:
+    """No host of the region had a slot: 422 when the client chose the region, else 503 (as before regions)."""
+    ctx.hosts.invalidate()
+    region = request.region or ctx.settings.default_region
+    elsewhere = [r for r in hostlib.regions_with_room(ctx.hosts.all(), ctx.settings) if r != region]
+    if request.region is not None:
+        return Refused(
+            f"No capacity in region '{region}'",
+            hint="Every host of that region is full; ask for one of the available regions, or retry later.",
+            regions=elsewhere,
+        )
+    return Unavailable(
+        "No capacity",
+        hint="Every database host is full; try again in a few minutes.",
+        retry_after=60,
+        regions=elsewhere,
+    )
 
 
 def note_created(ctx: Context, record: DatabaseRecord, requester: Requester) -> None:
@@ -120,11 +158,7 @@ def _create_on_demand(
         except hostlib.NoCapacity:
             ctx.hosts.invalidate()
             if record is None:
-                raise Unavailable(
-                    "No capacity",
-                    hint="Every database host is full; try again in a few minutes.",
-                    retry_after=60,
-                ) from None
+                raise  # create() says which regions have room
             # Every host failed; each attempt already cleaned up after itself.
             tombstones.fail(ctx, record, "no host answered", was=PROVISIONING, dropped=True)
             raise Unavailable(

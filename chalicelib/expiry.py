@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import access, audit, ownership, postgres, provisioning, reliability, tombstones
+from chalicelib import access, audit, copies, ownership, postgres, provisioning, reliability, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.droppers import Droppers
@@ -112,7 +112,10 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
         host = ctx.hosts.get(record.host_id)
     except KeyError:
         raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
-    return access.drop(ctx, host, record.role_name, record.db_name)
+    dropped = access.drop(ctx, host, record.role_name, record.db_name)
+    if record.source_id and record.status == FAILED:
+        copies.reopen_source_of(ctx, record)  # a copy that died half-way may have left its source closed
+    return dropped
 
 
 def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
@@ -239,6 +242,8 @@ class _Run:
     def drop(self, record: DatabaseRecord) -> str:
         try:
             self.droppers.drop(record)
+            if record.source_id and record.status == FAILED:
+                copies.reopen_source_of(self.ctx, record)  # a copy that died half-way may have left it closed
             return DROPPED
         except provisioning.ClaimedTenant as exc:
             report_claimed_kept(record, str(exc), "purge")

@@ -233,6 +233,25 @@ def offers_logical_replication(hosts: list[HostRecord]) -> bool:
     return any(h.logical_replication and h.status == HOST_ACTIVE for h in hosts)
 
 
+def region_of(host: HostRecord, settings: Settings) -> str:
+    """Where a host runs; one registered without a region is in the deployment's default region."""
+    return host.region or settings.default_region
+
+
+def regions(hosts: list[HostRecord], settings: Settings) -> list[str]:
+    """The regions that have an active host: what a create may ask for."""
+    return sorted({region_of(h, settings) for h in hosts if h.status == HOST_ACTIVE})
+
+
+def regions_with_room(hosts: list[HostRecord], settings: Settings) -> list[str]:
+    """The regions where an active host has a free slot now (what a refused create is told to try)."""
+    return sorted({region_of(h, settings) for h in by_free_capacity(hosts) if int(h.capacity) > int(h.allocated or 0)})
+
+
+def in_region(hosts: list[HostRecord], region: str, settings: Settings) -> list[HostRecord]:
+    return [h for h in hosts if region_of(h, settings) == region]
+
+
 def by_free_capacity(hosts: list[HostRecord], logical_last: bool = False) -> list[HostRecord]:
     """Active hosts, the one with the most room first (DRAINING hosts take no new databases).
 
@@ -349,10 +368,13 @@ def register(
     pooler_store: str | None = None,
     pooler_sslmode: str | None = None,
     postgres_private: bool = False,
+    region: str | None = None,
 ) -> tuple[HostRecord, list[str]]:
     """Add or update a host after checking that its admin can do the job.
 
-    Returns the record and warnings about hardening the admin could not do.
+    `region` None keeps the host's region (none: the deployment's default
+    region, INSTAPG_DEFAULT_REGION). Returns the record and warnings about
+    hardening the admin could not do.
     """
     existing = None
     try:
@@ -378,6 +400,7 @@ def register(
         capacity=capacity,
         allocated=int(existing.allocated or 0) if existing else 0,
         logical_replication=logical_replication,
+        region=region or (existing.region if existing else None),
         created_at=existing.created_at if existing else datetime.now(UTC),
     )
     tgt = target(host, settings)  # fresh credentials, never a cached copy

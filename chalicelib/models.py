@@ -149,6 +149,8 @@ class DatabaseRecord(Model):
     verifier_secret = BinaryAttribute(legacy_encoding=False, null=True)
     # Failed drops of a tombstone so far: the next retry's backoff (tombstones.retry_later).
     drop_attempts = NumberAttribute(null=True)
+    # Issue 18 §2: a copy's source database (its id); a reset copies it again.
+    source_id = UnicodeAttribute(null=True)
 
 
 class HostRecord(Model):
@@ -186,6 +188,8 @@ class HostRecord(Model):
     # conditional write so that two creates cannot both take the last slot.
     allocated = NumberAttribute(default=0)
     logical_replication = BooleanAttribute(default=False)
+    # Issue 18 §5: where the host runs; None (hosts registered before regions) means settings.default_region.
+    region = UnicodeAttribute(null=True)
     created_at = UTCDateTimeAttribute()
     # Epoch seconds until which one process tops up this host's warm pool
     # (`hosts.lease_refill`): two refills at once would both fill the gap.

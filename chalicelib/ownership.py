@@ -210,6 +210,8 @@ def owned(ctx: Context, database_id: str, account_id: str, ended_ok: bool = Fals
         raise Gone("Database deleted", hint="Its deletion is under way; DELETE it again to finish.")
     if record.status == CLAIMING:
         raise Conflict("Claim not finished", hint=f"Retry POST /api/v1/database/{record.id}/claim to finish it.")
+    if record.status == PROVISIONING:  # a copy being made (chalicelib.copies)
+        raise records.still_creating()
     return record
 
 
@@ -267,6 +269,8 @@ def delete(ctx: Context, database_id: str, account_id: str, requester: Requester
         raise _not_yours()
     if record.status in (DELETED, EXPIRED, FAILED):
         raise records.gone(record)
+    if record.status == PROVISIONING:  # a copy being made: it ends CLAIMED or FAILED, then it can go
+        raise records.still_creating()
     if record.status in (CLAIMING, CLAIMED) and not records.start_delete(ctx, record, account_id):
         return delete(ctx, database_id, account_id, requester)  # a racing DELETE moved it
     finish_delete(ctx, record, actor=account_id, ip=requester.ip)

@@ -370,3 +370,146 @@ def check_admin(target: Target) -> None:
         raise ValueError("PostgreSQL 13 or newer is required (DROP DATABASE ... WITH (FORCE))")
     if not row or not (row[0] or (row[1] and row[2])):
         raise ValueError(f"admin role {target.user!r} needs CREATEROLE and CREATEDB")
+
+
+# -- copies (issue 18 §2) -------------------------------------------------------------
+# A copy is CREATE DATABASE ... TEMPLATE <source>: Postgres copies the files
+# (or, with STRATEGY WAL_LOG, the blocks through the WAL), which is far faster
+# than pg_dump | pg_restore and needs no binaries in Lambda. It needs the
+# source to have no other sessions, so the source database refuses new
+# connections (ALLOW_CONNECTIONS false) and its sessions are ended for as
+# long as the copy takes; then it is opened again. docs/copies.md has the
+# reasoning and the figures.
+
+
+class SourceBusy(Exception):
+    """The source could not be copied: another session (a prepared transaction) still holds it."""
+
+
+def _copy_from(
+    conn: psycopg.Connection, target: Target, source_role: str, source_db: str, role: str, dbname: str, strategy: str
+) -> None:
+    """CREATE DATABASE `dbname` TEMPLATE `source_db` OWNER `role`, then give `role` every object in it."""
+    import psycopg
+    from psycopg import sql
+
+    source_id, db_id, role_id = sql.Identifier(source_db), sql.Identifier(dbname), sql.Identifier(role)
+    # Serializes with claims, quota locks and drops of the source role (their
+    # transaction-level lock on the same key waits for this session's). A wait
+    # gives up (LockNotAvailable: busy) well before the statement timeout
+    # (QueryCanceled: too slow), so the caller can tell the two apart.
+    statement_ms = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'").fetchone()[0])
+    if statement_ms:
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(max(1, statement_ms // 2))))
+    conn.execute("SELECT pg_advisory_lock(hashtext('instapg-role:' || %s))", (source_role,))
+    try:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (source_db,)).fetchone() is None:
+            raise SourceBusy(f"source database {source_db} does not exist")
+        # Closed at birth: until its REVOKE below, PUBLIC could connect to it, and the copy may hold tables
+        # the source granted to PUBLIC (harmless there, where nobody else can connect).
+        create = sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} ALLOW_CONNECTIONS false").format(
+            db_id, source_id, role_id
+        )
+        if conn.info.server_version >= 150000:
+            create = create + sql.SQL(" STRATEGY {}").format(sql.SQL(strategy.upper()))
+        try:
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(source_id))
+            conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (source_db,),
+            )
+            try:
+                conn.execute(create)
+            except psycopg.errors.ObjectInUse as exc:  # a prepared transaction, or a session that outlived 5 s
+                raise SourceBusy(str(exc).splitlines()[0]) from None
+        finally:
+            # The source's downtime ends here, whatever happened to the copy.
+            # Always opened (not "as it was"): a copy whose process died left
+            # it closed, and the next copy, reset or the purge must heal that.
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(source_id))
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext('instapg-role:' || %s))", (source_role,))
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
+    conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db_id))
+    # The copied objects still belong to the source role. REASSIGN OWNED also
+    # moves shared objects, and the source database is one: give it back in
+    # the same transaction, so no other session ever sees it moved.
+    with target.connect(dbname) as inside, inside.transaction():
+        inside.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(source_role), role_id))
+        inside.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(source_id, sql.Identifier(source_role)))
+
+
+def copy_tenant(
+    target: Target,
+    source_role: str,
+    source_db: str,
+    role: str,
+    dbname: str,
+    verifier: str,
+    plan: Plan,
+    strategy: str = "file_copy",
+) -> None:
+    """A new tenant (`role`, `dbname`) holding a copy of the source's schema and data as of now.
+
+    `verifier` is `scram_verifier(password)`: the pooler publishes the same one.
+    The role is NOLOGIN until the copy is whole, so nobody sees it half-made.
+    """
+    from psycopg import sql
+
+    role_id = sql.Identifier(role)
+    with target.connect() as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "NOBYPASSRLS NOINHERIT CONNECTION LIMIT {} PASSWORD {}"
+            ).format(role_id, sql.Literal(plan.connections), sql.Literal(verifier))
+        )
+        conn.execute(_membership_grant(conn, role))
+        _apply_role_defaults(conn, role, plan)
+        _copy_from(conn, target, source_role, source_db, role, dbname, strategy)
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role_id))
+
+
+def reset_copy(
+    target: Target,
+    source_role: str,
+    source_db: str,
+    role: str,
+    dbname: str,
+    scratch: str,
+    strategy: str = "file_copy",
+    login: bool = True,
+) -> None:
+    """Replace the copy's database with a fresh copy of its source; its role and password stay.
+
+    The fresh copy is made under the name `scratch` (an unused tenant name)
+    first, so a copy that fails leaves the old one whole; then the old one is
+    dropped and the new one renamed. Idempotent: a reset that stopped between
+    the drop and the rename is finished by running it again (a `scratch`
+    database left behind is an orphan reconciliation drops). `login=False`
+    leaves the role locked (a quota lock the scheduled job set).
+    """
+    from psycopg import sql
+
+    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    with target.connect() as conn:
+        _copy_from(conn, target, source_role, source_db, role, scratch, strategy)
+        with conn.transaction():
+            _lock_role(conn, role)
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role_id))
+        _terminate_role(conn, role)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), db_id))
+        if login:
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role_id))
+
+
+def reopen_source(target: Target, source_db: str) -> None:
+    """Let connections into a source database again (after a copy whose process died mid-way)."""
+    from psycopg import sql
+
+    with target.connect() as conn:
+        row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (source_db,)).fetchone()
+        if row is not None and not row[0]:
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(source_db)))

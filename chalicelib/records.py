@@ -198,10 +198,13 @@ def new(
     logical_replication: bool = False,
     creator_hash: str | None = None,
     verifier: str | None = None,
+    owner_id: str | None = None,
+    source_id: str | None = None,
 ) -> DatabaseRecord:
     """A PROVISIONING record (not saved yet), due for the purge if its create never finishes.
 
     `verifier`: the role's SCRAM verifier, sealed too (the pooler publishes it again later).
+    `owner_id` and `source_id`: a copy of an owned database (chalicelib.copies).
     """
     now = clock.now()
     requester = requester or Requester()
@@ -228,6 +231,8 @@ def new(
         creator_token_hash=creator_hash,
         verifier_key_id=scram.key_id if scram else None,
         verifier_secret=scram.blob if scram else None,
+        owner_id=owner_id,
+        source_id=source_id,
     )
 
 
@@ -257,6 +262,22 @@ def move(ctx: Context, record: DatabaseRecord, host: HostRecord) -> None:
             DatabaseRecord.updated_at.set(clock.now()),
         ],
         condition=DatabaseRecord.status == PROVISIONING,
+    )
+
+
+def mark_copied(record: DatabaseRecord) -> bool:
+    """PROVISIONING -> CLAIMED for a copy whose database is whole (it is born owned); False if it moved."""
+    now = clock.now()
+    return conditional(
+        record,
+        [
+            DatabaseRecord.status.set(CLAIMED),
+            DatabaseRecord.claimed_at.set(now),
+            DatabaseRecord.updated_at.set(now),
+            DatabaseRecord.due_bucket.remove(),
+            DatabaseRecord.due_at.remove(),
+        ],
+        (DatabaseRecord.status == PROVISIONING) & (DatabaseRecord.owner_id == record.owner_id),
     )
 
 

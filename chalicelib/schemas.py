@@ -24,10 +24,16 @@ _REF = re.compile(REF_PATTERN)
 MAX_JSON_DEPTH = 32
 
 
+# A region's name, e.g. eu-west-1 (openapi.yaml states the same pattern; a test keeps them equal).
+REGION_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+_REGION_SHAPE = re.compile(REGION_PATTERN)
+
+
 @dataclass(frozen=True)
 class CreateDatabase:
     ref: str
     enable_logical_replication: bool = False
+    region: str | None = None  # None: the deployment's default region (chalicelib.creation)
 
     def fingerprint(self) -> str:
         """SHA-256 of the request in canonical form: what an Idempotency-Key is bound to.
@@ -35,7 +41,10 @@ class CreateDatabase:
         Built from the parsed fields, so key order, spacing, ignored fields and
         whether `ref` came in the body or as ?referrer= make no difference.
         """
-        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        if fields["region"] is None:  # keys stored before regions existed keep their fingerprint
+            del fields["region"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -122,7 +131,15 @@ def create_database(body: dict[str, Any], referrer: str | None = None) -> Create
             f"Field 'enable_logical_replication' must be a boolean, not {json_type(logical)}",
             hint="Send true or false.",
         )
-    return CreateDatabase(ref=ref, enable_logical_replication=logical)
+    region = body.get("region")
+    if region is not None and not isinstance(region, str):
+        raise Invalid(
+            f"Field 'region' must be a string, not {json_type(region)}", hint='Send e.g. {"region": "eu-west-1"}.'
+        )
+    # Which regions exist is the host registry's business (422 with the list); here only its shape.
+    if region is not None and not _REGION_SHAPE.fullmatch(region):
+        raise Invalid("Field 'region' is not a region name", hint='Send e.g. {"region": "eu-west-1"}.')
+    return CreateDatabase(ref=ref, enable_logical_replication=logical, region=region)
 
 
 def is_text(value: str) -> bool:

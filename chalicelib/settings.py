@@ -105,6 +105,11 @@ class Settings:
     aws_connect_timeout_s: int = 2
     aws_read_timeout_s: int = 2
     aws_max_attempts: int = 2
+    # Copies (chalicelib.copies) and regions (chalicelib.hosts), issue 18.
+    databases_per_account: int = 10
+    copy_strategy: str = "file_copy"
+    copy_deadline_s: int = 15
+    default_region: str = "us-east-2"
 
     def plan(self, name: str) -> Plan:
         return self.plans[name]
@@ -287,6 +292,28 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "Ready (POOLED) databases kept on each active host, topped up right after creates take from it (stream handler) and by the scheduled job; 0 turns the warm pool off.",
     ),
     (
+        "INSTAPG_DATABASES_PER_ACCOUNT",
+        "10",
+        "Live databases one account may own (claimed ones and copies); a copy beyond it is a 403.",
+    ),
+    (
+        "INSTAPG_COPY_STRATEGY",
+        "file_copy",
+        "How CREATE DATABASE ... TEMPLATE copies a database (PostgreSQL 15+): `file_copy` (files copied, two "
+        "checkpoints) or `wal_log` (through the WAL, no checkpoint; 2.6x slower at 500 MB here); docs/copies.md.",
+    ),
+    (
+        "INSTAPG_COPY_DEADLINE_SECONDS",
+        "15",
+        "A copy or reset runs in its request for at most this long (instead of INSTAPG_REQUEST_DEADLINE_SECONDS; "
+        "a 509 MB copy took 7.6 s here); keep it below the API function's timeout (20 s).",
+    ),
+    (
+        "INSTAPG_DEFAULT_REGION",
+        "",
+        "Region of a host registered without `--region` and of a create that names none; empty: the AWS region.",
+    ),
+    (
         "INSTAPG_HOST_RETRY_SECONDS",
         "30",
         "After a host fails to answer, how long one process skips it when placing new databases.",
@@ -321,6 +348,13 @@ def _fraction(env: Mapping[str, str], name: str) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {raw!r}")
     return value
+
+
+def _copy_strategy(env: Mapping[str, str]) -> str:
+    raw = (env.get("INSTAPG_COPY_STRATEGY") or _DEFAULTS["INSTAPG_COPY_STRATEGY"]).strip().lower()
+    if raw not in ("wal_log", "file_copy"):
+        raise ValueError(f"INSTAPG_COPY_STRATEGY must be wal_log or file_copy, got {raw!r}")
+    return raw
 
 
 def _public_url(env: Mapping[str, str]) -> str | None:
@@ -372,9 +406,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             lifetime_s=None,
         ),
     }
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _DEFAULTS["AWS_REGION"]
     return Settings(
         stage=get("INSTAPG_STAGE"),
-        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _DEFAULTS["AWS_REGION"],
+        region=region,
         table_prefix=get("INSTAPG_TABLE_PREFIX"),
         dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
         public_url=_public_url(env),
@@ -415,6 +450,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         aws_connect_timeout_s=_int(env, "INSTAPG_AWS_CONNECT_TIMEOUT_SECONDS"),
         aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
         aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
+        databases_per_account=_int(env, "INSTAPG_DATABASES_PER_ACCOUNT"),
+        copy_strategy=_copy_strategy(env),
+        copy_deadline_s=_int(env, "INSTAPG_COPY_DEADLINE_SECONDS"),
+        default_region=(env.get("INSTAPG_DEFAULT_REGION") or "").strip() or region,
     )
 
 

@@ -114,6 +114,7 @@ def owned_database(record: DatabaseRecord, plan: Plan, usage=None, days: list | 
         "created_at": iso(record.created_at),
         "claimed_at": iso(record.claimed_at),
         "updated_at": iso(record.updated_at),
+        "source_id": record.source_id,  # a copy's source (issue 18 §2); null for the rest
         "quota": quota(record, plan),
     }
     if usage is not None:
@@ -122,6 +123,11 @@ def owned_database(record: DatabaseRecord, plan: Plan, usage=None, days: list | 
     if days is not None:
         body["usage"] = days
     return body
+
+
+def copy(record: DatabaseRecord, plan: Plan, host: HostRecord, password: str) -> dict[str, Any]:
+    """A new copy: what the owner sees of it, with its connection strings (shown here, and audited later)."""
+    return {**owned_database(record, plan), **connection(record, host, password)}
 
 
 def connection(record: DatabaseRecord, host: HostRecord, password: str) -> dict[str, Any]:

@@ -91,6 +91,8 @@ BODY_ROUTES = [
     "/api/v1/accounts",
     "/api/v1/database/{database_id}/claim",
     "/api/v1/databases/{database_id}/rotate-password",
+    "/api/v1/databases/{database_id}/copies",
+    "/api/v1/databases/{database_id}/reset",
     "/api/v1/database/{database_id}/extend",
     "/api/v1/account/rotate-key",
     "/api/v1/account/revoke-key",

@@ -491,3 +491,32 @@ def test_claim_with_a_key_sends_the_creator_token_from_env(run, server, tmp_path
     assert code == 0, err
     assert json.loads(out) == {"id": database_id, "status": "CLAIMED", "with_creator_token": True}
     assert records.find(database_id).status == "CLAIMED"
+
+
+def test_copy_and_reset(run, server, tmp_path, monkeypatch):
+    from instapg_cli.api import _request
+
+    key = _api_key(server)
+    (tmp_path / "schema.sql").write_text("CREATE TABLE t (v text); INSERT INTO t VALUES ('source');")
+    assert run("--yes", "--seed", "schema.sql")[0] == 0
+    source = envfile.read(tmp_path / ".env")
+    database_id = source["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    monkeypatch.setenv("INSTAPG_API_KEY", key)
+    code, _, err = run("copy")
+    assert code == 1 and "Unclaimed databases cannot be copied (HTTP 409)" in err
+    _request("POST", f"{server}/api/v1/database/{database_id}/claim", {}, 30, key)
+
+    code, out, _ = run("copy")
+    assert code == 0 and "wrote DATABASE_URL_COPY and DATABASE_URL_COPY_DIRECT to .env" in out, out
+    copied = envfile.read(tmp_path / ".env")
+    assert copied["DATABASE_URL"] == source["DATABASE_URL"]  # the source's lines stay
+    with psycopg.connect(copied["DATABASE_URL_COPY"]) as conn:
+        assert conn.execute("SELECT v FROM t").fetchall() == [("source",)]
+        conn.execute("DELETE FROM t")
+    code, _, err = run("copy")  # the variable is taken: nothing is made
+    assert code == 2 and "--as" in err
+    copy_id = out.split(" to ", 1)[1].split(";", 1)[0]
+    code, out, _ = run("reset", copy_id, "--yes", "--json")
+    assert code == 0 and json.loads(out)["source_id"] == database_id
+    with psycopg.connect(copied["DATABASE_URL_COPY"]) as conn:
+        assert conn.execute("SELECT v FROM t").fetchall() == [("source",)]

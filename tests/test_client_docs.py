@@ -39,9 +39,9 @@ def test_command_table_lists_every_command():
     for row in _table(CLIENT_DOC, "| Command | Needs |"):
         name = re.match(r"`instapg (\w+)", row[0]).group(1)
         # the account's commands take --api-key, and the table says they need one
-        assert ("API key" in row[1]) == (name in ("rotate", "delete", "list", "usage")), row
+        assert ("API key" in row[1]) == (name in ("rotate", "delete", "list", "usage", "copy", "reset")), row
         # claim takes one too (it then claims through the API), but needs none
-        with_key = ("status", "claim", "rotate", "delete", "list", "usage")
+        with_key = ("status", "claim", "rotate", "delete", "list", "usage", "copy", "reset")
         assert ("--api-key" in cli._parser(name).format_help()) == (name in with_key)
 
 

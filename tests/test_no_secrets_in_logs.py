@@ -160,6 +160,8 @@ def step_claim_page_signup(client, state):
     "GET /api/v1/databases/{database_id}",
     "GET /api/v1/databases/{database_id}/connection-string",
     "POST /api/v1/databases/{database_id}/rotate-password",
+    "POST /api/v1/databases/{database_id}/copies",
+    "POST /api/v1/databases/{database_id}/reset",
     "GET /api/v1/databases/{database_id}/audit",
     "DELETE /api/v1/databases/{database_id}",
 )
@@ -173,6 +175,10 @@ def step_owner(client, state):
     response = client.http.post(f"/api/v1/databases/{database_id}/rotate-password", headers=auth)
     assert response.status_code == 200
     state["secrets"].append(_password(response.json_body))
+    copy = client.http.post(f"/api/v1/databases/{database_id}/copies", headers=auth)
+    assert copy.status_code == 201
+    state["secrets"].append(_password(copy.json_body))
+    assert client.http.post(f"/api/v1/databases/{copy.json_body['id']}/reset", headers=auth).status_code == 200
     assert client.http.get(f"/api/v1/databases/{database_id}/audit", headers=auth).status_code == 200
     assert client.http.delete(f"/api/v1/databases/{database_id}", headers=auth).status_code == 204
 
@@ -288,7 +294,7 @@ def test_no_secret_in_logs_or_in_dynamodb(client, instapg_env, pg, captured):
     state = {"secrets": [], "env": instapg_env}
     for step in STEPS:
         step(client, state)
-    assert len(state["secrets"]) == 17
+    assert len(state["secrets"]) == 18
 
     keyring = os.environ["INSTAPG_KEYRING"]
     key_b64 = keyring.split(":", 1)[1]

@@ -93,6 +93,7 @@ def test_the_documents_patterns_are_the_ones_the_code_checks():
     create = document["components"]["schemas"]["CreateDatabase"]["properties"]
     assert create["ref"]["pattern"] == schemas.REF_PATTERN
     assert create["ref"]["maxLength"] == schemas.MAX_REF_LENGTH
+    assert create["region"]["pattern"] == schemas.REGION_PATTERN
     referrer = document["components"]["parameters"]["Referrer"]["schema"]
     assert (referrer["pattern"], referrer["maxLength"]) == (schemas.REF_PATTERN, schemas.MAX_REF_LENGTH)
     for email in (

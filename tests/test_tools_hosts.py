@@ -11,16 +11,17 @@ def test_add_list_and_drain(aws, pg, capsys):
 
     args = ["add", "--id", "pg-1", "--hostname", pg.host, "--port", str(pg.port)]
     args += ["--credentials", f"env:{ADMIN_ENV}", "--capacity", "50", "--sslmode", "disable"]
-    assert hostctl.main(args) == 0
+    assert hostctl.main(args + ["--region", "eu-west-1"]) == 0
     assert "host pg-1 added" in capsys.readouterr().out
     assert hostctl.main(args[:-4] + ["--capacity", "60", "--sslmode", "disable"]) == 0  # again: an update
     assert HostRecord.get("pg-1").capacity == 60
+    assert HostRecord.get("pg-1").region == "eu-west-1"  # an update without --region keeps it
     capsys.readouterr()
 
     assert hostctl.main(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["ID", "STATUS", "ALLOCATED", "CAPACITY", "ENDPOINT"]
-    assert out[1].split() == ["pg-1", "ACTIVE", "0", "60", f"{pg.host}:{pg.port}"]
+    assert out[0].split() == ["ID", "STATUS", "REGION", "ALLOCATED", "CAPACITY", "ENDPOINT"]
+    assert out[1].split() == ["pg-1", "ACTIVE", "eu-west-1", "0", "60", f"{pg.host}:{pg.port}"]
 
     assert hostctl.main(["drain", "--id", "pg-1"]) == 0
     assert HostRecord.get("pg-1").status == HOST_DRAINING

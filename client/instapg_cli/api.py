@@ -161,3 +161,11 @@ class Client:
 
     def delete(self, database_id: str) -> None:
         self._owner("DELETE", f"/databases/{database_id}")
+
+    def copy(self, database_id: str) -> dict[str, Any]:
+        """A copy of an owned, claimed database: a new database with its own role and password."""
+        return self._owner("POST", f"/databases/{database_id}/copies", {})
+
+    def reset(self, copy_id: str) -> dict[str, Any]:
+        """Make a copy a fresh copy of its source again (its changes are lost; its password stays)."""
+        return self._owner("POST", f"/databases/{copy_id}/reset", {})

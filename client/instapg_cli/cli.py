@@ -8,6 +8,8 @@ instapg claim [ID] [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--no-br
 instapg rotate [ID] [--env .env] [--key DATABASE_URL] --api-key KEY
 instapg delete [ID] [--env .env] [--key DATABASE_URL] [--api-key KEY] [--yes]
 instapg list --api-key KEY
+instapg copy [ID] [--env .env] [--key DATABASE_URL] [--as DATABASE_URL_COPY] --api-key KEY
+instapg reset COPY_ID --api-key KEY [--yes]
 instapg usage [ID] [--env .env] [--prefix PUBLIC_] --api-key KEY
 Every command takes --json and --url; exit codes are the EXIT_* constants below (docs/client.md).
 """
@@ -26,7 +28,7 @@ from instapg_cli import __version__, envfile
 from instapg_cli.api import ApiError, Client, check_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # `make dev`'s local stack
-COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list", "usage")
+COMMANDS = ("claim", "status", "seed", "rotate", "delete", "list", "usage", "copy", "reset")
 
 # Exit codes (documented in docs/client.md; scripts and agents branch on them).
 EXIT_OK = 0
@@ -59,7 +61,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="instapg",
             description="Create a PostgreSQL database and append its connection strings to .env.",
-            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list | usage "
+            epilog="Other commands: instapg status | claim | seed FILE.sql | rotate | delete | list | usage | copy "
+            "| reset "
             "(each takes --help). Exit codes: 0 ok, 1 refused/failed, 2 usage, 3 missing dependency, "
             "4 temporary (retry later).",
         )
@@ -71,16 +74,22 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=f"instapg {__version__}")
         return parser
     parser = argparse.ArgumentParser(prog=f"instapg {command}")
-    _common(parser, key=command in ("seed", "claim", "rotate", "delete"))
+    _common(parser, key=command in ("seed", "claim", "rotate", "delete", "copy"))
     if command == "seed":
         parser.add_argument("file", type=Path, metavar="FILE.sql")
-    if command in ("status", "claim", "rotate", "delete", "usage"):
+    if command in ("status", "claim", "rotate", "delete", "usage", "copy"):
         parser.add_argument("id", nargs="?", help="database id (default: the database in --env)")
-    if command in ("status", "claim", "rotate", "delete", "list", "usage"):
+    if command == "reset":
+        parser.add_argument("id", help="id of the copy to reset to its source")
+    if command in ("status", "claim", "rotate", "delete", "list", "usage", "copy", "reset"):
         parser.add_argument("--api-key", help="account API key (default: $INSTAPG_API_KEY)")
+    if command == "copy":
+        parser.add_argument(
+            "--as", dest="as_key", help="variable for the copy's connection string in --env (default: <--key>_COPY)"
+        )
     if command == "claim":
         parser.add_argument("--no-browser", action="store_true", help="print the claim URL only")
-    if command == "delete":
+    if command in ("delete", "reset"):
         parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     return parser
 
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "rotate": rotate,
         "delete": delete,
         "list": list_,
+        "copy": copy,
+        "reset": reset,
         "usage": usage,
     }
     try:
@@ -418,6 +429,46 @@ def list_(args) -> int:
     print(f"{'ID':36}  {'STATUS':9}  {'PLAN':8}  CREATED")
     for db in databases:
         print(f"{db['id']:36}  {db['status']:9}  {db.get('plan') or '-':8}  {db.get('created_at') or '-'}")
+    return EXIT_OK
+
+
+def copy(args) -> int:
+    """A copy of a claimed database (schema and data as of now); its strings go to --env under --as."""
+    base, database_id = _target(args)
+    name = args.as_key or f"{args.key}_COPY"
+    if not args.json and name in envfile.read(args.env):
+        raise Failure(f"{name} already exists in {args.env}; pass --as NAME for another variable", EXIT_USAGE)
+    body = Client(base, api_key=_api_key(args)).copy(database_id)
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    envfile.append(
+        args.env,
+        [
+            f"# instapg copy {body['id']} of {database_id} (reset it to its source: instapg reset {body['id']})",
+            f"{name}={body['connection_string']}",
+            f"{name}_DIRECT={body['direct_connection_string']}",
+        ],
+    )
+    print(f"Copied {database_id} to {body['id']}; wrote {name} and {name}_DIRECT to {args.env}.")
+    print(f"The source's sessions were ended for the copy. `instapg reset {body['id']}` copies it again.")
+    return EXIT_OK
+
+
+def reset(args) -> int:
+    try:
+        copy_id = check_id(args.id)
+    except ApiError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    key = _api_key(args)
+    if not args.yes and not _confirm(f"Reset copy {copy_id} to its source? Its own changes are lost."):
+        print("Nothing reset.")
+        return EXIT_FAILED
+    body = Client(_base_url(args), api_key=key).reset(copy_id)
+    if args.json:
+        _print_json(body)
+    else:
+        print(f"Reset {copy_id} to a fresh copy of {body.get('source_id')}; its connection string is unchanged.")
     return EXIT_OK
 
 

@@ -17,12 +17,14 @@ chalice's local server. Then measures, in this order:
   6. cold import of `app` in a fresh interpreter, and the `chalice package` zip size
   7. in processes of their own: scaling with a CPU quota per host (tools/bench/scaling.py) and
      density at 0, 500 and 1,000 tenant databases (tools/bench/density.py)
+  8. copies (tools/bench/copies.py): a 100 MB database copied and reset, STRATEGY FILE_COPY and WAL_LOG
 
 Prints a table and writes every figure, with what it measured and on how many
 samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
     python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package] [--scaling N] [--density N]
+                          [--copy-mb N] [--copy-samples N] [--only-copies]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 
 from tools.bench.coldstart import ColdStartFigures
 from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, table
+from tools.bench.copies import CopyFigures
 from tools.bench.create_path import CreatePathFigures
 from tools.bench.peers import PeerFigures
 from tools.bench.purge import PurgeFigures
@@ -52,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ENVS = ("INSTAPG_BENCH_HOST_ADMIN_1", "INSTAPG_BENCH_HOST_ADMIN_2")
 
 
-class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures):
+class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, CopyFigures):
     def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
         self.data_dir = data_dir
         self.args = args
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drop-samples", type=int, default=10, help="DROP DATABASE samples per server (default 10)")
     parser.add_argument("--no-package", action="store_true", help="skip `chalice package`")
+    parser.add_argument("--copy-mb", type=int, default=100, help="size of the database copied (default 100 MB)")
+    parser.add_argument("--copy-samples", type=int, default=3, help="copies timed per strategy (default 3)")
+    parser.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
     parser.add_argument(
         "--scaling",
         type=int,
@@ -327,27 +333,32 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(data_dir, args)
     try:
         bench.start()
-        bench.dynamodb_baseline()
-        bench.create_latency()
-        bench.password_statement()
-        bench.peers()
-        bench.time_to_first_query()
-        bench.cold_start()
-        bench.throughput(1)
-        bench.throughput(2)
-        bench.purge()
-        bench.drop_costs()
+        if not args.only_copies:
+            bench.dynamodb_baseline()
+            bench.create_latency()
+            bench.password_statement()
+            bench.peers()
+            bench.time_to_first_query()
+            bench.cold_start()
+            bench.throughput(1)
+            bench.throughput(2)
+            bench.purge()
+            bench.drop_costs()
+        bench.copy_time()
     finally:
         bench.stop()
-    bench.cold_import()
-    bench.package_size()
-    # In processes of their own: their servers, records and settings stay out of the figures above.
-    from tools.bench import standalone
+    if not args.only_copies:
+        bench.cold_import()
+        bench.package_size()
+        # In processes of their own: their servers, records and settings stay out of the figures above.
+        from tools.bench import standalone
 
-    if args.scaling > 0:
-        bench.figures += standalone.run("scaling", ["--creates", str(args.scaling), "--cpu", str(args.scaling_cpu)])
-    if args.density > 0:
-        bench.figures += standalone.run("density", ["--max", str(args.density), "--samples", str(args.density_samples)])
+        if args.scaling > 0:
+            bench.figures += standalone.run("scaling", ["--creates", str(args.scaling), "--cpu", str(args.scaling_cpu)])
+        if args.density > 0:
+            bench.figures += standalone.run(
+                "density", ["--max", str(args.density), "--samples", str(args.density_samples)]
+            )
 
     from tools.bench import pooler
 

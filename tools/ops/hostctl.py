@@ -59,12 +59,13 @@ def add(args) -> int:
             status=existing.status if existing else HOST_ACTIVE,
             allocated=int(existing.allocated or 0) if existing else 0,
             created_at=existing.created_at if existing else datetime.now(UTC),
+            region=args.region or (existing.region if existing else None),
             **fields,
         ).save()
         print(f"host {args.id} saved without checking it (run `add` without --no-check from inside the VPC)")
         return 0
     try:
-        _, warnings = hosts.register(settings, args.id, **fields)
+        _, warnings = hosts.register(settings, args.id, region=args.region, **fields)
     except (hosts.CredentialsError, postgres.HostUnavailable, ValueError) as exc:
         # The message names the host and the problem, never the password.
         print(f"host {args.id} not added: {exc}", file=sys.stderr)
@@ -162,18 +163,19 @@ def pooler(args) -> int:
 
 
 def list_hosts(args) -> int:
+    from chalicelib.hosts import region_of
     from chalicelib.models import HostRecord
 
-    _settings()
+    settings = _settings()
     rows = sorted(HostRecord.scan(), key=lambda h: h.id)
-    print(f"{'ID':<16} {'STATUS':<9} {'ALLOCATED':>9} {'CAPACITY':>8}  ENDPOINT")
+    print(f"{'ID':<16} {'STATUS':<9} {'REGION':<14} {'ALLOCATED':>9} {'CAPACITY':>8}  ENDPOINT")
     for h in rows:
         pooler = f" (pooler {h.pooler_hostname}:{h.pooler_port or h.port}" if h.pooler_hostname else ""
         if h.pooler_admin_hostname:
             pooler += f", admin {h.pooler_admin_hostname}:{h.pooler_admin_port}, {h.pooler_store}"
         pooler += ")" if pooler else ""
         print(
-            f"{h.id:<16} {h.status:<9} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
+            f"{h.id:<16} {h.status:<9} {region_of(h, settings):<14} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
         )
     if not rows:
         print("(no hosts: add one with `python -m tools.ops.hostctl add ...`)")
@@ -296,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--pooler-port", type=int)
     p_add.add_argument("--admin-dbname", default="postgres")
     p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")
+    p_add.add_argument(
+        "--region", help="where the host runs (creates may ask for it); default INSTAPG_DEFAULT_REGION or the AWS region"
+    )
     p_add.add_argument("--no-check", action="store_true", help="write the record without connecting to the host")
     p_pooler = sub.add_parser("pooler", help="register or update a host's PgBouncer (production: the NLB and its admin port)")
     p_pooler.add_argument("--id", required=True)
