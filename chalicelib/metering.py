@@ -159,17 +159,6 @@ def _enforce(ctx: Context, host: HostRecord, record: DatabaseRecord, now: dateti
         summary["unlocked"].append(record.id)
 
 
-def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], bool]:
-    by_host: dict[str, list[DatabaseRecord]] = {}
-    for record in DatabaseRecord.scan(
-        filter_condition=DatabaseRecord.status.is_in(*_LIVE), attributes_to_get=_PROJECTION, page_size=500
-    ):
-        by_host.setdefault(record.host_id, []).append(record)
-        if deadline.passed():
-            return by_host, False
-    return by_host, True
-
-
 def _meter_host(
     ctx: Context, host: HostRecord, records: list[DatabaseRecord], deadline: Deadline, summary: dict
 ) -> None:
@@ -214,7 +203,7 @@ def run(ctx: Context, deadline: Deadline) -> dict[str, Any]:
         "errors": [],
         "complete": True,
     }
-    by_host, summary["complete"] = _live_records(deadline)
+    by_host, summary["complete"] = quotas.live_records(deadline, _PROJECTION)
     for host in ctx.hosts.all(fresh=True):
         records = by_host.get(host.id)
         if not records:

@@ -163,14 +163,14 @@ def delete_unclaimed(ctx: Context, database_id: str, token: str | None, requeste
     record = records.require(database_id)
     if record.status in records.ENDED or records.past_expiry(record):
         raise records.gone(record)
+    if record.status == PROVISIONING:
+        raise records.still_creating()
+    check_creator(ctx, record, token, requester)  # first: without the token nothing more is said (401)
     if record.owner_id is not None:
         raise Conflict(
             "Database is claimed",
             hint=f"Its owner deletes it with DELETE /api/v1/databases/{record.id} and their API key.",
         )
-    if record.status == PROVISIONING:
-        raise records.still_creating()
-    check_creator(ctx, record, token, requester)
     if record.status == UNCLAIMED and not records.start_delete(ctx, record, None):
         # A claim, the purge or another delete got there first.
         return delete_unclaimed(ctx, database_id, token, requester)

@@ -45,11 +45,15 @@ _PROJECTION = [
 ]
 
 
-def _live_records(deadline: Deadline) -> tuple[dict[str, list[DatabaseRecord]], bool]:
+def live_records(
+    deadline: Deadline, projection: list[str] | None = None
+) -> tuple[dict[str, list[DatabaseRecord]], bool]:
     """Live records grouped by host (a projected scan; False if the deadline cut it short)."""
     by_host: dict[str, list[DatabaseRecord]] = {}
     for record in DatabaseRecord.scan(
-        filter_condition=DatabaseRecord.status.is_in(*_LIVE), attributes_to_get=_PROJECTION, page_size=500
+        filter_condition=DatabaseRecord.status.is_in(*_LIVE),
+        attributes_to_get=projection or _PROJECTION,
+        page_size=500,
     ):
         by_host.setdefault(record.host_id, []).append(record)
         if deadline.passed():
@@ -176,7 +180,7 @@ def enforce(ctx: Context, deadline: Deadline) -> dict[str, Any]:
         "errors": [],
         "complete": True,
     }
-    by_host, complete = _live_records(deadline)
+    by_host, complete = live_records(deadline)
     summary["complete"] = complete
     for host in ctx.hosts.all(fresh=True):
         if deadline.passed():
