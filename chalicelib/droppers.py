@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class ConnectionLost(Exception):
+    """A worker's kept connection was gone after a failed drop (retried once on a new one)."""
+
+
 class Droppers:
     """Worker threads per host (at most `sessions` each) and their kept connections; `close()` ends both."""
 
@@ -62,14 +66,30 @@ class Droppers:
         # The host's pooler first (chalicelib.access): its entries and sessions end before the drop.
         access.revoke(self._ctx, host, record.role_name, record.db_name)
         target = self._ctx.target(host)
+        try:
+            return self._drop_on_kept(target, record)
+        except ConnectionLost:
+            # The kept connection died under the drop (parallel drops end sessions in the databases
+            # they drop; a restart ends all): drops are idempotent, so once more on a new one.
+            try:
+                return self._drop_on_kept(target, record)
+            except ConnectionLost as again:
+                raise again.__cause__ from None
+
+    def _drop_on_kept(self, target: postgres.Target, record: DatabaseRecord) -> bool:
+        import psycopg
+
         conn = self._connection(target)
         try:
             return provisioning.drop_tenant(target, record.role_name, record.db_name, conn=conn)
         except provisioning.ClaimedTenant:
             raise  # raised between statements, the connection is fine
-        except BaseException:
+        except BaseException as exc:
             self._local.conn = None
+            lost = conn.closed or conn.broken
             conn.close()
+            if lost and isinstance(exc, psycopg.OperationalError):
+                raise ConnectionLost(str(exc)) from exc
             raise
 
     def _connection(self, target: postgres.Target) -> psycopg.Connection:

@@ -107,3 +107,30 @@ def test_a_purge_killed_mid_batch_is_finished_by_the_next_run(moto_http, pg, ins
     for record in live:
         assert DatabaseRecord.get(record.id, consistent_read=True).status == "UNCLAIMED"
     assert int(HostRecord.get("local-1", consistent_read=True).allocated) == base + LIVE
+
+
+def test_a_worker_whose_kept_connection_was_ended_drops_on_a_new_one(moto_http, pg, instapg_env):
+    from chalicelib import context, creation, hosts
+    from chalicelib.droppers import Droppers
+    from chalicelib.records import Requester
+    from chalicelib.schemas import CreateDatabase
+
+    context.reset()
+    service = context.get()
+    hosts.register(service.settings, "local-1", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=50, sslmode="disable")
+    first, second = (creation.create(service, CreateDatabase(ref="kept"), Requester()).record for _ in range(2))
+    droppers = Droppers(service, 1)  # one worker: the second drop uses the first one's kept connection
+    try:
+        assert droppers.submit("local-1", lambda: droppers.drop(first)).result(timeout=60) is True
+        with psycopg.connect(pg.superuser_dsn, autocommit=True) as su:
+            ended = su.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'instapg' AND usename = %s AND pid <> pg_backend_pid()",
+                (pg.admin_user,),
+            ).fetchone()[0]
+        assert ended >= 1  # the worker's kept connection, ended under it (as a restart would)
+        assert droppers.submit("local-1", lambda: droppers.drop(second)).result(timeout=60) is True
+    finally:
+        droppers.close()
+    names = _names(pg, service.settings.name_prefix)
+    assert first.db_name not in names and second.db_name not in names
