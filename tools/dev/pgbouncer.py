@@ -85,9 +85,11 @@ class LocalPgBouncer:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # SIGINT: shut down now, not after clients leave
+            # SIGTERM is 1.18's immediate shutdown (SIGINT there is PAUSE first: it waits for the
+            # clients, up to our timeout). Newer versions wait on SIGTERM, hence the short kill.
+            self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
