@@ -21,8 +21,9 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tools.bench import standalone
 from tools.bench.common import Figure, ms, pct, say
-from tools.bench.standalone import emit, on_sigterm, register, stack
+from tools.bench.standalone import register, stack
 
 
 def _tree_cpu_s(postmaster: int) -> float:
@@ -195,15 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=30, help="creates and GETs per level (default 30)")
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle CPU window (default 10)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (what make bench reads)")
-    args = parser.parse_args(argv)
-    on_sigterm()
-    figures = measure(args)
-    if args.json:
-        emit(figures)
-    else:
-        for f in figures:
-            print(f"{f.name}: {f.value} {f.unit} ({f.how})")
-    return 0
+    return standalone.part_main(parser.parse_args(argv), measure)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tools.bench import standalone
 from tools.bench.common import Figure, say
-from tools.bench.standalone import emit, on_sigterm, register, stack
+from tools.bench.standalone import register, stack
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
@@ -166,15 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", type=float, default=0.1, help="CPU quota per host, in cores (default 0.1)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (what make bench reads)")
-    args = parser.parse_args(argv)
-    on_sigterm()
-    figures = measure(args)
-    if args.json:
-        emit(figures)
-    else:
-        for f in figures:
-            print(f"{f.name}: {f.value} {f.unit} ({f.how})")
-    return 0
+    return standalone.part_main(parser.parse_args(argv), measure)
 
 
 if __name__ == "__main__":

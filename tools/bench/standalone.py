@@ -106,3 +106,15 @@ def run(module: str, args: list[str], timeout_s: float = 600) -> list[Figure]:
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         say(f"{module}: failed ({type(exc).__name__})")
         return [Figure(f"{module}", None, "", 0, f"not measured: the part failed ({type(exc).__name__})")]
+
+
+def part_main(args, measure) -> int:
+    """A standalone part's main after its arguments: stop cleanly on SIGTERM, measure, print (or emit JSON)."""
+    on_sigterm()
+    figures = measure(args)
+    if args.json:
+        emit(figures)
+    else:
+        for f in figures:
+            print(f"{f.name}: {f.value} {f.unit} ({f.how})")
+    return 0
