@@ -64,14 +64,20 @@ def _reset_verifier(ctx: Context, host: HostRecord, record: DatabaseRecord) -> s
 
 def revoke(ctx: Context, host: HostRecord, role: str, dbname: str) -> bool:
     """Take the tenant out of the pooler and end its sessions there; False (logged) when the pooler did not answer."""
+    return revoke_many(ctx, host, [(role, dbname)])
+
+
+def revoke_many(ctx: Context, host: HostRecord, tenants: list[tuple[str, str]]) -> bool:
+    """`revoke` of many (role, dbname) pairs on one host's pooler: one store write and one reload for all."""
     bouncer = ctx.pooler(host)
-    if bouncer is None:
+    if bouncer is None or not tenants:
         return True
     try:
-        bouncer.revoke(role, dbname)
+        bouncer.revoke_many(tenants)
         return True
     except pooler_mod.PoolerError as exc:
-        log.warning("pooler of host %s: revoke of %s not confirmed (%s); the reconciliation finishes it", host.id, dbname, exc)
+        names = ", ".join(dbname for _, dbname in tenants)
+        log.warning("pooler of host %s: revoke of %s not confirmed (%s); the reconciliation finishes it", host.id, names, exc)
         return False
 
 

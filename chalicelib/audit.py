@@ -85,31 +85,6 @@ def record_quietly(database_id: str, action: str, actor: str, ip: str | None = N
         log.error("audit event %s for %s not written: %s", action, database_id, type(exc).__name__)
 
 
-def record_many_quietly(events: list[tuple[str, str, str, str | None]]) -> None:
-    """Append (database_id, action, actor, detail) events in BatchWriteItem calls (25 items each).
-
-    For the purge: one call per 25 databases instead of one each. A failure is
-    logged, not raised (the drops already happened).
-    """
-    if not events:
-        return
-    try:
-        with AuditEvent.batch_write() as batch:
-            for database_id, action, actor, detail in events:
-                batch.save(
-                    AuditEvent(
-                        database_id=database_id,
-                        event_id=str(uuid7()),
-                        action=action,
-                        at=datetime.now(UTC),
-                        actor=actor,
-                        detail=detail,
-                    )
-                )
-    except Exception as exc:
-        log.error("%d audit events not written: %s", len(events), type(exc).__name__)
-
-
 @dataclass(frozen=True)
 class Page:
     events: list[AuditEvent]

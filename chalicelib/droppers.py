@@ -7,6 +7,13 @@ drops many databases at once almost as fast as one (docs/performance.md
 has the figures). A purge run gives each host at most
 `purge_sessions_per_host` workers, each with one admin connection kept for
 the whole run, since a login costs more than the statements around a drop.
+
+Each drop revokes its tenant on the host's pooler first. A revoke is a
+store write, a reload and KILLs (tens to a hundred and more ms, serialized
+per pooler), so the workers of a host share them: a worker whose revoke
+finds another in flight waits, and the next one revokes every tenant queued
+meanwhile in one call (`access.revoke_many`). Each drop still starts only
+after its own tenant was revoked.
 """
 
 from __future__ import annotations
@@ -22,13 +29,53 @@ if TYPE_CHECKING:
     import psycopg
 
     from chalicelib.context import Context
-    from chalicelib.models import DatabaseRecord
+    from chalicelib.models import DatabaseRecord, HostRecord
 
 T = TypeVar("T")
 
 
 class ConnectionLost(Exception):
     """A worker's kept connection was gone after a failed drop (retried once on a new one)."""
+
+
+class _SharedRevokes:
+    """One host's pooler revokes, batched: whoever finds none in flight revokes everything queued."""
+
+    def __init__(self, ctx: Context, host: HostRecord) -> None:
+        self._ctx = ctx
+        self._host = host
+        self._cond = threading.Condition()
+        self._queue: list[tuple[str, str]] = []
+        self._busy = False
+        self._results: dict[tuple[str, str], BaseException | None] = {}  # revoked by another worker
+
+    def revoke(self, role: str, dbname: str) -> None:
+        """Returns once a revoke that includes (role, dbname) has run; raises what that revoke raised.
+
+        A pooler that does not answer is logged, not raised (`access.revoke`): the drop goes on.
+        """
+        tenant = (role, dbname)
+        with self._cond:
+            self._queue.append(tenant)
+            while self._busy and tenant not in self._results:
+                self._cond.wait()
+            if tenant in self._results:
+                error = self._results.pop(tenant)
+                if error is not None:
+                    raise error
+                return
+            batch, self._queue, self._busy = self._queue, [], True
+        error = None
+        try:
+            access.revoke_many(self._ctx, self._host, batch)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._cond:
+                self._busy = False
+                self._results.update((t, error) for t in batch if t != tenant)
+                self._cond.notify_all()
 
 
 class Droppers:
@@ -40,6 +87,7 @@ class Droppers:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._local = threading.local()  # a worker's own connection: each thread serves one host
         self._conns: list[psycopg.Connection] = []
+        self._revokes: dict[str, _SharedRevokes] = {}
         self._lock = threading.Lock()
 
     def submit(self, host_id: str, fn: Callable[[], T]) -> Future[T]:
@@ -64,7 +112,10 @@ class Droppers:
         except KeyError:
             raise postgres.HostUnavailable(f"host {record.host_id} is not registered") from None
         # The host's pooler first (chalicelib.access): its entries and sessions end before the drop.
-        access.revoke(self._ctx, host, record.role_name, record.db_name)
+        if self._ctx.pooler(host) is not None:
+            with self._lock:
+                revokes = self._revokes.setdefault(host.id, _SharedRevokes(self._ctx, host))
+            revokes.revoke(record.role_name, record.db_name)
         target = self._ctx.target(host)
         try:
             return self._drop_on_kept(target, record)

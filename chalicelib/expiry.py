@@ -49,6 +49,7 @@ from chalicelib.models import (
     PROVISIONING,
     TOMBSTONES,
     UNCLAIMED,
+    AuditEvent,
     DatabaseRecord,
     HostRecord,
     OrphanSighting,
@@ -118,6 +119,10 @@ def drop_database(ctx: Context, record: DatabaseRecord) -> bool:
     return dropped
 
 
+def _purged_event(record: DatabaseRecord) -> AuditEvent:
+    return audit.event(record.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
+
+
 def retry_later_quietly(ctx: Context, record: DatabaseRecord) -> None:
     try:
         tombstones.retry_later(ctx, record)
@@ -183,34 +188,38 @@ class _Run:
         A page of records at a time, its drops in parallel on each host's
         workers. Each record is taken by its own conditional write right
         before its drop, so the lease covers one drop and a run cut short
-        leaves the rest untaken. Then, per page: the audit events in batches,
-        each record's final conditional write, and one slot release per host.
-        A crash anywhere leaves every unfinished record due (at once, or when
-        its lease ends): the next run drops again (idempotent) and finishes.
+        leaves the rest untaken. A page whose drops are done is finished
+        while the workers drop the next one (the drops wait on the disk, the
+        writes on DynamoDB): its final writes and audit events in
+        TransactWriteItems batches (`tombstones.finish_batch`), then one slot
+        release per host. A crash anywhere leaves every unfinished record due
+        (at once, or when its lease ends): the next run drops again
+        (idempotent) and finishes.
         """
         records = iter(self.due(bucket))
+        # An expiry's `purged` event goes with its final write; a crash before it leaves the record
+        # in the EXPIRED bucket, finished (and audited) there by the next run.
+        audited = bucket in (UNCLAIMED, EXPIRED)
+        done: list[DatabaseRecord] = []  # the previous page's drops, finished while this page drops
         while self.time_left():
             page = list(itertools.islice(records, self.page_size))
             if not page:
-                return
+                break
             work = [
                 (record, self.droppers.submit(record.host_id, functools.partial(self.take_and_drop, record, take)))
                 for record in page
                 if record.host_id not in self.down
             ]
-            dropped = []
+            self.finish(done, audited)
+            done = []
             for record, future in work:
                 outcome = future.result()
                 if outcome == SKIPPED:
                     self.summary.skipped += 1
                 elif outcome == DROPPED:
-                    dropped.append(record)
-            setattr(self.summary, counter, getattr(self.summary, counter) + len(dropped))
-            if bucket in (UNCLAIMED, EXPIRED):
-                # Before the final write: a crash in between writes them again, never loses them
-                # (an expiry whose run died is finished from the EXPIRED bucket, and audited there).
-                audit.record_many_quietly([(r.id, audit.PURGED, audit.SYSTEM, "expired unclaimed") for r in dropped])
-            self.finish(dropped)
+                    done.append(record)
+            setattr(self.summary, counter, getattr(self.summary, counter) + len(done))
+        self.finish(done, audited)
 
     def take_and_drop(self, record: DatabaseRecord, take) -> str:
         """On a host's worker: the conditional take, then the drop."""
@@ -222,22 +231,22 @@ class _Run:
         reliability.pause_point("purge_after_drop")  # the fault suite's kill -9 lands here
         return outcome
 
-    def finish(self, dropped: list[DatabaseRecord]) -> None:
-        """The final conditional write of each dropped record, in parallel; then one release per host."""
-        finishes = [
-            (record, self.droppers.submit(record.host_id, functools.partial(self.finish_one, record)))
-            for record in dropped
-        ]
-        released = Counter(record.host_id for record, future in finishes if future.result())
-        for host_id, count in released.items():
+    def finish(self, dropped: list[DatabaseRecord], audited: bool) -> None:
+        """The final writes of dropped records (with their `purged` events), in batches; then one release per host."""
+        if not dropped:
+            return
+        event = _purged_event if audited else None
+        size = tombstones.finish_batch_size(audited)
+        won: list[DatabaseRecord] = []
+        for start in range(0, len(dropped), size):
+            batch = dropped[start : start + size]
+            try:
+                won += tombstones.finish_batch(batch, event)
+            except Exception as exc:  # nothing of this batch was written: its records stay due
+                log.error("finishing %d dropped records failed: %s", len(batch), describe(exc))
+        reliability.pause_point("purge_after_finish")
+        for host_id, count in Counter(record.host_id for record in won).items():
             hostlib.release(host_id, count)
-
-    def finish_one(self, record: DatabaseRecord) -> bool:
-        try:
-            return tombstones.finish_cleanup(self.ctx, record, release=False)
-        except Exception as exc:  # the record stays due; the next run finishes it
-            log.error("finishing %s failed: %s", record.id, describe(exc))
-            return False
 
     def drop(self, record: DatabaseRecord) -> str:
         try:

@@ -90,6 +90,10 @@ class Store(Protocol):
         """Remove the tenant's auth line and both entries; nothing to remove is no error."""
         ...
 
+    def remove_many(self, tenants: Iterable[tuple[str, str]]) -> None:
+        """`remove` of many (role, dbname) pairs in one write (the purge revokes a batch at once)."""
+        ...
+
     def databases(self) -> set[str]:
         """Tenant database names with entries (reconciliation compares them with the records)."""
         ...
@@ -113,9 +117,13 @@ class FileStore:
                 dbs[tenant.dbname] = tenant
 
     def remove(self, role: str, dbname: str) -> None:
+        self.remove_many([(role, dbname)])
+
+    def remove_many(self, tenants: Iterable[tuple[str, str]]) -> None:
         with self._edit() as (auth, dbs):
-            auth.pop(role, None)
-            dbs.pop(dbname, None)
+            for role, dbname in tenants:
+                auth.pop(role, None)
+                dbs.pop(dbname, None)
 
     def databases(self) -> set[str]:
         return set(_read_databases(self.state_dir / DATABASES_FILE))
@@ -180,10 +188,17 @@ class Pooler:
         For a lock, expiry, delete or drain: a warm server connection would
         otherwise let a NOLOGIN role in. Idempotent.
         """
-        if not (_NAME.match(role) and _NAME.match(dbname)) or role == self.admin_user:
-            raise ValueError("pooler: tenant names must be generated names")
-        self.store.remove(role, dbname)
-        self._reload_and_kill(dbname, resume=False)
+        self.revoke_many([(role, dbname)])
+
+    def revoke_many(self, tenants: list[tuple[str, str]]) -> None:
+        """`revoke` of many (role, dbname) pairs: one store write, one reload, one round of KILLs."""
+        for role, dbname in tenants:
+            if not (_NAME.match(role) and _NAME.match(dbname)) or role == self.admin_user:
+                raise ValueError("pooler: tenant names must be generated names")
+        if not tenants:
+            return
+        self.store.remove_many(tenants)
+        self._reload_and_kill([dbname for _, dbname in tenants], resume=False)
 
     def rotate(self, tenant: Tenant) -> None:
         """The tenant's new verifier (set on Postgres too): the old password is refused, sessions ended.
@@ -191,7 +206,7 @@ class Pooler:
         A tenant that is not published (revoked: locked, expired) stays out.
         """
         self.store.put([tenant], only_present=True)
-        self._reload_and_kill(tenant.dbname, resume=True)
+        self._reload_and_kill([tenant.dbname], resume=True)
 
     def stats(self) -> dict[str, tuple[int, int]]:
         """Bytes (received from clients, sent to clients) per tenant database since PgBouncer started.
@@ -247,15 +262,15 @@ class Pooler:
             reason = f"{type(exc).__name__} {exc.sqlstate or ''}".strip()
             raise PoolerError(f"pooler {command.split()[0]}: {reason}") from None
 
-    def _reload_and_kill(self, dbname: str, resume: bool) -> None:
-        """RELOAD, then KILL both entries of a tenant: its clients and server connections end now.
+    def _reload_and_kill(self, dbnames: list[str], resume: bool) -> None:
+        """RELOAD, then KILL both entries of each tenant: its clients and server connections end now.
 
         Only entries PgBouncer still holds (a revoked one stays until its
         connections are gone) are killed. A killed entry is paused until
         RESUME; a revoked one is gone from the config, so a new client is
         refused instead of waiting.
         """
-        names = {dbname, dbname + SESSION_SUFFIX}
+        names = {name for dbname in dbnames for name in (dbname, dbname + SESSION_SUFFIX)}
         live = [row["name"] for row in self.admin(*self.store.apply(self.admin), "SHOW DATABASES") if row["name"] in names]
         commands = [f"KILL {name}" for name in live] + ([f"RESUME {name}" for name in live] if resume else [])
         if commands:

@@ -141,8 +141,12 @@ class TableStore:
                 )
 
     def remove(self, role: str, dbname: str) -> None:
+        self.remove_many([(role, dbname)])
+
+    def remove_many(self, tenants: Iterable[tuple[str, str]]) -> None:
+        roles, dbnames = [list(names) for names in zip(*tenants, strict=True)] or ([], [])
         with self._write() as conn:
-            conn.execute("DELETE FROM pooler.tenants WHERE role = %s OR dbname = %s", (role, dbname))
+            conn.execute("DELETE FROM pooler.tenants WHERE role = ANY(%s) OR dbname = ANY(%s)", (roles, dbnames))
 
     def databases(self) -> set[str]:
         with self.admin.connect(DBNAME) as conn:

@@ -8,10 +8,14 @@ tombstone stays due in the bucket named by its status: the scheduled purge
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from pynamodb.exceptions import PutError
+from pynamodb.exceptions import PutError, TransactWriteError
+from pynamodb.transactions import TransactWrite
 
 from chalicelib import clock, hosts, reliability
 from chalicelib.identifiers import uuid7
@@ -23,6 +27,7 @@ from chalicelib.models import (
     POOLED,
     PROVISIONING,
     UNCLAIMED,
+    AuditEvent,
     DatabaseRecord,
     HostRecord,
 )
@@ -195,6 +200,62 @@ def finish_cleanup(ctx: Context, record: DatabaseRecord, now: datetime | None = 
     if won and release:
         hosts.release(record.host_id)
     return won
+
+
+# TransactWriteItems takes at most 100 items: a record's final write and its audit event are two.
+TRANSACT_ITEMS = 100
+_FINISH_ATTEMPTS = 4
+
+
+def finish_batch_size(audited: bool) -> int:
+    """Records per `finish_batch` call: its final write and, when audited, its event are one item each."""
+    return TRANSACT_ITEMS // (2 if audited else 1)
+
+
+def finish_batch(
+    batch: list[DatabaseRecord], event: Callable[[DatabaseRecord], AuditEvent] | None = None
+) -> list[DatabaseRecord]:
+    """`finish_cleanup(release=False)` of up to `finish_batch_size` records in one write; the records whose write won.
+
+    One TransactWriteItems: each record's final write, conditional as in
+    `finish_cleanup`, and `event(record)` beside it, so a record's event is
+    written exactly when its final write is. A record whose condition failed
+    (another run holds it now) leaves the batch, which is sent again without
+    it (DynamoDB's cancellation reasons name it); a conflict with a write in
+    flight sends it again as it is. The caller gives the slots of the
+    returned records back. Raises what DynamoDB raises otherwise: nothing of
+    the batch was written, and its records stay due (their lease ends; the
+    next run drops them again, idempotent, and finishes them).
+    """
+    for attempt in range(_FINISH_ATTEMPTS):
+        if not batch:
+            return []
+        now = clock.now()
+        events = [event(record) for record in batch] if event is not None else []
+        try:
+            with TransactWrite(connection=DatabaseRecord._get_connection().connection) as write:
+                for item in events:
+                    write.save(item)
+                for record in batch:
+                    write.update(
+                        record,
+                        [DatabaseRecord.due_bucket.remove(), DatabaseRecord.due_at.remove(), DatabaseRecord.updated_at.set(now)],
+                        condition=DatabaseRecord.status.is_in(*ENDED) & (DatabaseRecord.due_at == record.due_at),
+                    )
+        except TransactWriteError as exc:
+            # Reasons come back in the request's order: the puts (events), then the updates.
+            codes = [reason.code if reason else None for reason in (exc.cancellation_reasons or [])][len(events) :]
+            lost = {i for i, code in enumerate(codes) if code == "ConditionalCheckFailed"}
+            if not lost and "TransactionConflict" not in codes:
+                raise
+            if attempt + 1 == _FINISH_ATTEMPTS:
+                raise
+            batch = [record for i, record in enumerate(batch) if i not in lost]
+            if not lost:
+                time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))  # a write in flight: let it land
+            continue
+        return batch
+    return []
 
 
 def write_back_tombstone(ctx: Context, old: DatabaseRecord, now: datetime | None = None) -> DatabaseRecord | None:

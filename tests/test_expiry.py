@@ -339,21 +339,15 @@ def test_scheduled_lambda_handler_runs_the_purge(client, service, pg):
 
 
 @pytest.fixture
-def atomic_moto(monkeypatch):
+def atomic_moto():
     """DynamoDB applies a conditional write atomically; moto's in-process backend does not
-    (check and write are separate Python steps), so threads could both win. Serialize its
-    writes, as the real service does, so the test is about our code and not about moto."""
-    from moto.dynamodb.models import DynamoDBBackend
+    (check and write are separate Python steps), so threads could both win. The session's
+    moto is made atomic by tools.dev.motoatomic (one lock for every call, transactions
+    included); a second lock of the test's own around single writes would deadlock against
+    a transaction holding the first."""
+    from tools.dev import motoatomic
 
-    lock = threading.RLock()
-    for name in ("put_item", "update_item", "delete_item"):
-        original = getattr(DynamoDBBackend, name)
-
-        def locked(self, *args, _original=original, **kwargs):
-            with lock:
-                return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(DynamoDBBackend, name, locked)
+    motoatomic.install()
 
 
 def test_the_lambda_budget_is_the_configured_fraction_of_remaining_time(service, monkeypatch):
@@ -713,3 +707,77 @@ def test_drop_removes_a_database_an_interrupted_drop_left_invalid(service, host,
         su.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (db.record.db_name,))
     provisioning.drop_tenant(hostlib.target(host, service.settings), db.record.role_name, db.record.db_name)
     assert catalog(pg, db.record.db_name) == (False, False)
+
+
+# -- final writes in batches (issue 15) ------------------------------------------------
+
+
+def _tombstones(service, n: int, due_at: int) -> list:
+    """EXPIRED tombstones due at `due_at` whose databases are already gone (their drops are no-ops)."""
+    from chalicelib.identifiers import tenant_name
+    from chalicelib.models import EXPIRED, DatabaseRecord
+
+    now = datetime.now(UTC)
+    made = []
+    for _ in range(n):
+        name = tenant_name(service.settings.name_prefix)
+        record = DatabaseRecord(
+            id=str(uuid.uuid4()),
+            status=EXPIRED,
+            plan="unclaimed",
+            host_id="local-1",
+            role_name=name,
+            db_name=name,
+            created_at=now,
+            updated_at=now,
+            ended_at=now,
+            expires_at=now + timedelta(days=1),
+            due_bucket=EXPIRED,
+            due_at=due_at,
+        )
+        record.save()
+        made.append(record)
+    return made
+
+
+def _purged_events(record) -> int:
+    from chalicelib import audit
+
+    return sum(e.action == audit.PURGED for e in audit.page(record.id).events)
+
+
+def test_a_batch_whose_record_another_run_took_is_written_again_without_it(service, host):
+    from chalicelib import audit, tombstones
+    from chalicelib.models import DatabaseRecord
+
+    batch = _tombstones(service, 5, int(time.time()) + 60)
+    taken = batch[2]
+    # Another run leased it meanwhile: its condition (due_at unchanged) fails in our transaction.
+    DatabaseRecord(taken.id).update(actions=[DatabaseRecord.due_at.set(int(time.time()) + 120)])
+
+    won = tombstones.finish_batch(
+        batch, lambda r: audit.event(r.id, audit.PURGED, audit.SYSTEM, detail="expired unclaimed")
+    )
+
+    assert [r.id for r in won] == [r.id for r in batch if r is not taken]
+    for record in won:
+        assert fresh(record).due_bucket is None and _purged_events(record) == 1
+    assert fresh(taken).due_bucket == "EXPIRED" and _purged_events(taken) == 0
+
+
+def test_a_run_finishes_more_records_than_one_transaction_holds(service, host, pg):
+    from chalicelib import hosts as hostlib
+    from chalicelib import tombstones
+
+    n = tombstones.finish_batch_size(audited=True) + 7
+    batch = _tombstones(service, n, int(time.time()) - 1)
+    hostlib.set_allocated("local-1", allocated() + n, expected=allocated())
+    before = allocated()
+
+    summary = purge(service)
+
+    assert summary.leftovers_dropped == n and summary.failed == 0, summary
+    assert allocated() == before - n
+    for record in batch:
+        assert fresh(record).due_bucket is None
+        assert _purged_events(record) == 1  # with its final write: once, never twice

@@ -8,6 +8,7 @@ Refused logins are asserted by SQLSTATE: PgBouncer 1.18 refuses the logins it de
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -293,3 +294,54 @@ def test_a_stopped_pooler_fails_creates_cleanly_and_lets_deletes_proceed(service
     assert dbname not in own_bouncer.pooler().published()
     # The scheduled run goes on with the pooler down: the pooler's part is logged and left for the next run.
     expiry.run_scheduled(service, Deadline.after(60))
+
+
+def test_a_purge_revokes_a_host_s_tenants_together_and_each_before_its_drop(
+    pooled_client, service, pg, pgbouncer, instapg_env, monkeypatch
+):
+    import fcntl
+    import threading
+
+    from chalicelib import context, expiry, pooler
+    from chalicelib.clock import Deadline
+    from chalicelib.models import DatabaseRecord
+
+    bodies = [_create(pooled_client) for _ in range(4)]
+    held = [_pooled(body["connection_string"], autocommit=True) for body in bodies]
+    past = datetime.now(UTC) - timedelta(seconds=60)
+    for body in bodies:
+        _record(body["id"]).update(
+            actions=[DatabaseRecord.expires_at.set(past), DatabaseRecord.due_at.set(int(past.timestamp()))]
+        )
+    calls: list[list] = []
+    entered = threading.Event()
+    original = pooler.FileStore.remove_many
+
+    def counted(store, tenants):
+        calls.append(list(tenants))
+        entered.set()
+        return original(store, calls[-1])
+
+    monkeypatch.setattr(pooler.FileStore, "remove_many", counted)
+    instapg_env.setenv("INSTAPG_PURGE_SESSIONS_PER_HOST", "4")
+    context.reset()
+    run = threading.Thread(target=lambda: result.append(expiry.run_scheduled(context.get(), Deadline.after(60))))
+    result: list = []
+    # The store's own lock held: the first revoke waits in it, and the other workers queue behind it.
+    with open(pgbouncer.state_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run.start()
+        assert entered.wait(30)
+        time.sleep(0.5)  # the other three workers reach their revoke meanwhile
+        names = {_params(body["connection_string"])["dbname"] for body in bodies}
+        assert names <= _published(pgbouncer)
+        with psycopg.connect(pg.superuser_dsn) as conn:  # no drop before its tenant's revoke
+            (left,) = conn.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (list(names),)).fetchone()
+        assert left == 4
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    run.join(60)
+
+    assert result and result[0].expired_dropped == 4 and result[0].failed == 0, result
+    assert len(calls) == 2 and sorted(len(c) for c in calls) == [1, 3], calls  # one revoke for the three queued
+    assert not names & _published(pgbouncer)
+    assert all(_ended(conn) for conn in held)

@@ -24,7 +24,7 @@ samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
     python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package] [--scaling N] [--density N]
-                          [--copy-mb N] [--copy-samples N] [--only-copies]
+                          [--copy-mb N] [--copy-samples N] [--only-copies | --only-purge]
 """
 
 from __future__ import annotations
@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-package", action="store_true", help="skip `chalice package`")
     parser.add_argument("--copy-mb", type=int, default=100, help="size of the database copied (default 100 MB)")
     parser.add_argument("--copy-samples", type=int, default=3, help="copies timed per strategy (default 3)")
-    parser.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
+    only.add_argument(
+        "--only-purge", action="store_true", help="measure only the purge and DROP figures (with --purge N)"
+    )
     parser.add_argument(
         "--scaling",
         type=int,
@@ -333,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(data_dir, args)
     try:
         bench.start()
-        if not args.only_copies:
+        everything = not (args.only_copies or args.only_purge)
+        if everything:
             bench.dynamodb_baseline()
             bench.create_latency()
             bench.password_statement()
@@ -342,12 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             bench.cold_start()
             bench.throughput(1)
             bench.throughput(2)
+        if everything or args.only_purge:
             bench.purge()
             bench.drop_costs()
-        bench.copy_time()
+        if not args.only_purge:
+            bench.copy_time()
     finally:
         bench.stop()
-    if not args.only_copies:
+    if everything:
         bench.cold_import()
         bench.package_size()
         # In processes of their own: their servers, records and settings stay out of the figures above.
@@ -360,14 +367,15 @@ def main(argv: list[str] | None = None) -> int:
                 "density", ["--max", str(args.density), "--samples", str(args.density_samples)]
             )
 
-    from tools.bench import pooler
+    if not args.only_purge:
+        from tools.bench import pooler
 
-    say("pooler: its own Postgres and PgBouncer")
-    bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
-    from tools.bench import pooler_prod
+        say("pooler: its own Postgres and PgBouncer")
+        bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
+        from tools.bench import pooler_prod
 
-    say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
-    bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
+        say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
+        bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -4,6 +4,10 @@ Both purges run on host bench-1 (data on disk, fsync on). Before each, a
 CHECKPOINT: in production an expired database was created 72 hours earlier
 and long since checkpointed, while here it was created a minute ago, and the
 first drop's checkpoint would otherwise pay for flushing every create.
+
+Alone: `python -m tools.bench --only-purge --purge N` (no other part runs).
+The floor beside the purge: the same number of sessions dropping empty
+databases with nothing else around them (`drop_parallel_per_db`).
 """
 
 from __future__ import annotations
@@ -105,7 +109,9 @@ class PurgeFigures:
         self._age(batch)
         for server in self.servers:
             self._checkpoint(server)
+        before = self._counters(self.servers[0])
         elapsed, summary = self._timed_purge(sessions)
+        after = self._counters(self.servers[0])
         self.add(
             "purge_500_expired",
             round(elapsed, 1),
@@ -128,12 +134,62 @@ class PurgeFigures:
             n,
             "serial time per database / parallel time per database, same run",
         )
+        dropped = max(summary.expired_dropped, 1)
+        for i, (name, what) in enumerate(
+            (
+                ("purge_checkpoints_per_db", "checkpoints completed (pg_stat_checkpointer.num_done)"),
+                ("purge_wal_fsyncs_per_db", "WAL fsyncs (pg_stat_io, object wal)"),
+                ("purge_fsyncs_per_db", "fsyncs of every kind (pg_stat_io)"),
+            )
+        ):
+            self.add(name, round((after[i] - before[i]) / dropped, 2), "per db", n, f"{what} during the parallel run")
+
+    def _counters(self, server) -> tuple[int, int, int]:
+        """(checkpoints done, WAL fsyncs, all fsyncs) since the server started."""
+        import psycopg
+
+        time.sleep(1)  # backends report their I/O counters when idle, at most once a second
+        with psycopg.connect(server.superuser_dsn, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT (SELECT num_done FROM pg_stat_checkpointer), "
+                "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal'), "
+                "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io)"
+            ).fetchone()
+
+    def _parallel_drops(self, server, k: int, sessions: int) -> float:
+        """Seconds per database for `k` empty databases dropped on `sessions` connections at once."""
+        import psycopg
+
+        names = [f"dropfloor_{i}" for i in range(k)]
+        with psycopg.connect(server.superuser_dsn, autocommit=True) as conn:
+            _create_empty(conn, names)
+            conn.execute("CHECKPOINT")
+
+        def drop_all(part: list[str]) -> None:
+            with psycopg.connect(server.superuser_dsn, autocommit=True) as conn:
+                for name in part:
+                    conn.execute(f'DROP DATABASE "{name}"')
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=sessions) as executor:
+            list(executor.map(drop_all, [names[i::sessions] for i in range(sessions)]))
+        return (time.perf_counter() - t) / k
 
     def drop_costs(self) -> None:
         """What one DROP DATABASE costs on this disk: the forced checkpoint, fsync, the files it removes."""
         from tools.dev import pgserver
 
         k = self.args.drop_samples
+        sessions = self.service.settings.purge_sessions_per_host
+        floor_k = max(2 * sessions, self.args.purge // 5)
+        self.add(
+            "drop_parallel_per_db",
+            ms(self._parallel_drops(self.servers[0], floor_k, sessions)),
+            "ms",
+            floor_k,
+            f"{floor_k} empty databases dropped on {sessions} superuser sessions at once, nothing else "
+            "(the purge's floor on this disk), per database",
+        )
         on_disk = self._drop_cost(self.servers[0], k, "fsync on")
         self.add(
             "db_files_per_empty_database", on_disk["files"], "files", 1, "files in base/<oid> of a new empty database"
@@ -172,8 +228,7 @@ class PurgeFigures:
 
         with psycopg.connect(server.superuser_dsn, autocommit=True) as conn:
             names = [f"dropcost_{i}" for i in range(k)]
-            for name in names:
-                conn.execute(f'CREATE DATABASE "{name}"')
+            _create_empty(conn, names)
             oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (names[0],)).fetchone()[0]
             files = sum(len(f) for _, _, f in os.walk(server.data_dir / "base" / str(oid)))
             conn.execute("CHECKPOINT")
@@ -196,3 +251,8 @@ class PurgeFigures:
             "drop": ms(pct(drops, 50)),
             "checkpoints_per_drop": round((after - before) / k, 2),
         }
+
+
+def _create_empty(conn, names: list[str]) -> None:
+    for name in names:
+        conn.execute(f'CREATE DATABASE "{name}"')
