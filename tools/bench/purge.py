@@ -152,8 +152,8 @@ class PurgeFigures:
         with psycopg.connect(server.superuser_dsn, autocommit=True) as conn:
             return conn.execute(
                 "SELECT (SELECT num_done FROM pg_stat_checkpointer), "
-                "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal'), "
-                "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io)"
+                "(SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io WHERE object = 'wal'), "
+                "(SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io)"
             ).fetchone()
 
     def _parallel_drops(self, server, k: int, sessions: int) -> float:
