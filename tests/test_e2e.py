@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -22,7 +21,7 @@ import pytest
 
 from tests.pgerrors import refused_login
 from tests.pgwire import login_sqlstate
-from tools.dev import reaper
+from tools.dev import pgserver
 from tools.dev.pgserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +49,9 @@ def devstack():
     port = free_port()
     # Not under pytest's tmp folder: another pytest run on the machine resets
     # its mode to 0700, and the server's own user would lose its data.
-    root = Path(tempfile.mkdtemp(prefix="instapg-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    # Ours, throwaway: the stack's folder and its lock file inside go with it if this run is killed.
-    reaper.register(root, remove=True)
+    # Throwaway and owned by this process (the reaper removes it, the stack's lock file inside, if this run
+    # is killed), and reachable by the server's user: its data stays here, on tmpfs, not relocated to disk.
+    root = pgserver.private_dir("instapg-e2e-")
     data_dir = root / "dev"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
     env.update(PORT=str(port), INSTAPG_DEV_DIR=str(data_dir), PYTHONUNBUFFERED="1")
