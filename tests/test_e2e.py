@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -36,12 +37,15 @@ def _request(method: str, url: str, body: bytes | None = None, headers: dict | N
         return err.code, json.loads(err.read() or b"null")
 
 
+# Looked up here, not in the child: between fork and exec the child must not import (another thread of
+# this process may have held the import lock at the fork).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
 def _stop_with_parent() -> None:
     """In the stack's process: SIGTERM (its clean stop) when this pytest process dies, even by SIGKILL."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
