@@ -67,34 +67,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _user_complete(name: str) -> bool:
+    """The user and its group both exist: useradd writes /etc/passwd before /etc/group, so a user
+    seen in passwd alone may be one whose useradd is still running."""
+    import grp
+
+    try:
+        grp.getgrgid(pwd.getpwnam(name).pw_gid)
+    except KeyError:
+        return False
+    return True
+
+
 def _system_user() -> str | None:
     """The user the server runs as: the wheel's own user when we are root."""
     if os.geteuid() != 0:
         return None
-    try:
-        pwd.getpwnam(SERVER_USER)
+    if _user_complete(SERVER_USER):
         return SERVER_USER
-    except KeyError:
-        pass
     import fcntl
 
     # On a fresh machine two pytest workers start servers at once. Without a lock both ran useradd, and
     # the loser (useradd said "already exists") went on while the winner's useradd was still writing the
     # user's group: its initdb then failed with "Permission denied" on the password file. So one process
-    # creates the user, and the others wait for it and then find the user complete.
+    # creates the user while the others wait on the lock, then find the user complete.
     lock_dir = "/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
     with open(os.path.join(lock_dir, "instapg-useradd.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            pwd.getpwnam(SERVER_USER)  # created by whoever held the lock before us
-        except KeyError:
+        if not _user_complete(SERVER_USER):  # whoever held the lock before us may have made it
             proc = subprocess.run(
                 ["useradd", "-s", "/bin/bash", SERVER_USER], capture_output=True, text=True, check=False
             )
-            try:
-                pwd.getpwnam(SERVER_USER)
-            except KeyError:
-                raise RuntimeError(f"useradd {SERVER_USER} failed: {proc.stderr.strip()}") from None
+            if not _user_complete(SERVER_USER):
+                raise RuntimeError(f"useradd {SERVER_USER} failed: {proc.stderr.strip()}")
     return SERVER_USER
 
 
