@@ -39,14 +39,14 @@ def _names(pg, prefix: str) -> set[str]:
     return {name for (name,) in rows}
 
 
-def _kill_mid_purge() -> None:
+def _kill_mid_purge(point: str = "purge_after_drop") -> None:
     from chalicelib.reliability import PAUSE_ENV
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD],
         cwd=root,
-        env={**os.environ, PAUSE_ENV: "purge_after_drop"},
+        env={**os.environ, PAUSE_ENV: point},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -54,7 +54,7 @@ def _kill_mid_purge() -> None:
     try:
         line = child.stdout.readline()  # blocks until the child prints (or dies)
         # Workers that pause at once may print on one line: the first is what counts.
-        assert line.startswith("paused at purge_after_drop"), line
+        assert line.startswith(f"paused at {point}"), line
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -135,3 +135,40 @@ def test_a_worker_whose_kept_connection_was_ended_drops_on_a_new_one(moto_http, 
         droppers.close()
     names = _names(pg, service.settings.name_prefix)
     assert first.db_name not in names and second.db_name not in names
+
+
+def test_a_purge_killed_after_its_batched_final_writes_leaves_each_event_once(moto_http, pg, instapg_env):
+    """Killed after a page's TransactWriteItems and before its slot release: every record is
+    finished with exactly one `purged` event; the next run's recount gives the slots back."""
+    from chalicelib import audit, context, creation, expiry, hosts
+    from chalicelib.clock import Deadline
+    from chalicelib.models import DatabaseRecord, HostRecord
+    from chalicelib.records import Requester
+    from chalicelib.schemas import CreateDatabase
+
+    instapg_env.setenv("INSTAPG_PURGE_SESSIONS_PER_HOST", "3")
+    context.reset()
+    service = context.get()
+    hosts.register(service.settings, "local-1", pg.host, pg.port, f"env:{ADMIN_ENV}", capacity=50, sslmode="disable")
+    made = [creation.create(service, CreateDatabase(ref="crash"), Requester()).record for _ in range(4)]
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    for record in made:
+        record.update(actions=[DatabaseRecord.expires_at.set(past), DatabaseRecord.due_at.set(int(past.timestamp()))])
+    before = int(HostRecord.get("local-1", consistent_read=True).allocated or 0)
+
+    _kill_mid_purge("purge_after_finish")
+
+    def purged(record) -> int:
+        return sum(e.action == audit.PURGED for e in audit.page(record.id).events)
+
+    for record in made:
+        now = DatabaseRecord.get(record.id, consistent_read=True)
+        assert now.status == "EXPIRED" and now.due_bucket is None and purged(record) == 1
+    assert int(HostRecord.get("local-1", consistent_read=True).allocated) == before  # not given back yet
+
+    context.reset()
+    summary = expiry.run_scheduled(context.get(), Deadline.after(60))
+
+    assert summary.expired_dropped == 0 and summary.failed == 0 and summary.slots_corrected >= 1, summary
+    assert int(HostRecord.get("local-1", consistent_read=True).allocated) == before - 4
+    assert all(purged(record) == 1 for record in made)
