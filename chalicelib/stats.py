@@ -5,13 +5,16 @@
   the counters table (`stats#<hour epoch>`: `count`, `od`, `pl`, and
   `r:<ref>` per referrer), which expires by TTL after 8 days. A summary reads
   the last 24 items with one BatchGetItem: the cost of a page view does not
-  grow with the fleet. The count is best-effort: a failed write is logged and
-  never fails the create.
+  grow with the fleet. The count goes in the create's own transaction (the
+  pooled take's, or the on-demand create's last status write), so a create
+  is counted once and a cancelled one not at all; should the hour's item
+  refuse (at 400 KB, or busy on DynamoDB), the create goes through without it
+  and the count follows on its own, best effort: a figure never fails a create.
 - Databases by status and pool level per host: counted from the sparse
   `by_due` index (PROVISIONING, UNCLAIMED, CLAIMING, DELETING, `POOLED#<host>`),
-  projected to `host_id`: the same reads the unclaimed cap (chalicelib.abuse)
-  already makes every few seconds, bounded by that cap and the pool size,
-  and cut at READ_BUDGET items (the summary then says `partial`).
+  projected to `host_id`: one read per live record, bounded by the unclaimed
+  cap (chalicelib.abuse) and the pool size, and cut at READ_BUDGET items (the
+  summary then says `partial`).
 - Claimed databases (no index holds them all): per host, `allocated` (the
   databases placed there and not dropped, kept by conditional writes) minus
   the live ones counted above, so no other step has to keep a counter right.
@@ -23,11 +26,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pynamodb.attributes import NumberAttribute
 from pynamodb.expressions.operand import Path, Value
+from pynamodb.expressions.update import Action
 
 from chalicelib.models import CLAIMED, CLAIMING, DELETING, PROVISIONING, UNCLAIMED, DatabaseRecord, RateCounter
 from chalicelib.pooled import bucket as pool_bucket
@@ -53,17 +58,40 @@ def _one() -> Value:
     return Value(1, attribute=NumberAttribute())
 
 
-def count_create(pooled: bool, ref: str | None, now: float | None = None) -> None:
-    """Count one create in its hour (never raises: a figure must not fail a create)."""
-    hour = _hour(time.time() if now is None else now)
-    base = [
+@dataclass
+class CreateCount:
+    """One create's count on its hour's item, not sent yet: the create's own transaction carries it
+    (`records.take_pooled`, `records.mark_unclaimed`), so a create is counted exactly when it happens."""
+
+    item: RateCounter
+    actions: list[Action]
+    pooled: bool
+    ref: str | None
+    now: float
+
+
+def create_count(pooled: bool, ref: str | None, now: float | None = None) -> CreateCount:
+    """The UpdateItem that counts one create in its hour (`ADD`s only: it has no condition to fail)."""
+    now = time.time() if now is None else now
+    hour = _hour(now)
+    actions = [
         RateCounter.count.add(1),
         Path(["pl" if pooled else "od"]).add(_one()),
         RateCounter.expires_at.set(datetime.fromtimestamp(hour + KEEP_S, UTC)),
+        Path([_REF + (ref or "")]).add(_one()),
     ]
+    return CreateCount(RateCounter(key=f"stats#{hour}"), actions, pooled, ref, now)
+
+
+def count_create(pooled: bool, ref: str | None, now: float | None = None) -> None:
+    """Count one create in its hour on its own (never raises: a figure must not fail a create).
+
+    For a create whose transaction could not carry the count (`CreateCount`).
+    """
+    tally = create_count(pooled, ref, now)
     for name in (_REF + (ref or ""), _REF + "(other)"):
         try:
-            RateCounter(key=f"stats#{hour}").update(actions=[*base, Path([name]).add(_one())])
+            tally.item.update(actions=[*tally.actions[:-1], Path([name]).add(_one())])
             return
         except Exception as exc:  # noqa: BLE001 - an item at 400 KB: count the ref as (other), once
             log.warning(

@@ -5,7 +5,10 @@ steps with no lock, so two threads can both pass `status = POOLED` on the
 same item; DynamoDB evaluates the condition and writes atomically. The local
 stack, the benchmark and the concurrency tests serve requests from many
 threads, so they call `install()`: one lock around every moto write (and
-read, so no read sees half a write).
+read, so no read sees half a write). An UpdateItem that moto refuses halfway
+(an item past its size limit) is put back as it was, as DynamoDB writes all
+of it or nothing; a transaction with such an update is cancelled with a
+`ValidationError` reason on that item, as DynamoDB's is.
 
 It also replaces moto's TransactWriteItems, which deep-copies every table a
 transaction touches to be able to roll back: 100+ ms per transaction with a
@@ -41,6 +44,8 @@ def _transact_write_items(self, transact_items: list[dict[str, Any]]) -> None:
     from moto.dynamodb.comparisons import get_filter_expression
     from moto.dynamodb.exceptions import (
         ConditionalCheckFailed,
+        ItemSizeTooLarge,
+        ItemSizeToUpdateTooLarge,
         MultipleTransactionsException,
         TooManyTransactionsException,
         TransactionCanceledException,
@@ -103,14 +108,46 @@ def _transact_write_items(self, transact_items: list[dict[str, Any]]) -> None:
                     expression_attribute_values=values,
                 )
             written.append((name, key, before))
-    except Exception:
-        # A write moto refused (a malformed expression): put back what came before it.
+    except Exception as exc:
+        # A write moto refused (a malformed expression, an item past 400 KB): put back what came before it.
         for name, key, before in reversed(written):
             if before is None:
                 self.delete_item(name, key)
             else:
                 self.put_item(name, before.to_json()["Attributes"])
+        if isinstance(exc, (ItemSizeTooLarge, ItemSizeToUpdateTooLarge)):
+            # DynamoDB cancels the transaction with a ValidationError reason on that item.
+            reasons: list[tuple[str | None, str | None, dict | None]] = [(None, None, None)] * len(planned)
+            reasons[len(written)] = ("ValidationError", exc.exception_msg, None)
+            raise TransactionCanceledException(reasons) from None
         raise
+
+
+def _all_or_nothing(update_item):
+    """moto's update_item applies an update's actions one by one: when a later one is refused
+    (the item would pass 400 KB), the earlier ones stay written. DynamoDB's UpdateItem is all
+    or nothing, so put the item's attributes back as they were (the executor replaces top-level
+    attributes, so a shallow copy of them is the item as it was)."""
+
+    @functools.wraps(update_item)
+    def atomic(self, table_name: str, key: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        from moto.dynamodb.exceptions import MockValidationException
+
+        stored = self.get_item(table_name, key)
+        before = dict(stored.attrs) if stored is not None else None
+        try:
+            return update_item(self, table_name, key, *args, **kwargs)
+        except MockValidationException:
+            after = self.get_item(table_name, key)
+            if before is None and after is not None:
+                self.delete_item(table_name, key)  # moto created it for the update
+            elif after is not None:
+                after.attrs.clear()
+                for name, value in before.items():
+                    dict.__setitem__(after.attrs, name, value)  # as it was: no size check to pass again
+            raise
+
+    return atomic
 
 
 def install() -> None:
@@ -123,6 +160,9 @@ def install() -> None:
         original = getattr(DynamoDBBackend, name, None)
         if original is None or getattr(original, "_instapg_atomic", False):
             continue
+
+        if name == "update_item":
+            original = _all_or_nothing(original)
 
         def locked(*args, __original=original, **kwargs):
             with _lock:
