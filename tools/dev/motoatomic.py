@@ -15,7 +15,9 @@ transaction touches to be able to roll back: 100+ ms per transaction with a
 thousand records, where DynamoDB's cost does not grow with the table. Under
 the lock, `_transact_write_items` checks every condition before writing
 anything, so it needs no copy; the answers (cancellation reasons, items on
-ALL_OLD) are moto's own.
+ALL_OLD) are moto's own. Two pure caches take work moto repeated on every
+write: each distinct update expression is parsed once (`_parse_once`), and
+the validator's walkers build their node-type tuple once (`_node_types_once`).
 """
 
 from __future__ import annotations
@@ -150,9 +152,48 @@ def _all_or_nothing(update_item):
     return atomic
 
 
+def _parse_once(make):
+    """moto parses an update expression twice per write (once to check its names, once to apply
+    it), in Python. The tree depends on the expression's text alone (names and values are
+    placeholders, resolved later on a deep copy the validator makes), so one parse per
+    distinct text serves every write: a pooled take's transaction sends the same four texts
+    each time. Errors are not cached: a bad expression is refused every time, as before."""
+    cached = functools.lru_cache(maxsize=512)(make)
+
+    def parse(expression_str: str):
+        return cached(expression_str)
+
+    parse._instapg_cached = True
+    return parse
+
+
+def _node_types_once(nodes_to_be_processed):
+    """moto's validator walks an update's tree ten times and, at every node, rebuilds the tuple of
+    node types a walker handles from a dict it also rebuilds ("Cached accessor", says its
+    docstring, but it is not). The types are fixed per walker class: build the tuple once."""
+    by_class: dict[type, tuple] = {}
+
+    def node_types(self) -> tuple:
+        found = by_class.get(type(self))
+        if found is None:
+            found = by_class[type(self)] = nodes_to_be_processed(self)
+        return found
+
+    node_types._instapg_cached = True
+    return node_types
+
+
 def install() -> None:
     """Idempotent; wraps moto's DynamoDB backend methods for this process."""
     from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.parsing.expressions import UpdateExpressionParser
+
+    from moto.dynamodb.parsing.ast_nodes import DepthFirstTraverser
+
+    if not getattr(UpdateExpressionParser.make, "_instapg_cached", False):
+        UpdateExpressionParser.make = staticmethod(_parse_once(UpdateExpressionParser.make))
+    if not getattr(DepthFirstTraverser.nodes_to_be_processed, "_instapg_cached", False):
+        DepthFirstTraverser.nodes_to_be_processed = _node_types_once(DepthFirstTraverser.nodes_to_be_processed)
 
     if not getattr(DynamoDBBackend.transact_write_items, "_instapg_atomic", False):
         DynamoDBBackend.transact_write_items = _transact_write_items
