@@ -186,9 +186,8 @@ def _node_types_once(nodes_to_be_processed):
 def install() -> None:
     """Idempotent; wraps moto's DynamoDB backend methods for this process."""
     from moto.dynamodb.models import DynamoDBBackend
-    from moto.dynamodb.parsing.expressions import UpdateExpressionParser
-
     from moto.dynamodb.parsing.ast_nodes import DepthFirstTraverser
+    from moto.dynamodb.parsing.expressions import UpdateExpressionParser
 
     if not getattr(UpdateExpressionParser.make, "_instapg_cached", False):
         UpdateExpressionParser.make = staticmethod(_parse_once(UpdateExpressionParser.make))
