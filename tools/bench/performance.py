@@ -182,12 +182,18 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
         n = self.args.samples
         self.refill(n)
         times, gets, ids = [], [], []
+        steps: dict[str, list[float]] = {"post": [], "connect": [], "select": []}
         for _ in range(n):
             t = time.perf_counter()
             status, body = post_json(self.base + "/api/v1/database", {"ref": "ttfq"})
+            posted = time.perf_counter()
             with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
+                connected = time.perf_counter()
                 conn.execute("SELECT 1").fetchone()
+                selected = time.perf_counter()
             times.append(time.perf_counter() - t)
+            for step, took in (("post", posted - t), ("connect", connected - posted), ("select", selected - connected)):
+                steps[step].append(took)
             ids.append(body["id"])
         for database_id in ids:
             t = time.perf_counter()
@@ -197,6 +203,12 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
         how = "HTTP POST to chalice local, then psycopg connect + SELECT 1 on the returned connection_string; pooled"
         self.add("ttfq_p50", ms(pct(times, 50)), "ms", n, how)
         self.add("ttfq_p95", ms(pct(times, 95)), "ms", n, how)
+        for step, what in (
+            ("post", "the HTTP POST alone: local server, the pooled create, the JSON answer"),
+            ("connect", "psycopg.connect on the returned string: TCP, SCRAM (4096 rounds on each side), backend start"),
+            ("select", "SELECT 1 on the new session"),
+        ):
+            self.add(f"ttfq_{step}_p50", ms(pct(steps[step], 50)), "ms", n, f"time to first query, {what}")
         self.add("get_p50", ms(pct(gets, 50)), "ms", n, "HTTP GET /api/v1/database/{id} on chalice local")
 
     def throughput(self, hosts: int) -> None:
