@@ -24,7 +24,7 @@ samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
     python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package] [--scaling N] [--density N]
-                          [--copy-mb N] [--copy-samples N] [--only-copies]
+                          [--copy-mb N] [--copy-samples N] [--only-copies] [--only-create-path]
 """
 
 from __future__ import annotations
@@ -320,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy-samples", type=int, default=3, help="copies timed per strategy (default 3)")
     parser.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
     parser.add_argument(
+        "--only-create-path",
+        action="store_true",
+        help="measure only the create path: GetItem baseline, creates and their parts, time to first query, cold start",
+    )
+    parser.add_argument(
         "--scaling",
         type=int,
         default=24,
@@ -345,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(data_dir, args)
     try:
         bench.start()
-        if not args.only_copies:
+        if args.only_create_path:
+            bench.dynamodb_baseline()
+            bench.create_latency()
+            bench.time_to_first_query()
+            bench.cold_start()
+        elif not args.only_copies:
             bench.dynamodb_baseline()
             bench.create_latency()
             bench.password_statement()
@@ -356,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             bench.throughput(2)
             bench.purge()
             bench.drop_costs()
-        bench.copy_time()
+        if not args.only_create_path:
+            bench.copy_time()
     finally:
         bench.stop()
-    if not args.only_copies:
+    if not (args.only_copies or args.only_create_path):
         bench.cold_import()
         bench.package_size()
         # In processes of their own: their servers, records and settings stay out of the figures above.
@@ -372,14 +383,15 @@ def main(argv: list[str] | None = None) -> int:
                 "density", ["--max", str(args.density), "--samples", str(args.density_samples)]
             )
 
-    from tools.bench import pooler
+    if not args.only_create_path:
+        from tools.bench import pooler
 
-    say("pooler: its own Postgres and PgBouncer")
-    bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
-    from tools.bench import pooler_prod
+        say("pooler: its own Postgres and PgBouncer")
+        bench.figures.extend(pooler.figures(samples=max(args.samples, 20)))
+        from tools.bench import pooler_prod
 
-    say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
-    bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
+        say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
+        bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
