@@ -63,11 +63,13 @@ class DueIndex(GlobalSecondaryIndex):
 
 
 class HostIndex(GlobalSecondaryIndex):
-    """Every record by host and database name, for reconciliation.
+    """Every record by host and database name, for reconciliation and the unclaimed cap.
 
     Reconciliation compares a host's catalog with the names records on that
     host still reference; this index answers with one paginated query per
-    host instead of a table scan. It carries only what that decision needs.
+    host instead of a table scan. It carries only what that decision needs,
+    which includes the status the unclaimed cap (chalicelib.abuse) counts by
+    on a host near the cap.
     """
 
     class Meta:
