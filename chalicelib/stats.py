@@ -1,11 +1,12 @@
 """The dashboard's figures, read without scanning the databases table.
 
 - Creates per hour (on demand vs from the pool) and top referrers: counted by
-  the create path itself, one atomic `ADD` per create on the hour's item in
-  the counters table (`stats#<hour epoch>`: `count`, `od`, `pl`, and
-  `r:<ref>` per referrer), which expires by TTL after 8 days. A summary reads
-  the last 24 items with one BatchGetItem: the cost of a page view does not
-  grow with the fleet. The count goes in the create's own transaction (the
+  the create path itself, one atomic `ADD` per create on one of the hour's
+  SHARDS items in the counters table (`stats#<hour epoch>#<shard>`: `count`,
+  `od`, `pl`, and `r:<ref>` per referrer), which expire by TTL after 8 days.
+  A summary reads the last 24 hours' items (and each hour's unsharded
+  `stats#<hour epoch>`, written before the shards were) with three
+  BatchGetItems: the cost of a page view does not grow with the fleet. The count goes in the create's own transaction (the
   pooled take's, or the on-demand create's last status write), so a create
   is counted once and a cancelled one not at all; should the hour's item
   refuse (at 400 KB, or busy on DynamoDB), the create goes through without it
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ HOURS = 24
 TOP_REFS = 10
 KEEP_S = 8 * 86400
 READ_BUDGET = 20_000  # index items one summary may read
+SHARDS = 8  # items per hour a create's count may go to
 _REF = "r:"
 LIVE_BUCKETS = (PROVISIONING, UNCLAIMED, CLAIMING, DELETING)
 
@@ -80,7 +83,10 @@ def create_count(pooled: bool, ref: str | None, now: float | None = None) -> Cre
         RateCounter.expires_at.set(datetime.fromtimestamp(hour + KEEP_S, UTC)),
         Path([_REF + (ref or "")]).add(_one()),
     ]
-    return CreateCount(RateCounter(key=f"stats#{hour}"), actions, pooled, ref, now)
+    # A shard at random: on DynamoDB, transactions that write the same item at once cancel each
+    # other (TransactionConflict), and every create of the hour would otherwise write this one.
+    shard = random.randrange(SHARDS)
+    return CreateCount(RateCounter(key=f"stats#{hour}#{shard}"), actions, pooled, ref, now)
 
 
 def count_create(pooled: bool, ref: str | None, now: float | None = None) -> None:
@@ -105,10 +111,14 @@ def creates(now: float | None = None) -> list[dict[str, Any]]:
     """The last HOURS hours, oldest first: {"hour", "on_demand", "pooled", "refs": {ref: n}}."""
     end = _hour(time.time() if now is None else now)
     hours = [end - 3600 * i for i in range(HOURS - 1, -1, -1)]
-    found = _items([f"stats#{h}" for h in hours])
+    # Each hour's shards, and its one unsharded item (written before the shards were).
+    names = {h: [f"stats#{h}", *(f"stats#{h}#{k}" for k in range(SHARDS))] for h in hours}
+    found = _items([key for keys in names.values() for key in keys])
     rows = []
     for hour in hours:
-        raw = found.get(f"stats#{hour}", {})
+        raw: Counter[str] = Counter()
+        for key in names[hour]:
+            raw.update(found.get(key, {}))
         rows.append(
             {
                 "hour": datetime.fromtimestamp(hour, UTC),
@@ -123,14 +133,18 @@ def creates(now: float | None = None) -> list[dict[str, Any]]:
 
 def _items(keys: list[str]) -> dict[str, dict[str, int]]:
     """{key: {attribute: number}} of the counter items that exist, with their undeclared
-    attributes (the model drops those, so this reads below it): one BatchGetItem."""
+    attributes (the model drops those, so this reads below it): one BatchGetItem per 100 keys."""
     connection = RateCounter._get_connection()
     found: dict[str, dict[str, int]] = {}
-    response = connection.batch_get_item([{"key": {"S": k}} for k in keys])
-    items = list(response.get("Responses", {}).get(RateCounter.Meta.table_name, []))
-    if response.get("UnprocessedKeys"):  # throttled: the rest one by one
-        done = {item["key"]["S"] for item in items}
-        items += [i["Item"] for k in keys if k not in done and (i := connection.get_item(k)).get("Item")]
+    items: list[dict[str, Any]] = []
+    for start in range(0, len(keys), 100):  # BatchGetItem's limit
+        batch = keys[start : start + 100]
+        response = connection.batch_get_item([{"key": {"S": k}} for k in batch])
+        got = list(response.get("Responses", {}).get(RateCounter.Meta.table_name, []))
+        if response.get("UnprocessedKeys"):  # throttled: the rest one by one
+            done = {item["key"]["S"] for item in got}
+            got += [i["Item"] for k in batch if k not in done and (i := connection.get_item(k)).get("Item")]
+        items += got
     for item in items:
         found[item["key"]["S"]] = {name: int(value["N"]) for name, value in item.items() if "N" in value}
     return found

@@ -102,15 +102,38 @@ def test_an_hour_item_at_its_size_limit_never_fails_a_create(client, service):
     pool.refill(service, Deadline.after(60), size=1)
     if time.time() % 3600 > 3590:  # the take must count in the hour filled here
         time.sleep(3601 - time.time() % 3600)
-    key = stats.create_count(True, None).item.key
+    hour = int(time.time() // 3600 * 3600)
     # Every attribute a pooled count adds is there already, and 70 bytes are left under the
     # limit (moto's: 405,000 bytes, between DynamoDB's documented 400 KB and its measured
-    # 409 KB): counting one more (other) fits, a new 128-character ref does not.
-    numbers = {"count": 1, "pl": 1, "expires_at": int(time.time()) + 86400, "r:(other)": 1}
-    used = len("key") + len(key) + sum(len(name) + len(str(n)) for name, n in numbers.items()) + len("pad")
-    RateCounter(key=key).update(
-        actions=[Path([name]).set(Value(n, attribute=NumberAttribute())) for name, n in numbers.items()]
-        + [Path(["pad"]).set(Value("x" * (405_000 - 70 - used), attribute=UnicodeAttribute()))]
-    )
+    # 409 KB): counting one more (other) fits, a new 128-character ref does not. On every
+    # shard of the hour: the create picks one at random.
+    for shard in range(stats.SHARDS):
+        key = f"stats#{hour}#{shard}"
+        numbers = {"count": 1, "pl": 1, "expires_at": int(time.time()) + 86400, "r:(other)": 1}
+        used = len("key") + len(key) + sum(len(name) + len(str(n)) for name, n in numbers.items()) + len("pad")
+        RateCounter(key=key).update(
+            actions=[Path([name]).set(Value(n, attribute=NumberAttribute())) for name, n in numbers.items()]
+            + [Path(["pad"]).set(Value("x" * (405_000 - 70 - used), attribute=UnicodeAttribute()))]
+        )
     assert post_json(client, "/api/v1/database", {"ref": "r" * 128}).status_code == 201
-    assert _counted() == (2, 2, 0, {"(other)": 2})
+    shards = stats.SHARDS
+    assert _counted() == (shards + 1, shards + 1, 0, {"(other)": shards + 1})
+
+
+def test_an_hour_sums_its_shards_and_its_item_from_before_the_shards(aws):
+    from pynamodb.attributes import NumberAttribute
+    from pynamodb.expressions.operand import Path, Value
+
+    from chalicelib import stats
+    from chalicelib.models import RateCounter
+
+    now = time.time()
+    hour = int(now // 3600 * 3600)
+    # What the release before the shards wrote: one item per hour.
+    old = {"count": 2, "od": 2, "r:old": 2}
+    RateCounter(key=f"stats#{hour}").update(
+        actions=[Path([name]).add(Value(n, attribute=NumberAttribute())) for name, n in old.items()]
+    )
+    for _ in range(3 * stats.SHARDS):  # most shards get at least one
+        stats.count_create(True, "new", now)
+    assert _counted() == (2 + 3 * stats.SHARDS, 3 * stats.SHARDS, 2, {"old": 2, "new": 3 * stats.SHARDS})
