@@ -73,6 +73,13 @@ class CreateCount:
     now: float
 
 
+def _ref_attribute(ref: str | None) -> str:
+    """The attribute a ref is counted under: pynamodb reads brackets in a path as list
+    indexes, so a ref with one is counted as (other)."""
+    name = _REF + (ref or "")
+    return _REF + "(other)" if "[" in name or "]" in name else name
+
+
 def create_count(pooled: bool, ref: str | None, now: float | None = None) -> CreateCount:
     """The UpdateItem that counts one create in its hour (`ADD`s only: it has no condition to fail)."""
     now = time.time() if now is None else now
@@ -81,7 +88,7 @@ def create_count(pooled: bool, ref: str | None, now: float | None = None) -> Cre
         RateCounter.count.add(1),
         Path(["pl" if pooled else "od"]).add(_one()),
         RateCounter.expires_at.set(datetime.fromtimestamp(hour + KEEP_S, UTC)),
-        Path([_REF + (ref or "")]).add(_one()),
+        Path([_ref_attribute(ref)]).add(_one()),
     ]
     # A shard at random: on DynamoDB, transactions that write the same item at once cancel each
     # other (TransactionConflict), and every create of the hour would otherwise write this one.
@@ -95,7 +102,7 @@ def count_create(pooled: bool, ref: str | None, now: float | None = None) -> Non
     For a create whose transaction could not carry the count (`CreateCount`).
     """
     tally = create_count(pooled, ref, now)
-    for name in (_REF + (ref or ""), _REF + "(other)"):
+    for name in dict.fromkeys((_ref_attribute(ref), _REF + "(other)")):
         try:
             tally.item.update(actions=[*tally.actions[:-1], Path([name]).add(_one())])
             return

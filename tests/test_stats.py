@@ -137,3 +137,6 @@ def test_an_hour_sums_its_shards_and_its_item_from_before_the_shards(aws):
     for _ in range(3 * stats.SHARDS):  # most shards get at least one
         stats.count_create(True, "new", now)
     assert _counted() == (2 + 3 * stats.SHARDS, 3 * stats.SHARDS, 2, {"old": 2, "new": 3 * stats.SHARDS})
+    # A ref pynamodb would read as a list index is counted as (other).
+    stats.count_create(False, "app[0]", now)
+    assert _counted()[3] == {"old": 2, "new": 3 * stats.SHARDS, "(other)": 1}
