@@ -37,6 +37,7 @@ class PgServer:
     superuser_dsn: str
     admin_user: str
     admin_password: str
+    socket_dir: str | None = None  # the embedded server's Unix socket folder (the replication gateway's way in)
 
     def admin_json(self) -> str:
         return json.dumps({"username": self.admin_user, "password": self.admin_password})
@@ -82,7 +83,10 @@ def pg():
     root = _tmp_root()
     server = pgserver.start(root / "pg", settings={"max_prepared_transactions": "10", "fsync": "off"})
     try:
-        yield PgServer("127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password)
+        yield PgServer(
+            "127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password,
+            str(server.socket_dir),
+        )  # fmt: skip
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -237,6 +241,47 @@ def pooled_host(service, pg, pgbouncer, instapg_env):
     """The session's Postgres registered as the one host, with the session's PgBouncer as its pooler:
     the API hands out pooled strings, as `make dev` does."""
     return register_pooled(service, pg, pgbouncer, instapg_env)
+
+
+@dataclass
+class Gateway:
+    host: str
+    port: int
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def replication_gateway(pg):
+    """One real replication gateway (tools/replication/gateway.py) in front of `pg`'s Unix socket, per worker."""
+    import subprocess
+    import sys
+
+    from tools.dev import pgserver
+
+    if pg.socket_dir is None:
+        pytest.skip("the replication gateway needs the embedded server's Unix socket")
+    root = pgserver.private_dir("instapg-gateway-")
+    log = root / "gateway.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.replication.gateway", "--listen", "127.0.0.1:0", "--postgres", pg.socket_dir,
+             "--postgres-port", str(pg.port)],
+            stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # "replication gateway listening on HOST:PORT", or EOF if it died
+        if not line.startswith("replication gateway listening on "):
+            raise RuntimeError(f"the replication gateway did not start: {log.read_text()[-2000:]}")
+        host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
+        yield Gateway(host, int(port), log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
