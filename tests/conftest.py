@@ -243,44 +243,19 @@ def pooled_host(service, pg, pgbouncer, instapg_env):
     return register_pooled(service, pg, pgbouncer, instapg_env)
 
 
-@dataclass
-class Gateway:
-    host: str
-    port: int
-    log: Path
-
-
 @pytest.fixture(scope="session")
 def replication_gateway(pg):
     """One real replication gateway (tools/replication/gateway.py) in front of `pg`'s Unix socket, per worker."""
-    import subprocess
-    import sys
-
-    from tools.dev import pgserver
+    from tools.dev import pgserver, replgateway
 
     if pg.socket_dir is None:
         pytest.skip("the replication gateway needs the embedded server's Unix socket")
     root = pgserver.private_dir("instapg-gateway-")
-    log = root / "gateway.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.replication.gateway", "--listen", "127.0.0.1:0", "--postgres", pg.socket_dir,
-             "--postgres-port", str(pg.port)],
-            stdout=subprocess.PIPE, stderr=err, text=True,
-        )  # fmt: skip
+    gateway = replgateway.start(pg.socket_dir, pg.port, root / "gateway.log")
     try:
-        line = proc.stdout.readline()  # "replication gateway listening on HOST:PORT", or EOF if it died
-        if not line.startswith("replication gateway listening on "):
-            raise RuntimeError(f"the replication gateway did not start: {log.read_text()[-2000:]}")
-        host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
-        yield Gateway(host, int(port), log)
+        yield gateway
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        gateway.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -562,3 +562,49 @@ def test_a_host_whose_admin_cannot_grant_replication_is_not_registered_as_offeri
     finally:
         with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(pg.admin_user)))
+
+
+def test_the_api_hands_out_the_gateways_string_for_a_database_with_logical_replication(
+    client, logical_host, replication_gateway
+):
+    from tests.conftest import post_json
+
+    created = post_json(client, "/api/v1/database", {"ref": "repl", "enable_logical_replication": True})
+    assert created.status_code == 201, created.json_body
+    replication_url = created.json_body["replication_connection_string"]
+    params = psycopg.conninfo.conninfo_to_dict(replication_url)
+    assert (params["host"], int(params["port"])) == (replication_gateway.host, replication_gateway.port)
+    assert params["replication"] == "database"
+    direct = psycopg.conninfo.conninfo_to_dict(created.json_body["direct_connection_string"])
+    assert (params["user"], params["dbname"], params["password"]) == (direct["user"], direct["dbname"], direct["password"])
+    with psycopg.connect(replication_url, autocommit=True, prepare_threshold=None) as conn:
+        assert conn.execute("IDENTIFY_SYSTEM").fetchone()[3] == direct["dbname"]
+    plain = post_json(client, "/api/v1/database", {"ref": "plain"})
+    assert plain.status_code == 201 and plain.json_body["replication_connection_string"] is None
+
+
+def test_the_gateway_bounds_logins_connections_and_messages_and_logs_no_password(service, pg, logical_host, tmp_path):
+    import socket
+
+    from tools.dev import replgateway
+
+    tenant = create(service)
+    gateway = replgateway.start(pg.socket_dir, pg.port, tmp_path / "gateway.log", "--login-timeout", "0.5",
+                                "--max-connections", "1", "--max-message-bytes", "1024")  # fmt: skip
+    try:
+        with socket.create_connection((gateway.host, gateway.port), timeout=10) as idle:
+            # The one connection allowed is taken (by a client that never logs in): the next is refused.
+            with socket.create_connection((gateway.host, gateway.port), timeout=10) as second:
+                refused = second.recv(4096)
+            assert refused[:1] == b"E" and b"C53300" in refused
+            assert idle.recv(4096) == b""  # closed by the gateway: it never sent a startup message
+        dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host=gateway.host, port=gateway.port)
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+            assert conn.execute("IDENTIFY_SYSTEM").fetchone()[3] == tenant.record.db_name
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT '" + "x" * 2000 + "'")  # past --max-message-bytes: the connection ends
+    finally:
+        gateway.stop()
+    logged = gateway.log.read_text()
+    assert "replication session of" in logged and tenant.record.role_name in logged
+    assert tenant.password not in logged
