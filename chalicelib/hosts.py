@@ -267,10 +267,11 @@ def in_region(hosts: list[HostRecord], region: str, settings: Settings) -> list[
 def by_free_capacity(hosts: list[HostRecord], logical_last: bool = False) -> list[HostRecord]:
     """Active hosts, the one with the most room first (DRAINING hosts take no new databases).
 
-    `logical_last`: hosts that offer logical replication after all others. On
-    those, tenants with REPLICATION can read the host's WAL for a while
-    (docs/replication.md), so databases that did not ask for it go elsewhere
-    while another host has room.
+    `logical_last`: hosts that offer logical replication after all others, so
+    databases that did not ask for it go elsewhere while another host has
+    room. The gateway refuses physical commands (docs/replication.md); this
+    keeps them apart from replication roles all the same, should a host's
+    companions be reachable around it (a misconfigured pg_hba.conf, a public RDS).
     """
     active = [h for h in hosts if h.status == HOST_ACTIVE]
     ranked = sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)

@@ -78,7 +78,7 @@ class Settings:
     local_purge_interval_s: int = 15
     purge_sessions_per_host: int = 16
     local_ttl_sweep_s: int = 5
-    local_logical_replication: bool = False
+    local_logical_replication: bool = True
     open_signup: bool = True
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
@@ -275,7 +275,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
-    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "0", "Local stack only: 1 registers the embedded host as offering logical replication. Off by default: a tenant's REPLICATION can also run physical commands over its own walsender, which the scheduled job ends but cannot refuse (docs/replication.md)."),
+    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "1", "Local stack only: 1 starts the replication gateway beside PgBouncer and registers the embedded host as offering logical replication through it (physical commands refused: docs/replication.md); 0 offers none."),
     ("INSTAPG_LOCAL_TTL_SWEEP_SECONDS", "5", "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, whose REMOVE stream records go to the same `drop_removed` handler as in production."),
     ("INSTAPG_LOGICAL_SLOTS_PER_DATABASE", "2", "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones (inactive first) with an audit event."),
     ("INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB", "1024", "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the scheduled job, with an audit event, before it fills the host's disk."),
