@@ -8,6 +8,7 @@ read `os.environ` themselves. The README's configuration table mirrors
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -154,7 +155,8 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_NAME_PREFIX",
         "ipg",
-        "Prefix of tenant role and database names; reconciliation only ever touches names with it.",
+        "Prefix of tenant role and database names (1-31 lower-case letters, digits or _); reconciliation only ever "
+        "touches names with it.",
     ),
     ("INSTAPG_UNCLAIMED_LIFETIME_SECONDS", "259200", "How long an unclaimed database lives (72 hours)."),
     ("INSTAPG_UNCLAIMED_STORAGE_MB", "100", "Storage limit of an unclaimed database."),
@@ -377,6 +379,14 @@ def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
     return origins
 
 
+def _name_prefix(raw: str) -> str:
+    # Tenant names are <prefix>_<26 chars>, and a replicating tenant's companion adds "_repl":
+    # 31 characters keep that within Postgres's 63 (chalicelib.replication; the gateway checks the same shape).
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", raw):
+        raise ValueError(f"INSTAPG_NAME_PREFIX must be 1-31 lower-case letters, digits or _, starting with a letter, got {raw!r}")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from an environment mapping (os.environ by default)."""
     env = os.environ if env is None else env
@@ -415,7 +425,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         public_url=_public_url(env),
         keyring=env.get("INSTAPG_KEYRING", ""),
         keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
-        name_prefix=get("INSTAPG_NAME_PREFIX"),
+        name_prefix=_name_prefix(get("INSTAPG_NAME_PREFIX")),
         plans=plans,
         tombstone_ttl_s=_int(env, "INSTAPG_TOMBSTONE_TTL_SECONDS"),
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),

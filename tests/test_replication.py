@@ -608,3 +608,14 @@ def test_the_gateway_bounds_logins_connections_and_messages_and_logs_no_password
     logged = gateway.log.read_text()
     assert "replication session of" in logged and tenant.record.role_name in logged
     assert tenant.password not in logged
+
+
+def test_the_name_prefix_leaves_room_for_the_companion():
+    from chalicelib import replication, settings
+    from chalicelib.identifiers import tenant_name
+
+    longest = settings.load({"INSTAPG_NAME_PREFIX": "p" * 31}).name_prefix
+    assert len(replication.companion(tenant_name(longest))) == 63
+    for bad in ("p" * 32, "Ipg", "1pg", "ipg-dev"):
+        with pytest.raises(ValueError, match="INSTAPG_NAME_PREFIX"):
+            settings.load({"INSTAPG_NAME_PREFIX": bad})
