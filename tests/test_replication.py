@@ -619,3 +619,52 @@ def test_the_name_prefix_leaves_room_for_the_companion():
     for bad in ("p" * 32, "Ipg", "1pg", "ipg-dev"):
         with pytest.raises(ValueError, match="INSTAPG_NAME_PREFIX"):
             settings.load({"INSTAPG_NAME_PREFIX": bad})
+
+
+def test_a_gateway_without_postgres_answers_with_an_error(service, logical_host, tmp_path):
+    from tests.pgwire import login_sqlstate
+    from tools.dev import replgateway
+
+    tenant = create(service)
+    nowhere = tmp_path / "no-socket-here"
+    nowhere.mkdir()
+    gateway = replgateway.start(nowhere, 5432, tmp_path / "gateway.log")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host=gateway.host, port=gateway.port)
+        assert login_sqlstate(dsn, replication="database") == "08006"
+    finally:
+        gateway.stop()
+
+
+def test_a_killed_gateway_releases_the_stream_and_its_slot(service, pg, logical_host, tmp_path):
+    import signal
+
+    from chalicelib import replication
+    from tools.dev import replgateway
+
+    tenant = create(service)
+    with psycopg.connect(url(service, tenant), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (n int)")
+        conn.execute("CREATE PUBLICATION pub FOR TABLE t")
+    make_slot(service, tenant, "live")
+    gateway = replgateway.start(pg.socket_dir, pg.port, tmp_path / "gateway.log")
+    companion = replication.companion(tenant.record.role_name)
+    dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host=gateway.host, port=gateway.port)
+    stream = start_stream(dsn, "live", "pub")
+    try:
+        wait_for(lambda: bool(walsenders(pg, companion)))
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait()
+        # Postgres sees its socket close: the walsender ends and the slot is free for the next consumer.
+        wait_for(lambda: not walsenders(pg, companion))
+        stream.wait(timeout=10)
+        assert stream.returncode != 0
+    finally:
+        stream.kill()
+        stream.wait()
+        gateway.stop()
+    with psycopg.connect(pg.superuser_dsn) as conn:
+        assert conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'live'").fetchone() == (None,)
+    got = recvlogical(repl_url(service, tenant), "live", "--start", "--no-loop", "-f", "-", "--endpos", "0/1",
+                      "-o", "proto_version=1", "-o", "publication_names=pub")  # fmt: skip
+    assert got.returncode == 0, got.stderr  # the session's gateway serves the same slot at once

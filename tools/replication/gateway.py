@@ -367,7 +367,11 @@ class Gateway:
             break
         else:
             raise ProtocolError("no startup message")
-        up_reader, up_writer = await self.upstream()
+        try:
+            up_reader, up_writer = await self.upstream()
+        except OSError as exc:
+            log.warning("postgres not reachable: %s", exc)
+            raise Refused("08006", "the database server is not answering", "Try again in a moment.") from None
         try:
             up_writer.write(struct.pack("!I", len(startup) + 4) + startup)
             await up_writer.drain()
