@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 
 from tests.test_expiry import age, catalog, url
+from tests.test_tls import tls  # noqa: F401  (the TLS endpoint fixture)
 
 
 @pytest.fixture
@@ -668,3 +669,35 @@ def test_a_killed_gateway_releases_the_stream_and_its_slot(service, pg, logical_
     got = recvlogical(repl_url(service, tenant), "live", "--start", "--no-loop", "-f", "-", "--endpos", "0/1",
                       "-o", "proto_version=1", "-o", "publication_names=pub")  # fmt: skip
     assert got.returncode == 0, got.stderr  # the session's gateway serves the same slot at once
+
+
+def test_the_gateway_speaks_tls_to_clients_and_to_postgres(service, pg, logical_host, tls, tmp_path):  # noqa: F811
+    from tests.pgwire import login_sqlstate
+    from tools.dev import replgateway
+
+    proxy, ca, _ = tls
+    tenant = create(service)
+    certs = ["--tls-cert", str(ca.parent / "server.pem"), "--tls-key", str(ca.parent / "server.key")]
+    gateway = replgateway.start(pg.socket_dir, pg.port, tmp_path / "gateway.log", *certs)
+    try:
+        dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host="localhost", port=gateway.port)
+        verified = psycopg.conninfo.make_conninfo(dsn, sslmode="verify-full", sslrootcert=str(ca))
+        with psycopg.connect(verified, autocommit=True, prepare_threshold=None) as conn:
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("IDENTIFY_SYSTEM").fetchone()[3] == tenant.record.db_name
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("BASE_BACKUP")
+        assert login_sqlstate(dsn, replication="database") == "28000"  # sslmode=disable: TLS is required
+    finally:
+        gateway.stop()
+    # Towards Postgres by host name (RDS): its TLS, verified. Here a TLS endpoint in front of the embedded
+    # server, reached over TCP, where pg_hba.conf refuses companions: TLS worked, then the login is refused.
+    handshakes = proxy.handshakes
+    upstream = ["--postgres-sslmode", "verify-full", "--postgres-sslrootcert", str(ca)]
+    gateway = replgateway.start("localhost", proxy.port, tmp_path / "gateway2.log", *upstream)
+    try:
+        dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host=gateway.host, port=gateway.port)
+        assert login_sqlstate(dsn, replication="database") == "28000"
+        assert proxy.handshakes == handshakes + 1
+    finally:
+        gateway.stop()

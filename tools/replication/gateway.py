@@ -5,13 +5,14 @@
 A small asyncio TCP proxy (standard library only) in front of Postgres for
 `replication=database` connections. Per client connection it:
 
-- answers SSLRequest/GSSENCRequest with 'N' (TLS is put in front of it, as
-  for the pooler);
+- answers SSLRequest with TLS when it has a certificate (--tls-cert; then
+  TLS is required), else with 'N'; GSSENCRequest always with 'N';
 - reads the StartupMessage, refuses anything but `replication=database`
   (queries go to the direct or pooled string), checks that `user` has the
   shape of a tenant role and rewrites it to the tenant's replication companion
   (`<role>_repl`, chalicelib.replication), then forwards the startup to
-  Postgres, on the Unix socket where the companion may log in;
+  Postgres, on the Unix socket where the companion may log in (or a private
+  host name, with TLS: --postgres-sslmode);
 - relays authentication untouched: the companion has the tenant's own SCRAM
   verifier and Postgres ignores the user name inside SCRAM, so the gateway
   holds no secret and never logs a password message;
@@ -36,6 +37,7 @@ import asyncio
 import logging
 import re
 import signal
+import ssl
 import struct
 import sys
 from dataclasses import dataclass
@@ -266,6 +268,10 @@ class Config:
     login_timeout_s: float = 10.0
     max_message_bytes: int = 1 << 20
     name_prefix: str = ""  # only this deployment's tenants, when set
+    tls_cert: str = ""  # with tls_key: TLS towards clients, and then required of them
+    tls_key: str = ""
+    postgres_sslmode: str = "disable"  # towards a Postgres host name: disable, require or verify-full
+    postgres_sslrootcert: str = ""  # the CA bundle verify-full checks Postgres's certificate against
 
 
 def rewrite_startup(body: bytes, config: Config) -> tuple[bytes, str, str]:
@@ -306,12 +312,33 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.active = 0
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls.load_cert_chain(config.tls_cert, config.tls_key or None)
+        self.upstream_tls: ssl.SSLContext | None = None
+        if config.postgres_sslmode == "verify-full":
+            self.upstream_tls = ssl.create_default_context(cafile=config.postgres_sslrootcert or None)
+        elif config.postgres_sslmode == "require":  # encrypted, the certificate not checked (libpq's require)
+            self.upstream_tls = ssl.create_default_context()
+            self.upstream_tls.check_hostname = False
+            self.upstream_tls.verify_mode = ssl.CERT_NONE
 
     async def upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         cfg = self.config
         if cfg.postgres.startswith("/"):
             return await asyncio.open_unix_connection(f"{cfg.postgres}/.s.PGSQL.{cfg.postgres_port}")
-        return await asyncio.open_connection(cfg.postgres, cfg.postgres_port)
+        reader, writer = await asyncio.open_connection(cfg.postgres, cfg.postgres_port)
+        if self.upstream_tls is not None:
+            # Postgres's own TLS negotiation (RDS forces it): SSLRequest, 'S', then the handshake.
+            writer.write(struct.pack("!II", 8, SSL_REQUEST))
+            await writer.drain()
+            if await reader.readexactly(1) != b"S":
+                writer.close()
+                raise ConnectionRefusedError("Postgres offers no TLS")
+            await writer.start_tls(self.upstream_tls, server_hostname=cfg.postgres)
+        return reader, writer
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -353,6 +380,11 @@ class Gateway:
                 raise ProtocolError(f"startup packet of {length} bytes")
             body = await reader.readexactly(length - 4)
             code = struct.unpack("!I", body[:4])[0]
+            if code == SSL_REQUEST and self.tls is not None and writer.get_extra_info("ssl_object") is None:
+                writer.write(b"S")
+                await writer.drain()
+                await writer.start_tls(self.tls)
+                continue
             if code in (SSL_REQUEST, GSSENC_REQUEST):
                 writer.write(b"N")
                 await writer.drain()
@@ -363,6 +395,8 @@ class Gateway:
                 up.write(struct.pack("!I", length) + body)
                 await _close(up)
                 return None
+            if self.tls is not None and writer.get_extra_info("ssl_object") is None:
+                raise Refused("28000", "this endpoint requires TLS", "Connect with sslmode=require or verify-full.")
             startup, role, database = rewrite_startup(body, self.config)
             break
         else:
@@ -543,6 +577,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--login-timeout", type=float, default=10.0, help="seconds a client has to log in (default 10)")
     parser.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest client message (default 1 MiB)")
     parser.add_argument("--name-prefix", default="", help="serve only roles with this prefix (INSTAPG_NAME_PREFIX)")
+    parser.add_argument("--tls-cert", default="", help="PEM certificate chain: TLS towards clients, then required")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--postgres-sslmode", default="disable", choices=("disable", "require", "verify-full"),
+        help="TLS towards a Postgres host name (RDS: verify-full with --postgres-sslrootcert)",
+    )  # fmt: skip
+    parser.add_argument("--postgres-sslrootcert", default="", help="CA bundle for --postgres-sslmode verify-full")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     return Config(
@@ -554,6 +595,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         login_timeout_s=args.login_timeout,
         max_message_bytes=args.max_message_bytes,
         name_prefix=args.name_prefix + "_" if args.name_prefix else "",
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        postgres_sslmode=args.postgres_sslmode,
+        postgres_sslrootcert=args.postgres_sslrootcert,
     )
 
 
