@@ -647,11 +647,12 @@ def test_a_killed_gateway_releases_the_stream_and_its_slot(service, pg, logical_
     with psycopg.connect(url(service, tenant), autocommit=True) as conn:
         conn.execute("CREATE TABLE t (n int)")
         conn.execute("CREATE PUBLICATION pub FOR TABLE t")
-    make_slot(service, tenant, "live")
+    slot = "killed_" + tenant.record.db_name[-8:]  # slot names are the whole server's
+    make_slot(service, tenant, slot)
     gateway = replgateway.start(pg.socket_dir, pg.port, tmp_path / "gateway.log")
     companion = replication.companion(tenant.record.role_name)
     dsn = psycopg.conninfo.make_conninfo(repl_url(service, tenant), host=gateway.host, port=gateway.port)
-    stream = start_stream(dsn, "live", "pub")
+    stream = start_stream(dsn, slot, "pub")
     try:
         wait_for(lambda: bool(walsenders(pg, companion)))
         gateway.process.send_signal(signal.SIGKILL)
@@ -665,8 +666,8 @@ def test_a_killed_gateway_releases_the_stream_and_its_slot(service, pg, logical_
         stream.wait()
         gateway.stop()
     with psycopg.connect(pg.superuser_dsn) as conn:
-        assert conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'live'").fetchone() == (None,)
-    got = recvlogical(repl_url(service, tenant), "live", "--start", "--no-loop", "-f", "-", "--endpos", "0/1",
+        assert conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() == (None,)
+    got = recvlogical(repl_url(service, tenant), slot, "--start", "--no-loop", "-f", "-", "--endpos", "0/1",
                       "-o", "proto_version=1", "-o", "publication_names=pub")  # fmt: skip
     assert got.returncode == 0, got.stderr  # the session's gateway serves the same slot at once
 

@@ -463,18 +463,43 @@ class Session:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def from_server(self) -> None:
+        """Relay whole messages in the chunks they came in (a stream is many small CopyData messages).
+
+        Each message is still looked at: ReadyForQuery ends a query, and while the
+        gateway asks its own question the answer is kept from the client.
+        """
+        buf = bytearray()
         while True:
-            kind, body = await read_message(self.up_reader, MAX_SERVER_MESSAGE)
-            if self.intercept is not None and kind not in (b"N", b"A", b"S"):
-                self.intercept.put_nowait((kind, body))
-                continue
-            self.writer.write(message(kind, body))
+            chunk = await self.up_reader.read(1 << 16)
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(buf), None)
+            buf += chunk
+            pos = start = 0
+            became_idle = False
+            while len(buf) - pos >= 5:
+                kind = bytes(buf[pos : pos + 1])
+                length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+                if length < 4 or length - 4 > MAX_SERVER_MESSAGE:
+                    raise ProtocolError(f"server message {kind!r} of {length} bytes")
+                end = pos + 1 + length
+                if len(buf) < end:
+                    break  # the rest of it is still on its way
+                if self.intercept is not None and kind not in (b"N", b"A", b"S"):
+                    if start < pos:
+                        self.writer.write(bytes(buf[start:pos]))
+                    self.intercept.put_nowait((kind, bytes(buf[pos + 5 : end])))
+                    start = end
+                elif kind == b"Z":
+                    self.status = bytes(buf[pos + 5 : pos + 6])
+                    self.pending = max(0, self.pending - 1)
+                    became_idle = became_idle or self.pending == 0
+                pos = end
+            if start < pos:
+                self.writer.write(bytes(buf[start:pos]))
+            del buf[:pos]
+            if became_idle:  # after the answers are written: a refusal waiting for it comes after them
+                self.idle.set()
             await self.writer.drain()
-            if kind == b"Z":
-                self.status = body[:1]
-                self.pending = max(0, self.pending - 1)
-                if self.pending == 0:
-                    self.idle.set()
 
     async def from_client(self) -> None:
         while True:
