@@ -75,7 +75,8 @@ def create_tenant(
         )
         conn.execute(_membership_grant(conn, role))
         if logical_replication:
-            replication.create_companion(conn, role, verifier, plan.connections, login=login)
+            companion = replication.create_companion(conn, role, verifier, plan.connections, login=login)
+            _apply_role_defaults(conn, companion, plan)  # its SQL through the gateway has the plan's limits too
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
         _apply_role_defaults(conn, role, plan)
@@ -155,7 +156,8 @@ def apply_plan(target: Target, role: str, plan: Plan, claimed: bool = False) -> 
             )
         if claimed:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role_id, sql.Literal(CLAIMED_MARKER)))
-        _apply_role_defaults(conn, role, plan)
+        for name in _with_companion(conn, role):
+            _apply_role_defaults(conn, name, plan)
 
 
 def mark_claimed(target: Target, roles: Iterable[str]) -> None:

@@ -118,9 +118,14 @@ def create_companion(conn: psycopg.Connection, role: str, verifier: str, connect
             "CONNECTION LIMIT {} PASSWORD {}"
         ).format(name_id, sql.SQL("LOGIN" if login else "NOLOGIN"), sql.Literal(connections), sql.Literal(verifier))
     )
+    # As for tenant roles (provisioning._membership_grant): the admin inherits the companion, or
+    # pg_stat_activity hides its sessions' state and query from the guard and the time limits.
+    admin = sql.SQL("GRANT {} TO CURRENT_USER").format(name_id)
     member = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), name_id)
     if conn.info.server_version >= 160000:
+        admin = admin + sql.SQL(" WITH INHERIT TRUE, SET TRUE")
         member = member + sql.SQL(" WITH INHERIT TRUE, SET FALSE")
+    conn.execute(admin)
     conn.execute(member)
     grant(conn, name)
     return name

@@ -702,3 +702,59 @@ def test_the_gateway_speaks_tls_to_clients_and_to_postgres(service, pg, logical_
         assert proxy.handshakes == handshakes + 1
     finally:
         gateway.stop()
+
+
+def test_sql_through_the_gateway_has_the_plans_time_limits(service, pg, instapg_env, logical_host):
+    import threading
+
+    from chalicelib import quotas, replication
+    from chalicelib.clock import Deadline
+    from tests.test_expiry import reconfigure
+
+    service = reconfigure(instapg_env, INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS=1)
+    tenant = create(service)
+    companion = replication.companion(tenant.record.role_name)
+    with walsender(service, tenant) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1s",)  # the plan's default, as the tenant's
+        conn.execute("SET statement_timeout = 0")  # which a tenant may lift: the scheduled job is what holds
+        failed: list[BaseException] = []
+
+        def sleep() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+            except psycopg.Error as exc:
+                failed.append(exc)
+
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        wait_for(lambda: any("pg_sleep" in q for _, q in walsenders(pg, companion)))
+        time.sleep(1.2)  # past the plan's statement time
+        summary = quotas.enforce(service, Deadline.after(30))
+        sleeper.join(timeout=10)
+        assert summary["terminated"] == 1 and failed and not sleeper.is_alive()
+
+
+def test_the_guard_ends_a_companions_physical_walsender_opened_around_the_gateway(service, pg, logical_host):
+    """Defence in depth: on a host whose companions can reach Postgres without the gateway (here the
+    socket itself, as a misconfigured pg_hba.conf or a public RDS would allow), the job ends physical streams."""
+    from chalicelib import quotas, replication
+    from chalicelib.clock import Deadline
+
+    tenant = create(service)
+    companion = replication.companion(tenant.record.role_name)
+    around = psycopg.conninfo.make_conninfo(
+        host=pg.socket_dir, port=pg.port, user=companion, password=tenant.password, dbname=tenant.record.db_name,
+        replication="database",
+    )  # fmt: skip
+    slot = "phys_" + tenant.record.db_name[-8:]
+    streamer = psycopg.connect(around, autocommit=True, prepare_threshold=None)
+    try:
+        streamer.execute(f"CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")  # Postgres itself allows it
+        streamer.execute("START_REPLICATION PHYSICAL 0/0")  # returns; the server streams into the socket
+        assert [q for _, q in walsenders(pg, companion)] == ["START_REPLICATION PHYSICAL 0/0"]
+        summary = quotas.enforce(service, Deadline.after(30))
+        assert summary["walsenders_ended"] == 1 and summary["physical_slots_dropped"] >= 1
+        assert slot not in slot_names(pg)
+        wait_for(lambda: not walsenders(pg, companion))
+    finally:
+        streamer.close()
