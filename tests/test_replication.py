@@ -214,6 +214,11 @@ def test_the_gateway_refuses_what_is_not_a_tenants_logical_walsender(service, lo
         assert login_sqlstate(stranger, replication="database") == "28000"
     wrong = psycopg.conninfo.make_conninfo(**{**params, "password": "not-the-password"})
     assert login_sqlstate(wrong, replication="database") == "28P01"  # Postgres's own SCRAM check, relayed
+    # The companion may connect to its tenant's database only (CONNECT comes with the tenant's ownership).
+    other = create(service)
+    for dbname in (other.record.db_name, "postgres", "template1"):
+        elsewhere = psycopg.conninfo.make_conninfo(**{**params, "dbname": dbname})
+        assert login_sqlstate(elsewhere, replication="database") == "42501"
 
 
 PHYSICAL = [
