@@ -93,7 +93,10 @@ def _create_request(referrer: str | None = None):
 def _database_response(result) -> Response:
     from chalicelib import views
 
-    body = views.database(result.record, result.plan, _claim_base(), result.host, result.password, result.creator_token)
+    region = context.get().region(result.record.host_id)
+    body = views.database(
+        result.record, result.plan, _claim_base(), result.host, result.password, result.creator_token, region
+    )
     return json_response(body, 201 if result.created else 200)
 
 
@@ -275,7 +278,8 @@ def list_databases():
 
     ctx = context.get()
     owned = ownership.list_owned(_account().id)
-    return json_response({"databases": [views.owned_database(r, ctx.plan(r.plan)) for r in owned]}, 200)
+    rows = [views.owned_database(r, ctx.plan(r.plan), region=ctx.region(r.host_id)) for r in owned]
+    return json_response({"databases": rows}, 200)
 
 
 @route("/api/v1/databases/{database_id}", methods=["GET"])
@@ -285,7 +289,8 @@ def get_owned_database(database_id):
     ctx = context.get()
     record = _owned(database_id)
     now_usage, days = ownership.usage(ctx, record), usage.last_days(record.id)
-    return json_response(views.owned_database(record, ctx.plan(record.plan), now_usage, days), 200)
+    body = views.owned_database(record, ctx.plan(record.plan), now_usage, days, ctx.region(record.host_id))
+    return json_response(body, 200)
 
 
 @route("/api/v1/databases/{database_id}/connection-string", methods=["GET"])
@@ -312,8 +317,10 @@ def copy_database(database_id):
 
     account = _account()
     _no_fields()
-    result = copies.create(context.get(), _database_id(database_id), account.id, _requester())
-    return json_response(views.copy(result.record, result.plan, result.host, result.password), 201)
+    ctx = context.get()
+    result = copies.create(ctx, _database_id(database_id), account.id, _requester())
+    region = ctx.region(result.record.host_id)
+    return json_response(views.copy(result.record, result.plan, result.host, result.password, region), 201)
 
 
 @route("/api/v1/databases/{database_id}/reset", methods=["POST"], content_types=BODY_TYPES)
@@ -322,8 +329,9 @@ def reset_copy(database_id):
 
     account = _account()
     _no_fields()
-    record = copies.reset(context.get(), _database_id(database_id), account.id, _requester())
-    return json_response(views.owned_database(record, context.get().plan(record.plan)), 200)
+    ctx = context.get()
+    record = copies.reset(ctx, _database_id(database_id), account.id, _requester())
+    return json_response(views.owned_database(record, ctx.plan(record.plan), region=ctx.region(record.host_id)), 200)
 
 
 @route("/api/v1/databases/{database_id}", methods=["DELETE"])

@@ -55,6 +55,12 @@ class Context:
 
         return hosts.target(host, self.settings, self.credentials, self.sessions)
 
+    def region(self, host_id: str | None) -> str | None:
+        """The region of a database on `host_id` (its host's, docs/regions.md); None without a host."""
+        from chalicelib import hosts
+
+        return hosts.database_region(self.hosts, self.settings, host_id)
+
     def pooler(self, host: HostRecord) -> Pooler | None:
         """The host's PgBouncer (chalicelib.pooler), or None when it has none; cached per its registration."""
         from chalicelib import hosts

@@ -260,6 +260,17 @@ def regions_with_room(hosts: list[HostRecord], settings: Settings) -> list[str]:
     return sorted({region_of(h, settings) for h in by_free_capacity(hosts) if int(h.capacity) > int(h.allocated or 0)})
 
 
+def database_region(cache: HostCache, settings: Settings, host_id: str | None) -> str | None:
+    """Where a database lives: its host's region. None while it has no host, or when its host's record
+    is gone (hostctl remove): an answer about the database must not fail for want of its region."""
+    if not host_id:
+        return None
+    try:
+        return region_of(cache.get(host_id), settings)
+    except KeyError:
+        return None
+
+
 def in_region(hosts: list[HostRecord], region: str, settings: Settings) -> list[HostRecord]:
     return [h for h in hosts if region_of(h, settings) == region]
 

@@ -11,45 +11,17 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-# Plans (tiers of limits), named for what they are, not for the statuses that
-# use them. Their values are what records store in `plan`, what the API shows,
-# and what INSTAPG_UNCLAIMED_*/INSTAPG_CLAIMED_* configure: tables already
-# hold them, so the values stay.
-TRIAL_PLAN = "unclaimed"  # a new database's plan, until it is claimed (models.UNCLAIMED is the status)
-FREE_PLAN = "claimed"  # a claimed database's plan (models.CLAIMED is the status)
+from chalicelib import envparse
+
+# Plans live in chalicelib.plans; imported from here as they always were.
+from chalicelib.plans import FREE_PLAN as FREE_PLAN
+from chalicelib.plans import TRIAL_PLAN as TRIAL_PLAN
+from chalicelib.plans import Plan as Plan
+from chalicelib.plans import from_settings as plans_from_settings
+
 # `import app` must work without configuration; a deployment sets the real ARN.
 STREAM_ARN_PLACEHOLDER = "arn:aws:dynamodb:us-east-2:000000000000:table/instapg-databases/stream/unset"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Limits of one tier. The single source of truth for every limit."""
-
-    name: str
-    storage_mb: int
-    connections: int
-    statement_timeout_s: int
-    lifetime_s: int | None  # None: never expires
-    # Enforced by the scheduled job (chalicelib.quotas): sessions idle inside a
-    # transaction longer than this are ended; they hold locks and snapshots.
-    idle_in_transaction_s: int
-    # Per-role temp_file_limit where the admin may set it (superuser-only GUC).
-    temp_file_limit_mb: int
-    # Bytes in plus out through the pooler per calendar month (UTC), enforced by chalicelib.metering.
-    transfer_mb: int = 1024
-
-    @property
-    def storage_bytes(self) -> int:
-        return self.storage_mb * 1024 * 1024
-
-    @property
-    def transfer_bytes(self) -> int:
-        return self.transfer_mb * 1024 * 1024
-
-    def public(self) -> dict:
-        return {"storage_mb": self.storage_mb, "connections": self.connections}
 
 
 @dataclass(frozen=True)
@@ -325,58 +297,15 @@ _DEFAULTS = {name: default for name, default, _ in ENVIRONMENT}
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
-    raw = env.get(name) or _DEFAULTS[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    return envparse.integer(name, env.get(name) or _DEFAULTS[name])
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = (env.get(name) or _DEFAULTS[name]).strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {raw!r}")
+    return envparse.boolean(name, env.get(name) or _DEFAULTS[name])
 
 
 def _fraction(env: Mapping[str, str], name: str) -> float:
-    raw = env.get(name) or _DEFAULTS[name]
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {raw!r}")
-    return value
-
-
-def _copy_strategy(env: Mapping[str, str]) -> str:
-    raw = (env.get("INSTAPG_COPY_STRATEGY") or _DEFAULTS["INSTAPG_COPY_STRATEGY"]).strip().lower()
-    if raw not in ("wal_log", "file_copy"):
-        raise ValueError(f"INSTAPG_COPY_STRATEGY must be wal_log or file_copy, got {raw!r}")
-    return raw
-
-
-def _public_url(env: Mapping[str, str]) -> str | None:
-    raw = (env.get("INSTAPG_PUBLIC_URL") or "").strip().rstrip("/")
-    if not raw:
-        return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ValueError(f"INSTAPG_PUBLIC_URL must be an http(s) URL like https://db.example.com, got {raw!r}")
-    return raw
-
-
-def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
-    origins = tuple(
-        o.strip().rstrip("/").lower() for o in (env.get("INSTAPG_ALLOWED_ORIGINS") or "").split(",") if o.strip()
-    )
-    for origin in origins:
-        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
-            raise ValueError(f"INSTAPG_ALLOWED_ORIGINS holds origins like https://app.example.com, got {origin!r}")
-    return origins
+    return envparse.fraction(name, env.get(name) or _DEFAULTS[name])
 
 
 def _name_prefix(raw: str) -> str:
@@ -394,35 +323,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     def get(name: str) -> str:
         return env.get(name) or _DEFAULTS[name]
 
-    plans = {
-        TRIAL_PLAN: Plan(
-            TRIAL_PLAN,
-            storage_mb=_int(env, "INSTAPG_UNCLAIMED_STORAGE_MB"),
-            connections=_int(env, "INSTAPG_UNCLAIMED_CONNECTIONS"),
-            statement_timeout_s=_int(env, "INSTAPG_UNCLAIMED_STATEMENT_TIMEOUT_SECONDS"),
-            idle_in_transaction_s=_int(env, "INSTAPG_UNCLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
-            temp_file_limit_mb=_int(env, "INSTAPG_UNCLAIMED_TEMP_FILE_LIMIT_MB"),
-            transfer_mb=_int(env, "INSTAPG_UNCLAIMED_TRANSFER_MB"),
-            lifetime_s=_int(env, "INSTAPG_UNCLAIMED_LIFETIME_SECONDS"),
-        ),
-        FREE_PLAN: Plan(
-            FREE_PLAN,
-            storage_mb=_int(env, "INSTAPG_CLAIMED_STORAGE_MB"),
-            connections=_int(env, "INSTAPG_CLAIMED_CONNECTIONS"),
-            statement_timeout_s=_int(env, "INSTAPG_CLAIMED_STATEMENT_TIMEOUT_SECONDS"),
-            idle_in_transaction_s=_int(env, "INSTAPG_CLAIMED_IDLE_IN_TRANSACTION_SECONDS"),
-            temp_file_limit_mb=_int(env, "INSTAPG_CLAIMED_TEMP_FILE_LIMIT_MB"),
-            transfer_mb=_int(env, "INSTAPG_CLAIMED_TRANSFER_MB"),
-            lifetime_s=None,
-        ),
-    }
+    plans = plans_from_settings(lambda name: _int(env, name))
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _DEFAULTS["AWS_REGION"]
     return Settings(
         stage=get("INSTAPG_STAGE"),
         region=region,
         table_prefix=get("INSTAPG_TABLE_PREFIX"),
         dynamodb_endpoint=env.get("INSTAPG_DYNAMODB_ENDPOINT") or None,
-        public_url=_public_url(env),
+        public_url=envparse.public_url(env.get("INSTAPG_PUBLIC_URL") or ""),
         keyring=env.get("INSTAPG_KEYRING", ""),
         keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
         name_prefix=_name_prefix(get("INSTAPG_NAME_PREFIX")),
@@ -449,8 +357,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         open_signup=_bool(env, "INSTAPG_OPEN_SIGNUP"),
         pool_size=_int(env, "INSTAPG_POOL_SIZE"),
         host_retry_s=_int(env, "INSTAPG_HOST_RETRY_SECONDS"),
-        pg_sslrootcert=_app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
-        allowed_origins=_origins(env),
+        pg_sslrootcert=envparse.app_path(env.get("INSTAPG_PG_SSLROOTCERT") or ""),
+        allowed_origins=envparse.origins(env.get("INSTAPG_ALLOWED_ORIGINS") or ""),
         auth_failures_per_hour=_int(env, "INSTAPG_AUTH_FAILURES_PER_HOUR"),
         admin_session_s=_int(env, "INSTAPG_ADMIN_SESSION_SECONDS"),
         claim_requires_token=_bool(env, "INSTAPG_CLAIM_REQUIRES_TOKEN"),
@@ -461,15 +369,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         aws_read_timeout_s=_int(env, "INSTAPG_AWS_READ_TIMEOUT_SECONDS"),
         aws_max_attempts=_int(env, "INSTAPG_AWS_MAX_ATTEMPTS"),
         databases_per_account=_int(env, "INSTAPG_DATABASES_PER_ACCOUNT"),
-        copy_strategy=_copy_strategy(env),
+        copy_strategy=envparse.copy_strategy(get("INSTAPG_COPY_STRATEGY")),
         copy_deadline_s=_int(env, "INSTAPG_COPY_DEADLINE_SECONDS"),
         default_region=(env.get("INSTAPG_DEFAULT_REGION") or "").strip() or region,
     )
-
-
-def _app_path(raw: str) -> str | None:
-    """An absolute path; a relative one is taken from the folder app.py is in (Lambda: /var/task)."""
-    if not raw:
-        return None
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), raw)
-    return os.path.normpath(path)

@@ -30,10 +30,12 @@ def database(
     host: HostRecord | None = None,
     password: str | None = None,
     creator_token: str | None = None,
+    region: str | None = None,
 ) -> dict[str, Any]:
     """The public view of a database; connection strings only when a password is given.
 
-    `creator_token` only in the answer that created it (it is stored hashed).
+    `creator_token` only in the answer that created it (it is stored hashed). `region`: its host's
+    (Context.region), so a client sees where its data lives (docs/regions.md).
     """
     pooled_url = direct_url = replication = None
     if host is not None and password is not None:
@@ -42,6 +44,7 @@ def database(
     body = {
         "id": record.id,
         "status": record.status,
+        "region": region,
         "connection_string": pooled_url,
         "direct_connection_string": direct_url,
         "replication_connection_string": replication,
@@ -110,14 +113,17 @@ def account(record, api_key: str | None = None) -> dict[str, Any]:
     return body
 
 
-def owned_database(record: DatabaseRecord, plan: Plan, usage=None, days: list | None = None) -> dict[str, Any]:
+def owned_database(
+    record: DatabaseRecord, plan: Plan, usage=None, days: list | None = None, region: str | None = None
+) -> dict[str, Any]:
     """What the owner sees of a database (connection strings have their own audited endpoint).
 
-    `days`: the details' usage over time (chalicelib.usage.last_days).
+    `days`: the details' usage over time (chalicelib.usage.last_days); `region`: its host's.
     """
     body: dict[str, Any] = {
         "id": record.id,
         "status": record.status,
+        "region": region,
         "plan": plan.name,
         "limits": plan.public(),
         "created_at": iso(record.created_at),
@@ -134,9 +140,9 @@ def owned_database(record: DatabaseRecord, plan: Plan, usage=None, days: list | 
     return body
 
 
-def copy(record: DatabaseRecord, plan: Plan, host: HostRecord, password: str) -> dict[str, Any]:
+def copy(record: DatabaseRecord, plan: Plan, host: HostRecord, password: str, region: str | None) -> dict[str, Any]:
     """A new copy: what the owner sees of it, with its connection strings (shown here, and audited later)."""
-    return {**owned_database(record, plan), **connection(record, host, password)}
+    return {**owned_database(record, plan, region=region), **connection(record, host, password)}
 
 
 def connection(record: DatabaseRecord, host: HostRecord, password: str) -> dict[str, Any]:

@@ -30,6 +30,14 @@ os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
 ADMIN_ENV = "INSTAPG_TEST_HOST_ADMIN"
 
 
+def pytest_sessionstart(session):  # noqa: ARG001 - pytest's hook signature
+    """Servers and folders a killed run left (its owner is dead) are stopped and removed first
+    (tools/dev/reaper.py); every pytest worker does it, and none touches a live owner's."""
+    from tools.dev import reaper
+
+    reaper.reap_and_say("tests")
+
+
 @dataclass
 class PgServer:
     host: str

@@ -515,8 +515,39 @@ def test_copy_and_reset(run, server, tmp_path, monkeypatch):
         conn.execute("DELETE FROM t")
     code, _, err = run("copy")  # the variable is taken: nothing is made
     assert code == 2 and "--as" in err
-    copy_id = out.split(" to ", 1)[1].split(";", 1)[0]
+    copy_id = out.split(" to ", 1)[1].split(";", 1)[0].split()[0]  # "<id> in <region>; wrote ..."
+    assert out.split(";", 1)[0].endswith(f"{copy_id} in {server_region()}")  # a copy lives by its source
     code, out, _ = run("reset", copy_id, "--yes", "--json")
     assert code == 0 and json.loads(out)["source_id"] == database_id
     with psycopg.connect(copied["DATABASE_URL_COPY"]) as conn:
         assert conn.execute("SELECT v FROM t").fetchall() == [("source",)]
+
+
+def server_region() -> str:
+    from chalicelib import context
+
+    return context.get().settings.default_region
+
+
+def test_a_region_is_asked_for_and_every_output_names_it(run, server, service, second_host, tmp_path, monkeypatch):
+    from instapg_cli.api import _request
+
+    from tests.test_multihost import _host_of, _set_host
+
+    _set_host(service, "local-2", region="eu-west-1")
+    code, out, _ = run("--yes", "--region", "eu-west-1")
+    assert code == 0 and "The database in eu-west-1 expires at 20" in out, out
+    env = envfile.read(tmp_path / ".env")
+    database_id = env["PUBLIC_POSTGRES_CLAIM_URL"].rsplit("/", 1)[1]
+    assert _host_of(database_id) == "local-2"
+    assert (tmp_path / ".env").read_text().startswith(f"# instapg database {database_id} in eu-west-1: expires")
+    code, out, _ = run("status")
+    assert code == 0 and "region       eu-west-1" in out.splitlines()
+    key = _api_key(server)
+    _request("POST", f"{server}/api/v1/database/{database_id}/claim", {}, 30, key)
+    monkeypatch.setenv("INSTAPG_API_KEY", key)
+    code, out, _ = run("list")
+    row = next(line for line in out.splitlines() if line.startswith(database_id))
+    assert code == 0 and row.split()[3] == "eu-west-1" and out.splitlines()[0].split()[3] == "REGION"
+    code, out, err = run("--yes", "--region", "mars-1", "--env", "other.env")
+    assert code == 1 and "Unknown region 'mars-1' (HTTP 422)" in err, err

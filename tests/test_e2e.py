@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -22,6 +22,7 @@ import pytest
 
 from tests.pgerrors import refused_login
 from tests.pgwire import login_sqlstate
+from tools.dev import pgserver
 from tools.dev.pgserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,14 +37,28 @@ def _request(method: str, url: str, body: bytes | None = None, headers: dict | N
         return err.code, json.loads(err.read() or b"null")
 
 
+# Looked up here, not in the child: between fork and exec the child must not import (another thread of
+# this process may have held the import lock at the fork).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the stack's process: SIGTERM (its clean stop) when this pytest process dies, even by SIGKILL."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @pytest.fixture(scope="module")
 def devstack():
     port = free_port()
     # Not under pytest's tmp folder: another pytest run on the machine resets
     # its mode to 0700, and the server's own user would lose its data.
-    data_dir = tempfile.mkdtemp(prefix="instapg-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    # Throwaway and owned by this process (the reaper removes it, the stack's lock file inside, if this run
+    # is killed), and reachable by the server's user: its data stays here, on tmpfs, not relocated to disk.
+    root = pgserver.private_dir("instapg-e2e-")
+    data_dir = root / "dev"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAPG_", "AWS_"))}
-    env.update(PORT=str(port), INSTAPG_DEV_DIR=data_dir, PYTHONUNBUFFERED="1")
+    env.update(PORT=str(port), INSTAPG_DEV_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     # Expiry goes through the emulated TTL and stream only: the stack's purge never runs here.
     env.update(INSTAPG_LOCAL_TTL_SWEEP_SECONDS="1", INSTAPG_LOCAL_PURGE_INTERVAL_SECONDS="3600")
     proc = subprocess.Popen(
@@ -53,6 +68,7 @@ def devstack():
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_stop_with_parent,
     )
     lines: list[str] = []
     deadline = time.monotonic() + 120
@@ -74,7 +90,7 @@ def devstack():
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_banner_prints_a_curl_line(devstack):

@@ -12,6 +12,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# chalice keeps the Linux wheels it fetched for a requirements.txt in .chalice/deployments (named by the
+# requirements' hash and the Python version); the fixture's project is a new temp dir every run, so the
+# wheels are kept here between runs, as pip keeps its cache. A changed requirements.txt gets a new name.
+DEPLOYMENTS_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instapg" / "chalice-deployments"
+
+
+def _restore_deployments(project: Path) -> None:
+    target = project / ".chalice" / "deployments"
+    target.mkdir(parents=True, exist_ok=True)
+    for cached in DEPLOYMENTS_CACHE.glob("*.zip") if DEPLOYMENTS_CACHE.is_dir() else ():
+        shutil.copy(cached, target / cached.name)
+
+
+def _keep_deployments(project: Path) -> None:
+    DEPLOYMENTS_CACHE.mkdir(parents=True, exist_ok=True)
+    for built in (project / ".chalice" / "deployments").glob("*.zip"):
+        if not (DEPLOYMENTS_CACHE / built.name).exists():
+            partial = DEPLOYMENTS_CACHE / f".{built.name}.{os.getpid()}"
+            shutil.copy(built, partial)
+            partial.replace(DEPLOYMENTS_CACHE / built.name)  # whole or absent, with two runs at once
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +44,14 @@ def packaged(tmp_path_factory):
         shutil.copy(ROOT / name, project / name)
     for name in ("chalicelib", "infra", ".chalice"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("deployed", "__pycache__"))
+    _restore_deployments(project)
     # Loading an app applies its stage's environment to os.environ (as chalice
     # does), and the copy's app.py must not stand in for the real one later.
     saved_env, saved_path, saved_app = dict(os.environ), list(sys.path), sys.modules.get("app")
     try:
         # The template does not depend on the CA bundle's content (tests/test_tls.py covers verify-full).
         template_path = package.package(project / "build", "prod", project_dir=project, require_ca=False)
+        _keep_deployments(project)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)

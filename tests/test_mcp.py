@@ -21,7 +21,7 @@ from instapg_cli.api import Client as ApiClient
 
 from tests.test_client import http_app  # noqa: F401  (the session's local server)
 
-ACCOUNT_TOOLS = {"list_databases", "rotate_password"}
+ACCOUNT_TOOLS = {"list_databases", "rotate_password", "create_copy", "reset_copy"}
 PUBLIC_TOOLS = {"create_database", "get_database", "run_sql", "describe_schema", "claim_url", "delete_database"}
 
 
@@ -197,6 +197,55 @@ def test_account_tools_with_an_api_key(server):
             text = await fail(client, "run_sql", database_id=owned["id"], sql="SELECT 1")
             assert "Database deleted (HTTP 410)" in text
 
+    anyio.run(scenario)
+
+
+def test_copies_with_an_api_key(server):
+    """create_copy and reset_copy: the same auth as the account's other tools (the key's account only)."""
+    from instapg_cli.api import _request
+
+    key = _account(server)
+    source = ApiClient(server, api_key=key).create("owner")
+    with psycopg.connect(source["direct_connection_string"]) as conn:
+        conn.execute("CREATE TABLE t (v text)")
+        conn.execute("INSERT INTO t VALUES ('source')")
+    stranger_key = _request("POST", f"{server}/api/v1/accounts", {"email": "other@example.com"}, 30)[1]["api_key"]
+
+    async def scenario():
+        async with stdio_session(server, key) as client:
+            text = await fail(client, "create_copy", database_id=source["id"])
+            assert "Unclaimed databases cannot be copied (HTTP 409)" in text
+            _request("POST", f"{server}/api/v1/database/{source['id']}/claim", {}, 30, key)
+
+            copy = await call(client, "create_copy", database_id=source["id"])
+            assert copy["source_id"] == source["id"] and copy["id"] != source["id"]
+            assert copy["region"] == source["region"] and copy["region"]
+            assert "secrets" in copy["note"]
+            copy_id.append(copy["id"])
+            assert (await call(client, "get_database", database_id=copy["id"]))["region"] == copy["region"]
+            # The copy is reachable at once, holds the source's data, and changes stay in it.
+            out = await call(client, "run_sql", database_id=copy["id"], sql="DELETE FROM t RETURNING v", read_write=True)
+            assert out["rows"] == [["source"]]
+            listed = {d["id"]: d for d in (await call(client, "list_databases"))["databases"]}
+            assert listed[copy["id"]]["source_id"] == source["id"] and listed[copy["id"]]["region"] == copy["region"]
+
+            reset = await call(client, "reset_copy", database_id=copy["id"])
+            assert reset["id"] == copy["id"] and reset["source_id"] == source["id"]
+            out = await call(client, "run_sql", database_id=copy["id"], sql="SELECT v FROM t")
+            assert out["rows"] == [["source"]]
+            text = await fail(client, "reset_copy", database_id=source["id"])
+            assert "Not a copy (HTTP 409)" in text
+
+        async with stdio_session(server, stranger_key) as client:  # another account's key: not found
+            text = await fail(client, "create_copy", database_id=source["id"])
+            assert "HTTP 404" in text
+            text = await fail(client, "reset_copy", database_id=copy_id[0])
+            assert "HTTP 404" in text
+
+        async with stdio_session(server, None) as client:  # no key: no copy tools at all
+            assert not {"create_copy", "reset_copy"} & {t.name for t in (await client.list_tools()).tools}
+
+    copy_id: list[str] = []
     anyio.run(scenario)
 
 

@@ -68,3 +68,27 @@ def test_pool_takes_respect_the_region(client, service, two_regions):
     assert _host_of(taken.json_body["id"]) == "local-2"
     assert len(pooled("local-2")) == 0 and len(pooled("local-1")) == 1  # the default region's pool untouched
     assert _works(taken.json_body)
+
+
+def test_every_answer_about_a_database_names_its_region(client, two_regions):
+    """The create's 201, the public GET, the claim, the owner's list and details, a copy and its reset."""
+    from tests.test_claim import bearer, claim, signup
+
+    eu = _create(client, region="eu-west-1")
+    assert eu.status_code == 201 and eu.json_body["region"] == "eu-west-1"
+    default = _create(client)
+    assert default.status_code == 201 and default.json_body["region"] == two_regions != "eu-west-1"
+    assert client.http.get(f"/api/v1/database/{eu.json_body['id']}").json_body["region"] == "eu-west-1"
+
+    key = signup(client)
+    claimed = claim(client, eu.json_body["id"], key)
+    assert claimed.status_code == 200 and claimed.json_body["region"] == "eu-west-1"
+    listed = client.http.get("/api/v1/databases", headers=bearer(key)).json_body["databases"]
+    assert [(d["id"], d["region"]) for d in listed] == [(eu.json_body["id"], "eu-west-1")]
+    details = client.http.get(f"/api/v1/databases/{eu.json_body['id']}", headers=bearer(key))
+    assert details.json_body["region"] == "eu-west-1"
+
+    copy = post_json(client, f"/api/v1/databases/{eu.json_body['id']}/copies", {}, headers=bearer(key))
+    assert copy.status_code == 201 and copy.json_body["region"] == "eu-west-1"  # on its source's host
+    reset = post_json(client, f"/api/v1/databases/{copy.json_body['id']}/reset", {}, headers=bearer(key))
+    assert reset.status_code == 200 and reset.json_body["region"] == "eu-west-1"

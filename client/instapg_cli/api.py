@@ -103,11 +103,14 @@ class Client:
         self.timeout = timeout
         self.api_key = api_key
 
-    def create(self, ref: str, logical_replication: bool = False) -> dict[str, Any]:
-        """Create a database. The id is chosen here so that a retried request cannot make two."""
+    def create(self, ref: str, logical_replication: bool = False, region: str | None = None) -> dict[str, Any]:
+        """Create a database (in `region`, or the server's default region). The id is chosen here so that
+        a retried request cannot make two."""
         database_id = str(uuid.uuid4())
         url = f"{self.base_url}/api/v1/database/{database_id}"
-        body = {"ref": ref, "enable_logical_replication": logical_replication}
+        body: dict[str, Any] = {"ref": ref, "enable_logical_replication": logical_replication}
+        if region:
+            body["region"] = region
         for attempt in range(5):
             try:
                 return _request("POST", url, body, self.timeout)[1]

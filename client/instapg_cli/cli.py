@@ -1,7 +1,7 @@
 """The `instapg` command.
 
 instapg [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--ref NAME] [--seed FILE.sql]
-        [--logical-replication] [--json] [--yes] [--url BASE]
+        [--region REGION] [--logical-replication] [--json] [--yes] [--url BASE]
 instapg seed FILE.sql [--env .env] [--key DATABASE_URL]
 instapg status [ID] [--env .env] [--prefix PUBLIC_] [--api-key KEY]
 instapg claim [ID] [--env .env] [--key DATABASE_URL] [--prefix PUBLIC_] [--no-browser] [--api-key KEY]
@@ -70,6 +70,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--ref", default="instapg-cli", help="who is asking (sent as ref; default: instapg-cli)")
         parser.add_argument("--seed", type=Path, metavar="FILE.sql", help="run this SQL file on the new database")
         parser.add_argument("--logical-replication", action="store_true", help="ask for logical replication")
+        parser.add_argument("--region", help="where the database lives, e.g. eu-west-1 (default: the server's)")
         parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
         parser.add_argument("--version", action="version", version=f"instapg {__version__}")
         return parser
@@ -162,6 +163,11 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("", "y", "yes")
 
 
+def _in_region(body: dict[str, Any]) -> str:
+    """The words ' in eu-west-1' for a sentence about the database; none from a server that does not say."""
+    return f" in {body['region']}" if body.get("region") else ""
+
+
 def create(args) -> int:
     base = _base_url(args)
     if args.seed is not None:
@@ -180,11 +186,11 @@ def create(args) -> int:
         print("Nothing created.")
         return EXIT_FAILED
 
-    body = Client(base).create(args.ref, args.logical_replication)
+    body = Client(base).create(args.ref, args.logical_replication, args.region)
     if not args.json:
         lines = [
-            f"# instapg database {body['id']}: expires {body.get('expires_at') or 'never'} unless claimed at "
-            f"{body['claim_url']}",
+            f"# instapg database {body['id']}{_in_region(body)}: expires {body.get('expires_at') or 'never'} "
+            f"unless claimed at {body['claim_url']}",
             f"{args.key}={body['connection_string']}",
             f"{args.key}_DIRECT={body['direct_connection_string']}",
             f"{_claim_key(args)}={body['claim_url']}",
@@ -202,7 +208,10 @@ def create(args) -> int:
         names = [args.key, f"{args.key}_DIRECT"] + ([f"{args.key}_REPLICATION"] if replication else [])
         names += [_claim_key(args)] + ([_token_key(args)] if token else [])
         print(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {args.env}.")
-        print(f"The database expires {_when(body.get('expires_at'))} unless you claim it: {body['claim_url']}")
+        print(
+            f"The database{_in_region(body)} expires {_when(body.get('expires_at'))} unless you claim it: "
+            f"{body['claim_url']}"
+        )
     if args.seed is None:
         if args.json:
             _print_json(body)
@@ -343,6 +352,7 @@ def status(args) -> int:
     limits = (owner or body).get("limits") or {}
     print(f"database     {body['id']}")
     print(f"status       {body['status']}")
+    print(f"region       {body.get('region') or 'not reported by this server'}")
     expires = body.get("expires_at")
     print(f"expires      {_when(expires) if expires else 'never (claimed)'}")
     storage = f" (limit {limits['storage_mb']} MB)" if limits.get("storage_mb") else ""
@@ -433,9 +443,10 @@ def list_(args) -> int:
     if not databases:
         print("No databases in this account. Claim one with `instapg claim`.")
         return EXIT_OK
-    print(f"{'ID':36}  {'STATUS':9}  {'PLAN':8}  CREATED")
+    print(f"{'ID':36}  {'STATUS':9}  {'PLAN':8}  {'REGION':14}  CREATED")
     for db in databases:
-        print(f"{db['id']:36}  {db['status']:9}  {db.get('plan') or '-':8}  {db.get('created_at') or '-'}")
+        region = db.get("region") or "-"
+        print(f"{db['id']:36}  {db['status']:9}  {db.get('plan') or '-':8}  {region:14}  {db.get('created_at') or '-'}")
     return EXIT_OK
 
 
@@ -457,7 +468,7 @@ def copy(args) -> int:
             f"{name}_DIRECT={body['direct_connection_string']}",
         ],
     )
-    print(f"Copied {database_id} to {body['id']}; wrote {name} and {name}_DIRECT to {args.env}.")
+    print(f"Copied {database_id} to {body['id']}{_in_region(body)}; wrote {name} and {name}_DIRECT to {args.env}.")
     print(f"The source's sessions were ended for the copy. `instapg reset {body['id']}` copies it again.")
     return EXIT_OK
 

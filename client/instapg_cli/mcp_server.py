@@ -5,7 +5,7 @@
 
 It talks to an instapg server over HTTP like the `instapg` command does
 (INSTAPG_URL / --url). With INSTAPG_API_KEY (or --api-key) it also offers the
-account's tools: list_databases, rotate_password; delete_database is always there
+account's tools: list_databases, rotate_password, create_copy, reset_copy; delete_database is always there
 (without a key it deletes the unclaimed databases this session created, with the
 creator token their create returned, kept in memory like the strings).
 
@@ -51,10 +51,10 @@ Use this when the user's project needs a Postgres database and has none (no DATA
 .env). Do not call it again for the same project: reuse the database you got (get_database shows
 its state).
 
-Returns id, connection_string (pooled: use it for the app), direct_connection_string (a direct
-session: use it for migrations, LISTEN/NOTIFY, pg_dump), replication_connection_string (only with
-enable_logical_replication: replication=database, for pg_recvlogical or CREATE SUBSCRIPTION; else
-null), claim_url, expires_at, and access_token
+Returns id, region (where it lives), connection_string (pooled: use it for the app),
+direct_connection_string (a direct session: use it for migrations, LISTEN/NOTIFY, pg_dump),
+replication_connection_string (only with enable_logical_replication: replication=database, for
+pg_recvlogical or CREATE SUBSCRIPTION; else null), claim_url, expires_at, and access_token
 (pass it to run_sql/describe_schema only if your client keeps no MCP session; keep it private too).
 The database is deleted with all its data at expires_at (about 72 h) unless a person opens claim_url
 and claims it into an account; tell the user this, with the link.
@@ -62,10 +62,12 @@ The connection strings contain the password: they are secrets. Put them in .env 
 DATABASE_URL_DIRECT (and make sure .env is git-ignored); never echo them into chat, commits or logs.
 
 ref: a short name for who is asking, e.g. the project's or tool's name.
+region: only when the user asked for one (data residency, latency), e.g. "eu-west-1"; left out, the
+server's default region. An unknown or full region is refused with the regions that have room.
 enable_logical_replication: only for CDC/replication tools (Debezium, ElectricSQL); refused where
 no host offers it."""
 
-GET = """Show a database's state: status (UNCLAIMED, CLAIMED, EXPIRED, DELETED ...), expires_at, the size
+GET = """Show a database's state: status (UNCLAIMED, CLAIMED, EXPIRED, DELETED ...), region, expires_at, the size
 last measured and the plan's limits, the claim_url, and whether this session created it.
 Use it to check whether a database still exists before using it, or how long it has left.
 It never returns connection strings."""
@@ -93,7 +95,21 @@ account's plan. An agent cannot claim on its own behalf; give the link to the us
 database is deleted at expires_at if nobody claims it."""
 
 LIST = """List the databases owned by the account of the configured API key (claimed databases),
-with status, plan and creation time. Databases created but not yet claimed are not in it."""
+with status, region, plan and creation time; a copy has source_id, the database it was copied from.
+Databases created but not yet claimed are not in it."""
+
+COPY = """Copy a database the account owns (claimed): a new database with the source's schema and data
+as of now, in the same region, with its own role and password. Use it for a branch to test a
+migration or an experiment against real data without touching the source.
+The source's open sessions are ended and it refuses connections while it is copied (usually seconds
+for a small database): do not copy a production database in use without the user's agreement.
+Returns the copy's id, source_id, region and its connection strings (secrets: put them in .env, e.g.
+DATABASE_URL_COPY, not in chat). run_sql and describe_schema work on the copy at once.
+Each copy counts against the account's database limit; delete_database removes it."""
+
+RESET = """Make a copy (a database create_copy made) a fresh copy of its source again: everything done in the
+copy since is lost, and its open sessions are ended; its connection strings stay the same.
+Use it to rerun a migration test from a clean start. Only on a copy (source_id set), never on a source."""
 
 DELETE = """Delete a database with all its data, now. This cannot be undone.
 Only do this when the user asked for it (an unclaimed database is deleted at expires_at anyway).
@@ -143,14 +159,17 @@ class Tools:
     def access_token(self, database_id: str) -> str:
         return hmac.new(self._token_key, database_id.encode(), hashlib.sha256).hexdigest()
 
-    def create_database(self, scope: dict | None, ref: str, enable_logical_replication: bool) -> dict[str, Any]:
-        body = self.client.create(ref, enable_logical_replication)
+    def create_database(
+        self, scope: dict | None, ref: str, enable_logical_replication: bool, region: str | None = None
+    ) -> dict[str, Any]:
+        body = self.client.create(ref, enable_logical_replication, region)
         self._remember(scope, body["id"], body["direct_connection_string"])
         if body.get("creator_token"):  # kept for delete_database, not shown to the agent
             self._creator_tokens[body["id"]] = body["creator_token"]
         return {
             "id": body["id"],
             "status": body["status"],
+            "region": body.get("region"),
             "connection_string": body["connection_string"],
             "direct_connection_string": body["direct_connection_string"],
             # Only for enable_logical_replication: the replication gateway's replication=database string.
@@ -257,6 +276,24 @@ class Tools:
             scope.pop(database_id, None)
         return {"id": database_id, "deleted": True}
 
+    def create_copy(self, scope: dict | None, database_id: str) -> dict[str, Any]:
+        body = self.client.copy(check_id(database_id))
+        # The account owns the copy, so run_sql reaches it anyway; remembered here it needs no audited fetch.
+        self._remember(scope, body["id"], body["direct_connection_string"])
+        return {
+            **body,
+            "note": "A new database with the source's data as of now; changes to it never reach the source. "
+            "Its connection strings are secrets: write them to .env (e.g. DATABASE_URL_COPY), not to chat. "
+            "reset_copy makes it a fresh copy again; delete_database removes it.",
+        }
+
+    def reset_copy(self, database_id: str) -> dict[str, Any]:
+        body = self.client.reset(check_id(database_id))
+        return {
+            **body,
+            "note": "The copy holds the source's data as of now again; its connection strings did not change.",
+        }
+
     def rotate_password(self, scope: dict | None, database_id: str) -> dict[str, Any]:
         database_id = check_id(database_id)
         body = self.client.rotate(database_id)
@@ -310,9 +347,9 @@ def build_server(
 
     @server.tool(description=CREATE, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False))
     async def create_database(
-        ctx: Context, ref: str = "instapg-mcp", enable_logical_replication: bool = False
+        ctx: Context, ref: str = "instapg-mcp", enable_logical_replication: bool = False, region: str | None = None
     ) -> dict[str, Any]:
-        return await call(tools.create_database, scope(ctx), ref, enable_logical_replication)
+        return await call(tools.create_database, scope(ctx), ref, enable_logical_replication, region)
 
     @server.tool(description=GET, annotations=read)
     async def get_database(ctx: Context, database_id: str, access_token: str | None = None) -> dict[str, Any]:
@@ -353,6 +390,14 @@ def build_server(
         async def rotate_password(ctx: Context, database_id: str) -> dict[str, Any]:
             return await call(tools.rotate_password, scope(ctx), database_id)
 
+        @server.tool(description=COPY, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False))
+        async def create_copy(ctx: Context, database_id: str) -> dict[str, Any]:
+            return await call(tools.create_copy, scope(ctx), database_id)
+
+        @server.tool(description=RESET, annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
+        async def reset_copy(database_id: str) -> dict[str, Any]:
+            return await call(tools.reset_copy, database_id)
+
     return server
 
 
@@ -362,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         description="instapg's MCP server: create and query PostgreSQL databases from an AI agent.",
     )
     parser.add_argument("--url", help=f"instapg server (default: $INSTAPG_URL or {DEFAULT_URL})")
-    parser.add_argument("--api-key", help="account API key for list/rotate, and delete of owned databases (default: $INSTAPG_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        help="account API key for list/rotate/copies, and delete of owned databases (default: $INSTAPG_API_KEY)",
+    )
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     parser.add_argument("--host", default="127.0.0.1", help="with --http: address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="with --http: port (default 8765)")

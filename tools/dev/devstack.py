@@ -64,10 +64,15 @@ class DevStack:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
 
         from chalicelib.crypto import new_key_spec
-        from tools.dev import pgserver
+        from tools.dev import pgserver, reaper
 
+        # A killed run's servers and folders (this folder's too: we hold its lock, so whoever ran in
+        # it is gone, even a run from before owners were registered) go before anything starts.
+        reaper.reap_and_say("instapg")
+        reaper.stop_servers(self.data_dir)
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
+        reaper.register(self.data_dir, remove=False)
 
         self.pg = pgserver.start(self.data_dir / "pg", grant_temp_file_limit=True)
         _say(f"postgres  127.0.0.1:{self.pg.port} (embedded, scram-sha-256, admin role {pgserver.ADMIN_ROLE})")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chalicelib import pooler as pooler_mod
 from chalicelib.postgres import scram_verifier
-from tools.dev import pgserver
+from tools.dev import pgserver, reaper
 
 ADMIN_USER = "instapg_pooler"
 INI = "pgbouncer.ini"
@@ -115,8 +115,11 @@ def start(state_dir: Path, port: int | None = None, settings: dict[str, str] | N
     exe = binary()
     if exe is None:
         raise RuntimeError("pgbouncer is not installed (make pgbouncer, or sh tools/dev/install-pgbouncer.sh)")
+    reaper.reap_and_say("pgbouncer")
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # It runs in its own session (below), so it outlives a killed owner: the reaper stops it then.
+    reaper.register(state_dir, remove=False)
     user = pgserver._system_user()
     pgserver._chown(state_dir, user)
     port = port or pgserver.free_port()

