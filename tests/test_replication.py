@@ -13,6 +13,7 @@ import dataclasses
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -763,3 +764,32 @@ def test_the_guard_ends_a_companions_physical_walsender_opened_around_the_gatewa
         wait_for(lambda: not walsenders(pg, companion))
     finally:
         streamer.close()
+
+
+def test_a_gateway_whose_parent_is_killed_stops_by_itself(pg, tmp_path):
+    import signal
+    import sys
+
+    # A parent that starts a gateway and is then killed -9 (a test run the OOM killer ends).
+    script = (
+        "import sys, time; from pathlib import Path; from tools.dev import replgateway; "
+        f"g = replgateway.start({str(pg.socket_dir)!r}, {pg.port}, Path({str(tmp_path / 'g.log')!r})); "
+        "print(g.process.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        gateway_pid = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+        def gone() -> bool:
+            try:
+                os.kill(gateway_pid, 0)
+            except ProcessLookupError:
+                return True
+            return Path(f"/proc/{gateway_pid}/stat").read_text().split(") ")[1].startswith("Z")
+
+        wait_for(gone, timeout=15)
+    finally:
+        parent.kill()
+        parent.wait()

@@ -2,11 +2,14 @@
 
 It reaches Postgres on its Unix socket, the only place where the embedded
 server lets replication companions log in (tools/dev/pgserver.py's pg_hba.conf),
-and listens on a free 127.0.0.1 port it prints when ready.
+and listens on a free 127.0.0.1 port it prints when ready. It stops by itself
+when the process that started it is gone (a killed test run or `make dev`
+leaves no gateway behind; tools/dev/reaper.py covers the servers).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -40,7 +43,7 @@ def start(socket_dir: str | Path, pg_port: int, log: Path, *options: str) -> Loc
     with open(log, "ab") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "tools.replication.gateway", "--listen", "127.0.0.1:0",
-             "--postgres", str(socket_dir), "--postgres-port", str(pg_port), *options],
+             "--postgres", str(socket_dir), "--postgres-port", str(pg_port), "--parent-pid", str(os.getpid()), *options],
             stdout=subprocess.PIPE, stderr=err, text=True, cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
     line = process.stdout.readline()  # its one line, or "" when it died first

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import ssl
@@ -272,6 +273,7 @@ class Config:
     tls_key: str = ""
     postgres_sslmode: str = "disable"  # towards a Postgres host name: disable, require or verify-full
     postgres_sslrootcert: str = ""  # the CA bundle verify-full checks Postgres's certificate against
+    parent_pid: int = 0  # stop when this process is gone (the local stack and the tests: no orphan if they are killed)
 
 
 def rewrite_startup(body: bytes, config: Config) -> tuple[bytes, str, str]:
@@ -582,8 +584,17 @@ async def serve(config: Config, ready_line: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    async def watch_parent() -> None:
+        while os.getppid() == config.parent_pid:
+            await asyncio.sleep(1)
+        log.info("parent %d gone: stopping", config.parent_pid)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_parent()) if config.parent_pid else None
     async with server:
         await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("replication gateway stopped")
 
 
@@ -609,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="TLS towards a Postgres host name (RDS: verify-full with --postgres-sslrootcert)",
     )  # fmt: skip
     parser.add_argument("--postgres-sslrootcert", default="", help="CA bundle for --postgres-sslmode verify-full")
+    parser.add_argument("--parent-pid", type=int, default=0, help="stop when this parent process is gone")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     return Config(
@@ -624,6 +636,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tls_key=args.tls_key,
         postgres_sslmode=args.postgres_sslmode,
         postgres_sslrootcert=args.postgres_sslrootcert,
+        parent_pid=args.parent_pid,
     )
 
 
