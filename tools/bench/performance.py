@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
 
         say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
         bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
+        from tools.bench import replication
+
+        say("replication gateway: its own Postgres and gateway")
+        bench.figures.extend(replication.figures(samples=max(args.samples // 2, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
