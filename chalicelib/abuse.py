@@ -5,10 +5,12 @@
   while both windows are under their limits), which expires by TTL after it.
   A pooled create sends that write in the same transaction as its take.
   Over the limit: 429 with `Retry-After` and the time to retry in the body.
-- Cap: live unclaimed databases per host (`INSTAPG_MAX_UNCLAIMED_PER_HOST`),
-  counted from the `by_due` index, so no other lifecycle step (claim, expiry,
-  delete) has to keep a counter right. It is a soft cap: creates racing at
-  the edge may overshoot it by their number. The hard cap stays the host's
+- Cap: live unclaimed databases per host (`INSTAPG_MAX_UNCLAIMED_PER_HOST`).
+  A host's `allocated` bounds them, so a host below the cap by it needs no
+  read; one at or past it has its records counted from the `by_host` index
+  (up to the cap), so no other lifecycle step (claim, expiry, delete) has to
+  keep a counter right. It is a soft cap: creates racing at the edge may
+  overshoot it by their number. The hard cap stays the host's
   `capacity`, taken with a conditional write in `hosts.reserve`.
 - Failed authentications (an API key or a creator token that does not
   match): at most `INSTAPG_AUTH_FAILURES_PER_HOUR` per client IP per clock
@@ -76,8 +78,8 @@ class RateCount:
 
 
 class Guard:
-    # The unclaimed count per host is read from the index, which costs one
-    # read per live unclaimed database; a create reuses a count this young.
+    # A host near the cap has its unclaimed databases counted from the index,
+    # one read per record of the host; a create reuses a count this young.
     # The cap is soft (it may be passed by the creates of one such window);
     # the hard limit is the host's `capacity`, kept by a conditional write.
     COUNT_MAX_AGE_S = 10.0
@@ -85,6 +87,7 @@ class Guard:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._counts: Counter[str] | None = None
+        self._counted_hosts: set[str] = set()
         self._counted_at = 0.0
         self._auth_blocked: dict[str, float] = {}  # ip -> epoch second its block ends
 
@@ -228,21 +231,53 @@ class Guard:
 
     # -- per-host cap ------------------------------------------------------------
 
-    def unclaimed_counts(self) -> Counter[str]:
-        """Live unclaimed (and being created) databases per host id."""
+    def unclaimed_counts(self, host_ids: list[str] | None = None) -> Counter[str]:
+        """Live unclaimed (and being created) databases per host id: of `host_ids`, each counted up to the cap.
+
+        Without `host_ids`, every host's full count from the `by_due` index
+        (an operator's view; it reads every live unclaimed record).
+        """
         counts: Counter[str] = Counter()
-        for bucket in (UNCLAIMED, PROVISIONING):
-            for record in DatabaseRecord.by_due.query(bucket, attributes_to_get=["host_id"]):
-                counts[record.host_id] += 1
+        if host_ids is None:
+            for bucket in (UNCLAIMED, PROVISIONING):
+                for record in DatabaseRecord.by_due.query(bucket, attributes_to_get=["host_id"]):
+                    counts[record.host_id] += 1
+            return counts
+        cap = self.settings.max_unclaimed_per_host
+        for host_id in host_ids:
+            # The host's own records (`by_host`), stopping at the cap: the read is bounded by the
+            # host's capacity and the cap, not by the fleet's unclaimed databases.
+            live = DatabaseRecord.by_host.query(
+                host_id, filter_condition=DatabaseRecord.status.is_in(UNCLAIMED, PROVISIONING)
+            )
+            for _ in live:
+                counts[host_id] += 1
+                if counts[host_id] >= cap:
+                    break
         return counts
 
     def open_hosts(self, hosts: list[HostRecord]) -> list[HostRecord]:
-        """The hosts still under the unclaimed cap (by a count at most COUNT_MAX_AGE_S old)."""
-        if self._counts is None or time.monotonic() - self._counted_at > self.COUNT_MAX_AGE_S:
-            self._counts = self.unclaimed_counts()
+        """The hosts still under the unclaimed cap.
+
+        A host's `allocated` (every database placed there and not dropped:
+        claimed and pooled ones too) bounds its unclaimed ones, so a host with
+        fewer allocated than the cap is under it with no read at all: the
+        usual case, and a cold process's first create. Only hosts at or past
+        the cap by that bound are counted (`unclaimed_counts`), by a count at
+        most COUNT_MAX_AGE_S old. `allocated` is as fresh as the host list
+        (hosts.HostCache) and this process's own placements (hosts.reserve).
+        """
+        cap = self.settings.max_unclaimed_per_host
+        near = {h.id for h in hosts if int(h.allocated or 0) >= cap}
+        if not near:
+            return list(hosts)
+        stale = time.monotonic() - self._counted_at > self.COUNT_MAX_AGE_S
+        if self._counts is None or stale or not near <= self._counted_hosts:
+            self._counts = self.unclaimed_counts(sorted(near))
+            self._counted_hosts = near
             self._counted_at = time.monotonic()
         counts = self._counts
-        return [h for h in hosts if counts[h.id] < self.settings.max_unclaimed_per_host]
+        return [h for h in hosts if h.id not in near or counts[h.id] < cap]
 
     def note_unclaimed(self, host_id: str) -> None:
         """This process just made one: keep its own count exact between reads."""

@@ -5,6 +5,11 @@ goes through here, so the pooler follows (issue 14 §5): a role made NOLOGIN
 is still served over PgBouncer's warm server connections unless its entries
 are revoked and its pools killed too.
 
+A tenant with logical replication has a third way in, its companion role
+behind the replication gateway (chalicelib.replication): the Postgres steps
+in chalicelib.provisioning lock, unlock, rotate and drop it with its tenant,
+so every function here covers it.
+
 A pooler that does not answer:
 - publish raises `pooler.PoolerError`: a create on that host fails cleanly
   (the create moves to another host or answers 503 with Retry-After), since

@@ -69,8 +69,7 @@ def create(ctx: Context, request: CreateDatabase, requester: Requester, database
     if database_id is None and not request.enable_logical_replication:
         taken = pool.take(ctx, hosts, plan, request.ref, requester, token_hash(token), rate)
         if taken is not None:
-            metrics.emit({"Creates": 1, "PoolTakes": 1})
-            stats.count_create(True, request.ref)
+            metrics.emit({"Creates": 1, "PoolTakes": 1})  # counted for the dashboard in the take's transaction
             return dataclasses.replace(taken, creator_token=token)
     if rate is not None:
         ctx.guard.count(rate)  # nothing when the take's transaction counted it already
@@ -122,10 +121,9 @@ def _no_room(ctx: Context, request: CreateDatabase) -> Exception:
 
 
 def note_created(ctx: Context, record: DatabaseRecord, requester: Requester) -> None:
-    """What follows an on-demand create: the unclaimed count, the audit event, the dashboard's counter."""
+    """What follows an on-demand create: this process's unclaimed count (the audit event and the
+    dashboard's count went in the record's last write, `records.mark_unclaimed`)."""
     ctx.guard.note_unclaimed(record.host_id)
-    audit.record_quietly(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
-    stats.count_create(False, record.ref)
 
 
 def _create_on_demand(
@@ -206,7 +204,9 @@ def _create_on_demand(
             break
         except Exception as exc:
             _attempt_failed(ctx, record, host, exc)
-    records.mark_unclaimed(record, plan)
+    # The audit event and the dashboard's count go in the same transaction as the status.
+    event = audit.event(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={record.ref}")
+    records.mark_unclaimed(record, plan, event, stats.create_count(False, record.ref))
     log.info("created database %s on host %s for ref %r", record.id, host.id, record.ref)
     return Provisioned(record, plan, host, password, created=True)
 

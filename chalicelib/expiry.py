@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chalicelib import access, audit, copies, ownership, postgres, provisioning, reliability, tombstones
+from chalicelib import access, audit, copies, ownership, postgres, provisioning, reliability, replication, tombstones
 from chalicelib import hosts as hostlib
 from chalicelib.clock import Deadline
 from chalicelib.droppers import Droppers
@@ -307,7 +307,8 @@ class _Run:
                 return  # an incomplete picture: drop nothing on this host this run
             holders[item.db_name] = item.status
             if references_name(item):
-                referenced.update((item.db_name, item.role_name))
+                # A replicating tenant's companion role belongs to it; one whose tenant has no record is an orphan.
+                referenced.update((item.db_name, item.role_name, item.role_name + replication.COMPANION_SUFFIX))
                 slot_holders.add(item.db_name)  # a record holds its slot until its drop is finished
             if item.status == CLAIMED and item.role_name not in found.claimed and item.role_name in names:
                 unmarked_claimed.append(item.role_name)
@@ -329,7 +330,9 @@ class _Run:
             # delete, a restore). Never dropped automatically; a person decides.
             self.summary.claimed_orphans += 1
             log.error(json.dumps({"event": "claimed_orphan", "host_id": host.id, "name": name}))
-        candidates = names - referenced - found.claimed
+        # A claimed tenant's companion is kept with it, whatever the records say.
+        claimed = found.claimed | {name + replication.COMPANION_SUFFIX for name in found.claimed}
+        candidates = names - referenced - claimed
 
         now = _now()
         sightings = {s.name: s for s in OrphanSighting.query(host.id)}
@@ -352,7 +355,7 @@ class _Run:
                 continue
             try:
                 existed = access.drop(self.ctx, host, name, name)  # refuses a claimed role, whatever happened since
-                if existed:
+                if existed and not replication.is_companion(name):
                     # Every tenant instapg makes holds a slot from `hosts.reserve`
                     # until its record's drop gives it back; an orphan's record
                     # was lost before that, so its slot comes back here.

@@ -197,6 +197,18 @@ def connection_urls(host: HostRecord, role: str, password: str, dbname: str) -> 
     return pooled, direct
 
 
+def replication_url(host: HostRecord, role: str, password: str, dbname: str) -> str | None:
+    """The `replication=database` string of a tenant on `host`: its replication gateway, None without one.
+
+    The user is the tenant role itself; the gateway logs its companion in.
+    """
+    if not host.logical_replication or not host.replication_hostname:
+        return None
+    port, sslmode = int(host.replication_port or 5432), host.replication_sslmode or host.sslmode
+    url = postgres.connection_url(host.replication_hostname, port, role, password, dbname, sslmode)
+    return url + "&replication=database"
+
+
 class HostCache:
     """Hosts change rarely; reading them on every GET would double its cost."""
 
@@ -266,10 +278,11 @@ def in_region(hosts: list[HostRecord], region: str, settings: Settings) -> list[
 def by_free_capacity(hosts: list[HostRecord], logical_last: bool = False) -> list[HostRecord]:
     """Active hosts, the one with the most room first (DRAINING hosts take no new databases).
 
-    `logical_last`: hosts that offer logical replication after all others. On
-    those, tenants with REPLICATION can read the host's WAL for a while
-    (docs/replication.md), so databases that did not ask for it go elsewhere
-    while another host has room.
+    `logical_last`: hosts that offer logical replication after all others, so
+    databases that did not ask for it go elsewhere while another host has
+    room. The gateway refuses physical commands (docs/replication.md); this
+    keeps them apart from replication roles all the same, should a host's
+    companions be reachable around it (a misconfigured pg_hba.conf, a public RDS).
     """
     active = [h for h in hosts if h.status == HOST_ACTIVE]
     ranked = sorted(active, key=lambda h: int(h.capacity) - int(h.allocated or 0), reverse=True)
@@ -380,11 +393,14 @@ def register(
     pooler_sslmode: str | None = None,
     postgres_private: bool = False,
     region: str | None = None,
+    replication_endpoint: tuple[str, int] | None = None,
+    replication_sslmode: str | None = None,
 ) -> tuple[HostRecord, list[str]]:
     """Add or update a host after checking that its admin can do the job.
 
     `region` None keeps the host's region (none: the deployment's default
-    region, INSTAPG_DEFAULT_REGION). Returns the record and warnings about
+    region, INSTAPG_DEFAULT_REGION). `replication_endpoint`: (host, port) of the
+    replication gateway clients reach (docs/replication.md). Returns the record and warnings about
     hardening the admin could not do.
     """
     existing = None
@@ -411,6 +427,9 @@ def register(
         capacity=capacity,
         allocated=int(existing.allocated or 0) if existing else 0,
         logical_replication=logical_replication,
+        replication_hostname=replication_endpoint[0] if replication_endpoint else None,
+        replication_port=replication_endpoint[1] if replication_endpoint else None,
+        replication_sslmode=replication_sslmode,
         region=region or (existing.region if existing else None),
         created_at=existing.created_at if existing else datetime.now(UTC),
     )

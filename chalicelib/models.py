@@ -63,11 +63,13 @@ class DueIndex(GlobalSecondaryIndex):
 
 
 class HostIndex(GlobalSecondaryIndex):
-    """Every record by host and database name, for reconciliation.
+    """Every record by host and database name, for reconciliation and the unclaimed cap.
 
     Reconciliation compares a host's catalog with the names records on that
     host still reference; this index answers with one paginated query per
-    host instead of a table scan. It carries only what that decision needs.
+    host instead of a table scan. It carries only what that decision needs,
+    which includes the status the unclaimed cap (chalicelib.abuse) counts by
+    on a host near the cap.
     """
 
     class Meta:
@@ -188,6 +190,11 @@ class HostRecord(Model):
     # conditional write so that two creates cannot both take the last slot.
     allocated = NumberAttribute(default=0)
     logical_replication = BooleanAttribute(default=False)
+    # The replication gateway clients reach for `replication=database`
+    # (tools/replication/gateway.py; docs/replication.md), and its sslmode.
+    replication_hostname = UnicodeAttribute(null=True)
+    replication_port = NumberAttribute(null=True)
+    replication_sslmode = UnicodeAttribute(null=True)
     # Issue 18 §5: where the host runs; None (hosts registered before regions) means settings.default_region.
     region = UnicodeAttribute(null=True)
     created_at = UTCDateTimeAttribute()

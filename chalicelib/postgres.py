@@ -259,15 +259,28 @@ class Backend:
     seconds: float  # how long the query ran (active) or the transaction sat idle
 
 
+# A walsender's command that is replication, not SQL (the scanner's first tokens, upper case):
+# a stream runs for as long as its subscriber wants, and is bounded by slots, not by time.
+_REPLICATION_COMMAND = (
+    r"^[[:space:]]*(IDENTIFY_SYSTEM|BASE_BACKUP|START_REPLICATION|CREATE_REPLICATION_SLOT|DROP_REPLICATION_SLOT"
+    r"|ALTER_REPLICATION_SLOT|READ_REPLICATION_SLOT|TIMELINE_HISTORY|UPLOAD_MANIFEST|SHOW)([^A-Za-z0-9_$]|$)"
+)
+
+
 def tenant_backends(target: Target, prefix: str) -> list[Backend]:
-    """Busy tenant sessions: running a query, or idle inside a transaction."""
+    """Busy tenant sessions: running a query, or idle inside a transaction.
+
+    SQL on a logical walsender (a replication companion's, through the
+    gateway) counts too; its replication commands do not.
+    """
     with target.connect() as conn:
         rows = conn.execute(
             "SELECT pid, usename, state, extract(epoch FROM now() - "
             "CASE WHEN state = 'active' THEN query_start ELSE state_change END) "
-            "FROM pg_stat_activity WHERE starts_with(usename, %s) AND backend_type = 'client backend' "
+            "FROM pg_stat_activity WHERE starts_with(usename, %s) "
+            "AND (backend_type = 'client backend' OR (backend_type = 'walsender' AND query !~ %s)) "
             "AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')",
-            (prefix + "_",),
+            (prefix + "_", _REPLICATION_COMMAND),
         ).fetchall()
     return [Backend(pid, role, state, float(secs or 0)) for pid, role, state, secs in rows]
 

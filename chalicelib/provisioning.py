@@ -52,12 +52,15 @@ def create_tenant(
     be handed out with, but nobody can log in until `open_tenant` gives it
     LOGIN. `verifier` is `scram_verifier(password)` when the caller has
     computed it already.
-    `logical_replication`: the role may stream its database's changes
-    (chalicelib.replication; only on hosts that offer it).
+    `logical_replication`: the tenant gets a companion role that may stream
+    its database's changes through the replication gateway; the tenant role
+    itself never has REPLICATION (chalicelib.replication; only on hosts that
+    offer it).
     """
     from psycopg import sql
 
     role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    verifier = verifier or scram_verifier(password)
     with target.connect() as conn:
         conn.execute(
             sql.SQL(
@@ -67,12 +70,13 @@ def create_tenant(
                 role_id,
                 sql.SQL("LOGIN" if login else "NOLOGIN"),
                 sql.Literal(plan.connections),
-                sql.Literal(verifier or scram_verifier(password)),
+                sql.Literal(verifier),
             )
         )
         conn.execute(_membership_grant(conn, role))
         if logical_replication:
-            replication.grant(conn, role)
+            companion = replication.create_companion(conn, role, verifier, plan.connections, login=login)
+            _apply_role_defaults(conn, companion, plan)  # its SQL through the gateway has the plan's limits too
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db_id, role_id))
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db_id))
         _apply_role_defaults(conn, role, plan)
@@ -146,10 +150,14 @@ def apply_plan(target: Target, role: str, plan: Plan, claimed: bool = False) -> 
     role_id = sql.Identifier(role)
     with target.connect() as conn, conn.transaction():
         _lock_role(conn, role)
-        conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(role_id, sql.Literal(plan.connections)))
+        for name in _with_companion(conn, role):
+            conn.execute(
+                sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(name), sql.Literal(plan.connections))
+            )
         if claimed:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role_id, sql.Literal(CLAIMED_MARKER)))
-        _apply_role_defaults(conn, role, plan)
+        for name in _with_companion(conn, role):
+            _apply_role_defaults(conn, name, plan)
 
 
 def mark_claimed(target: Target, roles: Iterable[str]) -> None:
@@ -166,20 +174,36 @@ def mark_claimed(target: Target, roles: Iterable[str]) -> None:
                     )
 
 
+def _with_companion(conn: psycopg.Connection, role: str) -> list[str]:
+    """`role`, and its replication companion when it has one: what every change to a tenant's login acts on."""
+    try:
+        name = replication.companion(role)
+    except ValueError:
+        return [role]  # a companion itself, or a name too long to have one
+    found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    return [role, name] if found else [role]
+
+
 def lock_role(target: Target, role: str) -> int:
-    """Lock a tenant out: NOLOGIN (only a CREATEROLE role may undo it), then end its sessions."""
+    """Lock a tenant out: NOLOGIN (only a CREATEROLE role may undo it), then end its sessions.
+
+    Its replication companion too (its walsenders included).
+    """
     from psycopg import sql
 
     with target.connect() as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
-        return _terminate_role(conn, role)
+        names = _with_companion(conn, role)
+        for name in names:
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(name)))
+        return sum(_terminate_role(conn, name) for name in names)
 
 
 def unlock_role(target: Target, role: str) -> None:
     from psycopg import sql
 
     with target.connect() as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+        for name in _with_companion(conn, role):
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(name)))
 
 
 def set_password(target: Target, role: str, password: str, verifier: str | None = None) -> None:
@@ -190,13 +214,12 @@ def set_password(target: Target, role: str, password: str, verifier: str | None 
     """
     from psycopg import sql
 
+    verifier = verifier or scram_verifier(password)
     with target.connect() as conn:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(verifier or scram_verifier(password))
-            )
-        )
-        _terminate_role(conn, role)
+        # The companion gets the same verifier: the gateway relays the tenant's password to it.
+        for name in _with_companion(conn, role):
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(name), sql.Literal(verifier)))
+            _terminate_role(conn, name)
 
 
 def set_verifier(target: Target, role: str, verifier: str) -> None:
@@ -204,7 +227,8 @@ def set_verifier(target: Target, role: str, verifier: str) -> None:
     from psycopg import sql
 
     with target.connect() as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
+        for name in _with_companion(conn, role):
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(name), sql.Literal(verifier)))
 
 
 def open_tenant(target: Target, role: str, plan: Plan) -> None:
@@ -269,16 +293,20 @@ def drop_tenant(
 def _drop_tenant_on(conn: psycopg.Connection, target: Target, role: str, dbname: str, keep_claimed: bool) -> bool:
     from psycopg import sql
 
-    role_id, db_id = sql.Identifier(role), sql.Identifier(dbname)
+    db_id = sql.Identifier(dbname)
     with conn.transaction():
         _lock_role(conn, role)  # no claim writes its marker between the check and the lockout
         role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
         if role_exists and keep_claimed and _is_marked_claimed(conn, role):
             raise ClaimedTenant(f"role {role} is marked claimed on {target.host}:{target.port}: not dropped")
-        if role_exists:
-            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(role_id))
-    if role_exists:
-        _terminate_role(conn, role)
+        # The replication companion goes with its tenant (and alone, when the tenant went first).
+        roles = _with_companion(conn, role)
+        if not role_exists:
+            roles = roles[1:]
+        for name in roles:
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN CONNECTION LIMIT 0").format(sql.Identifier(name)))
+    for name in roles:
+        _terminate_role(conn, name)
     # Read after the lockout, so the tenant cannot set the flag behind us.
     row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
     db_exists = row is not None
@@ -301,8 +329,16 @@ def _drop_tenant_on(conn: psycopg.Connection, target: Target, role: str, dbname:
         # walsenders were ended with the role's sessions above).
         replication.drop_database_slots(conn, dbname)
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db_id))
-    if not role_exists:
-        return db_exists
+    # The companion before its tenant: it is a member of the tenant role.
+    for name in reversed(roles):
+        _drop_role(conn, target, name)
+    return db_exists or role_exists
+
+
+def _drop_role(conn: psycopg.Connection, target: Target, role: str) -> None:
+    from psycopg import sql
+
+    role_id = sql.Identifier(role)
     # Privileges other tenants granted to this role live in their
     # databases' catalogs; DROP OWNED must run in each of them. dbid 0
     # means shared objects, handled from the admin database.
@@ -327,7 +363,6 @@ def _drop_tenant_on(conn: psycopg.Connection, target: Target, role: str, dbname:
             if row is not None and row[0] != -2:
                 raise
     conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role_id))
-    return True
 
 
 def harden_host(target: Target) -> list[str]:

@@ -139,6 +139,8 @@ def _enforce_time(
     ctx: Context, target: postgres.Target, records: list[DatabaseRecord], summary: dict[str, Any]
 ) -> None:
     plans = {r.role_name: ctx.settings.plan(r.plan) for r in records}
+    # A replicating tenant's companion (SQL through the gateway) has its tenant's plan.
+    plans.update({role + replication.COMPANION_SUFFIX: plan for role, plan in list(plans.items())})
     # A role with no live record (being created, or an orphan) gets the strictest plan.
     default = ctx.settings.plan(TRIAL_PLAN)
     doomed = []

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from pynamodb.exceptions import PutError, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib import audit, clock
+from chalicelib import audit, clock, stats
 from chalicelib.crypto import Sealed
-from chalicelib.errors import Conflict, Gone, NotFound
+from chalicelib.errors import Conflict, Gone, NotFound, Unavailable
 from chalicelib.identifiers import tenant_name
 from chalicelib.models import (
     CLAIMED,
@@ -46,7 +46,9 @@ from chalicelib.settings import Plan
 
 if TYPE_CHECKING:
     from chalicelib.abuse import RateCount
+    from chalicelib.audit import AuditEvent
     from chalicelib.context import Context
+    from chalicelib.stats import CreateCount
 
 ENDED = (EXPIRED, DELETED, FAILED)
 
@@ -236,19 +238,71 @@ def new(
     )
 
 
-def mark_unclaimed(record: DatabaseRecord, plan: Plan) -> None:
+def mark_unclaimed(
+    record: DatabaseRecord, plan: Plan, event: AuditEvent | None = None, tally: CreateCount | None = None
+) -> None:
+    """PROVISIONING -> UNCLAIMED once the database exists; with the create's audit `event` and its count
+    (`stats.create_count`) in the same transaction: one round trip, and the count only if the status moved."""
     now = clock.now()
     expires = now + timedelta(seconds=plan.lifetime_s)
-    record.update(
-        actions=[
-            DatabaseRecord.status.set(UNCLAIMED),
-            DatabaseRecord.expires_at.set(expires),
-            DatabaseRecord.due_bucket.set(UNCLAIMED),
-            DatabaseRecord.due_at.set(int(expires.timestamp())),
-            DatabaseRecord.updated_at.set(now),
-        ],
-        condition=DatabaseRecord.status == PROVISIONING,
+    values = {
+        "status": UNCLAIMED,
+        "expires_at": expires,
+        "due_bucket": UNCLAIMED,
+        "due_at": int(expires.timestamp()),
+        "updated_at": now,
+    }
+    actions = [getattr(DatabaseRecord, name).set(value) for name, value in values.items()]
+    condition = DatabaseRecord.status == PROVISIONING
+    if event is None and tally is None:
+        record.update(actions=actions, condition=condition)
+        return
+    codes = _transact(
+        lambda write: write.update(record, actions=actions, condition=condition),
+        [event] if event is not None else [],
+        tally,
     )
+    if codes is not None:
+        raise Unavailable(  # the purge's provisioning timeout took the record meanwhile
+            "The database was not ready in time",
+            hint="Nothing was handed out; retry in a few seconds.",
+        )
+    for name, value in values.items():  # a transaction does not return the item: set what it wrote
+        setattr(record, name, value)
+
+
+def _transact(build, puts: list, tally: CreateCount | None) -> list[str | None] | None:
+    """One TransactWriteItems: `build`'s own conditional items first, then `puts`, then the count last.
+
+    None when it was written; the cancellation codes when `build`'s condition failed.
+    When only the hour's counter item refused (too large, or busy with another
+    transaction on DynamoDB) the write goes again without it and the count is
+    sent on its own after (`stats.count_create`, best effort): a figure never
+    fails a create.
+    """
+    for with_count in (tally is not None, False):
+        try:
+            with TransactWrite(connection=DatabaseRecord._get_connection().connection) as write:
+                build(write)
+                for item in puts:
+                    write.save(item)
+                if with_count:
+                    write.update(tally.item, actions=tally.actions)
+        except TransactWriteError as exc:
+            codes = _codes(exc)
+            if with_count and len(codes) > 1 and codes[-1] is not None and not any(codes[:-1]):
+                continue
+            if any(codes):
+                return codes
+            raise
+        if tally is not None and not with_count:
+            stats.count_create(tally.pooled, tally.ref, tally.now)
+        return None
+    raise AssertionError("unreachable")
+
+
+def _codes(exc: TransactWriteError) -> list[str | None]:
+    return [reason.code if reason else None for reason in (exc.cancellation_reasons or [])]
 
 
 def move(ctx: Context, record: DatabaseRecord, host: HostRecord) -> None:
@@ -413,31 +467,36 @@ def take_pooled(
     record.due_bucket, record.due_at = UNCLAIMED, int(expires.timestamp())
     record.creator_token_hash = creator_hash
     counted = rate is not None and not rate.done
+    tally = stats.create_count(True, ref)
+
+    def build(write: TransactWrite) -> None:
+        write.save(record, condition=DatabaseRecord.status == POOLED)
+        if counted:
+            write.update(rate.item, actions=rate.actions, condition=rate.condition)
+
     for attempt in range(_TAKE_ATTEMPTS):
         event = audit.event(record.id, audit.CREATED, audit.ANONYMOUS, requester.ip, detail=f"ref={ref}")
-        try:
-            with TransactWrite(connection=DatabaseRecord._get_connection().connection) as write:
-                # Reasons come back in the request's order: puts, then updates.
-                write.save(record, condition=DatabaseRecord.status == POOLED)
-                write.save(event)
-                if counted:
-                    write.update(rate.item, actions=rate.actions, condition=rate.condition)
-        except TransactWriteError as exc:
-            codes = [reason.code if reason else None for reason in (exc.cancellation_reasons or [])]
-            if counted and len(codes) == 3 and codes[2] == "ConditionalCheckFailed":
-                raise ctx.guard.refused(rate) from None
-            if codes and codes[0] == "ConditionalCheckFailed":
-                return False  # another create took it first (or it is gone)
-            if "TransactionConflict" in codes and attempt + 1 < _TAKE_ATTEMPTS:
-                # DynamoDB cancels transactions that touch an item another
-                # one is writing (concurrent creates from one IP share the
-                # counter): nothing was written, so try again.
-                time.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
-                continue
-            raise
-        if counted:
-            rate.done = True
-        return True
+        # Reasons come back in the request's order: puts (the record, the event), then updates (the rate, the count).
+        codes = _transact(build, [event], tally)
+        if codes is None:
+            if counted:
+                rate.done = True
+            return True
+        if counted and len(codes) > 2 and codes[2] == "ConditionalCheckFailed":
+            raise ctx.guard.refused(rate) from None
+        if codes[0] == "ConditionalCheckFailed":
+            return False  # another create took it first (or it is gone)
+        if "TransactionConflict" in codes and attempt + 1 < _TAKE_ATTEMPTS:
+            # DynamoDB cancels transactions that touch an item another
+            # one is writing (concurrent creates from one IP share the
+            # counter): nothing was written, so try again.
+            time.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
+            continue
+        raise Unavailable(
+            "The database could not be handed out",
+            hint="Nothing was taken or counted; retry in a second.",
+            retry_after=1,
+        )
     return False
 
 

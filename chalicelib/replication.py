@@ -1,13 +1,15 @@
 """Logical replication for tenants that ask for it, and the guard that bounds it.
 
 On a host that offers it (wal_level=logical; on RDS `rds.logical_replication`)
-a database created with `enable_logical_replication` gets a role that may
-stream its own database's changes: REPLICATION (on RDS, membership in
-`rds_replication`). What else that attribute allows, and how each part is
-closed or cleaned, is in docs/replication.md. The scheduled job runs `guard`
-on such hosts: it drops physical slots, ends tenants' physical walsenders,
-and drops logical slots past the per-database count or retained-WAL limits,
-with an audit event.
+a database created with `enable_logical_replication` gets a *companion* role,
+`<tenant role>_repl`: REPLICATION (on RDS, membership in `rds_replication`),
+a member of the tenant role (so table sync can read the published tables),
+the tenant's password verifier, and reachable only through the replication
+gateway (tools/replication/gateway.py), which refuses every physical command.
+The tenant role itself never has REPLICATION. docs/replication.md has the
+reasoning. The scheduled job runs `guard` on such hosts: it drops physical
+slots, ends tenants' physical walsenders, and drops logical slots past the
+per-database count or retained-WAL limits, with an audit event.
 """
 
 from __future__ import annotations
@@ -31,6 +33,27 @@ log = logging.getLogger(__name__)
 
 RDS_ROLE = "rds_replication"
 SLOT_DROPPED = "replication_slot_dropped"
+# The companion of tenant role R is R + this suffix. The embedded server's
+# pg_hba.conf refuses TCP logins of names ending with it (tools/dev/pgserver.py):
+# a tenant name's random part is base32, so no tenant role ends with it.
+COMPANION_SUFFIX = "_repl"
+_NAME_MAX = 63  # NAMEDATALEN - 1
+
+
+def companion(role: str) -> str:
+    """The replicating companion of tenant role `role` (ValueError when the name would not fit)."""
+    if role.endswith(COMPANION_SUFFIX):
+        raise ValueError(f"{role} is a companion already")
+    name = role + COMPANION_SUFFIX
+    if len(name.encode()) > _NAME_MAX:
+        raise ValueError(f"companion of {role} would be longer than {_NAME_MAX} bytes (shorten INSTAPG_NAME_PREFIX)")
+    return name
+
+
+def is_companion(name: str) -> bool:
+    return name.endswith(COMPANION_SUFFIX)
+
+
 
 # A walsender's last command (pg_stat_activity.query) that streams or copies
 # WAL of the whole cluster, or makes a physical slot: any replication command
@@ -75,14 +98,47 @@ def check_host(target: Target) -> None:
         raise ValueError(f"admin role {target.user!r} needs REPLICATION to give it to tenants and drop their slots")
 
 
+def create_companion(conn: psycopg.Connection, role: str, verifier: str, connections: int, login: bool = True) -> str:
+    """Make `role`'s companion on the admin connection `conn`; returns its name.
+
+    The same SCRAM verifier as the tenant (the gateway relays SCRAM untouched
+    and holds no secret), LOGIN REPLICATION, a member of the tenant role with
+    INHERIT (table sync COPYs the published tables, which the tenant owns) but
+    not SET, and the tenant's connection limit. CONNECT on the tenant's
+    database comes with the membership (the tenant owns it); every other
+    database's CONNECT is revoked from PUBLIC.
+    """
+    from psycopg import sql
+
+    name = companion(role)
+    name_id = sql.Identifier(name)
+    conn.execute(
+        sql.SQL(
+            "CREATE ROLE {} {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+            "CONNECTION LIMIT {} PASSWORD {}"
+        ).format(name_id, sql.SQL("LOGIN" if login else "NOLOGIN"), sql.Literal(connections), sql.Literal(verifier))
+    )
+    # As for tenant roles (provisioning._membership_grant): the admin inherits the companion, or
+    # pg_stat_activity hides its sessions' state and query from the guard and the time limits.
+    admin = sql.SQL("GRANT {} TO CURRENT_USER").format(name_id)
+    member = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), name_id)
+    if conn.info.server_version >= 160000:
+        admin = admin + sql.SQL(" WITH INHERIT TRUE, SET TRUE")
+        member = member + sql.SQL(" WITH INHERIT TRUE, SET FALSE")
+    conn.execute(admin)
+    conn.execute(member)
+    grant(conn, name)
+    return name
+
+
 def grant(conn: psycopg.Connection, role: str) -> None:
-    """Let `role` decode and stream: `rds_replication` on RDS, else the REPLICATION attribute."""
+    """Let `role` (a companion) decode and stream: `rds_replication` on RDS, else the REPLICATION attribute."""
     from psycopg import sql
 
     role_id = sql.Identifier(role)
     if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RDS_ROLE,)).fetchone():
         # RDS grants replication through this role (its master user holds it
-        # with ADMIN). The tenant role is NOINHERIT: inherit this one grant.
+        # with ADMIN); inherited explicitly, whatever the role's default.
         stmt = sql.SQL("GRANT {} TO {}").format(sql.Identifier(RDS_ROLE), role_id)
         if conn.info.server_version >= 160000:
             stmt = stmt + sql.SQL(" WITH INHERIT TRUE")

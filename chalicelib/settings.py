@@ -8,6 +8,7 @@ read `os.environ` themselves. The README's configuration table mirrors
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ class Settings:
     local_purge_interval_s: int = 15
     purge_sessions_per_host: int = 16
     local_ttl_sweep_s: int = 5
-    local_logical_replication: bool = False
+    local_logical_replication: bool = True
     open_signup: bool = True
     # The warm pool and multi-host placement (chalicelib.pool, chalicelib.hosts).
     pool_size: int = 10
@@ -126,7 +127,8 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
     (
         "INSTAPG_NAME_PREFIX",
         "ipg",
-        "Prefix of tenant role and database names; reconciliation only ever touches names with it.",
+        "Prefix of tenant role and database names (1-31 lower-case letters, digits or _); reconciliation only ever "
+        "touches names with it.",
     ),
     ("INSTAPG_UNCLAIMED_LIFETIME_SECONDS", "259200", "How long an unclaimed database lives (72 hours)."),
     ("INSTAPG_UNCLAIMED_STORAGE_MB", "100", "Storage limit of an unclaimed database."),
@@ -247,7 +249,7 @@ ENVIRONMENT: list[tuple[str, str, str]] = [
         "15",
         "Local stack only (`chalice local` runs no schedules): seconds between purge runs.",
     ),
-    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "0", "Local stack only: 1 registers the embedded host as offering logical replication. Off by default: a tenant's REPLICATION can also run physical commands over its own walsender, which the scheduled job ends but cannot refuse (docs/replication.md)."),
+    ("INSTAPG_LOCAL_LOGICAL_REPLICATION", "1", "Local stack only: 1 starts the replication gateway beside PgBouncer and registers the embedded host as offering logical replication through it (physical commands refused: docs/replication.md); 0 offers none."),
     ("INSTAPG_LOCAL_TTL_SWEEP_SECONDS", "5", "Local stack only (moto never expires items): seconds between its emulation of DynamoDB's TTL deletion, whose REMOVE stream records go to the same `drop_removed` handler as in production."),
     ("INSTAPG_LOGICAL_SLOTS_PER_DATABASE", "2", "Replication slots a database with logical replication may keep; the scheduled job drops the extra ones (inactive first) with an audit event."),
     ("INSTAPG_LOGICAL_SLOT_MAX_RETAINED_MB", "1024", "A tenant's replication slot keeping more WAL than this (its consumer lags or is gone) is dropped by the scheduled job, with an audit event, before it fills the host's disk."),
@@ -306,6 +308,14 @@ def _fraction(env: Mapping[str, str], name: str) -> float:
     return envparse.fraction(name, env.get(name) or _DEFAULTS[name])
 
 
+def _name_prefix(raw: str) -> str:
+    # Tenant names are <prefix>_<26 chars>, and a replicating tenant's companion adds "_repl":
+    # 31 characters keep that within Postgres's 63 (chalicelib.replication; the gateway checks the same shape).
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", raw):
+        raise ValueError(f"INSTAPG_NAME_PREFIX must be 1-31 lower-case letters, digits or _, starting with a letter, got {raw!r}")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from an environment mapping (os.environ by default)."""
     env = os.environ if env is None else env
@@ -323,7 +333,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         public_url=envparse.public_url(env.get("INSTAPG_PUBLIC_URL") or ""),
         keyring=env.get("INSTAPG_KEYRING", ""),
         keyring_secret_arn=env.get("INSTAPG_KEYRING_SECRET_ARN") or None,
-        name_prefix=get("INSTAPG_NAME_PREFIX"),
+        name_prefix=_name_prefix(get("INSTAPG_NAME_PREFIX")),
         plans=plans,
         tombstone_ttl_s=_int(env, "INSTAPG_TOMBSTONE_TTL_SECONDS"),
         provisioning_timeout_s=_int(env, "INSTAPG_PROVISIONING_TIMEOUT_SECONDS"),

@@ -16,6 +16,13 @@ def connection_urls(record: DatabaseRecord, host: HostRecord, password: str) -> 
     return hostlib.connection_urls(host, record.role_name, password, record.db_name)
 
 
+def replication_url(record: DatabaseRecord, host: HostRecord, password: str) -> str | None:
+    """The `replication=database` string of a database with logical replication (its host's gateway); else None."""
+    if not record.logical_replication:
+        return None
+    return hostlib.replication_url(host, record.role_name, password, record.db_name)
+
+
 def database(
     record: DatabaseRecord,
     plan: Plan,
@@ -30,15 +37,17 @@ def database(
     `creator_token` only in the answer that created it (it is stored hashed). `region`: its host's
     (Context.region), so a client sees where its data lives (docs/regions.md).
     """
-    pooled_url = direct_url = None
+    pooled_url = direct_url = replication = None
     if host is not None and password is not None:
         pooled_url, direct_url = connection_urls(record, host, password)
+        replication = replication_url(record, host, password)
     body = {
         "id": record.id,
         "status": record.status,
         "region": region,
         "connection_string": pooled_url,
         "direct_connection_string": direct_url,
+        "replication_connection_string": replication,
         "claim_url": f"{claim_base}/claim/{record.id}",
         "expires_at": iso(record.expires_at) if record.status != "CLAIMED" else None,
         "created_at": iso(record.created_at),
@@ -138,7 +147,12 @@ def copy(record: DatabaseRecord, plan: Plan, host: HostRecord, password: str, re
 
 def connection(record: DatabaseRecord, host: HostRecord, password: str) -> dict[str, Any]:
     pooled, direct = connection_urls(record, host, password)
-    return {"id": record.id, "connection_string": pooled, "direct_connection_string": direct}
+    return {
+        "id": record.id,
+        "connection_string": pooled,
+        "direct_connection_string": direct,
+        "replication_connection_string": replication_url(record, host, password),
+    }
 
 
 def audit_event(event) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class PgServer:
     superuser_dsn: str
     admin_user: str
     admin_password: str
+    socket_dir: str | None = None  # the embedded server's Unix socket folder (the replication gateway's way in)
 
     def admin_json(self) -> str:
         return json.dumps({"username": self.admin_user, "password": self.admin_password})
@@ -90,7 +91,10 @@ def pg():
     root = _tmp_root()
     server = pgserver.start(root / "pg", settings={"max_prepared_transactions": "10", "fsync": "off"})
     try:
-        yield PgServer("127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password)
+        yield PgServer(
+            "127.0.0.1", server.port, server.superuser_dsn, pgserver.ADMIN_ROLE, server.admin_password,
+            str(server.socket_dir),
+        )  # fmt: skip
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -273,6 +277,22 @@ def pooled_host(service, pg, pgbouncer, instapg_env):
     """The session's Postgres registered as the one host, with the session's PgBouncer as its pooler:
     the API hands out pooled strings, as `make dev` does."""
     return register_pooled(service, pg, pgbouncer, instapg_env)
+
+
+@pytest.fixture(scope="session")
+def replication_gateway(pg):
+    """One real replication gateway (tools/replication/gateway.py) in front of `pg`'s Unix socket, per worker."""
+    from tools.dev import pgserver, replgateway
+
+    if pg.socket_dir is None:
+        pytest.skip("the replication gateway needs the embedded server's Unix socket")
+    root = pgserver.private_dir("instapg-gateway-")
+    gateway = replgateway.start(pg.socket_dir, pg.port, root / "gateway.log")
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -225,3 +225,14 @@ def test_concurrent_creates_from_one_ip_get_exactly_the_limit(host, instapg_env)
     assert len(unclaimed) == 3  # a refused create took nothing from the pool and made nothing
     left = {r.id for r in pool.pooled("local-1")}
     assert left | {r.id for r in unclaimed} >= pooled_ids and not left & {r.id for r in unclaimed}
+
+
+def test_claimed_databases_do_not_count_against_the_unclaimed_cap(client, instapg_env):
+    """A host at the cap by its `allocated` has its unclaimed records counted: claimed ones are not."""
+    _settings(instapg_env, INSTAPG_MAX_UNCLAIMED_PER_HOST=1)
+    first = post_json(client, "/api/v1/database", {"ref": "r"}).json_body["id"]
+    key = post_json(client, "/api/v1/accounts", {"email": "cap@example.com"}).json_body["api_key"]
+    claim = client.http.post(f"/api/v1/database/{first}/claim", headers={"Authorization": f"Bearer {key}"})
+    assert claim.status_code == 200
+    assert post_json(client, "/api/v1/database", {"ref": "r"}).status_code == 201  # allocated 1, unclaimed 0
+    assert post_json(client, "/api/v1/database", {"ref": "r"}).status_code == 503  # unclaimed 1

@@ -125,6 +125,19 @@ def test_create_over_http_and_use_the_database(devstack):
     assert status == 200 and again["id"] == body["id"]
 
 
+def test_logical_replication_goes_through_the_stacks_gateway(devstack):
+    _, base, output = devstack
+    gateway_port = int(output.split("gateway   127.0.0.1:")[1].split()[0])
+    status, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e","enable_logical_replication":true}')
+    assert status == 201, body
+    params = psycopg.conninfo.conninfo_to_dict(body["replication_connection_string"])
+    assert int(params["port"]) == gateway_port and params["replication"] == "database"
+    with psycopg.connect(body["replication_connection_string"], connect_timeout=10, autocommit=True) as conn:
+        assert conn.execute("IDENTIFY_SYSTEM").fetchone()[3] == params["dbname"]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("BASE_BACKUP")
+
+
 def test_wrong_password_is_refused_over_tcp(devstack):
     _, base, _ = devstack
     _, body = _request("POST", f"{base}/api/v1/database", b'{"ref":"e2e"}')
@@ -186,6 +199,7 @@ def test_expiry_and_a_deleted_record_go_through_the_local_ttl_and_stream(devstac
 def test_ctrl_c_stops_everything(devstack):
     proc, base, output = devstack
     pg_port = int(output.split("postgres  127.0.0.1:")[1].split()[0])
+    gateway_port = int(output.split("gateway   127.0.0.1:")[1].split()[0])
     postgres_pids = [p.pid for p in psutil.process_iter(["name", "cmdline"]) if _is_postgres_on(p, pg_port)]
     assert postgres_pids
     proc.send_signal(signal.SIGINT)
@@ -193,6 +207,8 @@ def test_ctrl_c_stops_everything(devstack):
     assert not [pid for pid in postgres_pids if _alive(pid)]
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", int(base.rsplit(":", 1)[1]))) != 0, "API still serving"
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", gateway_port)) != 0, "replication gateway still serving"
 
 
 def _alive(pid: int) -> bool:

@@ -34,3 +34,20 @@ def test_remove_only_a_drained_empty_host(client, host, capsys):
     assert HostRecord.count() == 0
     assert hostctl.main(["remove", "--id", "local-1"]) == 1
     assert "no host local-1" in capsys.readouterr().err
+
+
+def test_add_with_logical_replication_needs_the_gateways_endpoint(host, pg, capsys):
+    from chalicelib.models import HostRecord
+    from tests.conftest import ADMIN_ENV
+    from tools.ops import hostctl
+
+    common = ["add", "--id", "local-r", "--hostname", pg.host, "--port", str(pg.port), "--credentials",
+              f"env:{ADMIN_ENV}", "--capacity", "5", "--sslmode", "disable", "--logical-replication"]  # fmt: skip
+    assert hostctl.main(common) == 2
+    assert "--replication-endpoint" in capsys.readouterr().err
+    assert hostctl.main([*common, "--replication-endpoint", "gw.example.com:5434"]) == 0
+    assert "must be reachable only from inside the VPC" in capsys.readouterr().out
+    saved = HostRecord.get("local-r")
+    assert (saved.replication_hostname, saved.replication_port) == ("gw.example.com", 5434)
+    assert hostctl.main(["list"]) == 0
+    assert "replication gw.example.com:5434" in capsys.readouterr().out

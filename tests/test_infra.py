@@ -588,3 +588,37 @@ def test_pooler_task_gets_its_secrets_from_secrets_manager_and_verifies_the_host
     # The functions find the admin console by name; the endpoint the output names is that name.
     assert res["PoolerService"]["Properties"]["ServiceRegistries"] == [{"RegistryArn": {"Fn::GetAtt": ["PoolerAdminDiscovery", "Arn"]}}]
     assert template["Outputs"]["PoolerAdminEndpoint"]["Value"]["Fn::Sub"].startswith("pooler-admin.")
+
+
+def test_the_zip_ships_bytecode_that_python_uses_without_its_source(packaged, tmp_path):
+    """Lambda's /var/task is read-only: without .pyc files in the zip, every cold start compiles every module."""
+    import zipfile
+
+    _, path = packaged
+    tag = sys.implementation.cache_tag
+    with zipfile.ZipFile(path.parent / "deployment.zip") as archive:
+        names = set(archive.namelist())
+        for package_dir in ("chalicelib/", "botocore/", "psycopg/", "pynamodb/"):
+            sources = [n for n in names if n.startswith(package_dir) and n.endswith(".py")]
+            assert sources, package_dir
+            missing = [
+                n
+                for n in sources
+                if f"{n.rpartition('/')[0]}/__pycache__/{n.rpartition('/')[2][:-3]}.{tag}.pyc" not in names
+            ]
+            assert missing == [], missing[:5]
+        for name in ("chalicelib/__init__.py", "chalicelib/clock.py"):
+            folder, _, file = name.rpartition("/")
+            archive.extract(name, tmp_path)
+            archive.extract(f"{folder}/__pycache__/{file[:-3]}.{tag}.pyc", tmp_path)
+    # A source that would fail if read: the import succeeds only through the shipped bytecode.
+    (tmp_path / "chalicelib" / "clock.py").write_text("raise SystemExit('the source was compiled')\n")
+    out = subprocess.run(
+        [sys.executable, "-c", "import chalicelib.clock as c; print(c.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "chalicelib" / "clock.py")

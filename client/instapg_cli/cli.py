@@ -195,6 +195,9 @@ def create(args) -> int:
             f"{args.key}_DIRECT={body['direct_connection_string']}",
             f"{_claim_key(args)}={body['claim_url']}",
         ]
+        replication = body.get("replication_connection_string")  # with --logical-replication: the gateway's
+        if replication:
+            lines.insert(3, f"{args.key}_REPLICATION={replication}")
         token = body.get("creator_token")  # servers before issue 19 return none
         if token:
             lines += [
@@ -202,7 +205,8 @@ def create(args) -> int:
                 f"{_token_key(args)}={token}",
             ]
         envfile.append(args.env, lines)
-        names = [args.key, f"{args.key}_DIRECT", _claim_key(args)] + ([_token_key(args)] if token else [])
+        names = [args.key, f"{args.key}_DIRECT"] + ([f"{args.key}_REPLICATION"] if replication else [])
+        names += [_claim_key(args)] + ([_token_key(args)] if token else [])
         print(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {args.env}.")
         print(
             f"The database{_in_region(body)} expires {_when(body.get('expires_at'))} unless you claim it: "
@@ -380,16 +384,19 @@ def rotate(args) -> int:
         return EXIT_OK
     values = envfile.read(args.env)
     in_env = not args.id or database_id in values.get(_claim_key(args), "")
+    replication = body.get("replication_connection_string")
     if in_env and args.key in values:
-        envfile.replace(
-            args.env,
-            {args.key: body["connection_string"], f"{args.key}_DIRECT": body["direct_connection_string"]},
-        )
+        updates = {args.key: body["connection_string"], f"{args.key}_DIRECT": body["direct_connection_string"]}
+        if replication and f"{args.key}_REPLICATION" in values:
+            updates[f"{args.key}_REPLICATION"] = replication
+        envfile.replace(args.env, updates)
         print(f"New password; updated {args.key} and {args.key}_DIRECT in {args.env}. Old sessions were ended.")
     else:
         print("New password (the old one no longer works; its sessions were ended):")
         print(f"{args.key}={body['connection_string']}")
         print(f"{args.key}_DIRECT={body['direct_connection_string']}")
+        if replication:
+            print(f"{args.key}_REPLICATION={replication}")
     return EXIT_OK
 
 

@@ -52,8 +52,9 @@ Use this when the user's project needs a Postgres database and has none (no DATA
 its state).
 
 Returns id, region (where it lives), connection_string (pooled: use it for the app),
-direct_connection_string (a direct session: use it for migrations, LISTEN/NOTIFY, pg_dump), claim_url,
-expires_at, and access_token
+direct_connection_string (a direct session: use it for migrations, LISTEN/NOTIFY, pg_dump),
+replication_connection_string (only with enable_logical_replication: replication=database, for
+pg_recvlogical or CREATE SUBSCRIPTION; else null), claim_url, expires_at, and access_token
 (pass it to run_sql/describe_schema only if your client keeps no MCP session; keep it private too).
 The database is deleted with all its data at expires_at (about 72 h) unless a person opens claim_url
 and claims it into an account; tell the user this, with the link.
@@ -171,6 +172,8 @@ class Tools:
             "region": body.get("region"),
             "connection_string": body["connection_string"],
             "direct_connection_string": body["direct_connection_string"],
+            # Only for enable_logical_replication: the replication gateway's replication=database string.
+            "replication_connection_string": body.get("replication_connection_string"),
             "claim_url": body["claim_url"],
             "expires_at": body.get("expires_at"),
             "limits": body.get("limits"),

@@ -24,7 +24,7 @@ samples, to results.json in the bench folder. Timings are reported, never
 asserted.
 
     python -m tools.bench [--samples N] [--throughput N] [--purge N] [--no-package] [--scaling N] [--density N]
-                          [--copy-mb N] [--copy-samples N] [--only-copies | --only-purge]
+                          [--copy-mb N] [--copy-samples N] [--only-copies | --only-purge | --only-create-path]
 """
 
 from __future__ import annotations
@@ -182,12 +182,18 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
         n = self.args.samples
         self.refill(n)
         times, gets, ids = [], [], []
+        steps: dict[str, list[float]] = {"post": [], "connect": [], "select": []}
         for _ in range(n):
             t = time.perf_counter()
             status, body = post_json(self.base + "/api/v1/database", {"ref": "ttfq"})
+            posted = time.perf_counter()
             with psycopg.connect(body["connection_string"], connect_timeout=10) as conn:
+                connected = time.perf_counter()
                 conn.execute("SELECT 1").fetchone()
+                selected = time.perf_counter()
             times.append(time.perf_counter() - t)
+            for step, took in (("post", posted - t), ("connect", connected - posted), ("select", selected - connected)):
+                steps[step].append(took)
             ids.append(body["id"])
         for database_id in ids:
             t = time.perf_counter()
@@ -197,6 +203,12 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
         how = "HTTP POST to chalice local, then psycopg connect + SELECT 1 on the returned connection_string; pooled"
         self.add("ttfq_p50", ms(pct(times, 50)), "ms", n, how)
         self.add("ttfq_p95", ms(pct(times, 95)), "ms", n, how)
+        for step, what in (
+            ("post", "the HTTP POST alone: local server, the pooled create, the JSON answer"),
+            ("connect", "psycopg.connect on the returned string: TCP, SCRAM (4096 rounds on each side), backend start"),
+            ("select", "SELECT 1 on the new session"),
+        ):
+            self.add(f"ttfq_{step}_p50", ms(pct(steps[step], 50)), "ms", n, f"time to first query, {what}")
         self.add("get_p50", ms(pct(gets, 50)), "ms", n, "HTTP GET /api/v1/database/{id} on chalice local")
 
     def throughput(self, hosts: int) -> None:
@@ -284,13 +296,17 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
         except (subprocess.SubprocessError, OSError) as exc:
             self.add("lambda_zip_size", None, "MB", 0, f"not measured: chalice package failed ({type(exc).__name__})")
             return
+        from tools.deploy.package import add_bytecode
+
+        add_bytecode(out / "deployment.zip", out / "sam.json")  # as `make package` ships it
         size = (out / "deployment.zip").stat().st_size
         self.add(
             "lambda_zip_size",
             round(size / 1e6, 1),
             "MB",
             1,
-            "deployment.zip from `chalice package` (app.py, chalicelib/, requirements.txt; Linux wheels)",
+            "deployment.zip from `chalice package` (app.py, chalicelib/, requirements.txt; Linux wheels) "
+            "with the bytecode `make package` adds",
         )
 
 
@@ -310,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--only-copies", action="store_true", help="measure only the copy figures")
     only.add_argument(
         "--only-purge", action="store_true", help="measure only the purge and DROP figures (with --purge N)"
+    )
+    only.add_argument(
+        "--only-create-path",
+        action="store_true",
+        help="measure only the create path: GetItem baseline, creates and their parts, time to first query, cold start",
     )
     parser.add_argument(
         "--scaling",
@@ -337,8 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(data_dir, args)
     try:
         bench.start()
-        everything = not (args.only_copies or args.only_purge)
-        if everything:
+        everything = not (args.only_copies or args.only_purge or args.only_create_path)
+        if args.only_create_path:
+            bench.dynamodb_baseline()
+            bench.create_latency()
+            bench.time_to_first_query()
+            bench.cold_start()
+        elif everything:
             bench.dynamodb_baseline()
             bench.create_latency()
             bench.password_statement()
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if everything or args.only_purge:
             bench.purge()
             bench.drop_costs()
-        if not args.only_purge:
+        if everything or args.only_copies:
             bench.copy_time()
     finally:
         bench.stop()
@@ -367,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 "density", ["--max", str(args.density), "--samples", str(args.density_samples)]
             )
 
-    if not args.only_purge:
+    if not (args.only_purge or args.only_create_path):
         from tools.bench import pooler
 
         say("pooler: its own Postgres and PgBouncer")
@@ -376,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
 
         say("pooler, production's table store: its own Postgres, PgBouncer and sync loop")
         bench.figures.extend(pooler_prod.figures(samples=max(args.samples // 2, 20)))
+        from tools.bench import replication
+
+        say("replication gateway: its own Postgres and gateway")
+        bench.figures.extend(replication.figures(samples=max(args.samples // 2, 20)))
 
     result = {
         "taken_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

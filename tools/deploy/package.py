@@ -344,7 +344,62 @@ def package(outdir: Path, stage: str = "prod", project_dir: Path = ROOT, require
             check=True,
             env=env,
         )
+    add_bytecode(outdir / "deployment.zip", outdir / "sam.json")
     return outdir / "sam.json"
+
+
+def add_bytecode(zip_path: Path, template_path: Path) -> int:
+    """Add a compiled `__pycache__` entry for every module in the zip; returns how many were added.
+
+    chalice zips sources only, and Lambda's `/var/task` is read-only, so every
+    cold start compiled each module it imported (botocore, psycopg, urllib3,
+    pynamodb, chalicelib...): 0.7 s of CPU on the loaded bench machine
+    (docs/performance.md, cold start). The entries are unchecked-hash `.pyc`
+    files (PEP 552): Python uses them without comparing the source's mtime,
+    which a zip does not keep reliably; they are made from the zip's own
+    sources, so they cannot disagree. They only work for the Python that made
+    them, so nothing is added when the template's runtime is another version.
+    """
+    import py_compile
+    import zipfile
+
+    runtime = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    template = json.loads(template_path.read_text())
+    runtimes = {
+        r.get("Properties", {}).get("Runtime")
+        for r in template.get("Resources", {}).values()
+        if r.get("Type") == "AWS::Serverless::Function"
+    }
+    if runtimes != {runtime}:
+        print(f"no bytecode added: the functions run {sorted(map(str, runtimes))}, this is {runtime}", file=sys.stderr)
+        return 0
+    added = 0
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(zip_path, "a", zipfile.ZIP_DEFLATED) as archive:
+        names = set(archive.namelist())
+        for name in sorted(n for n in names if n.endswith(".py")):
+            folder, _, file = name.rpartition("/")
+            cached = f"{folder + '/' if folder else ''}__pycache__/{file[:-3]}.{sys.implementation.cache_tag}.pyc"
+            if cached in names:
+                continue
+            source = Path(tmp) / "module.py"
+            source.write_bytes(archive.read(name))
+            try:
+                py_compile.compile(
+                    str(source),
+                    cfile=str(Path(tmp) / "module.pyc"),
+                    dfile=name,
+                    doraise=True,
+                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                )
+            except py_compile.PyCompileError:
+                continue  # a file no runtime imports (a template, a Python 2 leftover): it stays source
+            info = zipfile.ZipInfo(cached, date_time=archive.getinfo(name).date_time)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, (Path(tmp) / "module.pyc").read_bytes())
+            added += 1
+    return added
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Starts an embedded Postgres (127.0.0.1, scram-sha-256, a non-superuser admin
 as on RDS), PgBouncer in front of it (Debian's, on its own port, run as the
-Postgres system user: it refuses root), DynamoDB from moto's server, creates the tables, registers the
+Postgres system user: it refuses root), the replication gateway on its Unix
+socket (INSTAPG_LOCAL_LOGICAL_REPLICATION), DynamoDB from moto's server, creates the tables, registers the
 host, and serves the API with chalice's local server. Ctrl-C (or SIGTERM)
 stops everything it started.
 
@@ -43,6 +44,8 @@ class DevStack:
         self.pg = None
         self.bouncer = None
         self.bouncer_root: Path | None = None
+        self.gateway = None
+        self.gateway_root: Path | None = None
         self.moto = None
         self.server = None
         self.operator_key = ""
@@ -109,6 +112,16 @@ class DevStack:
 
         context.reset()
         settings = context.get().settings
+        if settings.local_logical_replication:
+            from tools.dev import replgateway
+
+            # Tenants stream through it; their companion roles may log in only on the socket it uses.
+            self.gateway_root = pgserver.private_dir("instapg-dev-gateway-")
+            self.gateway = replgateway.start(self.pg.socket_dir, self.pg.port, self.gateway_root / "gateway.log")
+            _say(
+                f"gateway   127.0.0.1:{self.gateway.port} (replication_connection_string: logical replication, "
+                "physical commands refused)"
+            )
         models.configure(settings)
         models.create_tables()
         _, warnings = hosts.register(settings, HOST_ID, "127.0.0.1", self.pg.port, f"env:{ADMIN_ENV}", **self.host_options())
@@ -155,15 +168,13 @@ class DevStack:
         self.background.append(timer)
 
     def host_options(self) -> dict:
-        """hosts.register's arguments for the local host: its PgBouncer, written through its files."""
-        from chalicelib import context
-
+        """hosts.register's arguments for the local host: its PgBouncer (written through its files), its gateway."""
         return {
             "capacity": 1000,
             "sslmode": "disable",
-            # The embedded server runs wal_level=logical, but offering it is an opt-in: a tenant's
-            # REPLICATION also allows physical commands, ended by the job, not refused (docs/replication.md).
-            "logical_replication": context.get().settings.local_logical_replication,
+            # The embedded server runs wal_level=logical; tenants stream through the replication gateway.
+            "logical_replication": self.gateway is not None,
+            "replication_endpoint": (self.gateway.host, self.gateway.port) if self.gateway is not None else None,
             "pooler_hostname": "127.0.0.1",
             "pooler_port": self.bouncer.port,
             "pooler_credentials": f"env:{POOLER_ENV}",
@@ -216,6 +227,10 @@ class DevStack:
             self.server.shutdown()
         if self.moto is not None:
             self.moto.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.gateway_root is not None:
+            shutil.rmtree(self.gateway_root, ignore_errors=True)
         if self.bouncer is not None:
             self.bouncer.stop()
         if self.bouncer_root is not None:

@@ -434,9 +434,15 @@ def start(
 # those, so every tenant's physical connection is refused at login, while a
 # logical one (replication=database) matches its database's line like any
 # session. initdb writes `replication` lines for all users; we replace them.
+# Replication companions (names ending in `_repl`, chalicelib.replication) log
+# in over the Unix socket only, which the replication gateway uses: over TCP
+# they are refused, so their walsender is reached only through the gateway's
+# command filter. A name pattern, not a `+group`: the admin is a member of
+# every role it creates, so it would match a group of companions too.
 HBA = """\
 # Written by tools/dev/pgserver.py on every start (docs/replication.md).
 local   all   all                  scram-sha-256
+host    all   /_repl$   all        reject
 host    all   all   127.0.0.1/32   scram-sha-256
 host    all   all   ::1/128        scram-sha-256
 """
@@ -449,16 +455,26 @@ def _write_hba(data_dir: Path, user: str | None) -> None:
     hba.chmod(0o600)
 
 
-# Physical-slot functions a tenant with REPLICATION could otherwise run (a
-# physical slot retains WAL for the whole cluster): revoked in template1, which
-# every tenant database is created from, and in postgres. Function ACLs are per
-# database and the functions belong to the bootstrap superuser, so a tenant
-# owning its database cannot grant them back (docs/replication.md).
+# Slot functions a REPLICATION role (a tenant's companion) could otherwise
+# run: physical slots retain WAL for the whole cluster, and dropping,
+# advancing or copying checks no owner, so any slot of any tenant could be
+# hit. Revoked in template1, which every tenant database is created from, and
+# in postgres. Function ACLs are per database and the functions belong to the
+# bootstrap superuser, so a tenant owning its database cannot grant them back
+# (docs/replication.md). A tenant drops its own slots with
+# DROP_REPLICATION_SLOT through the gateway, which checks the slot's database.
 REVOKED_FUNCTIONS = (
     "pg_create_physical_replication_slot(name, boolean, boolean)",
     "pg_copy_physical_replication_slot(name, name)",
     "pg_copy_physical_replication_slot(name, name, boolean)",
+    "pg_drop_replication_slot(name)",
+    "pg_replication_slot_advance(name, pg_lsn)",
+    "pg_copy_logical_replication_slot(name, name)",
+    "pg_copy_logical_replication_slot(name, name, boolean)",
+    "pg_copy_logical_replication_slot(name, name, boolean, name)",
 )
+# The admin drops slots (the guard, a tenant's drop) from its own database only.
+ADMIN_FUNCTIONS = ("pg_drop_replication_slot(name)",)
 
 
 def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> None:
@@ -506,6 +522,8 @@ def _bootstrap(server: LocalPostgres, grant_temp_file_limit: bool = False) -> No
                 for signature in REVOKED_FUNCTIONS:
                     # The signature is a constant of this module, never input.
                     target.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION " + signature + " FROM PUBLIC"))
+            for signature in ADMIN_FUNCTIONS:
+                conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION " + signature + " TO {}").format(admin))
         if grant_temp_file_limit:
             # Lets the admin cap each tenant's temp files (a superuser-only
             # setting); the test suite runs without it to cover both cases.

@@ -38,6 +38,13 @@ def add(args) -> int:
     from chalicelib.models import HOST_ACTIVE, HostRecord
 
     settings = _settings()
+    if args.logical_replication and not args.replication_endpoint:
+        print(
+            "--logical-replication needs --replication-endpoint HOST:PORT: tenants stream through the replication "
+            "gateway (tools/replication/gateway.py), which refuses physical commands (docs/replication.md)",
+            file=sys.stderr,
+        )
+        return 2
     fields = dict(
         hostname=args.hostname,
         port=args.port,
@@ -49,6 +56,19 @@ def add(args) -> int:
         admin_dbname=args.admin_dbname,
         logical_replication=args.logical_replication,
     )
+    endpoint = args.replication_endpoint
+    replication = dict(
+        replication_hostname=endpoint[0] if endpoint else None,
+        replication_port=endpoint[1] if endpoint else None,
+        replication_sslmode=args.replication_sslmode,
+    )
+    if args.logical_replication:
+        # pg_hba.conf cannot be edited on RDS: only a private Postgres keeps the companions behind the gateway.
+        print(
+            "logical replication: Postgres must be reachable only from inside the VPC (postgres_private, "
+            "`hostctl pooler` without --postgres-public), or a tenant's companion role could log in around the "
+            "gateway and run physical commands (docs/replication.md)"
+        )
     if args.no_check:
         try:
             existing = HostRecord.get(args.id)
@@ -61,11 +81,19 @@ def add(args) -> int:
             created_at=existing.created_at if existing else datetime.now(UTC),
             region=args.region or (existing.region if existing else None),
             **fields,
+            **replication,
         ).save()
         print(f"host {args.id} saved without checking it (run `add` without --no-check from inside the VPC)")
         return 0
     try:
-        _, warnings = hosts.register(settings, args.id, region=args.region, **fields)
+        _, warnings = hosts.register(
+            settings,
+            args.id,
+            region=args.region,
+            replication_endpoint=endpoint,
+            replication_sslmode=args.replication_sslmode,
+            **fields,
+        )
     except (hosts.CredentialsError, postgres.HostUnavailable, ValueError) as exc:
         # The message names the host and the problem, never the password.
         print(f"host {args.id} not added: {exc}", file=sys.stderr)
@@ -174,6 +202,9 @@ def list_hosts(args) -> int:
         if h.pooler_admin_hostname:
             pooler += f", admin {h.pooler_admin_hostname}:{h.pooler_admin_port}, {h.pooler_store}"
         pooler += ")" if pooler else ""
+        if h.logical_replication:
+            gateway = f"{h.replication_hostname}:{h.replication_port}" if h.replication_hostname else "no gateway"
+            pooler += f" (replication {gateway})"
         print(
             f"{h.id:<16} {h.status:<9} {region_of(h, settings):<14} {int(h.allocated or 0):>9} {int(h.capacity):>8}  {h.hostname}:{h.port}{pooler}"
         )
@@ -298,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--pooler-port", type=int)
     p_add.add_argument("--admin-dbname", default="postgres")
     p_add.add_argument("--logical-replication", action="store_true", help="the host has rds.logical_replication=1")
+    p_add.add_argument(
+        "--replication-endpoint", type=_endpoint, help="HOST:PORT of the host's replication gateway as clients reach it"
+    )
+    p_add.add_argument("--replication-sslmode", help="sslmode of the replication string (default: --sslmode)")
     p_add.add_argument(
         "--region", help="where the host runs (creates may ask for it); default INSTAPG_DEFAULT_REGION or the AWS region"
     )
