@@ -38,9 +38,10 @@ browser-tools:
 bench: $(STAMP) pg-extras pgbouncer
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
-# Two workers, each with its own embedded Postgres and moto; a test file stays on one worker, so its
+# Three workers, each with its own embedded Postgres and moto; a test file stays on one worker, so its
 # module fixtures (the packaged template, the e2e stack) run once. TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 2
+# Three on two cores: the tests mostly wait (Postgres, browsers, subprocesses); README "Tests" has the figures.
+TEST_WORKERS ?= 3
 test: $(STAMP) browser-tools pg-extras pgbouncer node-pg
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
