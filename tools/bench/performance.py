@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tools.bench.coldstart import ColdStartFigures
-from tools.bench.common import Figure, machine_info, ms, pct, post_json, say, table
+from tools.bench.common import Figure, bench_environment, machine_info, ms, pct, post_json, say, table
 from tools.bench.copies import CopyFigures
 from tools.bench.create_path import CreatePathFigures
 from tools.bench.peers import PeerFigures
@@ -72,7 +72,6 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
     # -- the stack ---------------------------------------------------------------
 
     def start(self) -> None:
-        from chalicelib.crypto import new_key_spec
         from tools.dev import pgserver
 
         shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -81,22 +80,7 @@ class Bench(CreatePathFigures, PurgeFigures, PeerFigures, ColdStartFigures, Copy
             server = pgserver.start(self.data_dir / f"pg{i}", grant_temp_file_limit=True)
             self.servers.append(server)
             os.environ[ADMIN_ENVS[i - 1]] = server.admin_credentials_json
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_DEFAULT_REGION="us-east-2",
-            AWS_REGION="us-east-2",
-            AWS_ACCOUNT_ID_ENDPOINT_MODE="disabled",
-            INSTAPG_STAGE="dev",
-            INSTAPG_TABLE_PREFIX="instapg-bench",
-            INSTAPG_KEYRING=new_key_spec("bench1"),
-            INSTAPG_NAME_PREFIX="ipgb",
-            # The bench creates ~1000 databases from 127.0.0.1: raise the abuse
-            # limits (issue 5) out of its way. The checks themselves still run.
-            INSTAPG_CREATES_PER_MINUTE="1000000",
-            INSTAPG_CREATES_PER_DAY="1000000",
-            INSTAPG_MAX_UNCLAIMED_PER_HOST="1000000",
-        )
+        os.environ.update(bench_environment())
         os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
 
         from moto import mock_aws

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from tools.bench.common import Figure, say
+from tools.bench.common import Figure, bench_environment, say
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,24 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def stack(**env: str) -> Iterator[object]:
     """moto in this process, the tables, a Context; abuse limits out of the way, no warm pool."""
-    from chalicelib.crypto import new_key_spec
-
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-2",
-        AWS_REGION="us-east-2",
-        AWS_ACCOUNT_ID_ENDPOINT_MODE="disabled",
-        INSTAPG_STAGE="dev",
-        INSTAPG_TABLE_PREFIX="instapg-bench",
-        INSTAPG_KEYRING=new_key_spec("bench1"),
-        INSTAPG_NAME_PREFIX="ipgb",
-        INSTAPG_CREATES_PER_MINUTE="1000000",
-        INSTAPG_CREATES_PER_DAY="1000000",
-        INSTAPG_MAX_UNCLAIMED_PER_HOST="1000000",
-        INSTAPG_POOL_SIZE="0",
-        **env,
-    )
+    os.environ.update({**bench_environment(), "INSTAPG_POOL_SIZE": "0", **env})
     os.environ.pop("INSTAPG_DYNAMODB_ENDPOINT", None)
     import logging
 
